@@ -1,0 +1,225 @@
+"""`ImageClassifier`: the scikit-learn-style facade. It composes the modules below it and holds no numerics.
+
+torch is imported only by `fit`; a saved model predicts with ONNX Runtime and numpy alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from headstart import artifact
+from headstart.backbones import DEFAULT_BACKBONE, resolve
+from headstart.data import DataError, Dataset, list_images, scan_folder
+from headstart.features import FeatureCache, FrozenBackbone, extract
+from headstart.head import HeadConfig, head_logits_numpy, softmax
+from headstart.metrics import Evaluation, evaluate
+from headstart.progress import NoProgress, Progress
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Prediction:
+    path: Path
+    label: str | None
+    confidence: float | None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+class ImageClassifier:
+    """Transfer learning from a folder of photos: frozen pretrained backbone, cached features, trained head."""
+
+    def __init__(
+        self, backbone: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, val_split: float = 0.2,
+        test_split: float = 0.0, hidden: Sequence[int] = (), dropout: float = 0.2, epochs: int = 60,
+        lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 15,
+        schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.val_split = val_split
+        self.test_split = test_split
+        self.hidden = tuple(hidden)
+        self.dropout = dropout
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.patience = patience
+        self.schedule = schedule
+        self.balance = balance
+        self.seed = seed
+        self.device = device
+
+    # --- training ----------------------------------------------------------------------------------------------
+
+    def fit(self, data: str | Path, progress: Progress | None = None) -> "ImageClassifier":
+        from headstart.train import TrainConfig, fit_head
+
+        progress = progress or NoProgress()
+        train_cfg = TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
+        )
+        t0 = time.perf_counter()
+        dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
+        frozen = FrozenBackbone.pretrained(resolve(self.backbone), Path(self.weights) if self.weights else None)
+        t1 = time.perf_counter()
+        feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
+        t2 = time.perf_counter()
+        _check_every_class_trains(dataset, labels[splits == "train"])
+
+        head_cfg = HeadConfig(feats.shape[1], len(dataset.classes), self.hidden, self.dropout)
+        tr, va, te = (splits == s for s in SPLITS)
+        head, history = fit_head(head_cfg, train_cfg, feats[tr], labels[tr], feats[va], labels[va], progress)
+        t3 = time.perf_counter()
+
+        self.classes_ = list(dataset.classes)
+        self.frozen_ = frozen
+        self.head_config_ = head_cfg
+        self.head_state_ = {k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
+        self.history_ = history
+        self.train_config_ = train_cfg
+        self.skipped_ = list(dataset.skipped) + failures
+        self.counts_ = {s: dataset.class_counts(s) for s in SPLITS if dataset.subset(s)}
+        self.cached_ = cached
+        self.val_metrics_ = self._evaluate_features(feats[va], labels[va]) if va.any() else None
+        self.test_metrics_ = self._evaluate_features(feats[te], labels[te]) if te.any() else None
+        self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
+        return self
+
+    def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
+        samples = dataset.samples
+        paths = [s.path for s in samples]
+        cache = FeatureCache(frozen)
+        progress.start("extracting features", len(paths))
+        feats, readable, failures = cache.features_for(paths, lambda: frozen.engine(self.device), progress.advance)
+        progress.finish()
+        labels = np.array([samples[i].label for i in readable], dtype=np.int64)
+        splits = np.array([samples[i].split for i in readable])
+        return feats, labels, splits, failures, cache.last_hits
+
+    def _evaluate_features(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation:
+        return evaluate(labels, self._proba(feats), self.classes_)
+
+    def _proba(self, feats: np.ndarray) -> np.ndarray:
+        return softmax(head_logits_numpy(self.head_state_, self.head_config_, feats))
+
+    # --- inference ---------------------------------------------------------------------------------------------
+
+    def predict_table(
+        self, images: Sequence[str | Path] | str | Path, top_k: int = 3, progress: Progress | None = None
+    ) -> list[Prediction]:
+        self._check_fitted()
+        progress = progress or NoProgress()
+        paths, problems = list_images([images] if isinstance(images, (str, Path)) else images)
+        rows = [Prediction(p, None, None, error=reason) for p, reason in problems]
+        if paths:
+            engine = self.frozen_.engine(self.device)
+            k = max(1, min(top_k, len(self.classes_)))
+            progress.start("predicting", len(paths))
+            for idx, feats, fails in extract(paths, self.frozen_.spec.preprocess, engine, progress=progress.advance):
+                rows += [Prediction(paths[i], None, None, error=reason) for i, reason in fails]
+                for i, p in zip(idx, self._proba(feats) if len(idx) else []):
+                    best = np.argsort(-p)[:k]
+                    top = [(self.classes_[j], float(p[j])) for j in best]
+                    rows.append(Prediction(paths[i], top[0][0], top[0][1], top))
+            progress.finish()
+        order = {p: n for n, p in enumerate(paths)}
+        return sorted(rows, key=lambda r: order.get(r.path, -1))
+
+    def predict_proba(self, images: Sequence[str | Path]) -> np.ndarray:
+        """Class probabilities, one row per readable image in `images` (a folder expands to its images)."""
+        self._check_fitted()
+        paths, _ = list_images(images)
+        engine = self.frozen_.engine(self.device)
+        out = np.zeros((len(paths), len(self.classes_)), np.float32)
+        for idx, feats, fails in extract(paths, self.frozen_.spec.preprocess, engine):
+            if fails:
+                raise DataError(f"{paths[fails[0][0]]}: {fails[0][1]}; use predict_table to skip unreadable images")
+            out[idx] = self._proba(feats)
+        return out
+
+    def predict(self, images: Sequence[str | Path]) -> list[str]:
+        return [self.classes_[i] for i in self.predict_proba(images).argmax(1)]
+
+    def evaluate(self, folder: str | Path, progress: Progress | None = None) -> tuple[Evaluation, list]:
+        """Metrics on a class-folder set (all its images, whatever split folders it has)."""
+        self._check_fitted()
+        dataset = scan_folder(folder, val_split=0.0, seed=self.seed)
+        unknown = [c for c in dataset.classes if c not in self.classes_]
+        if unknown:
+            raise DataError(f"{folder}: classes {unknown} are not among the model's {self.classes_}; "
+                            "evaluate on folders named like the training classes")
+        to_model = np.array([self.classes_.index(c) for c in dataset.classes])
+        progress = progress or NoProgress()
+        feats, labels, _, failures, _ = self._dataset_features(dataset, self.frozen_, progress)
+        return evaluate(to_model[labels], self._proba(feats), self.classes_), list(dataset.skipped) + failures
+
+    def score(self, folder: str | Path) -> float:
+        """Accuracy on a class-folder set, as scikit-learn's `score`."""
+        return self.evaluate(folder)[0].accuracy
+
+    # --- persistence -------------------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> Path:
+        self._check_fitted()
+        from safetensors.numpy import load_file
+
+        prefix = self.frozen_.weights_prefix
+        backbone = {k[len(prefix):]: v for k, v in load_file(str(self.frozen_.weights)).items()
+                    if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")}
+        info = {
+            "params": self.get_params(),
+            "train": self.train_config_.to_dict() if hasattr(self, "train_config_") else None,
+            "history": self.history_.to_dict() if hasattr(self, "history_") else None,
+            "counts": getattr(self, "counts_", None),
+            "metrics": {name: m.to_dict() for name, m in (("val", self.val_metrics_), ("test", self.test_metrics_))
+                        if m is not None},
+            "skipped": [[str(p), r] for p, r in getattr(self, "skipped_", [])],
+        }
+        art = artifact.Artifact(self.classes_, self.frozen_.spec, self.frozen_.weights_id, self.head_config_,
+                                self.head_state_, backbone, info)
+        return artifact.save(art, out_dir)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageClassifier":
+        art = artifact.load(model_dir)
+        params = {k: v for k, v in art.info.get("params", {}).items() if k in _PARAM_NAMES}
+        clf = cls(**{**params, "device": device})
+        clf.classes_ = art.classes
+        clf.frozen_ = FrozenBackbone(art.backbone, Path(model_dir) / artifact.WEIGHTS_FILE, art.backbone_weights_id,
+                                     weights_prefix="backbone.")
+        clf.head_config_ = art.head
+        clf.head_state_ = art.head_state
+        clf.info_ = art.info
+        clf.val_metrics_ = clf.test_metrics_ = None
+        return clf
+
+    def get_params(self) -> dict:
+        return {name: getattr(self, name) for name in _PARAM_NAMES}
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classes_"):
+            raise DataError("this ImageClassifier is not fitted yet: call fit(folder) or ImageClassifier.load(dir)")
+
+
+_PARAM_NAMES = (
+    "backbone", "weights", "val_split", "test_split", "hidden", "dropout", "epochs", "lr", "weight_decay",
+    "batch_size", "patience", "schedule", "balance", "seed", "device",
+)
+
+
+def _check_every_class_trains(dataset: Dataset, train_labels: np.ndarray) -> None:
+    present = set(np.unique(train_labels).tolist())
+    empty = [c for i, c in enumerate(dataset.classes) if i not in present]
+    if empty:
+        raise DataError(f"classes {empty} have no readable training image; add images or remove those folders")

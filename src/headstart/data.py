@@ -1,0 +1,347 @@
+"""Finding the images: class-folder scanning, train/val/test splitting, and input expansion for predict.
+
+Scanning never decodes an image (that happens later, in parallel, via load_rgb); it only looks at names,
+extensions and file sizes, so a folder of thousands of photos is scanned in well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
+from .preprocess import PreprocessConfig, eval_transform
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "Dataset",
+    "ImageDecodeError",
+    "Sample",
+    "list_images",
+    "load_for_model",
+    "load_rgb",
+    "scan_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_VAL_DIR_NAMES = ("val", "valid", "validation")
+_EXPECTED_LAYOUT = (
+    "expected photos/<class>/*.jpg (one sub-folder per class) or photos/train/<class>/ + photos/val/<class>/"
+)
+
+
+class DataError(UserError, ValueError):
+    """A problem with the user's data or data options; the message is one line saying what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into Dataset.classes
+    split: str  # "train" | "val" | "test"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    classes: tuple[str, ...]
+    samples: tuple[Sample, ...]
+    skipped: tuple[tuple[Path, str], ...]
+
+    def subset(self, split: str) -> tuple[Sample, ...]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return tuple(s for s in self.samples if s.split == split)
+
+    def paths(self, split: str) -> list[Path]:
+        return [s.path for s in self.subset(split)]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.fromiter((s.label for s in self.subset(split)), dtype=np.int64)
+
+    def class_counts(self, split: str | None = None) -> dict[str, int]:
+        """Images per class (every class present, zeros included), in class order; split=None counts all splits."""
+        samples = self.samples if split is None else self.subset(split)
+        counts = dict.fromkeys(self.classes, 0)
+        for s in samples:
+            counts[self.classes[s.label]] += 1
+        return counts
+
+
+def scan_folder(
+    root: str | Path, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0
+) -> Dataset:
+    """Index a folder of images laid out as root/<class>/** or root/train|val|test/<class>/**.
+
+    Splits that have no folder of their own are carved out of train per class (stratified), using
+    val_split/test_split and one np.random.default_rng(seed) for the whole call.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: no such folder — point headstart at a folder of class sub-folders (photos/<class>/*.jpg)"
+        )
+    _check_fractions(val_split, test_split)
+
+    skipped: list[tuple[Path, str]] = []
+    split_dirs = _detect_split_dirs(root)
+    if split_dirs is None:
+        found = {"train": _scan_class_dirs(root, skipped)}
+    else:
+        found = {split: _scan_class_dirs(d, skipped) for split, d in split_dirs.items()}
+        for split in ("val", "test"):
+            # An empty val/ or test/ folder is treated as absent, so that split is carved from train.
+            if split in found and not any(found[split].values()):
+                logger.info("%s: %s/ holds no images; splitting it off train instead", root, split_dirs[split].name)
+                del found[split]
+
+    classes = tuple(sorted({c for per_class in found.values() for c in per_class}))
+    _check_classes(root, found, classes, skipped)
+
+    carve_val = val_split if "val" not in found else 0.0
+    carve_test = test_split if "test" not in found else 0.0
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for label, cls in enumerate(classes):
+        train_files = found["train"].get(cls, [])
+        if carve_val > 0 or carve_test > 0:
+            train_files, val_files, test_files = _split_class(train_files, carve_val, carve_test, rng)
+            samples += [Sample(p, label, "val") for p in val_files]
+            samples += [Sample(p, label, "test") for p in test_files]
+        samples += [Sample(p, label, "train") for p in train_files]
+        for split in ("val", "test"):
+            samples += [Sample(p, label, split) for p in found.get(split, {}).get(cls, [])]
+
+    samples.sort(key=lambda s: (s.split, s.label, s.path))
+    return Dataset(root=root, classes=classes, samples=tuple(samples), skipped=tuple(sorted(skipped)))
+
+
+def list_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders given to predict into image paths, plus (path, reason) for inputs that yield none.
+
+    Folders are searched recursively (sorted, hidden entries skipped) for image extensions; files named
+    explicitly are kept whatever their extension, since decoding is the real test. Duplicates are dropped.
+    """
+    if isinstance(inputs, (str, os.PathLike)):  # a lone path would otherwise be iterated character by character
+        inputs = [inputs]
+    paths: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        if p not in seen:
+            seen.add(p)
+            paths.append(p)
+
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = [Path(e.path) for e in _walk_files(p, problems) if is_image_path(Path(e.name))]
+            if not found:
+                problems.append((p, "no images found in folder"))
+            for f in found:
+                add(f)
+        elif p.exists():
+            add(p)
+        else:
+            problems.append((p, "no such file"))
+    return paths, problems
+
+
+def load_for_model(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
+    """Decode and preprocess one image into the float32 CHW array the model expects."""
+    return eval_transform(load_rgb(path, cfg.resize_size), cfg)
+
+
+# --- scanning helpers -------------------------------------------------------------------------------
+
+
+def _check_fractions(val_split: float, test_split: float) -> None:
+    for name, value in (("val_split", val_split), ("test_split", test_split)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value < 1.0
+        if not ok:
+            raise DataError(f"{name}={value!r} is out of range — use a fraction in [0, 1), e.g. 0.2")
+    if val_split + test_split >= 1.0:
+        raise DataError(
+            f"val_split + test_split = {val_split + test_split:g} leaves nothing to train on — "
+            "keep the sum below 1 (e.g. val_split=0.2, test_split=0.1)"
+        )
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot read folder ({e.strerror}) — check its permissions") from e
+    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _detect_split_dirs(root: Path) -> dict[str, Path] | None:
+    """{split: folder} for a train/val/test layout, or None for a plain class-folder layout."""
+    by_name: dict[str, list[Path]] = {}
+    for d in _subdirs(root):
+        by_name.setdefault(d.name.lower(), []).append(d)
+    train = by_name.get("train", [])
+    vals = [d for name in _VAL_DIR_NAMES for d in by_name.get(name, [])]
+    tests = by_name.get("test", [])
+    if len(train) != 1:
+        return None  # no train/ (or Train/ and train/ both, which only makes sense as class names)
+    others = [d for name, ds in by_name.items() if name not in ("train", "test", *_VAL_DIR_NAMES) for d in ds]
+    if not vals and not tests and others:
+        return None  # "train" is just one class folder among others
+    if len(vals) > 1:
+        names = ", ".join(f"{d.name}/" for d in vals)
+        raise DataError(f"{root}: found several validation folders ({names}) — keep only one of them")
+    if len(tests) > 1:
+        raise DataError(f"{root}: found several test folders ({', '.join(d.name for d in tests)}) — keep only one")
+    if others:
+        logger.warning(
+            "%s: ignoring folders outside train/val/test: %s", root, ", ".join(d.name for d in others)
+        )
+    dirs = {"train": train[0]}
+    if vals:
+        dirs["val"] = vals[0]
+    if tests:
+        dirs["test"] = tests[0]
+    return dirs
+
+
+def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> dict[str, list[Path]]:
+    """{class name: sorted usable image paths} for every class sub-folder of `folder`, empty ones included."""
+    found: dict[str, list[Path]] = {}
+    for class_dir in _subdirs(folder):
+        images = found.setdefault(class_dir.name, [])
+        for entry in _walk_files(class_dir, skipped):
+            reason = _unusable_reason(entry)
+            if reason is None:
+                images.append(Path(entry.path))
+            else:
+                skipped.append((Path(entry.path), reason))
+        images.sort()
+    return found
+
+
+def _walk_files(folder: Path, problems: list[tuple[Path, str]]) -> Iterator[os.DirEntry]:
+    """Non-folder entries under `folder`, depth first in name order, skipping hidden names and symlink loops."""
+    visited: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> Iterator[os.DirEntry]:
+        try:
+            st = d.stat()
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            problems.append((d, f"unreadable folder ({e.strerror or type(e).__name__})"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:  # a symlink pointing back up the tree
+            return
+        visited.add(key)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry):
+                yield from walk(Path(entry.path))
+            else:
+                yield entry
+
+    return walk(folder)
+
+
+def _unusable_reason(entry: os.DirEntry) -> str | None:
+    suffix = Path(entry.name).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        return f"not an image ({suffix})" if suffix else "not an image (no extension)"
+    try:
+        st = entry.stat()
+    except FileNotFoundError:
+        return "broken link"
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if not entry.is_file():
+        return "not a regular file"
+    if st.st_size == 0:
+        return "empty file"
+    return None
+
+
+def _check_classes(
+    root: Path,
+    found: dict[str, dict[str, list[Path]]],
+    classes: tuple[str, ...],
+    skipped: list[tuple[Path, str]],
+) -> None:
+    n_images = sum(len(files) for per_class in found.values() for files in per_class.values())
+    if not classes:
+        loose = [p for p in root.iterdir() if p.is_file() and is_image_path(p)]
+        if loose:
+            raise DataError(
+                f"{root}: found {len(loose)} images but no class folders — "
+                f"move them into one sub-folder per class; {_EXPECTED_LAYOUT}"
+            )
+        raise DataError(f"{root}: no class folders found — {_EXPECTED_LAYOUT}")
+    if n_images == 0:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        extra = f"; skipped {len(skipped)} non-image or empty file(s)" if skipped else ""
+        raise DataError(
+            f"{root}: no images found in the class folders (looked for {exts}{extra}) — {_EXPECTED_LAYOUT}"
+        )
+
+    totals = {c: sum(len(per_class.get(c, [])) for per_class in found.values()) for c in classes}
+    empty = [c for c in classes if totals[c] == 0]
+    if empty:
+        raise DataError(
+            f"{root}: class folder(s) {_quote(empty)} contain no usable images — add images or remove the folder(s)"
+        )
+    untrained = [c for c in classes if not found["train"].get(c)]
+    if untrained:
+        raise DataError(
+            f"{root}: class(es) {_quote(untrained)} have no images under train/ — add training images or remove them"
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"{root}: found only one class ({_quote(classes)}); a classifier needs at least two class folders"
+        )
+
+
+def _quote(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _split_counts(n: int, val_frac: float, test_frac: float) -> tuple[int, int]:
+    n_test, n_val = round(n * test_frac), round(n * val_frac)
+    if val_frac > 0 and n >= 2:
+        n_val = max(n_val, 1)  # a class absent from val would go unmeasured
+    # Every class keeps at least one training image; test gives way first, then val.
+    excess = n_test + n_val - max(n - 1, 0)
+    take = min(excess, n_test) if excess > 0 else 0
+    n_test -= take
+    excess -= take
+    if excess > 0:
+        n_val -= excess
+    return n_val, n_test
+
+
+def _split_class(
+    files: list[Path], val_frac: float, test_frac: float, rng: np.random.Generator
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """(train, val, test) from one class's sorted files, shuffled by the shared rng."""
+    n_val, n_test = _split_counts(len(files), val_frac, test_frac)
+    shuffled = [files[i] for i in rng.permutation(len(files))]
+    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]

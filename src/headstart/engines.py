@@ -1,0 +1,119 @@
+"""Frozen-backbone inference engines: ONNX Runtime on CPU (exported once, cached, checked against torch) and
+torch on CUDA. Both take a float32 NCHW batch and return pooled features as float32 [N, D]."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from headstart.backbones import BackboneSpec
+from headstart.paths import cache_root, temp_path_beside
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = 2  # bump when the export recipe changes, so stale exports are not reused
+PARITY_ATOL = 1e-3
+
+
+class Engine(Protocol):
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def cpu_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class OnnxEngine:
+    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or cpu_threads()
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class TorchEngine:
+    """For CUDA: bf16 autocast and channels_last, where the GPU is fastest."""
+
+    def __init__(self, model, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.model(x).float().cpu().numpy()
+
+
+def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
+    size = spec.preprocess.input_size
+    return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}px-v{EXPORT_VERSION}.onnx"
+
+
+def export_onnx(model, input_size: int, target: Path) -> Path:
+    """Export a pooled-feature model with a dynamic batch, and refuse an export that disagrees with torch."""
+    import torch
+
+    model = model.eval()
+    example = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    tmp = temp_path_beside(target)
+    try:
+        # The exporter prints its own progress; the library never prints.
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx"):
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, input_names=["pixels"], output_names=["features"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            )
+        program.save(str(tmp))
+        check = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(check).numpy()
+        got = OnnxEngine(tmp)(check.numpy())
+        err = float(np.abs(got - expected).max())
+        if err > PARITY_ATOL:
+            raise RuntimeError(f"ONNX export differs from torch by {err:.2e} (> {PARITY_ATOL})")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported backbone to %s (max abs diff vs torch %.1e)", target, err)
+    return target
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    if "torch" not in __import__("sys").modules:
+        # Importing torch only to learn there is no GPU costs seconds; CUDA setups set this variable anyway.
+        if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+            return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

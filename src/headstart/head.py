@@ -1,0 +1,39 @@
+"""The head's configuration and its inference in numpy, so that predicting never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    in_features: int
+    n_classes: int
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        return cls(int(d["in_features"]), int(d["n_classes"]), tuple(int(h) for h in d["hidden"]), float(d["dropout"]))
+
+
+def head_logits_numpy(state: dict[str, np.ndarray], cfg: HeadConfig, features: np.ndarray) -> np.ndarray:
+    """The head's eval-mode forward in numpy (dropout is the identity at inference)."""
+    x = (features - state["mean"]) / state["std"]
+    linear_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
+    for n, i in enumerate(linear_ids):
+        x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
+        if n < len(linear_ids) - 1:
+            x = np.maximum(x, 0)
+    return x
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
