@@ -20,26 +20,55 @@ class PooledFeatures(nn.Module):
 
     The last stages of an ImageNet network are the most specialised to ImageNet; on photos far from it (blurred,
     small, unusual) the mid-level stages carry what the top lost, and pooling them costs nothing extra. Models
-    without timm's EfficientNet/MobileNet layout fall back to their own pooled features."""
+    without timm's EfficientNet/MobileNet layout fall back to their own pooled features.
+
+    For fine-tuning the network splits at a stage boundary: `forward_bottom` runs the frozen stem and stages
+    below it once (its output is cached), `forward_top` runs the trainable stages above it every epoch."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.multi_scale = all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
 
+    @property
+    def n_stages(self) -> int:
+        return len(self.backbone.blocks)
+
+    def _first_tap(self) -> int:
+        return self.n_stages - TAPPED_STAGES
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backbone
         if not self.multi_scale:
-            return b(x)
-        x = b.bn1(b.conv_stem(x))
-        pooled = []
-        first_tap = len(b.blocks) - TAPPED_STAGES
-        for i, stage in enumerate(b.blocks):
-            x = stage(x)
-            if i >= first_tap:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(b.bn2(b.conv_head(x)).mean((2, 3)))
+            return self.backbone(x)
+        h, taps = self.forward_bottom(x, 0)
+        return self.forward_top(h, taps, 0)
+
+    def forward_bottom(self, x: torch.Tensor, boundary: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stem and stages [0, boundary): the activation at the boundary, and pooled taps of stages below it."""
+        b = self.backbone
+        h = b.bn1(b.conv_stem(x))
+        taps = []
+        for i in range(boundary):
+            h = b.blocks[i](h)
+            if i >= self._first_tap():
+                taps.append(h.mean((2, 3)))
+        return h, torch.cat(taps, 1) if taps else h.new_zeros(h.shape[0], 0)
+
+    def forward_top(self, h: torch.Tensor, taps: torch.Tensor, boundary: int) -> torch.Tensor:
+        """Stages [boundary, end) and the final conv, continuing from `forward_bottom`'s outputs."""
+        b = self.backbone
+        pooled = [taps]
+        for i in range(boundary, self.n_stages):
+            h = b.blocks[i](h)
+            if i >= self._first_tap():
+                pooled.append(h.mean((2, 3)))
+        pooled.append(b.bn2(b.conv_head(h)).mean((2, 3)))
         return torch.cat(pooled, dim=1)
+
+    def trainable_units(self, boundary: int) -> list[nn.Module]:
+        """Whole modules above the boundary, bottom to top: stages, then the final conv and its BatchNorm."""
+        b = self.backbone
+        return [b.blocks[i] for i in range(boundary, self.n_stages)] + [nn.ModuleList([b.conv_head, b.bn2])]
 
 
 class Head(nn.Module):

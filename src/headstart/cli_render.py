@@ -1,0 +1,312 @@
+"""What the CLI draws: the progress sink, result tables, CSV and JSON. rich and the standard library only.
+
+Results go to stdout, everything else (progress, notes, skipped files, logs) to stderr, so that
+`--format csv|json` output can be piped. Consoles are built per call rather than at import because rich
+reads COLUMNS, NO_COLOR and friends when a Console is constructed.
+
+User-controlled strings (paths, class names, error reasons) are wrapped in `Text` or printed with
+`typer.echo`: passed to rich as plain strings, a name like "[red]" would be read as markup.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attributes
+    from headstart.api import ImageClassifier, Prediction
+    from headstart.backbones import BackboneSpec
+    from headstart.metrics import Evaluation
+
+MAX_SKIPPED_LISTED = 50
+MAX_CONFUSION_CLASSES = 20  # beyond this a terminal table is unreadable; the PNG still has it all
+
+
+def out_console() -> Console:
+    return Console()
+
+
+def err_console() -> Console:
+    return Console(stderr=True)
+
+
+def setup_logging(level: int) -> None:
+    # force=True: the CLI owns the process, and repeated in-process runs (tests) must not keep a stale level.
+    handler = RichHandler(console=err_console(), show_time=False, show_path=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+
+
+def note(message: str) -> None:
+    """One plain line on stderr, for anything that is not a result."""
+    typer.echo(message, err=True)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second; rich's TransferSpeedColumn would format them as bytes."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} it/s" if speed else "? it/s", style="progress.data.speed")
+
+
+class ProgressBars:
+    """A `headstart.progress.Progress` sink: one rich bar per library task (description, count, rate, ETA).
+
+    Draws on stderr and only when stderr is a terminal, so CI logs and pipes stay clean. Use as a context
+    manager so the live display is torn down even when the library raises.
+    """
+
+    def __init__(self) -> None:
+        console = err_console()
+        self._bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeRemainingColumn(elapsed_when_finished=True),
+            console=console,
+            disable=not console.is_terminal,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> ProgressBars:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
+        self._bars.stop()
+
+    def start(self, task: str, total: int | None) -> None:
+        self.finish()  # a task the library left open must not keep ticking under the next one
+        self._task = self._bars.add_task(task, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None:
+            self._bars.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._task is None:
+            return
+        task = next(t for t in self._bars.tasks if t.id == self._task)
+        # Early stopping or an unknown total ends short of `total`: show the bar full rather than stuck.
+        self._bars.update(self._task, total=task.completed)
+        self._bars.stop_task(self._task)
+        self._task = None
+
+
+# --------------------------------------------------------------------------- shared bits
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _split_totals(counts: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{split} {sum(per_class.values())}" for split, per_class in counts.items())
+
+
+def _eval_line(ev: Evaluation) -> str:
+    return f"accuracy {_pct(ev.accuracy)}, balanced accuracy {_pct(ev.balanced_accuracy)} (n={ev.n})"
+
+
+def print_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
+    for path, reason in skipped[:MAX_SKIPPED_LISTED]:
+        note(f"skipped: {path}: {reason}")
+    if len(skipped) > MAX_SKIPPED_LISTED:
+        note(f"... and {len(skipped) - MAX_SKIPPED_LISTED} more")
+
+
+def _key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, Text(value))
+    return table
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train_summary(
+    clf: ImageClassifier, data: Path, backbone: str, saved: Path, confusion_png: Path | None
+) -> Table:
+    classes = clf.classes_
+    shown = ", ".join(classes[:10]) + (f" ... (+{len(classes) - 10})" if len(classes) > 10 else "")
+    total = sum(sum(per_class.values()) for per_class in clf.counts_.values())
+    history = clf.history_
+    timings = clf.timings_
+    epochs_run = len(history.train_loss)
+    rows = [
+        ("data", str(data)),
+        ("classes", f"{len(classes)}: {shown}"),
+        ("images", _split_totals(clf.counts_)),
+        ("skipped files", str(len(clf.skipped_))),
+        ("backbone", backbone),
+        (
+            "features",
+            f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s",
+        ),
+        (
+            "training",
+            f"{epochs_run} epochs{' (stopped early)' if history.stopped_early else ''}, "
+            f"best epoch {history.best_epoch + 1}, {timings.get('train_s', 0.0):.1f} s",
+        ),
+    ]
+    if clf.val_metrics_ is not None:
+        rows.append(("validation", _eval_line(clf.val_metrics_)))
+    if clf.test_metrics_ is not None:
+        rows.append(("test", _eval_line(clf.test_metrics_)))
+    rows.append(("saved to", str(saved)))
+    if confusion_png is not None:
+        rows.append(("confusion (val)", str(confusion_png)))
+    return _key_value_table("headstart train", rows)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def print_evaluation(ev: Evaluation) -> None:
+    console = out_console()
+    console.print(
+        _key_value_table(
+            "evaluation",
+            [
+                ("images", str(ev.n)),
+                ("accuracy", _pct(ev.accuracy)),
+                ("balanced accuracy", _pct(ev.balanced_accuracy)),
+                ("log loss", f"{ev.log_loss:.4f}"),
+                ("ECE", f"{ev.ece:.4f}"),
+            ],
+        )
+    )
+
+    per_class = Table(title="per class", title_justify="left")
+    per_class.add_column("class")
+    for name in ("precision", "recall", "F1", "support"):
+        per_class.add_column(name, justify="right")
+    for i, cls in enumerate(ev.classes):
+        per_class.add_row(
+            Text(cls), f"{ev.precision[i]:.3f}", f"{ev.recall[i]:.3f}", f"{ev.f1[i]:.3f}", str(int(ev.support[i]))
+        )
+    console.print(per_class)
+
+    if len(ev.classes) > MAX_CONFUSION_CLASSES:
+        note(f"confusion matrix has {len(ev.classes)} classes: too wide for the terminal, see the PNG")
+        return
+    confusion = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+    confusion.add_column("true \\ predicted")
+    for cls in ev.classes:
+        confusion.add_column(Text(cls), justify="right")
+    for i, cls in enumerate(ev.classes):
+        cells = [
+            Text(str(int(v)), style="bold green" if i == j else ("red" if v else "dim"))
+            for j, v in enumerate(ev.confusion[i])
+        ]
+        confusion.add_row(Text(cls), *cells)
+    console.print(confusion)
+
+
+def evaluation_json(ev: Evaluation, skipped: Sequence[tuple[Path, str]]) -> str:
+    payload = ev.to_dict()
+    payload["skipped"] = [{"path": str(path), "reason": reason} for path, reason in skipped]
+    return json.dumps(payload, indent=2)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _top_k_text(top_k: Sequence[tuple[str, float]]) -> str:
+    # The CSV form from the brief: label:0.123;label2:0.045
+    return ";".join(f"{label}:{p:.4f}" for label, p in top_k)
+
+
+def predictions_table(preds: Sequence[Prediction]) -> Table:
+    table = Table()
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    table.add_column("confidence", justify="right")
+    table.add_column("top-k", overflow="fold")
+    for p in preds:
+        if p.error is not None:
+            table.add_row(Text(str(p.path)), Text("-"), "", Text(f"error: {p.error}", style="red"))
+            continue
+        top = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
+        confidence = _pct(p.confidence) if p.confidence is not None else ""
+        table.add_row(Text(str(p.path)), Text(p.label or ""), confidence, Text(top))
+    return table
+
+
+def predictions_csv(preds: Sequence[Prediction]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "confidence", "top_k", "error"])
+    for p in preds:
+        confidence = f"{p.confidence:.4f}" if p.confidence is not None else ""
+        writer.writerow([str(p.path), p.label or "", confidence, _top_k_text(p.top_k), p.error or ""])
+    return buf.getvalue()
+
+
+def predictions_json(preds: Sequence[Prediction]) -> str:
+    rows: list[dict[str, Any]] = [
+        {
+            "path": str(p.path),
+            "label": p.label,
+            "confidence": p.confidence,
+            "top_k": [{"label": label, "confidence": prob} for label, prob in p.top_k],
+            "error": p.error,
+        }
+        for p in preds
+    ]
+    return json.dumps(rows, indent=2)
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+def backbones_table(specs: Sequence[BackboneSpec], offline: Sequence[bool], default: str) -> Table:
+    table = Table(title="backbones", title_justify="left")
+    table.add_column("name")
+    table.add_column("timm model")
+    table.add_column("input", justify="right")
+    table.add_column("params (M)", justify="right")
+    table.add_column("weights")
+    table.add_column("offline")
+    table.add_column("note")
+    sources = {"package": "bundled package", "hub": "hub download"}
+    for spec, ok in zip(specs, offline):
+        table.add_row(
+            spec.name,
+            spec.timm_name,
+            f"{spec.preprocess.input_size}px",
+            f"{spec.params_m:.1f}",
+            sources.get(spec.source, spec.source),
+            Text("yes", style="green") if ok else Text("no", style="yellow"),
+            "default" if spec.name == default else "",
+        )
+    return table

@@ -1,0 +1,401 @@
+"""The command line: parsing, exit codes, output formats. Runs against a fake `headstart.api`.
+
+The fake honours the ImageClassifier contract and returns real `Evaluation`s, so these tests need no
+torch, no network and no pretrained weights; they check the CLI layer only (the library has its own tests).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from headstart import cli, cli_render
+from headstart.backbones import WeightsError
+from headstart.data import DataError
+from headstart.metrics import Evaluation, evaluate
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+CLASSES = ["cat", "dog"]
+runner = CliRunner()
+
+
+def _evaluation() -> Evaluation:
+    y = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+    return evaluate(y, proba, CLASSES)
+
+
+@dataclass
+class FakePrediction:
+    path: Path
+    label: str | None
+    confidence: float | None
+    top_k: list[tuple[str, float]]
+    error: str | None
+
+
+class FakeClassifier:
+    """Just enough of headstart.api.ImageClassifier; class attributes let a test steer it."""
+
+    created: list[FakeClassifier] = []
+    raise_in_fit: BaseException | None = None
+    raise_in_load: BaseException | None = None
+    n_skipped = 1
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+        FakeClassifier.created.append(self)
+
+    def fit(self, data: Path, progress: Any) -> FakeClassifier:
+        if self.raise_in_fit is not None:
+            raise self.raise_in_fit
+        progress.start("extracting features", 6)
+        progress.advance(6)
+        progress.finish()
+        progress.start("training head", None)
+        progress.advance(3)
+        progress.finish()
+        self.classes_ = list(CLASSES)
+        self.counts_ = {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}}
+        self.skipped_ = [(Path(data) / f"notes{i}.txt", "not an image") for i in range(self.n_skipped)]
+        self.val_metrics_ = _evaluation()
+        self.test_metrics_ = None
+        self.history_ = types.SimpleNamespace(
+            train_loss=[1.0, 0.5, 0.4], val_loss=[1.0, 0.6, 0.7], val_accuracy=[0.5, 1.0, 1.0],
+            best_epoch=1, stopped_early=True,
+        )  # fmt: skip
+        self.timings_ = {"scan_s": 0.01, "features_s": 1.5, "train_s": 0.25}
+        self.cached_ = 2
+        return self
+
+    def save(self, out_dir: Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "headstart.json").write_text("{}")
+        return out
+
+    @classmethod
+    def load(cls, model_dir: Path) -> FakeClassifier:
+        if cls.raise_in_load is not None:
+            raise cls.raise_in_load
+        clf = cls()
+        clf.classes_ = list(CLASSES)
+        return clf
+
+    def predict_table(self, images: list[Path], top_k: int = 3, progress: Any = None) -> list[FakePrediction]:
+        progress.start("predicting", len(images))
+        rows = []
+        for path in images:
+            if Path(path).suffix == ".jpg":
+                rows.append(FakePrediction(Path(path), "cat", 0.9, [("cat", 0.9), ("dog", 0.1)][:top_k], None))
+            else:
+                rows.append(FakePrediction(Path(path), None, None, [], "cannot identify image file"))
+            progress.advance()
+        progress.finish()
+        return rows
+
+    def evaluate(self, folder: Path, progress: Any = None) -> tuple[Evaluation, list[tuple[Path, str]]]:
+        return _evaluation(), [(Path(folder) / "cat" / "broken.jpg", "truncated file")]
+
+
+@pytest.fixture(autouse=True)
+def fake_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Install the fake as `headstart.api`, whether or not the real module exists yet (it imports torch)."""
+    module = types.ModuleType("headstart.api")
+    module.ImageClassifier = FakeClassifier  # type: ignore[attr-defined]
+    module.Prediction = FakePrediction  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "headstart.api", module)
+    monkeypatch.setattr(FakeClassifier, "created", [])
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The CLI reconfigures the root logger (basicConfig(force=True)); give pytest its own back.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    path.mkdir()
+    return path
+
+
+def _assert_one_error_line(result: Any, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- help and startup
+
+
+def test_help_lists_commands_without_importing_heavy_modules() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "120"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "headstart", "--help"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "evaluate", "predict", "backbones"):
+        assert command in proc.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")]
+    heavy = [m for m in imported if m.split(".")[0] in {"torch", "timm", "onnxruntime"} or m == "headstart.api"]
+    assert heavy == []
+
+
+def test_default_backbone_matches_library() -> None:
+    from headstart.backbones import DEFAULT_BACKBONE
+
+    assert cli.DEFAULT_BACKBONE == DEFAULT_BACKBONE
+
+
+# --------------------------------------------------------------------------- errors and exit codes
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--val-split", "1.5"],
+        ["--val-split", "-0.1"],
+        ["--test-split", "1"],
+        ["--val-split", "0.6", "--test-split", "0.5"],
+        ["--hidden", "512,abc"],
+        ["--hidden", "0"],
+        ["--epochs", "0"],
+        ["--lr", "0"],
+        ["--dropout", "1"],
+        ["--schedule", "linear"],
+        ["--device", "tpu"],
+        ["--batch-size", "many"],
+    ],
+)
+def test_bad_train_flags_exit_2_with_one_line(image_folder: Path, flags: list[str]) -> None:
+    result = runner.invoke(cli.app, ["train", str(image_folder), *flags])
+    _assert_one_error_line(result)
+    assert FakeClassifier.created == []  # rejected before anything is built
+
+
+def test_missing_data_folder_is_a_usage_error(tmp_path: Path) -> None:
+    _assert_one_error_line(runner.invoke(cli.app, ["train", str(tmp_path / "nope")]))
+
+
+def test_user_error_from_fit_is_one_line(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeClassifier, "raise_in_fit", DataError("no images in photos/: add class sub-folders"))
+    result = runner.invoke(cli.app, ["train", str(image_folder)])
+    assert _assert_one_error_line(result) == "error: no images in photos/: add class sub-folders"
+
+
+def test_user_error_from_load_is_one_line(model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(FakeClassifier, "raise_in_load", WeightsError("model/headstart.json: not a headstart model"))
+    result = runner.invoke(cli.app, ["predict", str(model_dir), str(tmp_path)])
+    assert _assert_one_error_line(result) == "error: model/headstart.json: not a headstart model"
+
+
+def test_ctrl_c_prints_interrupted_and_exits_130(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeClassifier, "raise_in_fit", KeyboardInterrupt())
+    result = runner.invoke(cli.app, ["train", str(image_folder)])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted"
+
+
+def test_bugs_are_not_swallowed(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeClassifier, "raise_in_fit", RuntimeError("a bug"))
+    result = runner.invoke(cli.app, ["train", str(image_folder)])
+    assert isinstance(result.exception, RuntimeError)  # propagates: the entry point shows its traceback
+    assert result.exit_code == 1
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    out = tmp_path / "out"
+    args = [
+        "train", str(image_folder), "--out", str(out), "--backbone", "efficientnet_lite1", "--weights", str(weights),
+        "--val-split", "0.25", "--test-split", "0.1", "--epochs", "5", "--lr", "0.01", "--weight-decay", "0",
+        "--batch-size", "8", "--hidden", "512, 256", "--dropout", "0.5", "--schedule", "plateau", "--patience", "3",
+        "--balance", "--seed", "7", "--device", "cpu",
+    ]  # fmt: skip
+    result = runner.invoke(cli.app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    (clf,) = FakeClassifier.created
+    assert clf.params == dict(
+        backbone="efficientnet_lite1", weights=weights, val_split=0.25, test_split=0.1, hidden=(512, 256),
+        dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
+        balance=True, seed=7, device="cpu",
+    )  # fmt: skip
+    assert (out / "headstart.json").exists()
+    assert (out / "confusion_val.png").stat().st_size > 0
+    for text in ("train 4, val 2", "4 extracted, 2 from cache", "3 epochs (stopped early), best epoch 2", "75.0%"):
+        assert text in result.stdout
+    assert str(out) in result.stdout
+    assert "skipped: " in result.stderr and "notes0.txt: not an image" in result.stderr
+
+
+def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["train", str(image_folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    (clf,) = FakeClassifier.created
+    assert clf.params == dict(
+        backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden=(), dropout=0.2,
+        epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=15, schedule="cosine", balance=False,
+        seed=0, device="auto",
+    )  # fmt: skip
+
+
+def test_train_lists_at_most_50_skipped(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeClassifier, "n_skipped", 60)
+    result = runner.invoke(cli.app, ["train", str(image_folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert sum(line.startswith("skipped: ") for line in lines) == 50
+    assert lines[-1] == "... and 10 more"
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    good, bad = tmp_path / "a,b.jpg", tmp_path / "notes.txt"  # a comma in a path must survive CSV quoting
+    good.write_bytes(b"")
+    bad.write_text("hello")
+    return [good, bad]
+
+
+def test_predict_csv_is_parseable_with_error_column(model_dir: Path, images: list[Path]) -> None:
+    result = runner.invoke(cli.app, ["predict", str(model_dir), *map(str, images), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["path", "label", "confidence", "top_k", "error"]
+    good, bad = rows
+    assert good == {
+        "path": str(images[0]), "label": "cat", "confidence": "0.9000", "top_k": "cat:0.9000;dog:0.1000", "error": "",
+    }  # fmt: skip
+    assert bad["path"] == str(images[1]) and bad["label"] == "" and bad["error"] == "cannot identify image file"
+
+
+def test_predict_json_parses(model_dir: Path, images: list[Path]) -> None:
+    result = runner.invoke(cli.app, ["predict", str(model_dir), *map(str, images), "--format", "json", "--top-k", "1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0] == {
+        "path": str(images[0]), "label": "cat", "confidence": 0.9, "top_k": [{"label": "cat", "confidence": 0.9}],
+        "error": None,
+    }  # fmt: skip
+    assert rows[1]["label"] is None and rows[1]["error"]
+
+
+def test_predict_table(model_dir: Path, images: list[Path]) -> None:
+    result = runner.invoke(cli.app, ["predict", str(model_dir), *map(str, images)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "cat" in result.stdout and "90.0%" in result.stdout and "cannot identify image file" in result.stdout
+
+
+def test_predict_exits_1_when_every_image_failed(model_dir: Path, images: list[Path]) -> None:
+    result = runner.invoke(cli.app, ["predict", str(model_dir), str(images[1]), "--format", "csv"])
+    assert result.exit_code == 1
+    assert len(list(csv.reader(io.StringIO(result.stdout)))) == 2  # the header and the failed row still print
+
+
+def test_predict_top_k_must_be_positive(model_dir: Path, images: list[Path]) -> None:
+    _assert_one_error_line(runner.invoke(cli.app, ["predict", str(model_dir), str(images[0]), "--top-k", "0"]))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_json_is_the_only_stdout(model_dir: Path, image_folder: Path, tmp_path: Path) -> None:
+    png = tmp_path / "cm.png"
+    result = runner.invoke(
+        cli.app, ["evaluate", str(model_dir), str(image_folder), "--format", "json", "--confusion", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload == {
+        **_evaluation().to_dict(),
+        "skipped": [{"path": str(image_folder / "cat" / "broken.jpg"), "reason": "truncated file"}],
+    }
+    assert png.stat().st_size > 0
+    assert f"confusion matrix written to {png}" in result.stderr
+
+
+def test_evaluate_table(model_dir: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[Path] = []
+
+    def fake_png(confusion: np.ndarray, classes: tuple[str, ...], path: Path, title: str) -> Path:
+        written.append(path)
+        return path
+
+    monkeypatch.setattr("headstart.report.save_confusion_png", fake_png)
+    result = runner.invoke(cli.app, ["evaluate", str(model_dir), str(image_folder)], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    for text in ("accuracy", "75.0%", "balanced accuracy", "log loss", "ECE", "precision", "confusion matrix"):
+        assert text in result.stdout
+    assert written == [model_dir / "confusion.png"]
+    assert "skipped: " in result.stderr and "broken.jpg: truncated file" in result.stderr
+
+
+# --------------------------------------------------------------------------- backbones, logging, progress
+
+
+def test_backbones_lists_efficientnet_lite0_offline() -> None:
+    result = runner.invoke(cli.app, ["backbones"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.stdout.splitlines() if "efficientnet_lite0 " in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells == ["efficientnet_lite0", "tf_efficientnet_lite0", "224px", "3.4", "bundled package", "yes", "default"]
+
+
+def test_verbose_sets_info_logging() -> None:
+    assert runner.invoke(cli.app, ["-v", "backbones"]).exit_code == 0
+    assert logging.getLogger().level == logging.INFO
+    assert runner.invoke(cli.app, ["backbones"]).exit_code == 0
+    assert logging.getLogger().level == logging.WARNING
+
+
+def test_progress_bars_draw_rate_and_count_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.StringIO()
+    monkeypatch.setattr(cli_render, "err_console", lambda: Console(file=buf, force_terminal=True, width=100))
+    with cli_render.ProgressBars() as bars:
+        bars.start("extracting features", 10)
+        bars.advance(4)
+        bars.start("training head", None)  # the previous task was left open: it is closed, not leaked
+        bars.advance(2)
+        bars.finish()
+    text = buf.getvalue()
+    assert "extracting features" in text and "training head" in text
+    assert "it/s" in text and "4/4" in text and "2/2" in text
+
+
+def test_progress_bars_are_silent_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with cli_render.ProgressBars() as bars:
+        bars.start("extracting features", 3)
+        bars.advance(3)
+        bars.finish()
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,275 @@
+"""Frozen-backbone features: the ONNX engine agrees with torch, multi-scale pooling, and the on-disk cache
+(content-keyed, reports unreadable images, survives a crash mid-extraction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from conftest import TINY_BACKBONE, make_image, make_image_folder
+from headstart import features
+from headstart.backbones import resolve
+from headstart.data import load_for_model
+from headstart.engines import OnnxEngine
+from headstart.features import FeatureCache, FrozenBackbone
+from headstart.model import TAPPED_STAGES, PooledFeatures
+
+TINY_DIM = 32 + 48 + 64 + 256  # last three stages' channels + the final features
+
+
+@pytest.fixture
+def frozen(tiny_weights, tiny_cache) -> FrozenBackbone:
+    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    return sorted(make_image_folder(tmp_path / "photos", per_class=6).rglob("*.jpg"))
+
+
+class CountingFactory:
+    """An engine factory that counts engines made and rows pushed through them."""
+
+    def __init__(self, frozen: FrozenBackbone, fail_on_call: int | None = None) -> None:
+        self.frozen, self.fail_on_call = frozen, fail_on_call
+        self.engines = 0
+        self.batches: list[int] = []
+
+    def __call__(self):
+        self.engines += 1
+        engine = self.frozen.engine("cpu")
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            if self.fail_on_call is not None and len(self.batches) + 1 >= self.fail_on_call:
+                raise RuntimeError("simulated crash")
+            self.batches.append(len(batch))
+            return engine(batch)
+
+        return run
+
+    @property
+    def rows(self) -> int:
+        return sum(self.batches)
+
+
+def _direct_features(frozen: FrozenBackbone, paths: list[Path]) -> np.ndarray:
+    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in paths])
+    with torch.no_grad():
+        return frozen.build_torch()(torch.from_numpy(batch)).numpy()
+
+
+# --- engines and pooling ---------------------------------------------------------------------------------------
+
+def test_onnx_engine_matches_torch(frozen, photos):
+    engine = frozen.engine("cpu")
+    assert isinstance(engine, OnnxEngine)
+    torch_model = frozen.build_torch()
+    real = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:5]])
+    noise = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(7)).numpy()
+    for batch in (real, noise, real[:1]):  # batch sizes other than the export's: the batch axis is dynamic
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(batch)).numpy()
+        got = engine(batch)
+        assert got.shape == expected.shape == (len(batch), TINY_DIM)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+
+
+def test_multi_scale_features_are_stage_means_plus_final_features(tiny_weights):
+    from headstart.backbones import create_model
+
+    backbone = create_model(resolve(TINY_BACKBONE), tiny_weights)
+    pooled = PooledFeatures(backbone).eval()
+    assert pooled.multi_scale
+    stage_chs = [info["num_chs"] for info in backbone.feature_info][-TAPPED_STAGES:]
+    assert sum(stage_chs) + backbone.num_features == TINY_DIM
+
+    stage_outputs = []
+    hooks = [backbone.blocks[i].register_forward_hook(lambda m, i, o: stage_outputs.append(o))
+             for i in range(len(backbone.blocks) - TAPPED_STAGES, len(backbone.blocks))]
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = pooled(x)
+        final = backbone(x)  # timm's own pooled features
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, TINY_DIM)
+    start = 0
+    for o in stage_outputs[:TAPPED_STAGES]:
+        torch.testing.assert_close(out[:, start:start + o.shape[1]], o.mean((2, 3)))
+        start += o.shape[1]
+    torch.testing.assert_close(out[:, start:], final)
+
+
+def test_pooling_falls_back_to_model_features_for_other_layouts():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    pooled = PooledFeatures(model).eval()
+    assert not pooled.multi_scale
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(x), model(x))
+
+
+# --- the feature cache -----------------------------------------------------------------------------------------
+
+def test_cache_extracts_once_then_hits(frozen, photos):
+    n = len(photos)
+    factory = CountingFactory(frozen)
+    cache = FeatureCache(frozen)
+    feats, readable, failures = cache.features_for(photos, factory)
+    assert cache.last_hits == 0
+    assert (factory.engines, factory.rows) == (1, n)
+    assert feats.shape == (n, TINY_DIM) and readable == list(range(n)) and failures == []
+    # Row i is image i's features.
+    np.testing.assert_allclose(feats, _direct_features(frozen, photos), atol=1e-3, rtol=0)
+
+    again = CountingFactory(frozen)
+    fresh = FeatureCache(frozen)  # a new process: state comes from disk
+    feats2, readable2, failures2 = fresh.features_for(photos, again)
+    assert fresh.last_hits == n
+    assert (again.engines, again.rows) == (0, 0)
+    assert readable2 == readable and failures2 == []
+    np.testing.assert_array_equal(feats2, feats)
+
+    # A different order or a subset gathers the same rows.
+    order = [5, 0, 17, 3]
+    sub, _, _ = fresh.features_for([photos[i] for i in order], again)
+    np.testing.assert_array_equal(sub, feats[order])
+    assert again.engines == 0
+
+
+def test_cache_is_keyed_by_content(frozen, photos, tmp_path):
+    n = len(photos)
+    cache = FeatureCache(frozen)
+    before, _, _ = cache.features_for(photos, CountingFactory(frozen))
+
+    changed = 4
+    make_image((10, 10, 10), (64, 48), np.random.default_rng(99)).save(photos[changed], "JPEG")
+    factory = CountingFactory(frozen)
+    after, readable, _ = cache.features_for(photos, factory)
+    assert cache.last_hits == n - 1
+    assert (factory.engines, factory.rows) == (1, 1)
+    assert readable == list(range(n))
+    keep = [i for i in range(n) if i != changed]
+    np.testing.assert_array_equal(after[keep], before[keep])
+    assert not np.allclose(after[changed], before[changed], atol=1e-3)
+    np.testing.assert_allclose(after[changed], _direct_features(frozen, [photos[changed]])[0], atol=1e-3, rtol=0)
+
+    # The same bytes under another name are the same image to the cache.
+    copy = tmp_path / "renamed_copy.jpg"
+    copy.write_bytes(photos[0].read_bytes())
+    factory = CountingFactory(frozen)
+    again, _, _ = cache.features_for([copy], factory)
+    assert cache.last_hits == 1 and factory.engines == 0
+    np.testing.assert_array_equal(again[0], after[0])
+
+
+def test_cache_is_per_backbone_weights(frozen, photos, tiny_weights, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    other_weights = tmp_path / "other.safetensors"
+    state = load_file(str(tiny_weights))
+    state["conv_head.weight"] = state["conv_head.weight"] * 2
+    save_file(state, str(other_weights))
+    other = FrozenBackbone.pretrained(frozen.spec, other_weights)
+    assert other.cache_key() != frozen.cache_key()
+    FeatureCache(frozen).features_for(photos[:3], CountingFactory(frozen))
+    cache = FeatureCache(other)
+    cache.features_for(photos[:3], lambda: (lambda b: np.zeros((len(b), TINY_DIM), np.float32)))
+    assert cache.last_hits == 0
+
+
+def test_unreadable_images_are_reported_not_fatal(frozen, photos, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(photos[0].read_bytes()[: len(photos[0].read_bytes()) // 2])
+    text = tmp_path / "notes.jpg"
+    text.write_text("these are my holiday notes, not a photo\n")
+    good = photos[:4]
+    paths = [good[0], corrupt, good[1], text, good[2], good[3]]
+
+    for attempt in range(2):  # failures are not cached: the second run reports them again
+        factory = CountingFactory(frozen)
+        cache = FeatureCache(frozen)
+        feats, readable, failures = cache.features_for(paths, factory)
+        assert readable == [0, 2, 4, 5]
+        assert feats.shape == (4, TINY_DIM)
+        reasons = dict(failures)
+        assert set(reasons) == {corrupt, text}
+        assert all(isinstance(r, str) and r and "\n" not in r for r in reasons.values())
+        assert "truncated" in reasons[corrupt] or "corrupt" in reasons[corrupt]
+        assert "cannot identify" in reasons[text]
+        np.testing.assert_allclose(feats, _direct_features(frozen, good), atol=1e-3, rtol=0)
+        assert cache.last_hits == (0 if attempt == 0 else 4)
+
+
+def _visible_shards(cache_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    shards = []
+    for keys_file in sorted(cache_dir.glob("*.keys.npy")):
+        feats_file = keys_file.with_name(keys_file.name.replace(".keys.npy", ".feats.npy"))
+        assert feats_file.exists(), f"{keys_file.name} has no features file"
+        keys, feats = np.load(keys_file), np.load(feats_file)
+        assert keys.dtype == np.uint8 and keys.shape[1] == 16
+        assert feats.shape == (len(keys), TINY_DIM)
+        shards.append((keys, feats))
+    return shards
+
+
+def test_crash_mid_extraction_leaves_only_complete_shards(frozen, photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "SHARD_ROWS", 4)
+    cache = FeatureCache(frozen)
+    crashing = CountingFactory(frozen, fail_on_call=2)  # first batch goes through, the second raises
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cache.features_for(photos, crashing, batch_size=4)
+    assert crashing.batches == [4]
+
+    shards = _visible_shards(cache.dir)
+    assert len(shards) == 1 and len(shards[0][0]) == 4
+    assert not [p for p in cache.dir.iterdir() if not p.name.startswith(".") and not p.name.endswith(".npy")]
+
+    factory = CountingFactory(frozen)
+    resumed, readable, failures = cache.features_for(photos, factory, batch_size=4)
+    assert cache.last_hits == 4
+    assert factory.rows == len(photos) - 4
+    assert len(_visible_shards(cache.dir)) == 1 + -(-(len(photos) - 4) // 4)
+
+    clean_cache = FeatureCache(frozen, root=tmp_path / "clean")
+    clean, clean_readable, clean_failures = clean_cache.features_for(photos, CountingFactory(frozen))
+    assert (readable, failures) == (clean_readable, clean_failures)
+    np.testing.assert_allclose(resumed, clean, atol=1e-5, rtol=0)
+
+
+def test_crash_between_features_and_keys_hides_the_shard(frozen, photos, monkeypatch):
+    """Features are renamed into place first and keys last: a crash in between leaves an invisible shard."""
+    real_replace = features.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".keys.npy"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    cache = FeatureCache(frozen)
+    monkeypatch.setattr(features.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        cache.features_for(photos[:3], CountingFactory(frozen))
+    monkeypatch.setattr(features.os, "replace", real_replace)
+
+    assert list(cache.dir.glob("*.feats.npy")) and not list(cache.dir.glob("*.keys.npy"))
+    factory = CountingFactory(frozen)
+    feats, _, _ = cache.features_for(photos[:3], factory)
+    assert cache.last_hits == 0 and factory.rows == 3
+    assert len(_visible_shards(cache.dir)) == 1
+    np.testing.assert_allclose(feats, _direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
+
+
+def test_many_small_shards_gather_like_one(frozen, photos, tmp_path, monkeypatch):
+    whole, _, _ = FeatureCache(frozen, root=tmp_path / "whole").features_for(photos, CountingFactory(frozen))
+    monkeypatch.setattr(features, "SHARD_ROWS", 3)
+    sharded_cache = FeatureCache(frozen, root=tmp_path / "sharded")
+    sharded_cache.features_for(photos, CountingFactory(frozen), batch_size=3)
+    assert len(_visible_shards(sharded_cache.dir)) == 6
+    reread, _, _ = FeatureCache(frozen, root=tmp_path / "sharded").features_for(photos, CountingFactory(frozen))
+    np.testing.assert_allclose(reread, whole, atol=1e-5, rtol=0)

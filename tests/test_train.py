@@ -1,0 +1,198 @@
+"""Training the head on features: it learns, stops early with the best weights restored, trains every
+parameter, weights classes on request, and rejects bad configurations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headstart import train
+from headstart.head import HeadConfig, head_logits_numpy, softmax
+from headstart.model import Head
+from headstart.train import TrainConfig, class_weights, fit_head
+
+
+def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1.0, seed: int = 0):
+    """Gaussian blobs around well-separated class centres, on features of very different scales (as stage
+    outputs are)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3.0, size=(n_classes, dim))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centres[y] + rng.normal(0, spread, size=(len(y), dim))
+    x *= np.logspace(-2, 2, dim)  # scales from 0.01 to 100: standardisation must handle it
+    perm = rng.permutation(len(y))
+    return x[perm].astype(np.float32), y[perm].astype(np.int64)
+
+
+def val_loss_of(head: Head, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return F.cross_entropy(head.eval()(torch.from_numpy(x)), torch.from_numpy(y)).item()
+
+
+def test_head_learns_separable_features():
+    x, y = blobs(40, seed=0)
+    x_train, y_train, x_val, y_val = x[:90], y[:90], x[90:], y[90:]
+    cfg = TrainConfig(epochs=30, batch_size=16, lr=3e-3, patience=30)
+    head, history = fit_head(HeadConfig(x.shape[1], 3), cfg, x_train, y_train, x_val, y_val)
+    assert len(history.train_loss) == len(history.val_loss) == len(history.val_accuracy) == 30
+    assert history.train_loss[-1] < 0.6 * history.train_loss[0]
+    assert history.val_accuracy[history.best_epoch] >= 0.95
+    assert not head.training
+    # The numpy inference used for prediction agrees with the torch head.
+    state = {k: v.numpy() for k, v in head.state_dict().items()}
+    with torch.no_grad():
+        expected = head(torch.from_numpy(x_val)).softmax(1).numpy()
+    np.testing.assert_allclose(softmax(head_logits_numpy(state, head.cfg, x_val)), expected, atol=1e-5)
+    assert (expected.argmax(1) == y_val).mean() >= 0.95
+
+
+def test_hidden_layers_numpy_inference_matches_torch():
+    x, y = blobs(20, seed=1)
+    head, _ = fit_head(HeadConfig(x.shape[1], 3, hidden=(16, 8)), TrainConfig(epochs=3, batch_size=16), x, y)
+    state = {k: v.numpy() for k, v in head.state_dict().items()}
+    with torch.no_grad():
+        expected = head(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(head_logits_numpy(state, head.cfg, x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_early_stopping_restores_best_weights(schedule):
+    # Few noisy training points in many dimensions, a big learning rate and no regularisation: validation loss
+    # falls briefly, then climbs as the head memorises noise.
+    rng = np.random.default_rng(3)
+    dim = 64
+    signal = rng.normal(size=dim)
+
+    def noisy(n):
+        y = rng.integers(0, 2, size=n)
+        x = rng.normal(size=(n, dim)) * 2.0 + np.outer(2 * y - 1, signal) * 0.3
+        return x.astype(np.float32), y.astype(np.int64)
+
+    x_train, y_train = noisy(24)
+    x_val, y_val = noisy(200)
+    epochs = 200
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, weight_decay=0.0, label_smoothing=0.0,
+                      patience=5, schedule=schedule)
+    head, history = fit_head(HeadConfig(dim, 2, hidden=(64,), dropout=0.0), cfg, x_train, y_train, x_val, y_val)
+
+    assert history.stopped_early
+    assert len(history.val_loss) < epochs
+    assert len(history.val_loss) == history.best_epoch + 1 + cfg.patience
+    assert history.best_epoch == int(np.argmin(history.val_loss))
+    assert history.val_loss[-1] > min(history.val_loss) + 1e-3  # the last weights are worse than the best
+    assert val_loss_of(head, x_val, y_val) == pytest.approx(min(history.val_loss), abs=1e-5)
+
+
+def test_without_validation_trains_all_epochs_and_keeps_last():
+    x, y = blobs(10, seed=4)
+    threads = torch.get_num_threads()
+    _, history = fit_head(HeadConfig(x.shape[1], 3), TrainConfig(epochs=7, patience=1), x, y)
+    assert torch.get_num_threads() == threads  # training's own thread setting does not leak out
+    assert len(history.train_loss) == 7
+    assert history.val_loss == [] and not history.stopped_early and history.best_epoch == 6
+
+
+def test_every_trainable_parameter_gets_a_gradient(monkeypatch):
+    seen: dict[int, bool] = {}
+    managed: list[torch.nn.Parameter] = []
+    real_adamw = torch.optim.AdamW
+
+    class RecordingAdamW(real_adamw):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            managed.extend(params)
+            super().__init__(params, *args, **kwargs)
+
+        def step(self, *args, **kwargs):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    got = p.grad is not None and bool(torch.any(p.grad != 0))
+                    seen[id(p)] = seen.get(id(p), False) or got
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(train.torch.optim, "AdamW", RecordingAdamW)
+    x, y = blobs(10, seed=5)
+    head, _ = fit_head(HeadConfig(x.shape[1], 3, hidden=(12,), dropout=0.1), TrainConfig(epochs=2, batch_size=8),
+                       x, y, x[:6], y[:6])
+    params = dict(head.named_parameters())
+    assert len(params) == 4  # two linear layers, weight and bias each
+    assert {id(p) for p in managed} == {id(p) for p in params.values()}
+    assert all(seen[id(p)] for p in params.values()), [n for n, p in params.items() if not seen[id(p)]]
+    # The standardisation statistics are fixed from the training features, not trained.
+    assert {n for n, _ in head.named_buffers()} == {"mean", "std"}
+    np.testing.assert_allclose(head.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_class_weights_are_inverse_to_frequency():
+    y = np.array([0] * 30 + [1] * 10 + [2] * 5)
+    w = class_weights(y, 4).numpy()
+    counts = np.array([30, 10, 5])
+    np.testing.assert_allclose(w[:3] * counts, len(y) / 4, rtol=1e-6)  # weight x count is the same for all
+    assert w[0] < w[1] < w[2]
+    assert w[3] == 0  # a class with no examples gets no weight rather than infinity
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_balance_weights_the_training_loss(balance, monkeypatch):
+    weights_used = []
+    real_ce = F.cross_entropy
+
+    def spy(*args, weight=None, **kwargs):
+        if torch.is_grad_enabled():  # training steps, not the validation loss
+            weights_used.append(weight)
+        return real_ce(*args, weight=weight, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", spy)
+    x, y = blobs(10, seed=6)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:4], np.flatnonzero(y == 2)[:2]])
+    x, y = x[keep], y[keep]
+    fit_head(HeadConfig(x.shape[1], 3), TrainConfig(epochs=2, balance=balance), x, y)
+    assert weights_used
+    if balance:
+        expected = class_weights(y, 3)
+        assert all(w is not None and torch.allclose(w, expected) for w in weights_used)
+    else:
+        assert all(w is None for w in weights_used)
+
+
+def test_balanced_training_helps_the_minority_class():
+    rng = np.random.default_rng(0)
+
+    def overlapping(n0, n1):
+        y = np.array([0] * n0 + [1] * n1)
+        x = rng.normal(size=(len(y), 8)) + y[:, None]
+        return x.astype(np.float32), y
+
+    x, y = overlapping(300, 15)
+    x_test, y_test = overlapping(300, 300)
+    recall = {}
+    for balance in (False, True):
+        cfg = TrainConfig(epochs=30, balance=balance, label_smoothing=0.0)
+        head, _ = fit_head(HeadConfig(8, 2, dropout=0.0), cfg, x, y)
+        with torch.no_grad():
+            pred = head(torch.from_numpy(x_test)).argmax(1).numpy()
+        recall[balance] = (pred[y_test == 1] == 1).mean()
+    assert recall[True] > recall[False] + 0.2
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(schedule="step"), "schedule"),
+    (dict(schedule="Cosine"), "schedule"),
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(lr=0.0), "lr"),
+])
+def test_train_config_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**kwargs)
+
+
+def test_training_is_reproducible():
+    x, y = blobs(15, seed=9)
+    runs = [fit_head(HeadConfig(x.shape[1], 3, hidden=(8,)), TrainConfig(epochs=4, seed=1), x, y, x[:9], y[:9])
+            for _ in range(2)]
+    assert runs[0][1].val_loss == runs[1][1].val_loss
+    for (k, a), b in zip(runs[0][0].state_dict().items(), runs[1][0].state_dict().values()):
+        assert torch.equal(a, b), k
