@@ -6,6 +6,7 @@ torch is imported only by `fit`; a saved model predicts with ONNX Runtime and nu
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from headstart import artifact
 from headstart.backbones import DEFAULT_BACKBONE, resolve
 from headstart.data import DataError, Dataset, list_images, scan_folder
+from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
 from headstart.head import HeadConfig, head_logits_numpy, softmax
 from headstart.metrics import Evaluation, evaluate
@@ -42,6 +44,8 @@ class ImageClassifier:
         test_split: float = 0.0, hidden: Sequence[int] = (), dropout: float = 0.2, epochs: int = 60,
         lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 15,
         schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
+        strategy: str = "head", unfreeze: int | str = 2, augment: str = "light", finetune_epochs: int = 8,
+        finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -58,11 +62,27 @@ class ImageClassifier:
         self.balance = balance
         self.seed = seed
         self.device = device
+        self.strategy = strategy
+        self.unfreeze = unfreeze
+        self.augment = augment
+        self.finetune_epochs = finetune_epochs
+        self.finetune_lr = finetune_lr
+        self.views = views
+        self.train_bn = train_bn
 
     # --- training ----------------------------------------------------------------------------------------------
 
-    def fit(self, data: str | Path, progress: Progress | None = None) -> "ImageClassifier":
+    def fit(
+        self, data: str | Path, progress: Progress | None = None, checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> "ImageClassifier":
+        """Stage 1 trains the head on cached features; with strategy "finetune" (or "auto", when it pays)
+        stage 2 adapts the top of the backbone. `checkpoint_dir` gets a checkpoint after every stage-2 epoch;
+        `resume` continues from it."""
         from headstart.train import TrainConfig, fit_head
+
+        if self.strategy not in ("head", "finetune", "auto"):
+            raise DataError(f"strategy must be head, finetune or auto, not {self.strategy!r}")
 
         progress = progress or NoProgress()
         train_cfg = TrainConfig(
@@ -94,7 +114,51 @@ class ImageClassifier:
         self.val_metrics_ = self._evaluate_features(feats[va], labels[va]) if va.any() else None
         self.test_metrics_ = self._evaluate_features(feats[te], labels[te]) if te.any() else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
+        self.decision_ = {"strategy": self.strategy, "kept": "head"}
+        if self.strategy != "head":
+            self._stage2(dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress)
         return self
+
+    def _stage2(self, dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress) -> None:
+        from headstart.finetune import FinetuneConfig
+        from headstart.strategy import decide_auto, run_finetune
+
+        tr, va = splits == "train", splits == "val"
+        head_acc = self.val_metrics_.accuracy if self.val_metrics_ else None
+        run, reason = (True, "asked for") if self.strategy == "finetune" else decide_auto(int(tr.sum()), bool(va.any()), head_acc)
+        self.decision_.update(head_val_accuracy=head_acc, reason=reason)
+        if not run:
+            log.info("auto: keeping the head alone (%s)", reason)
+            return
+        if not va.any():
+            raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
+        failed = {p for p, _ in failures}
+        readable = [s for s in dataset.samples if s.path not in failed]
+        train_paths = [s.path for s in readable if s.split == "train"]
+        val_paths = [s.path for s in readable if s.split == "val"]
+        cfg = FinetuneConfig(
+            unfreeze=self.unfreeze, epochs=self.finetune_epochs, views=self.views, augment=self.augment,
+            lr=self.finetune_lr, train_bn=self.train_bn, seed=self.seed, batch_size=min(32, self.batch_size),
+        )
+        t0 = time.perf_counter()
+        result = run_finetune(
+            self.frozen_, self.head_config_, self.head_state_, cfg, train_paths, labels[tr], val_paths, labels[va],
+            Path(checkpoint_dir) if checkpoint_dir else None, resume, progress,
+        )
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the result is in memory, save() is next
+        tuned = evaluate(labels[va], result.val_proba, self.classes_)
+        self.timings_["finetune_s"] = time.perf_counter() - t0
+        self.decision_.update(finetune_val_accuracy=tuned.accuracy, finetune_config=cfg.to_dict(),
+                              finetune_history=result.history.to_dict())
+        better = tuned.accuracy > head_acc or (tuned.accuracy == head_acc and tuned.log_loss < self.val_metrics_.log_loss)
+        if self.strategy == "finetune" or better:
+            self.decision_["kept"] = "finetune"
+            self.frozen_, self.head_state_, self.val_metrics_ = result.frozen, result.head_state, tuned
+            self.test_metrics_ = None  # test features came from the old backbone; re-evaluate with evaluate()
+            if pick_device(self.device) == "cpu":
+                self.frozen_.engine("cpu")  # export once now, so predicting right after training is fast
+        log.info("kept %s (head val %.4f, fine-tuned val %.4f)", self.decision_["kept"], head_acc, tuned.accuracy)
 
     def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
         samples = dataset.samples
@@ -185,6 +249,7 @@ class ImageClassifier:
             "metrics": {name: m.to_dict() for name, m in (("val", self.val_metrics_), ("test", self.test_metrics_))
                         if m is not None},
             "skipped": [[str(p), r] for p, r in getattr(self, "skipped_", [])],
+            "decision": getattr(self, "decision_", None),
         }
         art = artifact.Artifact(self.classes_, self.frozen_.spec, self.frozen_.weights_id, self.head_config_,
                                 self.head_state_, backbone, info)
@@ -214,7 +279,8 @@ class ImageClassifier:
 
 _PARAM_NAMES = (
     "backbone", "weights", "val_split", "test_split", "hidden", "dropout", "epochs", "lr", "weight_decay",
-    "batch_size", "patience", "schedule", "balance", "seed", "device",
+    "batch_size", "patience", "schedule", "balance", "seed", "device", "strategy", "unfreeze", "augment",
+    "finetune_epochs", "finetune_lr", "views", "train_bn",
 )
 
 

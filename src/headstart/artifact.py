@@ -49,8 +49,8 @@ def save(artifact: Artifact, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"head.{k}": np.ascontiguousarray(v) for k, v in artifact.head_state.items()}
-    tensors.update({f"backbone.{k}": np.ascontiguousarray(v) for k, v in (artifact.backbone_state or {}).items()})
+    tensors = {f"head.{k}": _contiguous(v) for k, v in artifact.head_state.items()}
+    tensors.update({f"backbone.{k}": _contiguous(v) for k, v in (artifact.backbone_state or {}).items()})
     tmp = temp_path_beside(out / WEIGHTS_FILE)
     save_file(tensors, str(tmp))
     os.replace(tmp, out / WEIGHTS_FILE)
@@ -90,13 +90,17 @@ def load(model_dir: str | Path, with_backbone: bool = False) -> Artifact:
         raise ArtifactError(f"{weights_path}: corrupt weights file ({exc}); re-train or restore it") from None
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     backbone_state = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")} if with_backbone else None
-    head = HeadConfig.from_dict(meta["head"])
+    try:
+        head = HeadConfig.from_dict(meta["head"])
+        weights_id = str(meta["backbone"]["weights_id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{meta_path}: damaged head or backbone ({exc!r}); re-train the model") from None
     if head.n_classes != len(meta["classes"]) or "mean" not in head_state:
         raise ArtifactError(f"{d}: head and classes disagree; the model directory is damaged")
     info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "classes", "backbone", "head")}
     return Artifact(
         classes=list(meta["classes"]), backbone=_spec_from_dict(meta["backbone"]),
-        backbone_weights_id=str(meta["backbone"]["weights_id"]), head=head, head_state=head_state,
+        backbone_weights_id=weights_id, head=head, head_state=head_state,
         backbone_state=backbone_state, info=info,
     )
 
@@ -104,7 +108,11 @@ def load(model_dir: str | Path, with_backbone: bool = False) -> Artifact:
 def _validate(meta: dict, where: Path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{where}: not a headstart model file")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        format_version = int(meta.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{where}: 'format_version' is not a number; the model directory is damaged") from None
+    if format_version > FORMAT_VERSION:
         raise ArtifactError(f"{where}: saved by a newer headstart (format {meta['format_version']}); upgrade headstart")
     for key in ("classes", "backbone", "head"):
         if key not in meta:
@@ -112,6 +120,13 @@ def _validate(meta: dict, where: Path) -> None:
     classes = meta["classes"]
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise ArtifactError(f"{where}: 'classes' must list at least two class names")
+
+
+def _contiguous(v: np.ndarray) -> np.ndarray:
+    """C-contiguous without changing the shape (np.ascontiguousarray turns a 0-d array, such as BatchNorm's
+    num_batches_tracked, into shape (1,), which the backbone then refuses to load)."""
+    v = np.asarray(v)
+    return v if v.flags.c_contiguous else np.ascontiguousarray(v).reshape(v.shape)
 
 
 def _spec_to_dict(spec: BackboneSpec) -> dict:

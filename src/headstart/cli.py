@@ -89,6 +89,18 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class Strategy(str, enum.Enum):
+    head = "head"
+    finetune = "finetune"
+    auto = "auto"
+
+
+class Augment(str, enum.Enum):
+    none = "none"
+    light = "light"
+    strong = "strong"
+
+
 class EvalFormat(str, enum.Enum):
     table = "table"
     json = "json"
@@ -110,6 +122,14 @@ def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"{value:g} must be greater than 0, e.g. 1e-3")
     return value
+
+
+def _parse_unfreeze(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise typer.BadParameter(f"{text!r} is not a stage count >= 1 or 'all', e.g. --unfreeze 2", param_hint="'--unfreeze'")
 
 
 def _parse_hidden(text: str) -> tuple[int, ...]:
@@ -158,10 +178,23 @@ def train(
     balance: Annotated[bool, typer.Option(help="Weight the loss by inverse class frequency.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for splits and training.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+    strategy: Annotated[Strategy, typer.Option(
+        help="head: train the head on frozen features; finetune: then adapt the top stages; auto: fine-tune "
+             "only if it pays, and keep whichever validates better.")] = Strategy.head,
+    unfreeze: Annotated[str, typer.Option(help="Top backbone stages to fine-tune, or 'all'.")] = "2",
+    augment: Annotated[Augment, typer.Option(help="Augmentation while fine-tuning.")] = Augment.light,
+    finetune_epochs: Annotated[int, typer.Option(min=1, help="Maximum fine-tuning epochs.")] = 8,
+    finetune_lr: Annotated[float, typer.Option(callback=_positive, help="Rate of the top unfrozen stage.")] = 5e-4,
+    views: Annotated[int, typer.Option(min=1, help="Augmented views per image cached for fine-tuning.")] = 4,
+    train_bn: Annotated[bool, typer.Option(help="Let BatchNorm in unfrozen stages update its statistics.")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        file_okay=False, help="Continue an interrupted run whose model directory this is (finished work is reused "
+             "from the caches; fine-tuning continues from its last epoch checkpoint).")] = None,
 ) -> None:
     """Train a classifier on a folder of labelled photos and save it."""
     # Flags are checked before anything slow is imported or loaded.
     hidden_sizes = _parse_hidden(hidden)
+    unfreeze_value = _parse_unfreeze(unfreeze)
     if val_split + test_split >= 1.0:
         raise typer.BadParameter(
             f"{val_split:g} + {test_split:g} leaves nothing to train on; keep the sum below 1",
@@ -173,9 +206,11 @@ def train(
         backbone=backbone, weights=weights, val_split=val_split, test_split=test_split, hidden=hidden_sizes,
         dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         patience=patience, schedule=schedule.value, balance=balance, seed=seed, device=device.value,
+        strategy=strategy.value, unfreeze=unfreeze_value, augment=augment.value, finetune_epochs=finetune_epochs,
+        finetune_lr=finetune_lr, views=views, train_bn=train_bn,
     )  # fmt: skip
     with render.ProgressBars() as bars:
-        clf.fit(data, progress=bars)
+        clf.fit(data, progress=bars, checkpoint_dir=(resume or out) / "checkpoint", resume=resume is not None)
     saved = clf.save(out)
     png = None
     if clf.val_metrics_ is not None:

@@ -178,6 +178,9 @@ def train_summary(
             f"best epoch {history.best_epoch + 1}, {timings.get('train_s', 0.0):.1f} s",
         ),
     ]
+    decision = getattr(clf, "decision_", None) or {}
+    if decision.get("strategy", "head") != "head":
+        rows.append(("strategy", _decision_line(decision, timings)))
     if clf.val_metrics_ is not None:
         rows.append(("validation", _eval_line(clf.val_metrics_)))
     if clf.test_metrics_ is not None:
@@ -186,6 +189,16 @@ def train_summary(
     if confusion_png is not None:
         rows.append(("confusion (val)", str(confusion_png)))
     return _key_value_table("headstart train", rows)
+
+
+def _decision_line(decision: dict, timings: dict) -> str:
+    line = f"{decision['strategy']}: kept {decision['kept']}"
+    if "finetune_val_accuracy" in decision:
+        line += (f" (val accuracy head {decision['head_val_accuracy']:.3f}, fine-tuned "
+                 f"{decision['finetune_val_accuracy']:.3f}; {timings.get('finetune_s', 0.0):.0f} s)")
+    if decision.get("reason") and decision["strategy"] == "auto":
+        line += f"; {decision['reason']}"
+    return line
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -42,6 +42,10 @@ class OnnxEngine:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of a multi-output graph (the frozen bottom gives activations and pooled taps)."""
+        return self.session.run(None, {self.input_name: batch})
+
 
 class TorchEngine:
     """For CUDA: bf16 autocast and channels_last, where the GPU is fastest."""
@@ -65,8 +69,8 @@ def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
     return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}px-v{EXPORT_VERSION}.onnx"
 
 
-def export_onnx(model, input_size: int, target: Path) -> Path:
-    """Export a pooled-feature model with a dynamic batch, and refuse an export that disagrees with torch."""
+def export_onnx(model, input_size: int, target: Path, output_names: tuple[str, ...] = ("features",)) -> Path:
+    """Export a model with a dynamic batch, and refuse an export whose outputs disagree with torch."""
     import torch
 
     model = model.eval()
@@ -76,15 +80,16 @@ def export_onnx(model, input_size: int, target: Path) -> Path:
         # The exporter prints its own progress; the library never prints.
         with contextlib.redirect_stdout(io.StringIO()), _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx"):
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=["pixels"], output_names=["features"],
+                model, (example,), dynamo=True, input_names=["pixels"], output_names=list(output_names),
                 dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
             )
         program.save(str(tmp))
         check = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            expected = model(check).numpy()
-        got = OnnxEngine(tmp)(check.numpy())
-        err = float(np.abs(got - expected).max())
+            expected = model(check)
+        expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        got = OnnxEngine(tmp).run_all(check.numpy())
+        err = max(float(np.abs(g - e).max()) if e.size else 0.0 for g, e in zip(got, expected))
         if err > PARITY_ATOL:
             raise RuntimeError(f"ONNX export differs from torch by {err:.2e} (> {PARITY_ATOL})")
         os.replace(tmp, target)

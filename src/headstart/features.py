@@ -74,14 +74,15 @@ def content_key(path: Path) -> bytes:
 # --- decoding in parallel with inference ---------------------------------------------------------------------
 
 def decoded_batches(
-    paths: Sequence[Path], cfg: PreprocessConfig, batch_size: int, workers: int
+    n: int, load: Callable[[int], np.ndarray], batch_size: int, workers: int
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Yield (indices, pixels, failures) per batch. Pillow releases the GIL while decoding and resizing, so
-    threads overlap with each other and with inference; a bounded look-ahead keeps memory flat."""
+    """Yield (indices, stacked arrays, failures) per batch, where `load(i)` decodes item i. Pillow releases
+    the GIL while decoding and resizing, so threads overlap with each other and with inference; a bounded
+    look-ahead keeps memory flat."""
 
     def decode(i: int):
         try:
-            return i, load_for_model(paths[i], cfg), None
+            return i, load(i), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
 
@@ -89,16 +90,15 @@ def decoded_batches(
         pending: list = []
         next_index = 0
         lookahead = batch_size * 3
-        while pending or next_index < len(paths):
-            while next_index < len(paths) and len(pending) < lookahead:
+        while pending or next_index < n:
+            while next_index < n and len(pending) < lookahead:
                 pending.append(pool.submit(decode, next_index))
                 next_index += 1
             ready, pending = pending[:batch_size], pending[batch_size:]
             results = [f.result() for f in ready]
             good = [(i, arr) for i, arr, err in results if err is None]
             failures = [(i, err) for i, _, err in results if err is not None]
-            pixels = np.stack([arr for _, arr in good]) if good else np.empty((0, 3, cfg.input_size, cfg.input_size), np.float32)
-            yield [i for i, _ in good], pixels, failures
+            yield [i for i, _ in good], np.stack([arr for _, arr in good]) if good else None, failures
 
 
 def extract(
@@ -106,12 +106,17 @@ def extract(
     workers: int | None = None, progress: Progress | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
     """Features for `paths`, batch by batch: (indices, features, failures)."""
-    workers = workers or max(2, os.cpu_count() or 2)
-    for indices, pixels, failures in decoded_batches(paths, cfg, batch_size, workers):
-        feats = engine(pixels) if len(indices) else np.empty((0, 0), np.float32)
+    workers = workers or default_workers()
+    load = lambda i: load_for_model(paths[i], cfg)  # noqa: E731
+    for indices, pixels, failures in decoded_batches(len(paths), load, batch_size, workers):
+        feats = engine(pixels) if indices else np.empty((0, 0), np.float32)
         if progress:
             progress(len(indices) + len(failures))
         yield indices, feats, failures
+
+
+def default_workers() -> int:
+    return max(2, os.cpu_count() or 2)
 
 
 # --- the on-disk cache ---------------------------------------------------------------------------------------

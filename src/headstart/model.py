@@ -71,6 +71,18 @@ class PooledFeatures(nn.Module):
         return [b.blocks[i] for i in range(boundary, self.n_stages)] + [nn.ModuleList([b.conv_head, b.bn2])]
 
 
+class FrozenBottom(nn.Module):
+    """The stem and stages below the boundary as a module of their own, for export to ONNX Runtime."""
+
+    def __init__(self, features: PooledFeatures, boundary: int) -> None:
+        super().__init__()
+        self.features = features
+        self.boundary = boundary
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features.forward_bottom(x, self.boundary)
+
+
 class Head(nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()

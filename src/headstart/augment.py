@@ -1,0 +1,78 @@
+"""Training-time augmentation for fine-tuning: random resized crop, flip, colour jitter; `strong` adds
+TrivialAugment. Built from a backbone's preprocessing config, like the eval transform.
+
+Each view draws its parameters from its own seeded generator, so views decoded in parallel threads are
+reproducible, and a resumed run recomputes exactly the views an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from PIL import Image
+
+from headstart.preprocess import PreprocessConfig, normalize, resize_and_crop
+
+LEVELS = ("none", "light", "strong")
+_TRIVIAL_LOCK = threading.Lock()  # TrivialAugment draws from torch's global RNG: one view at a time
+
+
+def view_seed(seed: int, image_index: int, view: int) -> int:
+    return (seed * 1_000_003 + image_index) * 97 + view
+
+
+def augmented_view(img: Image.Image, cfg: PreprocessConfig, level: str, seed: int) -> np.ndarray:
+    """One augmented, normalised CHW float32 view of `img`."""
+    if level not in LEVELS:
+        raise ValueError(f"augment must be one of {LEVELS}, not {level!r}")
+    from torchvision.transforms.v2 import functional as F
+
+    if level == "none":
+        return normalize(resize_and_crop(img, cfg), cfg)
+    rng = np.random.default_rng(seed)
+    size = cfg.input_size
+
+    top, left, h, w = _resized_crop_box(img.width, img.height, rng, scale=(0.35, 1.0))
+    out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_interp(cfg))
+    if rng.random() < 0.5:
+        out = F.horizontal_flip(out)
+    out = F.adjust_brightness(out, rng.uniform(0.7, 1.3))
+    out = F.adjust_contrast(out, rng.uniform(0.7, 1.3))
+    out = F.adjust_saturation(out, rng.uniform(0.7, 1.3))
+    out = F.adjust_hue(out, rng.uniform(-0.03, 0.03))
+    if level == "strong":
+        out = _trivial_augment(out, int(rng.integers(2**31)))
+    return normalize(out, cfg)
+
+
+def _resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box, drawn from our generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(width, height)  # fall back to a centre crop
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _interp(cfg: PreprocessConfig):
+    from torchvision.transforms import InterpolationMode
+
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
+        cfg.interpolation, InterpolationMode.BICUBIC)
+
+
+def _trivial_augment(img: Image.Image, seed: int) -> Image.Image:
+    import torch
+    from torchvision.transforms import TrivialAugmentWide
+
+    with _TRIVIAL_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TrivialAugmentWide()(img)

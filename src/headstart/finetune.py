@@ -1,0 +1,229 @@
+"""Stage 2, fastai-style: unfreeze the top stages and train them with the head at a lower, layer-wise rate.
+
+Only whole stages train (timm's stages; the final 1x1 conv always trains with them). The frozen bottom never
+runs here: its outputs come from the boundary cache (`boundary.py`), one stored augmented view per image per
+epoch. BatchNorm keeps its running statistics (inference mode) unless `train_bn`, the Keras guide's rule, so a
+small batch never overwrites ImageNet statistics. Each epoch ends with an atomic checkpoint; `resume` continues
+from the last one with the same RNG state, so an interrupted run finishes as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headstart import checkpoint
+from headstart.model import Head, PooledFeatures
+from headstart.progress import NoProgress, Progress
+from headstart.train import History
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    unfreeze: int | str = 2  # top stages to train, or "all" (every stage; the stem stays frozen)
+    epochs: int = 8
+    views: int = 4  # augmented views per training image in the boundary cache; epochs cycle through them
+    augment: str = "light"
+    lr: float = 5e-4  # rate of the top stage; each stage below gets `layer_decay` times the one above
+    head_lr: float = 1e-3
+    layer_decay: float = 0.6
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    batch_size: int = 32
+    patience: int = 3
+    label_smoothing: float = 0.1
+    train_bn: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def boundary_for(net: PooledFeatures, unfreeze: int | str) -> int:
+    """Index of the first trainable stage."""
+    if not net.multi_scale:
+        raise ValueError("fine-tuning needs a backbone with timm's EfficientNet/MobileNet layout (stem, blocks, "
+                         "conv_head); use --strategy head for this backbone")
+    if unfreeze == "all":
+        return 0
+    n = int(unfreeze)
+    if not 1 <= n <= net.n_stages:
+        raise ValueError(f"--unfreeze must be 1..{net.n_stages} stages or 'all', not {unfreeze}")
+    return net.n_stages - n
+
+
+def set_trainable(net: PooledFeatures, boundary: int) -> list[nn.Module]:
+    """Freeze everything, then unfreeze whole units above the boundary; returns them bottom to top."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    units = net.trainable_units(boundary)
+    for unit in units:
+        for p in unit.parameters():
+            p.requires_grad_(True)
+    return units
+
+
+def set_modes(net: PooledFeatures, head: Head, units: list[nn.Module], train_bn: bool) -> None:
+    """Frozen layers and (by default) every BatchNorm run in inference mode; the head's dropout trains."""
+    net.eval()
+    head.train()
+    if train_bn:
+        for unit in units:
+            for m in unit.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+
+
+def finetune(
+    net: PooledFeatures, head: Head, cfg: FinetuneConfig, train: dict, val: dict,
+    checkpoint_dir: Path | None = None, resume: bool = False, progress: Progress | None = None,
+) -> History:
+    """Train in place. `train`/`val`: dict(acts=[n, views, C, H, W] f16, taps=[n, views, T], labels=[n])."""
+    progress = progress or NoProgress()
+    boundary = boundary_for(net, cfg.unfreeze)
+    units = set_trainable(net, boundary)
+    groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
+    for depth, unit in enumerate(reversed(units)):
+        groups.append({"params": list(unit.parameters()), "lr": cfg.lr * cfg.layer_decay ** depth})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    n_train = len(train["labels"])
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg, steps_per_epoch))
+    trained = _trained_state_names(net, units)
+
+    history, start_epoch = History(), 0
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    best_loss, _ = _validate(net, head, boundary, val, cfg)  # the stage-1 model is the one to beat
+    best_state, bad_epochs = _snapshot(net, head, trained), 0
+    if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
+        tensors, meta = saved
+        if meta["config"] != cfg.to_dict() or meta["n_train"] != n_train:
+            raise checkpoint.CheckpointError("the checkpoint was made with other settings or data; rerun without "
+                                             "--resume, or with the same flags and folder")
+        _load_trained(net, head, tensors, "model.")
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        checkpoint.restore_optimizer(opt, tensors, meta["optimizer"])
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(groups)})
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.bit_generator.state = meta["numpy_rng"]
+        history = History(**meta["history"])
+        start_epoch, best_loss, bad_epochs = meta["epoch"] + 1, meta["best_loss"], meta["bad_epochs"]
+        log.info("resuming fine-tuning at epoch %d", start_epoch + 1)
+
+    progress.start("fine-tuning", cfg.epochs)
+    progress.advance(start_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            break
+        set_modes(net, head, units, cfg.train_bn)
+        view = epoch % train["acts"].shape[1]
+        order = rng.permutation(n_train)
+        total = 0.0
+        for start in range(0, n_train, cfg.batch_size):
+            idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
+            h = torch.from_numpy(train["acts"][idx, view].astype(np.float32))
+            taps = torch.from_numpy(np.array(train["taps"][idx, view], np.float32))
+            y = torch.from_numpy(train["labels"][idx])
+            loss = F.cross_entropy(head(net.forward_top(h, taps, boundary)), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        val_loss, val_acc = _validate(net, head, boundary, val, cfg)
+        history.train_loss.append(total / n_train)
+        history.val_loss.append(val_loss)
+        history.val_accuracy.append(val_acc)
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_state, bad_epochs = val_loss, _snapshot(net, head, trained), 0
+            history.best_epoch = epoch
+        else:
+            bad_epochs += 1
+            history.stopped_early = bad_epochs >= cfg.patience
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f", epoch + 1, total / n_train, val_loss, val_acc)
+        if checkpoint_dir:
+            _save_checkpoint(checkpoint_dir, net, head, trained, best_state, opt, sched, rng, history, cfg,
+                             epoch, best_loss, bad_epochs, n_train)
+        progress.advance(1)
+    progress.finish()
+
+    _load_trained(net, head, best_state, "")  # the best epoch's weights, not the last
+    net.eval()
+    head.eval()
+    return history
+
+
+def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Pooled features from cached boundary activations (view 0), in eval mode."""
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(acts), batch):
+            h = torch.from_numpy(acts[s:s + batch, 0].astype(np.float32))
+            out.append(net.forward_top(h, torch.from_numpy(np.array(taps[s:s + batch, 0], np.float32)), boundary))
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _validate(net, head, boundary, val, cfg) -> tuple[float, float]:
+    head.eval()
+    feats = torch.from_numpy(top_features(net, boundary, val["acts"], val["taps"]))
+    with torch.no_grad():
+        logits = head(feats)
+        y = torch.from_numpy(val["labels"])
+        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def _warmup_cosine(cfg: FinetuneConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _trained_state_names(net: PooledFeatures, units: list[nn.Module]) -> list[str]:
+    """State entries that can change: parameters and buffers (BatchNorm statistics) of the unfrozen units."""
+    inside = {id(t) for u in units for t in [*u.parameters(), *u.buffers()]}
+    return [k for k, v in net.state_dict(keep_vars=True).items() if id(v) in inside]
+
+
+def _snapshot(net: PooledFeatures, head: Head, trained: list[str]) -> dict[str, torch.Tensor]:
+    sd = net.state_dict()
+    state = {f"net.{k}": sd[k].clone() for k in trained}
+    state.update({f"head.{k}": v.clone() for k, v in head.state_dict().items()})
+    return state
+
+
+def _load_trained(net: PooledFeatures, head: Head, tensors: dict, prefix: str) -> None:
+    p_net, p_head = f"{prefix}net.", f"{prefix}head."
+    net.load_state_dict({k[len(p_net):]: v for k, v in tensors.items() if k.startswith(p_net)}, strict=False)
+    head.load_state_dict({k[len(p_head):]: v for k, v in tensors.items() if k.startswith(p_head)})
+
+
+def _save_checkpoint(directory, net, head, trained, best_state, opt, sched, rng, history, cfg, epoch, best_loss,
+                     bad_epochs, n_train) -> None:
+    tensors = {f"model.{k}": v for k, v in _snapshot(net, head, trained).items()}
+    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    opt_tensors, opt_meta = checkpoint.optimizer_state(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    meta = dict(epoch=epoch, best_loss=best_loss, bad_epochs=bad_epochs, n_train=n_train, config=cfg.to_dict(),
+                optimizer=opt_meta, scheduler=sched_state, numpy_rng=rng.bit_generator.state,
+                history=history.to_dict())
+    checkpoint.save(directory, tensors, meta)

@@ -1,0 +1,169 @@
+"""ImageClassifier end to end on generated photos, with the tiny random-weight backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
+from headstart import ImageClassifier
+from headstart.data import DataError
+from headstart.metrics import Evaluation
+from headstart.train import History
+
+CLASSES = ["cat", "dog", "fish"]
+
+
+@pytest.fixture
+def make_clf(tiny_weights, tiny_cache):
+    def make(**kwargs) -> ImageClassifier:
+        return ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{"epochs": 15, "device": "cpu", **kwargs})
+
+    return make
+
+
+@pytest.fixture
+def fitted(make_clf, image_folder) -> ImageClassifier:
+    return make_clf().fit(image_folder)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.jpg"))
+
+
+def test_fit_returns_fitted_self(make_clf, image_folder):
+    clf = make_clf()
+    assert clf.fit(image_folder) is clf
+    assert clf.classes_ == CLASSES
+    assert isinstance(clf.history_, History)
+    assert 1 <= len(clf.history_.train_loss) <= 15 and len(clf.history_.val_loss) == len(clf.history_.train_loss)
+    assert isinstance(clf.val_metrics_, Evaluation) and clf.val_metrics_.n == 3  # one val image per class
+    assert clf.test_metrics_ is None
+    assert clf.counts_["train"] == {"cat": 5, "dog": 5, "fish": 5}
+    assert clf.cached_ == 0 and clf.skipped_ == []
+    assert clf.head_config_.in_features == 400 and clf.head_config_.n_classes == 3
+
+
+def test_classes_are_sorted_whatever_the_folder_order(make_clf, tmp_path):
+    root = make_image_folder(tmp_path / "p", classes=("zebra", "ant", "mole"), per_class=4)
+    assert make_clf(epochs=2).fit(root).classes_ == ["ant", "mole", "zebra"]
+
+
+def test_refit_reuses_cached_features(make_clf, image_folder):
+    make_clf(epochs=2).fit(image_folder)
+    again = make_clf(epochs=2).fit(image_folder)
+    assert again.cached_ == 18
+
+
+def test_predict_files_and_folder(fitted, image_folder):
+    files = _images(image_folder)
+    by_file = fitted.predict(files)
+    assert len(by_file) == len(files) and set(by_file) <= set(CLASSES)
+    truth = [p.parent.name for p in files]
+    # Colour decides the class; even random backbone features separate these well.
+    assert np.mean([a == b for a, b in zip(by_file, truth)]) >= 0.8
+    assert fitted.predict([image_folder]) == by_file
+    assert fitted.predict(image_folder) == by_file  # a lone folder, not iterated character by character
+    proba = fitted.predict_proba(files[:4])
+    assert proba.shape == (4, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert [CLASSES[i] for i in proba.argmax(1)] == by_file[:4]
+
+
+def test_predict_table_reports_unreadable_files_and_predicts_the_rest(fitted, image_folder, tmp_path):
+    good = _images(image_folder)[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    missing = tmp_path / "missing.jpg"
+    rows = fitted.predict_table([good[0], broken, good[1], missing, good[2]], top_k=2)
+    by_path = {r.path: r for r in rows}
+    assert set(by_path) == {*good, broken, missing}
+    for p in (broken, missing):
+        assert by_path[p].label is None and by_path[p].error
+        assert "\n" not in by_path[p].error
+    assert "no such file" in by_path[missing].error
+    expected = fitted.predict(good)
+    for p, label in zip(good, expected):
+        row = by_path[p]
+        assert row.error is None and row.label == label
+        assert len(row.top_k) == 2 and row.top_k[0] == (label, row.confidence)
+        assert row.top_k[0][1] >= row.top_k[1][1]
+    # Readable images keep the order they were given in.
+    assert [r.path for r in rows if r.error is None] == good
+
+
+def test_predict_proba_refuses_an_unreadable_image(fitted, image_folder, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a png")
+    with pytest.raises(DataError) as err:
+        fitted.predict_proba([_images(image_folder)[0], broken])
+    assert_one_line(str(err.value), "broken.png", "predict_table")
+
+
+def test_score_on_a_separate_val_folder(make_clf, split_folder):
+    clf = make_clf().fit(split_folder)
+    assert clf.counts_["val"] == {"cat": 2, "dog": 2, "fish": 2}
+    score = clf.score(split_folder / "val")
+    assert 0.0 <= score <= 1.0
+    # score() measures the same images as the validation split did during fit.
+    assert score == pytest.approx(clf.val_metrics_.accuracy)
+    val_files = _images(split_folder / "val")
+    predicted = clf.predict(val_files)
+    assert score == pytest.approx(np.mean([p == f.parent.name for p, f in zip(predicted, val_files)]))
+    evaluation, skipped = clf.evaluate(split_folder / "val")
+    assert evaluation.n == 6 and skipped == []
+    assert evaluation.classes == tuple(CLASSES)
+
+
+def test_evaluate_maps_a_subset_of_classes(fitted, tmp_path):
+    subset = make_image_folder(tmp_path / "subset", classes=("cat", "dog"), per_class=3, seed=5)
+    (subset / "fish").mkdir()
+    make_image_folder(tmp_path / "tmp-fish", classes=("fish",), per_class=2, seed=6)
+    for f in (tmp_path / "tmp-fish" / "fish").iterdir():
+        f.rename(subset / "fish" / f.name)
+    evaluation, _ = fitted.evaluate(subset)
+    assert evaluation.support.tolist() == [3, 3, 2]
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "predict_table", "score", "save"])
+def test_unfitted_classifier_refuses(make_clf, image_folder, method):
+    with pytest.raises(DataError) as err:
+        getattr(make_clf(), method)(image_folder)
+    assert_one_line(str(err.value), "not fitted")
+
+
+def test_class_with_only_corrupt_images_is_named(make_clf, tmp_path):
+    root = make_image_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=5)
+    (root / "fish").mkdir()
+    for i in range(5):
+        (root / "fish" / f"fish_{i}.jpg").write_bytes(b"\xff\xd8\xff garbage " + bytes([i]) * 64)
+    with pytest.raises(DataError) as err:
+        make_clf().fit(root)
+    assert_one_line(str(err.value), "fish")
+    assert "cat" not in str(err.value) and "dog" not in str(err.value)
+
+
+def test_some_corrupt_images_are_skipped_not_fatal(make_clf, image_folder):
+    bad = image_folder / "dog" / "dog_000.jpg"
+    bad.write_bytes(b"\xff\xd8\xff definitely not a jpeg")
+    clf = make_clf(epochs=2).fit(image_folder)
+    assert [p for p, _ in clf.skipped_] == [bad]
+    assert clf.skipped_[0][1] and "\n" not in clf.skipped_[0][1]
+    assert clf.classes_ == CLASSES
+
+
+def test_evaluate_refuses_unknown_classes(fitted, tmp_path):
+    other = make_image_folder(tmp_path / "other", classes=("cat", "horse"), per_class=2)
+    with pytest.raises(DataError) as err:
+        fitted.evaluate(other)
+    assert_one_line(str(err.value), "horse")
+    with pytest.raises(DataError):
+        fitted.score(other)
+
+
+def test_get_params_round_trip(make_clf):
+    clf = make_clf(hidden=[8], lr=0.01)
+    params = clf.get_params()
+    assert params["hidden"] == (8,) and params["lr"] == 0.01 and params["backbone"] == TINY_BACKBONE
+    assert ImageClassifier(**params).get_params() == params
