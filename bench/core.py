@@ -88,8 +88,12 @@ def main() -> None:
         ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, f"medians of {args.repeats} runs, {os.cpu_count()} CPUs")
+
+
+def print_table(rows: list[tuple[str, str]], note: str) -> None:
     width = max(len(k) for k, _ in rows)
-    print(f"{'measure'.ljust(width)}  value   (medians of {args.repeats} runs, {os.cpu_count()} CPUs)")
+    print(f"{'measure'.ljust(width)}  value   ({note})")
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
 

@@ -139,6 +139,7 @@ class ImageClassifier:
         cfg = FinetuneConfig(
             unfreeze=self.unfreeze, epochs=self.finetune_epochs, views=self.views, augment=self.augment,
             lr=self.finetune_lr, train_bn=self.train_bn, seed=self.seed, batch_size=min(32, self.batch_size),
+            device=pick_device(self.device),
         )
         t0 = time.perf_counter()
         result = run_finetune(

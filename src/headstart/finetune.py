@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from headstart import checkpoint
+from headstart.errors import UserError
 from headstart.model import Head, PooledFeatures
 from headstart.progress import NoProgress, Progress
-from headstart.train import History
+from headstart.train import History, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,34 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     train_bn: bool = False
     seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.bf16 or self.device.startswith("cuda")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+class FinetuneError(UserError, ValueError):
+    """Settings this backbone cannot be fine-tuned with: a user error (one line, exit 2), and a ValueError."""
+
+
 def boundary_for(net: PooledFeatures, unfreeze: int | str) -> int:
     """Index of the first trainable stage."""
     if not net.multi_scale:
-        raise ValueError("fine-tuning needs a backbone with timm's EfficientNet/MobileNet layout (stem, blocks, "
-                         "conv_head); use --strategy head for this backbone")
+        raise FinetuneError("fine-tuning needs a backbone with timm's EfficientNet/MobileNet layout (stem, blocks, "
+                            "conv_head); use --strategy head for this backbone")
     if unfreeze == "all":
         return 0
-    n = int(unfreeze)
+    try:
+        n = int(unfreeze)
+    except (TypeError, ValueError):
+        n = 0
     if not 1 <= n <= net.n_stages:
-        raise ValueError(f"--unfreeze must be 1..{net.n_stages} stages or 'all', not {unfreeze}")
+        raise FinetuneError(f"--unfreeze must be 1..{net.n_stages} stages or 'all', not {unfreeze}")
     return net.n_stages - n
 
 
@@ -71,6 +85,25 @@ def set_trainable(net: PooledFeatures, boundary: int) -> list[nn.Module]:
         for p in unit.parameters():
             p.requires_grad_(True)
     return units
+
+
+class _Placement:
+    """Where the top trains: tensors onto the device (channels_last where autocast runs), and the autocast."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.device = torch.device(cfg.device)
+        self.bf16 = cfg.use_bf16
+        self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
+
+    def module(self, m: nn.Module) -> nn.Module:
+        return m.to(self.device, memory_format=self.memory_format)
+
+    def tensor(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(self.device)
+        return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def set_modes(net: PooledFeatures, head: Head, units: list[nn.Module], train_bn: bool) -> None:
@@ -90,6 +123,9 @@ def finetune(
 ) -> History:
     """Train in place. `train`/`val`: dict(acts=[n, views, C, H, W] f16, taps=[n, views, T], labels=[n])."""
     progress = progress or NoProgress()
+    place = _Placement(cfg)
+    place.module(net)
+    place.module(head)
     boundary = boundary_for(net, cfg.unfreeze)
     units = set_trainable(net, boundary)
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
@@ -98,13 +134,14 @@ def finetune(
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     n_train = len(train["labels"])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg, steps_per_epoch))
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch, warmup))
     trained = _trained_state_names(net, units)
 
     history, start_epoch = History(), 0
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    best_loss, _ = _validate(net, head, boundary, val, cfg)  # the stage-1 model is the one to beat
+    best_loss, _ = _validate(net, head, boundary, val, place)  # the stage-1 model is the one to beat
     best_state, bad_epochs = _snapshot(net, head, trained), 0
     if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
         tensors, meta = saved
@@ -132,16 +169,17 @@ def finetune(
         total = 0.0
         for start in range(0, n_train, cfg.batch_size):
             idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
-            h = torch.from_numpy(train["acts"][idx, view].astype(np.float32))
-            taps = torch.from_numpy(np.array(train["taps"][idx, view], np.float32))
-            y = torch.from_numpy(train["labels"][idx])
-            loss = F.cross_entropy(head(net.forward_top(h, taps, boundary)), y, label_smoothing=cfg.label_smoothing)
+            h, taps = place.tensor(train["acts"][idx, view]), place.tensor(train["taps"][idx, view])
+            y = torch.from_numpy(train["labels"][idx]).to(place.device)
+            with place.autocast():
+                logits = head(net.forward_top(h, taps, boundary))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        val_loss, val_acc = _validate(net, head, boundary, val, cfg)
+        val_loss, val_acc = _validate(net, head, boundary, val, place)
         history.train_loss.append(total / n_train)
         history.val_loss.append(val_loss)
         history.val_accuracy.append(val_acc)
@@ -159,41 +197,30 @@ def finetune(
     progress.finish()
 
     _load_trained(net, head, best_state, "")  # the best epoch's weights, not the last
-    net.eval()
-    head.eval()
+    net.cpu().to(memory_format=torch.contiguous_format).eval()
+    head.cpu().eval()
     return history
 
 
-def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray, batch: int = 64) -> np.ndarray:
+def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray,
+                 place: _Placement | None = None, batch: int = 64) -> torch.Tensor:
     """Pooled features from cached boundary activations (view 0), in eval mode."""
+    place = place or _Placement(FinetuneConfig())
     net.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), place.autocast():
         for s in range(0, len(acts), batch):
-            h = torch.from_numpy(acts[s:s + batch, 0].astype(np.float32))
-            out.append(net.forward_top(h, torch.from_numpy(np.array(taps[s:s + batch, 0], np.float32)), boundary))
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+            out.append(net.forward_top(place.tensor(acts[s:s + batch, 0]), place.tensor(taps[s:s + batch, 0]), boundary))
+    return torch.cat(out).float()
 
 
-def _validate(net, head, boundary, val, cfg) -> tuple[float, float]:
+def _validate(net, head, boundary, val, place: _Placement) -> tuple[float, float]:
     head.eval()
-    feats = torch.from_numpy(top_features(net, boundary, val["acts"], val["taps"]))
+    feats = top_features(net, boundary, val["acts"], val["taps"], place)
     with torch.no_grad():
         logits = head(feats)
-        y = torch.from_numpy(val["labels"])
+        y = torch.from_numpy(val["labels"]).to(logits.device)
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
-
-
-def _warmup_cosine(cfg: FinetuneConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
 
 
 def _trained_state_names(net: PooledFeatures, units: list[nn.Module]) -> list[str]:

@@ -65,9 +65,8 @@ def run_finetune(
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
     history = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress)
 
-    feats = top_features(net, boundary, val["acts"], val["taps"])
     with torch.no_grad():
-        val_proba = torch.softmax(head(torch.from_numpy(feats)), 1).numpy()
+        val_proba = torch.softmax(head(top_features(net, boundary, val["acts"], val["taps"])), 1).numpy()
     tuned = _save_backbone(frozen, net.backbone.state_dict())
     return FinetuneResult(tuned, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba)
 

@@ -152,11 +152,15 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=max(1, cfg.patience // 3))
     total = cfg.epochs * steps_per_epoch
-    warmup = max(1, int(0.05 * total))
+    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(0.05 * total))))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Learning-rate factor per step: linear warmup, then cosine decay to zero at `total_steps`."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
