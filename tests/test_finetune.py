@@ -419,8 +419,9 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_clf, ima
         _interrupt_at_validation(mp, call=3)  # dies at the end of epoch 2, after epoch 1's checkpoint
         with pytest.raises(KeyboardInterrupt):
             make_clf(**settings).fit(image_folder, checkpoint_dir=ckpt)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]  # no pickle
-    _assert_safetensors_layout(ckpt / "state.safetensors")
+    names = sorted(p.name for p in ckpt.iterdir())  # no pickle: one tensor file named by its digest, and JSON
+    assert len(names) == 2 and names[1] == "state.json" and names[0].startswith("state-") and names[0].endswith(".safetensors")
+    _assert_safetensors_layout(ckpt / names[0])
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 0
 
     calls = _interrupt_at_validation(monkeypatch, call=-1)  # counts only
@@ -548,7 +549,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(make_clf, tiny_weight
     assert epoch_done < settings["finetune_epochs"] - 1
 
     files = _images(image_folder)
-    resumed = make_clf(**settings).fit(image_folder, checkpoint_dir=ckpt, resume=True)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _interrupt_at_validation(mp, call=-1)  # counts only
+        resumed = make_clf(**settings).fit(image_folder, checkpoint_dir=ckpt, resume=True)
+    assert calls[0] == 1 + settings["finetune_epochs"] - (epoch_done + 1)  # only the epochs the kill cost
     whole = make_clf(**settings).fit(image_folder, checkpoint_dir=tmp_path / "whole")
     assert resumed.decision_["finetune_history"] == whole.decision_["finetune_history"]
     np.testing.assert_allclose(resumed.predict_proba(files), whole.predict_proba(files), atol=1e-6, rtol=0)
@@ -567,17 +571,22 @@ def test_checkpoint_is_pickle_free_and_checks_its_pair(tmp_path):
     assert checkpoint.load(tmp_path / "none") is None
     tensors = {"w": torch.arange(6.0).reshape(2, 3), "rng.torch": torch.get_rng_state()}
     checkpoint.save(tmp_path / "ck", tensors, {"epoch": 3, "history": {"val_loss": [0.5]}})
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([checkpoint.TENSORS, checkpoint.META])
-    _assert_safetensors_layout(tmp_path / "ck" / checkpoint.TENSORS)
     meta = json.loads((tmp_path / "ck" / checkpoint.META).read_text())
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([meta["tensors"], checkpoint.META])
+    _assert_safetensors_layout(tmp_path / "ck" / meta["tensors"])
     assert meta["epoch"] == 3 and len(meta["tensors_sha256"]) == 64
     loaded, meta = checkpoint.load(tmp_path / "ck")
     assert torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["rng.torch"], tensors["rng.torch"])
 
-    # A newer tensors file beside an older state.json (a kill between the two renames) is detected.
+    # Killed after the next tensor file landed but before its JSON: the previous pair still loads.
     from safetensors.torch import save_file
 
-    save_file({"w": torch.zeros(2, 3)}, str(tmp_path / "ck" / checkpoint.TENSORS))
+    save_file({"w": torch.zeros(2, 3)}, str(tmp_path / "ck" / "state-ffffffffffffffff.safetensors"))
+    loaded, meta = checkpoint.load(tmp_path / "ck")
+    assert meta["epoch"] == 3 and torch.equal(loaded["w"], tensors["w"])
+
+    # A tensor file that no longer matches the digest its JSON names is refused, with what to do.
+    save_file({"w": torch.ones(2, 3)}, str(tmp_path / "ck" / meta["tensors"]))
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.load(tmp_path / "ck")
     assert "--resume" in str(err.value)
@@ -722,3 +731,24 @@ def test_cli_unfreeze_beyond_the_backbone_is_one_line(tiny_weights, ft_cache, im
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "Traceback" not in result.stderr
     assert_one_line(result.stderr.strip(), "--unfreeze", f"1..{N_STAGES}")
+
+
+def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, monkeypatch):
+    """A ResNet has no EfficientNet stage layout: auto says so and keeps the head; finetune refuses in one line."""
+    import timm
+    from safetensors.torch import save_file
+
+    from headstart import strategy
+    from headstart.finetune import FinetuneError
+
+    monkeypatch.setattr(strategy, "AUTO_MIN_TRAIN_IMAGES", 1)
+    monkeypatch.setattr(strategy, "AUTO_HEAD_GOOD_ENOUGH", 1.01)  # stage 2 would run if the backbone allowed it
+    weights = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(weights))
+    data = make_image_folder(tmp_path / "photos", per_class=6)
+    clf = ImageClassifier(backbone="test_resnet", weights=weights, strategy="auto", epochs=3).fit(data)
+    assert clf.decision_["kept"] == "head"
+    assert "cannot be fine-tuned" in clf.decision_["reason"]
+    with pytest.raises(FinetuneError) as err:
+        ImageClassifier(backbone="test_resnet", weights=weights, strategy="finetune", epochs=3).fit(data)
+    assert "\n" not in str(err.value)

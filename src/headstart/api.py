@@ -81,8 +81,7 @@ class ImageClassifier:
         `resume` continues from it."""
         from headstart.train import TrainConfig, fit_head
 
-        if self.strategy not in ("head", "finetune", "auto"):
-            raise DataError(f"strategy must be head, finetune or auto, not {self.strategy!r}")
+        self._check_settings()
 
         progress = progress or NoProgress()
         train_cfg = TrainConfig(
@@ -119,8 +118,21 @@ class ImageClassifier:
             self._stage2(dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress)
         return self
 
+    def _check_settings(self) -> None:
+        """Fail before any work on settings stage 2 would only reject after stage 1."""
+        from headstart.augment import LEVELS
+
+        if self.strategy not in ("head", "finetune", "auto"):
+            raise DataError(f"strategy must be head, finetune or auto, not {self.strategy!r}")
+        if self.augment not in LEVELS:
+            raise DataError(f"augment must be one of {', '.join(LEVELS)}, not {self.augment!r}")
+        if self.unfreeze != "all" and not (str(self.unfreeze).isdigit() and int(self.unfreeze) >= 1):
+            raise DataError(f"unfreeze must be a stage count >= 1 or 'all', not {self.unfreeze!r}")
+        if self.views < 1 or self.finetune_epochs < 1:
+            raise DataError("views and finetune_epochs must be >= 1")
+
     def _stage2(self, dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress) -> None:
-        from headstart.finetune import FinetuneConfig
+        from headstart.finetune import FinetuneConfig, FinetuneError
         from headstart.strategy import decide_auto, run_finetune
 
         tr, va = splits == "train", splits == "val"
@@ -142,10 +154,17 @@ class ImageClassifier:
             device=pick_device(self.device),
         )
         t0 = time.perf_counter()
-        result = run_finetune(
-            self.frozen_, self.head_config_, self.head_state_, cfg, train_paths, labels[tr], val_paths, labels[va],
-            Path(checkpoint_dir) if checkpoint_dir else None, resume, progress,
-        )
+        try:
+            result = run_finetune(
+                self.frozen_, self.head_config_, self.head_state_, cfg, train_paths, labels[tr], val_paths,
+                labels[va], Path(checkpoint_dir) if checkpoint_dir else None, resume, progress,
+            )
+        except FinetuneError as exc:
+            if self.strategy == "finetune":
+                raise
+            self.decision_["reason"] = f"this backbone cannot be fine-tuned ({exc})"
+            log.info("auto: keeping the head alone (%s)", exc)
+            return
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the result is in memory, save() is next
         tuned = evaluate(labels[va], result.val_proba, self.classes_)

@@ -1,8 +1,9 @@
 """Training checkpoints without pickle: tensors (model, optimizer moments, torch RNG) in safetensors, everything
 else (epoch, scheduler counters, numpy RNG, history, config) in JSON.
 
-Both files are written to temporary names and renamed; the JSON names the digest of the tensor file it belongs to,
-so a kill between the two renames is detected and the previous checkpoint pair is never mixed with a new one.
+The tensor file is named by its digest and written first; the JSON, written atomically last, names it. A kill at
+any point leaves the previous JSON pointing at the previous tensor file, which is only deleted afterwards, so
+there is always one complete checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from headstart.errors import UserError
 from headstart.paths import atomic_write_bytes, temp_path_beside
 
-TENSORS, META = "state.safetensors", "state.json"
+META = "state.json"
 
 
 class CheckpointError(UserError):
@@ -27,20 +28,25 @@ class CheckpointError(UserError):
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(directory / TENSORS)
+    tmp = temp_path_beside(directory / "state.safetensors")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     digest = _digest(tmp)
-    os.replace(tmp, directory / TENSORS)
-    atomic_write_bytes(directory / META, json.dumps({**meta, "tensors_sha256": digest}).encode())
+    name = f"state-{digest[:16]}.safetensors"
+    os.replace(tmp, directory / name)
+    atomic_write_bytes(directory / META, json.dumps({**meta, "tensors": name, "tensors_sha256": digest}).encode())
+    for old in directory.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The last complete checkpoint in `directory`, or None when there is none."""
-    meta_path, tensors_path = directory / META, directory / TENSORS
-    if not meta_path.exists() or not tensors_path.exists():
+    meta_path = directory / META
+    if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("tensors_sha256") != _digest(tensors_path):
+    tensors_path = directory / Path(str(meta.get("tensors", ""))).name  # never a path outside the folder
+    if not tensors_path.is_file() or meta.get("tensors_sha256") != _digest(tensors_path):
         raise CheckpointError(f"{directory}: checkpoint files do not belong together (killed while saving?); "
                               "rerun without --resume to start over")
     return load_file(str(tensors_path)), meta

@@ -99,7 +99,7 @@ class _Placement:
         return m.to(self.device, memory_format=self.memory_format)
 
     def tensor(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(self.device)
+        t = torch.from_numpy(np.array(arr, dtype=np.float32)).to(self.device)  # a copy: memmaps are read-only
         return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
 
     def autocast(self):
