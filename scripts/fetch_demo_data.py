@@ -14,6 +14,7 @@ import argparse
 import gzip
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,8 @@ def main() -> None:
             sys.exit(f"fetch_demo_data: {out} exists but was not made by this script; "
                      "remove it or choose another path")
 
+    # Turn SIGTERM into SystemExit so the `finally` below still removes staging.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build next to OUT_DIR (same filesystem) so the final rename is atomic.

@@ -167,3 +167,19 @@ def test_get_params_round_trip(make_clf):
     params = clf.get_params()
     assert params["hidden"] == (8,) and params["lr"] == 0.01 and params["backbone"] == TINY_BACKBONE
     assert ImageClassifier(**params).get_params() == params
+
+
+def test_cli_defaults_are_the_api_defaults():
+    """`headstart train` maps its flags one to one onto ImageClassifier: the defaults must agree too."""
+    import enum
+    import inspect
+
+    from headstart import cli
+
+    api_defaults = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items()
+                    if k != "self"}
+    cli_defaults = {name: p.default.value if isinstance(p.default, enum.Enum) else p.default
+                    for name, p in inspect.signature(cli.train).parameters.items()}
+    cli_defaults["hidden"] = cli._parse_hidden(cli_defaults["hidden"])  # flags arrive as text
+    cli_defaults["unfreeze"] = cli._parse_unfreeze(cli_defaults["unfreeze"])
+    assert {k: cli_defaults[k] for k in api_defaults} == api_defaults

@@ -61,7 +61,8 @@ class FakeClassifier:
         self.params = params
         FakeClassifier.created.append(self)
 
-    def fit(self, data: Path, progress: Any) -> FakeClassifier:
+    def fit(self, data: Path, progress: Any, checkpoint_dir: Path | None = None, resume: bool = False) -> FakeClassifier:
+        self.fit_args = {"checkpoint_dir": checkpoint_dir, "resume": resume}
         if self.raise_in_fit is not None:
             raise self.raise_in_fit
         progress.start("extracting features", 6)
@@ -239,7 +240,9 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         "train", str(image_folder), "--out", str(out), "--backbone", "efficientnet_lite1", "--weights", str(weights),
         "--val-split", "0.25", "--test-split", "0.1", "--epochs", "5", "--lr", "0.01", "--weight-decay", "0",
         "--batch-size", "8", "--hidden", "512, 256", "--dropout", "0.5", "--schedule", "plateau", "--patience", "3",
-        "--balance", "--seed", "7", "--device", "cpu",
+        "--balance", "--seed", "7", "--device", "cpu", "--strategy", "finetune", "--unfreeze", "all",
+        "--augment", "strong", "--finetune-epochs", "3", "--finetune-lr", "0.002", "--views", "2", "--train-bn",
+        "--resume", str(tmp_path / "earlier"),
     ]  # fmt: skip
     result = runner.invoke(cli.app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -247,8 +250,10 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
     assert clf.params == dict(
         backbone="efficientnet_lite1", weights=weights, val_split=0.25, test_split=0.1, hidden=(512, 256),
         dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
-        balance=True, seed=7, device="cpu",
+        balance=True, seed=7, device="cpu", strategy="finetune", unfreeze="all", augment="strong",
+        finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True,
     )  # fmt: skip
+    assert clf.fit_args == {"checkpoint_dir": tmp_path / "earlier" / "checkpoint", "resume": True}
     assert (out / "headstart.json").exists()
     assert (out / "confusion_val.png").stat().st_size > 0
     for text in ("train 4, val 2", "4 extracted, 2 from cache", "3 epochs (stopped early), best epoch 2", "75.0%"):
@@ -264,8 +269,10 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
     assert clf.params == dict(
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden=(), dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=15, schedule="cosine", balance=False,
-        seed=0, device="auto",
+        seed=0, device="auto", strategy="head", unfreeze=2, augment="light", finetune_epochs=8, finetune_lr=5e-4,
+        views=4, train_bn=False,
     )  # fmt: skip
+    assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
 
 
 def test_train_lists_at_most_50_skipped(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
