@@ -42,7 +42,7 @@ class ImageClassifier:
     def __init__(
         self, backbone: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, val_split: float = 0.2,
         test_split: float = 0.0, hidden: Sequence[int] = (), dropout: float = 0.2, epochs: int = 60,
-        lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 15,
+        lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 10,
         schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
         strategy: str = "head", unfreeze: int | str = 2, augment: str = "light", finetune_epochs: int = 8,
         finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False,

@@ -174,7 +174,7 @@ def train(
     hidden: Annotated[str, typer.Option(help="Hidden layer widths, e.g. '512,256'; empty for none.")] = "",
     dropout: Annotated[float, typer.Option(callback=_fraction, help="Dropout before the output layer.")] = 0.2,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule.")] = Schedule.cosine,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 15,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without improvement before stopping.")] = 10,
     balance: Annotated[bool, typer.Option(help="Weight the loss by inverse class frequency.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for splits and training.")] = 0,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,

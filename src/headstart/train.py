@@ -31,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     schedule: str = "cosine"  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
-    patience: int = 15  # epochs without a better validation loss before stopping
+    patience: int = 10  # epochs without a better validation loss before stopping
     balance: bool = False  # weight the loss by inverse class frequency
     seed: int = 0
 
