@@ -21,7 +21,8 @@ $(DEMO_DATA)/.complete: | $(STAMP)
 
 demo: $(STAMP) $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_DATA)/.complete)
 	$(BIN)/headstart train $(DATA) --out $(DEMO_MODEL)
-	$(BIN)/headstart predict $(DEMO_MODEL) $$(find $(DATA) -type f \( -name '*.png' -o -name '*.jpg' \) | sort | awk 'NR % 97 == 1' | head -8)
+	@# show predictions on held-out images (val/ when the data has one), a few per class
+	$(BIN)/headstart predict $(DEMO_MODEL) $$(find $$(test -d $(DATA)/val && echo $(DATA)/val || echo $(DATA)) -type f \( -iname '*.png' -o -iname '*.jpg' -o -iname '*.jpeg' \) | sort | awk 'NR % 37 == 1' | head -10)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
