@@ -6,16 +6,15 @@ Like timm's per-weight pretrained config, preprocessing is stored with the weigh
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headstart.errors import UserError
-from headstart.paths import cache_root, temp_path_beside
+from headstart.paths import cache_root, file_sha256, temp_path_beside
 from headstart.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -178,11 +177,7 @@ def pretrained_weights_path(spec: BackboneSpec) -> Path:
 
 
 def weights_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def create_model(

@@ -8,7 +8,6 @@ there is always one complete checkpoint to resume from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from headstart.errors import UserError
-from headstart.paths import atomic_write_bytes, temp_path_beside
+from headstart.paths import atomic_write_bytes, file_sha256, temp_path_beside
 
 META = "state.json"
 
@@ -30,7 +29,7 @@ def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(directory / "state.safetensors")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    digest = _digest(tmp)
+    digest = file_sha256(tmp)
     name = f"state-{digest[:16]}.safetensors"
     os.replace(tmp, directory / name)
     atomic_write_bytes(directory / META, json.dumps({**meta, "tensors": name, "tensors_sha256": digest}).encode())
@@ -46,7 +45,7 @@ def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         return None
     meta = json.loads(meta_path.read_text())
     tensors_path = directory / Path(str(meta.get("tensors", ""))).name  # never a path outside the folder
-    if not tensors_path.is_file() or meta.get("tensors_sha256") != _digest(tensors_path):
+    if not tensors_path.is_file() or meta.get("tensors_sha256") != file_sha256(tensors_path):
         raise CheckpointError(f"{directory}: checkpoint files do not belong together (killed while saving?); "
                               "rerun without --resume to start over")
     return load_file(str(tensors_path)), meta
@@ -67,11 +66,3 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
             state.setdefault(int(pid), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -9,7 +9,6 @@ from the last one with the same RNG state, so an interrupted run finishes as an 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass

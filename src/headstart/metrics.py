@@ -8,7 +8,7 @@ defined as 0 rather than NaN, so results serialise to JSON and never emit Runtim
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
