@@ -752,3 +752,18 @@ def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, mo
     with pytest.raises(FinetuneError) as err:
         ImageClassifier(backbone="test_resnet", weights=weights, strategy="finetune", epochs=3).fit(data)
     assert "\n" not in str(err.value)
+
+
+def test_test_split_is_scored_with_the_fine_tuned_backbone(tiny_weights, tmp_path):
+    """After stage 2 the held-out test metrics come from the model that is kept, not the stage-1 features."""
+    data = make_image_folder(tmp_path / "photos", per_class=12)
+    clf = ImageClassifier(backbone=TINY_BACKBONE, weights=tiny_weights, strategy="finetune", test_split=0.25,
+                          epochs=3, finetune_epochs=1, views=1).fit(data)
+    assert clf.decision_["kept"] == "finetune" and clf.test_metrics_ is not None
+    from headstart.data import scan_folder
+    from headstart.metrics import evaluate
+
+    test = scan_folder(data, val_split=0.2, test_split=0.25, seed=0)
+    expected = evaluate(test.labels("test"), clf.predict_proba(test.paths("test")), clf.classes_)  # from pixels
+    assert clf.test_metrics_.n == expected.n == 9
+    assert clf.test_metrics_.log_loss == pytest.approx(expected.log_loss, abs=1e-4)

@@ -175,9 +175,13 @@ class ImageClassifier:
         if self.strategy == "finetune" or better:
             self.decision_["kept"] = "finetune"
             self.frozen_, self.head_state_, self.val_metrics_ = result.frozen, result.head_state, tuned
-            self.test_metrics_ = None  # test features came from the old backbone; re-evaluate with evaluate()
             if pick_device(self.device) == "cpu":
                 self.frozen_.engine("cpu")  # export once now, so predicting right after training is fast
+            test = [s for s in readable if s.split == "test"]
+            if test:  # the old test features came from the backbone before fine-tuning: score it anew
+                cache = FeatureCache(self.frozen_)
+                feats, kept, _ = cache.features_for([s.path for s in test], lambda: self.frozen_.engine(self.device))
+                self.test_metrics_ = self._evaluate_features(feats, np.array([test[i].label for i in kept]))
         log.info("kept %s (head val %.4f, fine-tuned val %.4f)", self.decision_["kept"], head_acc, tuned.accuracy)
 
     def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
