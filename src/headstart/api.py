@@ -92,7 +92,7 @@ class ImageClassifier:
         dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
         frozen = FrozenBackbone.pretrained(resolve(self.backbone), Path(self.weights) if self.weights else None)
         t1 = time.perf_counter()
-        feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
+        paths, feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
         t2 = time.perf_counter()
         _check_every_class_trains(dataset, labels[splits == "train"])
 
@@ -115,7 +115,7 @@ class ImageClassifier:
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
         self.decision_ = {"strategy": self.strategy, "kept": "head"}
         if self.strategy != "head":
-            self._stage2(dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress)
+            self._stage2(paths, labels, splits, checkpoint_dir, resume, progress)
         return self
 
     def _check_settings(self) -> None:
@@ -131,23 +131,25 @@ class ImageClassifier:
         if self.views < 1 or self.finetune_epochs < 1:
             raise DataError("views and finetune_epochs must be >= 1")
 
-    def _stage2(self, dataset, feats, labels, splits, failures, checkpoint_dir, resume, progress) -> None:
+    def _stage2(self, paths: list[Path], labels: np.ndarray, splits: np.ndarray, checkpoint_dir, resume: bool,
+                progress: Progress) -> None:
+        """Stage 2 on the images stage 1 could read (`paths`, with their labels and splits)."""
         from headstart.finetune import FinetuneConfig, FinetuneError
         from headstart.strategy import decide_auto, run_finetune
 
         tr, va = splits == "train", splits == "val"
         head_acc = self.val_metrics_.accuracy if self.val_metrics_ else None
-        run, reason = (True, "asked for") if self.strategy == "finetune" else decide_auto(int(tr.sum()), bool(va.any()), head_acc)
+        if self.strategy == "finetune":
+            run, reason = True, "asked for"
+        else:
+            run, reason = decide_auto(int(tr.sum()), bool(va.any()), head_acc)
         self.decision_.update(head_val_accuracy=head_acc, reason=reason)
         if not run:
             log.info("auto: keeping the head alone (%s)", reason)
             return
         if not va.any():
             raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
-        failed = {p for p, _ in failures}
-        readable = [s for s in dataset.samples if s.path not in failed]
-        train_paths = [s.path for s in readable if s.split == "train"]
-        val_paths = [s.path for s in readable if s.split == "val"]
+        in_split = {name: [p for p, s in zip(paths, splits) if s == name] for name in SPLITS}
         cfg = FinetuneConfig(
             unfreeze=self.unfreeze, epochs=self.finetune_epochs, views=self.views, augment=self.augment,
             lr=self.finetune_lr, train_bn=self.train_bn, seed=self.seed, batch_size=min(32, self.batch_size),
@@ -156,8 +158,8 @@ class ImageClassifier:
         t0 = time.perf_counter()
         try:
             result = run_finetune(
-                self.frozen_, self.head_config_, self.head_state_, cfg, train_paths, labels[tr], val_paths,
-                labels[va], Path(checkpoint_dir) if checkpoint_dir else None, resume, progress,
+                self.frozen_, self.head_config_, self.head_state_, cfg, in_split["train"], labels[tr],
+                in_split["val"], labels[va], Path(checkpoint_dir) if checkpoint_dir else None, resume, progress,
             )
         except FinetuneError as exc:
             if self.strategy == "finetune":
@@ -171,17 +173,18 @@ class ImageClassifier:
         self.timings_["finetune_s"] = time.perf_counter() - t0
         self.decision_.update(finetune_val_accuracy=tuned.accuracy, finetune_config=cfg.to_dict(),
                               finetune_history=result.history.to_dict())
-        better = tuned.accuracy > head_acc or (tuned.accuracy == head_acc and tuned.log_loss < self.val_metrics_.log_loss)
+        better = tuned.accuracy > head_acc or (
+            tuned.accuracy == head_acc and tuned.log_loss < self.val_metrics_.log_loss)
         if self.strategy == "finetune" or better:
             self.decision_["kept"] = "finetune"
             self.frozen_, self.head_state_, self.val_metrics_ = result.frozen, result.head_state, tuned
             if pick_device(self.device) == "cpu":
                 self.frozen_.engine("cpu")  # export once now, so predicting right after training is fast
-            test = [s for s in readable if s.split == "test"]
-            if test:  # the old test features came from the backbone before fine-tuning: score it anew
+            te = splits == "test"
+            if te.any():  # the old test features came from the backbone before fine-tuning: score it anew
                 cache = FeatureCache(self.frozen_)
-                feats, kept, _ = cache.features_for([s.path for s in test], lambda: self.frozen_.engine(self.device))
-                self.test_metrics_ = self._evaluate_features(feats, np.array([test[i].label for i in kept]))
+                feats, kept, _ = cache.features_for(in_split["test"], lambda: self.frozen_.engine(self.device))
+                self.test_metrics_ = self._evaluate_features(feats, labels[te][kept])
         log.info("kept %s (head val %.4f, fine-tuned val %.4f)", self.decision_["kept"], head_acc, tuned.accuracy)
 
     def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
@@ -193,7 +196,7 @@ class ImageClassifier:
         progress.finish()
         labels = np.array([samples[i].label for i in readable], dtype=np.int64)
         splits = np.array([samples[i].split for i in readable])
-        return feats, labels, splits, failures, cache.last_hits
+        return [paths[i] for i in readable], feats, labels, splits, failures, cache.last_hits
 
     def _evaluate_features(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation:
         return evaluate(labels, self._proba(feats), self.classes_)
@@ -249,7 +252,7 @@ class ImageClassifier:
                             "evaluate on folders named like the training classes")
         to_model = np.array([self.classes_.index(c) for c in dataset.classes])
         progress = progress or NoProgress()
-        feats, labels, _, failures, _ = self._dataset_features(dataset, self.frozen_, progress)
+        _, feats, labels, _, failures, _ = self._dataset_features(dataset, self.frozen_, progress)
         return evaluate(to_model[labels], self._proba(feats), self.classes_), list(dataset.skipped) + failures
 
     def score(self, folder: str | Path) -> float:
