@@ -273,3 +273,16 @@ def test_many_small_shards_gather_like_one(frozen, photos, tmp_path, monkeypatch
     assert len(_visible_shards(sharded_cache.dir)) == 6
     reread, _, _ = FeatureCache(frozen, root=tmp_path / "sharded").features_for(photos, CountingFactory(frozen))
     np.testing.assert_allclose(reread, whole, atol=1e-5, rtol=0)
+
+
+def test_a_batch_of_only_unreadable_files_is_survived(frozen, photos, tmp_path):
+    """A whole batch of bad files (a folder of broken downloads, say) yields nothing to store, not a crash."""
+    bad = []
+    for i in range(5):
+        path = tmp_path / f"broken{i}.jpg"
+        path.write_text("not an image")
+        bad.append(path)
+    feats, readable, failures = FeatureCache(frozen).features_for(bad + photos[:3], CountingFactory(frozen),
+                                                                  batch_size=4)
+    assert readable == [5, 6, 7] and feats.shape == (3, TINY_DIM)
+    assert {p for p, _ in failures} == set(bad)

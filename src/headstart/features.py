@@ -149,7 +149,8 @@ class FeatureCache:
     def write_shard(self, keys: list[bytes], feats: np.ndarray) -> None:
         name = uuid.uuid4().hex[:12]
         feats_path, keys_path = self.dir / f"{name}.feats.npy", self.dir / f"{name}.keys.npy"
-        for path, arr in ((feats_path, feats.astype(np.float32)), (keys_path, np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16))):
+        key_rows = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
+        for path, arr in ((feats_path, feats.astype(np.float32)), (keys_path, key_rows)):
             tmp = temp_path_beside(path)
             with open(tmp, "wb") as f:
                 np.save(f, arr)
@@ -176,6 +177,8 @@ class FeatureCache:
             for idx, feats, fails in extract([paths[i] for i in missing], self.backbone.spec.preprocess, engine,
                                              batch_size, progress=progress):
                 failures.update({missing[i]: reason for i, reason in fails})
+                if not idx:
+                    continue  # a batch of unreadable files only: nothing to store
                 buf_keys += [keys[missing[i]] for i in idx]
                 buf_feats.append(feats)
                 if len(buf_keys) >= SHARD_ROWS:
