@@ -133,7 +133,7 @@ def finetune(
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
     for depth, unit in enumerate(reversed(units)):
         groups.append({"params": list(unit.parameters()), "lr": cfg.lr * cfg.layer_decay ** depth})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step, CPU and CUDA
     n_train = len(train["labels"])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
