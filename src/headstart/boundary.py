@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,6 @@ from headstart.paths import atomic_write_bytes, cache_root
 from headstart.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
-CHUNK_IMAGES = 64
-
-
-@dataclass(frozen=True)
-class BoundaryPlan:
-    boundary: int  # index of the first trainable stage
-    views: int  # augmented views per training image
-    augment: str
-    seed: int
 
 
 def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessConfig) -> OnnxEngine:

@@ -9,14 +9,14 @@ there is always one complete checkpoint to resume from.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from headstart.errors import UserError
-from headstart.paths import atomic_write_bytes, file_sha256, temp_path_beside
+from headstart.backbones import save_state_dict
+from headstart.paths import atomic_write_bytes, file_sha256
 
 META = "state.json"
 
@@ -27,11 +27,8 @@ class CheckpointError(UserError):
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(directory / "state.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    digest = file_sha256(tmp)
-    name = f"state-{digest[:16]}.safetensors"
-    os.replace(tmp, directory / name)
+    path, digest = save_state_dict(tensors, directory / "state.safetensors", content_named=True)
+    name = path.name
     atomic_write_bytes(directory / META, json.dumps({**meta, "tensors": name, "tensors_sha256": digest}).encode())
     for old in directory.glob("state-*.safetensors"):
         if old.name != name:

@@ -7,7 +7,6 @@ the backbone from there, and `decide_auto` says whether that is worth doing and 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from headstart.boundary import BoundaryStore, bottom_engine
 from headstart.features import FrozenBackbone, content_key
 from headstart.head import HeadConfig
-from headstart.paths import cache_root, temp_path_beside
+from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
 from headstart.train import History
 
@@ -92,14 +91,8 @@ def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray) -> dict:
 
 def _save_backbone(frozen: FrozenBackbone, state: dict) -> FrozenBackbone:
     """Write fine-tuned backbone weights to the cache, named by their content, like any other weights file."""
-    from safetensors.torch import save_file
+    from headstart.backbones import save_state_dict
 
-    from headstart.backbones import weights_fingerprint
-
-    folder = cache_root() / "weights"
-    tmp = temp_path_beside(folder / "finetuned.safetensors")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-    weights_id = weights_fingerprint(tmp)
-    target = folder / f"{frozen.spec.timm_name}-finetuned-{weights_id}.safetensors"
-    os.replace(tmp, target)
-    return FrozenBackbone(frozen.spec, target, weights_id)
+    target = cache_root() / "weights" / f"{frozen.spec.timm_name}-finetuned.safetensors"
+    path, digest = save_state_dict(state, target, content_named=True)
+    return FrozenBackbone(frozen.spec, path, digest[:16])
