@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -102,7 +103,7 @@ def export_onnx(model, input_size: int, target: Path, output_names: tuple[str, .
 def pick_device(requested: str = "auto") -> str:
     if requested != "auto":
         return requested
-    if "torch" not in __import__("sys").modules:
+    if "torch" not in sys.modules:
         # Importing torch only to learn there is no GPU costs seconds; CUDA setups set this variable anyway.
         if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
             return "cpu"
