@@ -97,22 +97,20 @@ def test_without_validation_trains_all_epochs_and_keeps_last():
 def test_every_trainable_parameter_gets_a_gradient(monkeypatch):
     seen: dict[int, bool] = {}
     managed: list[torch.nn.Parameter] = []
-    real_adamw = torch.optim.AdamW
 
-    class RecordingAdamW(real_adamw):
+    class RecordingAdamW(train.HeadAdamW):
         def __init__(self, params, *args, **kwargs):
             params = list(params)
             managed.extend(params)
             super().__init__(params, *args, **kwargs)
 
-        def step(self, *args, **kwargs):
-            for group in self.param_groups:
-                for p in group["params"]:
-                    got = p.grad is not None and bool(torch.any(p.grad != 0))
-                    seen[id(p)] = seen.get(id(p), False) or got
-            return super().step(*args, **kwargs)
+        def step(self, lr):
+            for p in self.params:
+                got = p.grad is not None and bool(torch.any(p.grad != 0))
+                seen[id(p)] = seen.get(id(p), False) or got
+            return super().step(lr)
 
-    monkeypatch.setattr(train.torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(train, "HeadAdamW", RecordingAdamW)
     x, y = blobs(10, seed=5)
     head, _ = fit_head(HeadConfig(x.shape[1], 3, hidden=(12,), dropout=0.1), TrainConfig(epochs=2, batch_size=8),
                        x, y, x[:6], y[:6])
@@ -196,3 +194,60 @@ def test_training_is_reproducible():
     assert runs[0][1].val_loss == runs[1][1].val_loss
     for (k, a), b in zip(runs[0][0].state_dict().items(), runs[1][0].state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_head_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = train.HeadAdamW(ours, weight_decay=0.05)
+    ref = torch.optim.AdamW(theirs, lr=1.0, weight_decay=0.05)
+    for step, lr in enumerate([1e-3, 3e-3, 2e-3, 5e-4, 1e-4]):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(lr)
+        ref.param_groups[0]["lr"] = lr
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert opt.steps == 5
+
+
+def test_plateau_matches_torch_reduce_on_plateau():
+    losses = [1.0, 0.9, 0.95, 0.93, 0.91, 0.92, 0.94, 0.5, 0.6, 0.6, 0.6, 0.6, 0.49999, 0.6]
+    ours = train.Plateau(1e-3, factor=0.3, patience=2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=2)
+    for loss in losses:
+        ours.step(loss)
+        ref.step(loss)
+        assert ours.lr == pytest.approx(opt.param_groups[0]["lr"])
+    assert ours.lr < 1e-3 * 0.3 * 0.9  # it did reduce, twice
+
+
+def test_dropout_keeps_the_expected_fraction_and_scale():
+    rng = np.random.default_rng(0)
+    x = torch.ones(400, 500)
+    out = train._dropout(x, 0.6, rng)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.4) < 0.01
+    assert abs(out.mean().item() - 1.0) < 0.03  # inverted dropout: the expectation is unchanged
+    assert torch.equal(train._dropout(x, 0.0, rng), x)
+
+
+def test_fitting_a_head_does_not_import_dynamo():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from headstart.head import HeadConfig\n"
+        "from headstart.train import TrainConfig, fit_head\n"
+        "x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32); y = np.arange(40) % 2\n"
+        "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2), x, y, x, y)\n"
+        "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2, schedule='plateau'), x, y, x, y)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -101,5 +101,8 @@ class Head(nn.Module):
         self.mean.copy_(torch.from_numpy(features.mean(0)))
         self.std.copy_(torch.from_numpy(features.std(0) + 1e-6))
 
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers((features - self.mean) / self.std)
+        return self.layers(self.standardize(features))

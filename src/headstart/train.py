@@ -91,15 +91,17 @@ def fit_head(
     rng = np.random.default_rng(cfg.seed)
     head = Head(head_cfg)
     head.set_standardization(x_train)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x_train, np.float32)), torch.from_numpy(y_train.astype(np.int64))
+    # Standardise once, not every step: the loop runs the head's layers on standardised features.
+    xt, yt = head.standardize(torch.from_numpy(np.asarray(x_train, np.float32))), torch.from_numpy(y_train.astype(np.int64))
     has_val = x_val is not None and len(x_val) > 0
     if has_val:
-        xv, yv = torch.from_numpy(np.ascontiguousarray(x_val, np.float32)), torch.from_numpy(y_val.astype(np.int64))
+        xv, yv = head.standardize(torch.from_numpy(np.asarray(x_val, np.float32))), torch.from_numpy(y_val.astype(np.int64))
 
     weight = class_weights(y_train, head_cfg.n_classes) if cfg.balance else None
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = HeadAdamW(head.parameters(), weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(xt) / cfg.batch_size)
-    scheduler = _scheduler(opt, cfg, steps_per_epoch)
+    cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))
+    plateau = Plateau(cfg.lr, factor=0.3, patience=max(1, cfg.patience // 3))
     history = History()
     best_loss, best_state, bad_epochs = math.inf, copy.deepcopy(head.state_dict()), 0
 
@@ -110,12 +112,11 @@ def fit_head(
         total = 0.0
         for start in range(0, len(xt), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            loss = F.cross_entropy(head(xt[idx]), yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
+            logits = _train_forward(head, xt[idx], rng)
+            loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
             loss.backward()
-            opt.step()
-            if cfg.schedule == "cosine":
-                scheduler.step()
+            opt.step(cfg.lr * cosine(opt.steps) if cfg.schedule == "cosine" else plateau.lr)
             total += loss.item() * len(idx)
         history.train_loss.append(total / len(xt))
         progress.advance(1)
@@ -124,12 +125,12 @@ def fit_head(
 
         head.eval()
         with torch.no_grad():
-            logits = head(xv)
+            logits = head.layers(xv)
             val_loss = F.cross_entropy(logits, yv).item()
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
         if cfg.schedule == "plateau":
-            scheduler.step(val_loss)
+            plateau.step(val_loss)
         if val_loss < best_loss - 1e-4:
             best_loss, best_state, bad_epochs = val_loss, copy.deepcopy(head.state_dict()), 0
             history.best_epoch = epoch
@@ -148,11 +149,70 @@ def fit_head(
     return head.eval(), history
 
 
-def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=max(1, cfg.patience // 3))
-    total = cfg.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(0.05 * total))))
+def _train_forward(head: Head, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The head's layers in training mode on standardised features, with dropout masks drawn from numpy:
+    torch's CPU dropout costs more than the head's matrix products (1.6 ms vs 0.2 ms per 64 x 1904 batch)."""
+    for layer in head.layers:
+        x = _dropout(x, layer.p, rng) if isinstance(layer, torch.nn.Dropout) else layer(x)
+    return x
+
+
+def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """Inverted dropout with p quantised to 1/256, from one random byte per element."""
+    drop_below = round(p * 256)
+    if drop_below <= 0:
+        return x
+    keep = np.frombuffer(rng.bytes(x.numel()), np.uint8).reshape(x.shape) >= drop_below
+    return x * torch.from_numpy(keep) * (256 / (256 - drop_below))
+
+
+class HeadAdamW:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments) for the head's few tensors.
+
+    Not torch.optim itself: its first step imports torch._dynamo, 2.8 s on this CPU, longer than training a
+    head takes; and a warm-cache `train` is otherwise done in seconds."""
+
+    def __init__(self, params, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            p.mul_(1 - lr * self.weight_decay)
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(self.eps), value=-lr / bias1)
+
+
+class Plateau:
+    """Reduce-on-plateau (torch's ReduceLROnPlateau in 'min' mode, relative threshold 1e-4): multiply the rate
+    by `factor` after more than `patience` epochs without a better validation loss."""
+
+    def __init__(self, lr: float, factor: float, patience: int) -> None:
+        self.lr, self.factor, self.patience = lr, factor, patience
+        self.best, self.bad_epochs = math.inf, 0
+
+    def step(self, val_loss: float) -> None:
+        if val_loss < self.best * (1 - 1e-4):
+            self.best, self.bad_epochs = val_loss, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.lr *= self.factor
+            self.bad_epochs = 0
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
