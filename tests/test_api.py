@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
 from headstart import ImageClassifier
-from headstart.data import DataError
+from headstart.data import DataError, scan_folder
 from headstart.metrics import Evaluation
 from headstart.train import History
 
@@ -151,6 +151,11 @@ def test_some_corrupt_images_are_skipped_not_fatal(make_clf, image_folder):
     assert [p for p, _ in clf.skipped_] == [bad]
     assert clf.skipped_[0][1] and "\n" not in clf.skipped_[0][1]
     assert clf.classes_ == CLASSES
+    # The counts are of images trained and validated on: the unreadable one is not among them.
+    listed = scan_folder(image_folder, val_split=clf.val_split, seed=clf.seed)
+    bad_split = next(s.split for s in listed.samples if s.path == bad)
+    assert clf.counts_[bad_split]["dog"] == listed.class_counts(bad_split)["dog"] - 1
+    assert sum(map(sum, (c.values() for c in clf.counts_.values()))) == len(listed.samples) - 1
 
 
 def test_evaluate_refuses_unknown_classes(fitted, tmp_path):

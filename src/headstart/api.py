@@ -108,7 +108,7 @@ class ImageClassifier:
         self.history_ = history
         self.train_config_ = train_cfg
         self.skipped_ = list(dataset.skipped) + failures
-        self.counts_ = {s: dataset.class_counts(s) for s in SPLITS if dataset.subset(s)}
+        self.counts_ = _readable_counts(dataset.classes, labels, splits)
         self.cached_ = cached
         self.val_metrics_ = self._evaluate_features(feats[va], labels[va]) if va.any() else None
         self.test_metrics_ = self._evaluate_features(feats[te], labels[te]) if te.any() else None
@@ -316,3 +316,11 @@ def _check_every_class_trains(dataset: Dataset, train_labels: np.ndarray) -> Non
     empty = [c for i, c in enumerate(dataset.classes) if i not in present]
     if empty:
         raise DataError(f"classes {empty} have no readable training image; add images or remove those folders")
+
+
+def _readable_counts(classes: Sequence[str], labels: np.ndarray, splits: np.ndarray) -> dict[str, dict[str, int]]:
+    """Images per class in each split that has any, counting only those that could be read."""
+    return {
+        split: dict(zip(classes, np.bincount(labels[splits == split], minlength=len(classes)).tolist()))
+        for split in SPLITS if (splits == split).any()
+    }
