@@ -462,6 +462,25 @@ def _scripted_validation(monkeypatch, sink: EpochCounter, losses: dict) -> None:
     monkeypatch.setattr(ft, "_validate", validate)
 
 
+@pytest.mark.parametrize("epochs, patience, expected", [(8, None, 3), (20, None, 5), (40, None, 10), (20, 2, 2)])
+def test_patience_grows_with_the_run_unless_given(epochs, patience, expected):
+    assert ft.FinetuneConfig(epochs=epochs, patience=patience).stop_after == expected
+
+
+def test_a_long_run_survives_a_slow_start_against_the_stage1_model(tiny_weights, monkeypatch):
+    """Epochs 0-2 score below the stage-1 model, epoch 3 beats it: a 16-epoch run (patience 4) goes on to it
+    where a fixed patience of 3 would have stopped after three epochs."""
+    losses = {"base": 1.0, 0: 1.2, 1: 1.1, 2: 1.05, 3: 0.5, **{e: 0.6 for e in range(4, 16)}}
+    cfg = ft.FinetuneConfig(unfreeze=2, epochs=16, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
+    net = _net(tiny_weights)
+    data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
+    sink = EpochCounter()
+    _scripted_validation(monkeypatch, sink, losses)
+    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    assert history.best_epoch == 3
+    assert history.stopped_early and len(history.val_loss) == 8  # stopped 4 epochs after the best
+
+
 def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp_path, monkeypatch):
     """The best epoch (0) lies before the interruption (after epoch 1) and patience runs out after it (epoch 2):
     the resumed run must end with epoch 0's weights, stop where the uninterrupted run stopped, and train its

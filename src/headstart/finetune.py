@@ -40,12 +40,18 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     batch_size: int = 32
-    patience: int = 3
+    patience: int | None = None  # epochs without a better val loss before stopping; None: max(3, epochs // 4)
     label_smoothing: float = 0.1
     train_bn: bool = False
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)
+
+    @property
+    def stop_after(self) -> int:
+        """Early-stopping patience. Longer runs get more: their first epochs, at the highest rate, often score
+        below the stage-1 model they must beat (a 20-epoch run first beat it at epoch 4)."""
+        return self.patience if self.patience is not None else max(3, self.epochs // 4)
 
     @property
     def use_bf16(self) -> bool:
@@ -163,7 +169,7 @@ def finetune(
     progress.start("fine-tuning", cfg.epochs)
     progress.advance(start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
+        if bad_epochs >= cfg.stop_after:
             break
         set_modes(net, head, units, cfg.train_bn)
         view = epoch % train["acts"].shape[1]
@@ -190,7 +196,7 @@ def finetune(
             history.best_epoch = epoch
         else:
             bad_epochs += 1
-            history.stopped_early = bad_epochs >= cfg.patience
+            history.stopped_early = bad_epochs >= cfg.stop_after
         log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f", epoch + 1, total / n_train, val_loss, val_acc)
         if checkpoint_dir:
             _save_checkpoint(checkpoint_dir, net, head, trained, best_state, opt, sched, rng, history, cfg,
