@@ -188,3 +188,12 @@ def test_cli_defaults_are_the_api_defaults():
     cli_defaults["hidden"] = cli._parse_hidden(cli_defaults["hidden"])  # flags arrive as text
     cli_defaults["unfreeze"] = cli._parse_unfreeze(cli_defaults["unfreeze"])
     assert {k: cli_defaults[k] for k in api_defaults} == api_defaults
+
+
+def test_split_rows_are_blocks_and_disorder_is_caught():
+    from headstart.api import _split_rows
+
+    rows = _split_rows(np.array(["train"] * 3 + ["val"] * 2))
+    assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}
+    with pytest.raises(AssertionError):
+        _split_rows(np.array(["train", "val", "train"]))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,18 @@ def test_many_small_shards_gather_like_one(frozen, photos, tmp_path, monkeypatch
     assert len(_visible_shards(sharded_cache.dir)) == 6
     reread, _, _ = FeatureCache(frozen, root=tmp_path / "sharded").features_for(photos, CountingFactory(frozen))
     np.testing.assert_allclose(reread, whole, atol=1e-5, rtol=0)
+
+
+def test_large_gathers_are_memory_mapped_and_leave_no_file(frozen, photos, tmp_path, monkeypatch):
+    cache = FeatureCache(frozen, root=tmp_path / "c")
+    in_ram, _, _ = cache.features_for(photos, CountingFactory(frozen))
+    assert not isinstance(in_ram, np.memmap)
+    monkeypatch.setattr(features, "_gather", functools.partial(features._gather, in_ram_bytes=16))
+    mapped, _, _ = FeatureCache(frozen, root=tmp_path / "c").features_for(photos, CountingFactory(frozen))
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, in_ram)
+    scratch = features.cache_root() / "tmp"
+    assert scratch.is_dir() and list(scratch.iterdir()) == []  # the backing file is anonymous
 
 
 def test_a_batch_of_only_unreadable_files_is_survived(frozen, photos, tmp_path):

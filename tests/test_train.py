@@ -251,3 +251,26 @@ def test_fitting_a_head_does_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_memory_mapped_feature_matrix_trains_the_same_head(tmp_path):
+    x, y = blobs(30, seed=4)
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float32, x.shape)
+    mapped[:] = x
+    mapped.flush()
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    cfg = TrainConfig(epochs=5, batch_size=16)
+    ram_head, ram_history = fit_head(HeadConfig(x.shape[1], 3, hidden=(8,)), cfg, x[:70], y[:70], x[70:], y[70:])
+    map_head, map_history = fit_head(HeadConfig(x.shape[1], 3, hidden=(8,)), cfg, mapped[:70], y[:70],
+                                     mapped[70:], y[70:])
+    assert map_history.val_loss == ram_history.val_loss
+    for (k, a), b in zip(ram_head.state_dict().items(), map_head.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_standardization_statistics_streamed_in_chunks_match_numpy():
+    x, _ = blobs(50, seed=2)
+    head = Head(HeadConfig(x.shape[1], 3))
+    head.set_standardization(x, chunk=7)
+    np.testing.assert_allclose(head.mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(head.std.numpy(), x.astype(np.float64).std(0) + 1e-6, rtol=1e-5)

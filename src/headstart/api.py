@@ -98,7 +98,9 @@ class ImageClassifier:
 
         head_cfg = HeadConfig(feats.shape[1], len(dataset.classes), self.hidden, self.dropout)
         tr, va, te = (splits == s for s in SPLITS)
-        head, history = fit_head(head_cfg, train_cfg, feats[tr], labels[tr], feats[va], labels[va], progress)
+        rows = _split_rows(splits)
+        head, history = fit_head(head_cfg, train_cfg, feats[rows["train"]], labels[tr], feats[rows["val"]], labels[va],
+                                 progress)
         t3 = time.perf_counter()
 
         self.classes_ = list(dataset.classes)
@@ -110,8 +112,8 @@ class ImageClassifier:
         self.skipped_ = list(dataset.skipped) + failures
         self.counts_ = _readable_counts(dataset.classes, labels, splits)
         self.cached_ = cached
-        self.val_metrics_ = self._evaluate_features(feats[va], labels[va]) if va.any() else None
-        self.test_metrics_ = self._evaluate_features(feats[te], labels[te]) if te.any() else None
+        self.val_metrics_ = self._evaluate_features(feats[rows["val"]], labels[va]) if va.any() else None
+        self.test_metrics_ = self._evaluate_features(feats[rows["test"]], labels[te]) if te.any() else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
         self.decision_ = {"strategy": self.strategy, "kept": "head"}
         if self.strategy != "head":
@@ -188,7 +190,9 @@ class ImageClassifier:
         log.info("kept %s (head val %.4f, fine-tuned val %.4f)", self.decision_["kept"], head_acc, tuned.accuracy)
 
     def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
-        samples = dataset.samples
+        # Split by split, so that each split's features are one block of rows: a view, never a copy, of what
+        # may be a memory-mapped array.
+        samples = sorted(dataset.samples, key=lambda sample: SPLITS.index(sample.split))
         paths = [s.path for s in samples]
         cache = FeatureCache(frozen)
         progress.start("extracting features", len(paths))
@@ -201,8 +205,11 @@ class ImageClassifier:
     def _evaluate_features(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation:
         return evaluate(labels, self._proba(feats), self.classes_)
 
-    def _proba(self, feats: np.ndarray) -> np.ndarray:
-        return softmax(head_logits_numpy(self.head_state_, self.head_config_, feats))
+    def _proba(self, feats: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        return np.concatenate([
+            softmax(head_logits_numpy(self.head_state_, self.head_config_, np.asarray(feats[i:i + chunk])))
+            for i in range(0, max(len(feats), 1), chunk)
+        ])
 
     # --- inference ---------------------------------------------------------------------------------------------
 
@@ -324,3 +331,15 @@ def _readable_counts(classes: Sequence[str], labels: np.ndarray, splits: np.ndar
         split: dict(zip(classes, np.bincount(labels[splits == split], minlength=len(classes)).tolist()))
         for split in SPLITS if (splits == split).any()
     }
+
+
+def _split_rows(splits: np.ndarray) -> dict[str, slice]:
+    """Each split's block of rows, in features ordered split by split."""
+    rows, start = {}, 0
+    for split in SPLITS:
+        n = int((splits == split).sum())
+        rows[split] = slice(start, start + n)
+        start += n
+    if not all((splits[rows[s]] == s).all() for s in SPLITS):
+        raise AssertionError("features are not ordered split by split")
+    return rows

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -191,10 +192,20 @@ class FeatureCache:
         return _gather([keys[i] for i in readable], index, files), readable, [(paths[i], r) for i, r in failures.items()]
 
 
-def _gather(keys: list[bytes], index: dict[bytes, tuple[int, int]], files: list[Path]) -> np.ndarray:
+def _gather(
+    keys: list[bytes], index: dict[bytes, tuple[int, int]], files: list[Path], in_ram_bytes: int = 256 << 20
+) -> np.ndarray:
+    """The rows for `keys`, in order. Beyond `in_ram_bytes` they go to an anonymous temporary file, memory-mapped
+    (unlinked at once, so nothing is left behind), and memory does not grow with the data set."""
     mmaps = [np.load(f, mmap_mode="r") for f in files]
     dim = mmaps[0].shape[1] if mmaps else 0
-    out = np.empty((len(keys), dim), np.float32)
+    if len(keys) * dim * 4 > in_ram_bytes:
+        scratch = cache_root() / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=scratch) as backing:
+            out = np.memmap(backing, np.float32, "w+", shape=(len(keys), dim))
+    else:
+        out = np.empty((len(keys), dim), np.float32)
     for j, k in enumerate(keys):
         s, row = index[k]
         out[j] = mmaps[s][row]

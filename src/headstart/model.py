@@ -97,9 +97,14 @@ class Head(nn.Module):
         layers.append(nn.Linear(width, cfg.n_classes))
         self.layers = nn.Sequential(*layers)
 
-    def set_standardization(self, features: np.ndarray) -> None:
-        self.mean.copy_(torch.from_numpy(features.mean(0)))
-        self.std.copy_(torch.from_numpy(features.std(0) + 1e-6))
+    def set_standardization(self, features: np.ndarray, chunk: int = 8192) -> None:
+        """Per-feature mean and std, two passes over chunks in float64: the features may be memory-mapped and
+        larger than memory."""
+        n = len(features)
+        mean = sum(features[i:i + chunk].sum(0, dtype=np.float64) for i in range(0, n, chunk)) / n
+        var = sum(((features[i:i + chunk] - mean) ** 2).sum(0) for i in range(0, n, chunk)) / n
+        self.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+        self.std.copy_(torch.from_numpy((np.sqrt(var) + 1e-6).astype(np.float32)))
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.std

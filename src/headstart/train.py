@@ -22,6 +22,8 @@ from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
+EVAL_ROWS = 8192  # validation features scored per chunk
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -91,15 +93,15 @@ def fit_head(
     rng = np.random.default_rng(cfg.seed)
     head = Head(head_cfg)
     head.set_standardization(x_train)
-    # Standardise once, not every step: the loop runs the head's layers on standardised features.
-    xt, yt = head.standardize(torch.from_numpy(np.asarray(x_train, np.float32))), torch.from_numpy(y_train.astype(np.int64))
+    # The features stay where they are (they may be memory-mapped): each batch is read, then standardised.
+    yt = torch.from_numpy(y_train.astype(np.int64))
     has_val = x_val is not None and len(x_val) > 0
     if has_val:
-        xv, yv = head.standardize(torch.from_numpy(np.asarray(x_val, np.float32))), torch.from_numpy(y_val.astype(np.int64))
+        yv = torch.from_numpy(y_val.astype(np.int64))
 
     weight = class_weights(y_train, head_cfg.n_classes) if cfg.balance else None
     opt = HeadAdamW(head.parameters(), weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(xt) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))
     plateau = Plateau(cfg.lr, factor=0.3, patience=max(1, cfg.patience // 3))
     history = History()
@@ -108,24 +110,24 @@ def fit_head(
     progress.start("training head", cfg.epochs)
     for epoch in range(cfg.epochs):
         head.train()
-        order = torch.from_numpy(rng.permutation(len(xt)))
+        order = rng.permutation(len(yt))
         total = 0.0
-        for start in range(0, len(xt), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            logits = _train_forward(head, xt[idx], rng)
+        for start in range(0, len(yt), cfg.batch_size):
+            idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read a memory map sequentially
+            logits = _train_forward(head, head.standardize(_rows(x_train, idx)), rng)
             loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step(cfg.lr * cosine(opt.steps) if cfg.schedule == "cosine" else plateau.lr)
             total += loss.item() * len(idx)
-        history.train_loss.append(total / len(xt))
+        history.train_loss.append(total / len(yt))
         progress.advance(1)
         if not has_val:
             continue
 
         head.eval()
         with torch.no_grad():
-            logits = head.layers(xv)
+            logits = torch.cat([head(_rows(x_val, slice(i, i + EVAL_ROWS))) for i in range(0, len(yv), EVAL_ROWS)])
             val_loss = F.cross_entropy(logits, yv).item()
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
@@ -147,6 +149,10 @@ def fit_head(
         history.best_epoch = cfg.epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
     return head.eval(), history
+
+
+def _rows(features: np.ndarray, which) -> torch.Tensor:
+    return torch.from_numpy(np.array(features[which], np.float32))  # a copy: a memory map may be read-only
 
 
 def _train_forward(head: Head, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
