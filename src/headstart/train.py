@@ -93,10 +93,11 @@ def fit_head(
     rng = np.random.default_rng(cfg.seed)
     head = Head(head_cfg)
     head.set_standardization(x_train)
-    # The features stay where they are (they may be memory-mapped): each batch is read, then standardised.
+    train_rows = _standardized_rows(head, x_train)
     yt = torch.from_numpy(y_train.astype(np.int64))
     has_val = x_val is not None and len(x_val) > 0
     if has_val:
+        val_rows = _standardized_rows(head, x_val)
         yv = torch.from_numpy(y_val.astype(np.int64))
 
     weight = class_weights(y_train, head_cfg.n_classes) if cfg.balance else None
@@ -114,7 +115,7 @@ def fit_head(
         total = 0.0
         for start in range(0, len(yt), cfg.batch_size):
             idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read a memory map sequentially
-            logits = _train_forward(head, head.standardize(_rows(x_train, idx)), rng)
+            logits = _train_forward(head, train_rows(idx), rng)
             loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad()
             loss.backward()
@@ -127,7 +128,7 @@ def fit_head(
 
         head.eval()
         with torch.no_grad():
-            logits = torch.cat([head(_rows(x_val, slice(i, i + EVAL_ROWS))) for i in range(0, len(yv), EVAL_ROWS)])
+            logits = torch.cat([head.layers(val_rows(slice(i, i + EVAL_ROWS))) for i in range(0, len(yv), EVAL_ROWS)])
             val_loss = F.cross_entropy(logits, yv).item()
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
@@ -151,8 +152,15 @@ def fit_head(
     return head.eval(), history
 
 
-def _rows(features: np.ndarray, which) -> torch.Tensor:
-    return torch.from_numpy(np.array(features[which], np.float32))  # a copy: a memory map may be read-only
+def _standardized_rows(head: Head, features: np.ndarray):
+    """A function from row indices (an array or a slice) to standardised rows as a tensor. Features in memory
+    are standardised once, the fastest; a memory map is read and standardised batch by batch, so that memory does
+    not grow with the data set."""
+    if isinstance(features, np.memmap):
+        # Indexing by an array copies already; a slice of a (possibly read-only) map is copied here.
+        return lambda which: head.standardize(torch.from_numpy(np.array(features[which], np.float32)))
+    whole = head.standardize(torch.from_numpy(np.asarray(features, np.float32)))
+    return lambda which: whole[torch.from_numpy(which) if isinstance(which, np.ndarray) else which]
 
 
 def _train_forward(head: Head, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
