@@ -19,7 +19,7 @@ from headstart.backbones import DEFAULT_BACKBONE, resolve
 from headstart.data import DataError, Dataset, list_images, scan_folder
 from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
-from headstart.head import HeadConfig, head_logits_numpy, softmax
+from headstart.head import CHUNK_ROWS, HeadConfig, head_logits_numpy, softmax
 from headstart.metrics import Evaluation, evaluate
 from headstart.progress import NoProgress, Progress
 
@@ -94,13 +94,11 @@ class ImageClassifier:
         t1 = time.perf_counter()
         paths, feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
         t2 = time.perf_counter()
-        _check_every_class_trains(dataset, labels[splits == "train"])
+        part = {split: (feats[rows], labels[rows]) for split, rows in _split_rows(splits).items()}
+        _check_every_class_trains(dataset, part["train"][1])
 
         head_cfg = HeadConfig(feats.shape[1], len(dataset.classes), self.hidden, self.dropout)
-        tr, va, te = (splits == s for s in SPLITS)
-        rows = _split_rows(splits)
-        head, history = fit_head(head_cfg, train_cfg, feats[rows["train"]], labels[tr], feats[rows["val"]], labels[va],
-                                 progress)
+        head, history = fit_head(head_cfg, train_cfg, *part["train"], *part["val"], progress)
         t3 = time.perf_counter()
 
         self.classes_ = list(dataset.classes)
@@ -112,8 +110,8 @@ class ImageClassifier:
         self.skipped_ = list(dataset.skipped) + failures
         self.counts_ = _readable_counts(dataset.classes, labels, splits)
         self.cached_ = cached
-        self.val_metrics_ = self._evaluate_features(feats[rows["val"]], labels[va]) if va.any() else None
-        self.test_metrics_ = self._evaluate_features(feats[rows["test"]], labels[te]) if te.any() else None
+        self.val_metrics_ = self._evaluate_features(*part["val"]) if len(part["val"][1]) else None
+        self.test_metrics_ = self._evaluate_features(*part["test"]) if len(part["test"][1]) else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
         self.decision_ = {"strategy": self.strategy, "kept": "head"}
         if self.strategy != "head":
@@ -205,10 +203,10 @@ class ImageClassifier:
     def _evaluate_features(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation:
         return evaluate(labels, self._proba(feats), self.classes_)
 
-    def _proba(self, feats: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    def _proba(self, feats: np.ndarray) -> np.ndarray:
         return np.concatenate([
-            softmax(head_logits_numpy(self.head_state_, self.head_config_, np.asarray(feats[i:i + chunk])))
-            for i in range(0, max(len(feats), 1), chunk)
+            softmax(head_logits_numpy(self.head_state_, self.head_config_, np.asarray(feats[i:i + CHUNK_ROWS])))
+            for i in range(0, max(len(feats), 1), CHUNK_ROWS)
         ])
 
     # --- inference ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+CHUNK_ROWS = 8192  # feature rows handled at once wherever the features may be memory-mapped
+
 
 @dataclass(frozen=True)
 class HeadConfig:

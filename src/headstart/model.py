@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.head import HeadConfig
+from headstart.head import CHUNK_ROWS, HeadConfig
 
 TAPPED_STAGES = 3  # pool the outputs of the last three stages besides the final features
 
@@ -97,7 +97,7 @@ class Head(nn.Module):
         layers.append(nn.Linear(width, cfg.n_classes))
         self.layers = nn.Sequential(*layers)
 
-    def set_standardization(self, features: np.ndarray, chunk: int = 8192) -> None:
+    def set_standardization(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> None:
         """Per-feature mean and std, two passes over chunks in float64: the features may be memory-mapped and
         larger than memory."""
         n = len(features)

@@ -16,13 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from headstart.head import HeadConfig
+from headstart.head import CHUNK_ROWS, HeadConfig
 from headstart.model import Head
 from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
-
-EVAL_ROWS = 8192  # validation features scored per chunk
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def fit_head(
 
         head.eval()
         with torch.no_grad():
-            logits = torch.cat([head.layers(val_rows(slice(i, i + EVAL_ROWS))) for i in range(0, len(yv), EVAL_ROWS)])
+            logits = torch.cat([head.layers(val_rows(slice(i, i + CHUNK_ROWS))) for i in range(0, len(yv), CHUNK_ROWS)])
             val_loss = F.cross_entropy(logits, yv).item()
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
