@@ -27,7 +27,9 @@ from typer.testing import CliRunner
 from headstart import cli, cli_render
 from headstart.backbones import WeightsError
 from headstart.data import DataError
+from headstart.head import HeadConfig
 from headstart.metrics import Evaluation, evaluate
+from headstart.preprocess import PreprocessConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = ["cat", "dog"]
@@ -82,6 +84,10 @@ class FakeClassifier:
         )  # fmt: skip
         self.timings_ = {"scan_s": 0.01, "features_s": 1.5, "train_s": 0.25}
         self.cached_ = 2
+        self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(preprocess=PreprocessConfig(native_size=128)))
+        self.head_config_ = HeadConfig(16, 2, (64,), 0.6)
+        self.decision_ = {"strategy": "head", "kept": "head", "head_candidates": [
+            {"hidden": [], "dropout": 0.2, "val_loss": 0.62}, {"hidden": [64], "dropout": 0.6, "val_loss": 0.56}]}
         return self
 
     def save(self, out_dir: Path) -> Path:
@@ -242,7 +248,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         "--batch-size", "8", "--hidden", "512, 256", "--dropout", "0.5", "--schedule", "plateau", "--patience", "3",
         "--balance", "--seed", "7", "--device", "cpu", "--strategy", "finetune", "--unfreeze", "all",
         "--augment", "strong", "--finetune-epochs", "3", "--finetune-lr", "0.002", "--views", "2", "--train-bn",
-        "--resume", str(tmp_path / "earlier"),
+        "--resume", str(tmp_path / "earlier"), "--no-native-view",
     ]  # fmt: skip
     result = runner.invoke(cli.app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -251,12 +257,14 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         backbone="efficientnet_lite1", weights=weights, val_split=0.25, test_split=0.1, hidden=(512, 256),
         dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
         balance=True, seed=7, device="cpu", strategy="finetune", unfreeze="all", augment="strong",
-        finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True,
+        finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True, native_view=False,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "earlier" / "checkpoint", "resume": True}
     assert (out / "headstart.json").exists()
     assert (out / "confusion_val.png").stat().st_size > 0
-    for text in ("train 4, val 2", "4 extracted, 2 from cache", "3 epochs (stopped early), best epoch 2", "75.0%"):
+    for text in ("train 4, val 2", "4 extracted, 2 from cache", "3 epochs (stopped early), best epoch 2", "75.0%",
+                 "224 px + a 128 px native view",
+                 "hidden 64, dropout 0.6 (lowest val loss of linear, dropout 0.2: 0.620"):
         assert text in result.stdout
     assert str(out) in result.stdout
     assert "skipped: " in result.stderr and "notes0.txt: not an image" in result.stderr
@@ -267,10 +275,10 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
     assert result.exit_code == 0, result.output
     (clf,) = FakeClassifier.created
     assert clf.params == dict(
-        backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden=(), dropout=0.2,
+        backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance=False,
         seed=0, device="auto", strategy="head", unfreeze=2, augment="light", finetune_epochs=8, finetune_lr=5e-4,
-        views=4, train_bn=False,
+        views=4, train_bn=False, native_view=True,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
 

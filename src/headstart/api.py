@@ -8,23 +8,35 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from headstart import artifact
-from headstart.backbones import DEFAULT_BACKBONE, resolve
-from headstart.data import DataError, Dataset, list_images, scan_folder
+from headstart.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve
+from headstart.data import DataError, Dataset, list_images, scan_folder, typical_short_side
 from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
 from headstart.head import CHUNK_ROWS, HeadConfig, head_logits_numpy, softmax
 from headstart.metrics import Evaluation, evaluate
+from headstart.preprocess import with_native_view
 from headstart.progress import NoProgress, Progress
+
+if TYPE_CHECKING:
+    from headstart.train import TrainConfig
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+# hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on
+# flowers (3,400 training photos) it lowers validation loss and gains 1-2 points over the linear head; on 200
+# photos it overfits.
+AUTO_HIDDEN = (64,)
+AUTO_HIDDEN_DROPOUT = 0.6
+AUTO_HIDDEN_MIN_TRAIN = 1000
+AUTO_HIDDEN_EPOCHS = 20
+AUTO_HIDDEN_PATIENCE = 5
 
 
 @dataclass
@@ -41,17 +53,17 @@ class ImageClassifier:
 
     def __init__(
         self, backbone: str = DEFAULT_BACKBONE, *, weights: str | Path | None = None, val_split: float = 0.2,
-        test_split: float = 0.0, hidden: Sequence[int] = (), dropout: float = 0.2, epochs: int = 60,
+        test_split: float = 0.0, hidden: Sequence[int] | str = "auto", dropout: float = 0.2, epochs: int = 60,
         lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 10,
         schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
         strategy: str = "head", unfreeze: int | str = 2, augment: str = "light", finetune_epochs: int = 8,
-        finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False,
+        finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False, native_view: bool = True,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
         self.val_split = val_split
         self.test_split = test_split
-        self.hidden = tuple(hidden)
+        self.hidden = hidden if isinstance(hidden, str) else tuple(hidden)
         self.dropout = dropout
         self.epochs = epochs
         self.lr = lr
@@ -69,6 +81,7 @@ class ImageClassifier:
         self.finetune_lr = finetune_lr
         self.views = views
         self.train_bn = train_bn
+        self.native_view = native_view
 
     # --- training ----------------------------------------------------------------------------------------------
 
@@ -79,7 +92,7 @@ class ImageClassifier:
         """Stage 1 trains the head on cached features; with strategy "finetune" (or "auto", when it pays)
         stage 2 adapts the top of the backbone. `checkpoint_dir` gets a checkpoint after every stage-2 epoch;
         `resume` continues from it."""
-        from headstart.train import TrainConfig, fit_head
+        from headstart.train import TrainConfig, fit_best_head
 
         self._check_settings()
 
@@ -90,15 +103,18 @@ class ImageClassifier:
         )
         t0 = time.perf_counter()
         dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
-        frozen = FrozenBackbone.pretrained(resolve(self.backbone), Path(self.weights) if self.weights else None)
+        spec = self._with_native_view(resolve(self.backbone), dataset)
+        frozen = FrozenBackbone.pretrained(spec, Path(self.weights) if self.weights else None)
         t1 = time.perf_counter()
         paths, feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
         t2 = time.perf_counter()
         part = {split: (feats[rows], labels[rows]) for split, rows in _split_rows(splits).items()}
         _check_every_class_trains(dataset, part["train"][1])
 
-        head_cfg = HeadConfig(feats.shape[1], len(dataset.classes), self.hidden, self.dropout)
-        head, history = fit_head(head_cfg, train_cfg, *part["train"], *part["val"], progress)
+        candidates = self._head_candidates(feats.shape[1], len(dataset.classes), train_cfg, len(part["train"][1]),
+                                           len(part["val"][1]) > 0)
+        head, history, train_cfg, val_losses = fit_best_head(candidates, *part["train"], *part["val"], progress)
+        head_cfg = head.cfg
         t3 = time.perf_counter()
 
         self.classes_ = list(dataset.classes)
@@ -113,15 +129,50 @@ class ImageClassifier:
         self.val_metrics_ = self._evaluate_features(*part["val"]) if len(part["val"][1]) else None
         self.test_metrics_ = self._evaluate_features(*part["test"]) if len(part["test"][1]) else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
-        self.decision_ = {"strategy": self.strategy, "kept": "head"}
+        self.decision_ = {"strategy": self.strategy, "kept": "head", "native_size": spec.preprocess.native_size}
+        if len(candidates) > 1:
+            self.decision_["head_candidates"] = [
+                {"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
+                for (c, _), loss in zip(candidates, val_losses)
+            ]
         if self.strategy != "head":
             self._stage2(paths, labels, splits, checkpoint_dir, resume, progress)
         return self
+
+    def _with_native_view(self, spec: BackboneSpec, dataset: Dataset) -> BackboneSpec:
+        """The backbone with a native view added when the training photos are much smaller than its input.
+        Stage 2 fine-tunes through the standard view alone, so the native view is for the head strategy."""
+        if not (self.native_view and spec.any_input_size and self.strategy == "head"):
+            return spec
+        side = typical_short_side([s.path for s in dataset.samples if s.split == "train"])
+        pre = with_native_view(spec.preprocess, side) if side else spec.preprocess
+        if pre.native_size:
+            log.info("photos are %d px on the short side: adding a %d px native view to the %d px one",
+                     side, pre.native_size, pre.input_size)
+        return replace(spec, preprocess=pre)
+
+    def _head_candidates(
+        self, dim: int, n_classes: int, train_cfg: TrainConfig, n_train: int, has_val: bool
+    ) -> list[tuple[HeadConfig, TrainConfig]]:
+        """The configured head; with hidden="auto", a linear head, plus a small hidden layer when there is
+        enough data to fit one and a validation split to choose between them (lower validation loss wins)."""
+        if self.hidden != "auto":
+            return [(HeadConfig(dim, n_classes, self.hidden, self.dropout), train_cfg)]
+        linear = (HeadConfig(dim, n_classes, (), self.dropout), train_cfg)
+        if not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
+            return [linear]
+        # A shorter schedule: with this much data the hidden layer peaks within 10-15 epochs, and the two fits
+        # together must stay a small part of a training run.
+        short = replace(train_cfg, epochs=min(train_cfg.epochs, AUTO_HIDDEN_EPOCHS),
+                        patience=min(train_cfg.patience, AUTO_HIDDEN_PATIENCE))
+        return [linear, (HeadConfig(dim, n_classes, AUTO_HIDDEN, AUTO_HIDDEN_DROPOUT), short)]
 
     def _check_settings(self) -> None:
         """Fail before any work on settings stage 2 would only reject after stage 1."""
         from headstart.augment import LEVELS
 
+        if isinstance(self.hidden, str) and self.hidden != "auto":
+            raise DataError(f"hidden must be 'auto' or a list of layer widths, not {self.hidden!r}")
         if self.strategy not in ("head", "finetune", "auto"):
             raise DataError(f"strategy must be head, finetune or auto, not {self.strategy!r}")
         if self.augment not in LEVELS:
@@ -312,7 +363,7 @@ class ImageClassifier:
 _PARAM_NAMES = (
     "backbone", "weights", "val_split", "test_split", "hidden", "dropout", "epochs", "lr", "weight_decay",
     "batch_size", "patience", "schedule", "balance", "seed", "device", "strategy", "unfreeze", "augment",
-    "finetune_epochs", "finetune_lr", "views", "train_bn",
+    "finetune_epochs", "finetune_lr", "views", "train_bn", "native_view",
 )
 
 

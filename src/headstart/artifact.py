@@ -140,7 +140,7 @@ def _spec_from_dict(d: dict) -> BackboneSpec:
         return BackboneSpec(
             name=str(d["name"]), timm_name=str(d["timm_name"]), preprocess=PreprocessConfig.from_dict(d["preprocess"]),
             source=str(d["source"]), params_m=float(d["params_m"]), feature_dim=int(d["feature_dim"]),
-            package=d.get("package"), hf_hub_id=d.get("hf_hub_id"),
+            package=d.get("package"), hf_hub_id=d.get("hf_hub_id"), any_input_size=bool(d.get("any_input_size", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"backbone description is damaged ({exc}); re-train the model") from None

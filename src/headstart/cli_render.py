@@ -167,7 +167,8 @@ def train_summary(
         ("classes", f"{len(classes)}: {shown}"),
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
-        ("backbone", backbone),
+        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess)),
+        ("head", _head_line(clf.head_config_, (getattr(clf, "decision_", None) or {}).get("head_candidates"))),
         (
             "features",
             f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s",
@@ -189,6 +190,22 @@ def train_summary(
     if confusion_png is not None:
         rows.append(("confusion (val)", str(confusion_png)))
     return _key_value_table("headstart train", rows)
+
+
+def _backbone_line(backbone: str, pre) -> str:
+    line = f"{backbone}, {pre.input_size} px"
+    return line + (f" + a {pre.native_size} px native view (the photos are small)" if pre.native_size else "")
+
+
+def _head_line(cfg, candidates: list[dict] | None) -> str:
+    def name(hidden, dropout) -> str:
+        return f"hidden {'-'.join(map(str, hidden))}, dropout {dropout:g}" if hidden else f"linear, dropout {dropout:g}"
+
+    line = name(cfg.hidden, cfg.dropout)
+    if candidates:
+        line += " (lowest val loss of " + ", ".join(
+            f"{name(c['hidden'], c['dropout'])}: {c['val_loss']:.3f}" for c in candidates) + ")"
+    return line
 
 
 def _decision_line(decision: dict, timings: dict) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import UserError
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
-from .preprocess import PreprocessConfig, eval_transform
+from .preprocess import PreprocessConfig, eval_transform, eval_views
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -28,7 +28,9 @@ __all__ = [
     "list_images",
     "load_for_model",
     "load_rgb",
+    "load_views",
     "scan_folder",
+    "typical_short_side",
 ]
 
 logger = logging.getLogger(__name__)
@@ -161,6 +163,27 @@ def list_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pa
 def load_for_model(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
     """Decode and preprocess one image into the float32 CHW array the model expects."""
     return eval_transform(load_rgb(path, cfg.resize_size), cfg)
+
+
+def load_views(path: Path | str, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
+    """Decode one image once and preprocess it into each of the config's views (see `eval_views`)."""
+    return eval_views(load_rgb(path, cfg.resize_size), cfg)
+
+
+def typical_short_side(paths: Sequence[Path], sample: int = 64) -> int | None:
+    """The median short side of up to `sample` evenly spaced images, read from their headers (nothing is
+    decoded); None when none of them can be opened."""
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in list(paths)[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # unreadable files are reported later, by the decoder; here they only don't count
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 # --- scanning helpers -------------------------------------------------------------------------------

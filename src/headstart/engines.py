@@ -18,7 +18,7 @@ from headstart.paths import cache_root, temp_path_beside
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 2  # bump when the export recipe changes, so stale exports are not reused
+EXPORT_VERSION = 3  # bump when the export recipe changes, so stale exports are not reused
 PARITY_ATOL = 1e-3
 
 
@@ -66,12 +66,18 @@ class TorchEngine:
 
 
 def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
-    size = spec.preprocess.input_size
-    return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}px-v{EXPORT_VERSION}.onnx"
+    size = f"{spec.preprocess.input_size}px" + ("-any" if spec.any_input_size else "")
+    return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}-v{EXPORT_VERSION}.onnx"
 
 
-def export_onnx(model, input_size: int, target: Path, output_names: tuple[str, ...] = ("features",)) -> Path:
-    """Export a model with a dynamic batch, and refuse an export whose outputs disagree with torch."""
+def export_onnx(
+    model, input_size: int, target: Path, output_names: tuple[str, ...] = ("features",),
+    other_sizes: tuple[int, ...] = (),
+) -> Path:
+    """Export a model with a dynamic batch, and refuse an export whose outputs disagree with torch.
+
+    With `other_sizes`, the graph also takes other square inputs (for native views): its height and width are
+    made symbolic, and it must agree with torch at each of those sizes too."""
     import torch
 
     model = model.eval()
@@ -85,12 +91,10 @@ def export_onnx(model, input_size: int, target: Path, output_names: tuple[str, .
                 dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
             )
         program.save(str(tmp))
-        check = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            expected = model(check)
-        expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-        got = OnnxEngine(tmp).run_all(check.numpy())
-        err = max(float(np.abs(g - e).max()) if e.size else 0.0 for g, e in zip(got, expected))
+        if other_sizes:
+            _make_spatial_dims_symbolic(tmp)
+        engine = OnnxEngine(tmp)
+        err = max(_parity_error(model, engine, size) for size in (input_size, *other_sizes))
         if err > PARITY_ATOL:
             raise RuntimeError(f"ONNX export differs from torch by {err:.2e} (> {PARITY_ATOL})")
         os.replace(tmp, target)
@@ -98,6 +102,37 @@ def export_onnx(model, input_size: int, target: Path, output_names: tuple[str, .
         tmp.unlink(missing_ok=True)
     log.info("exported backbone to %s (max abs diff vs torch %.1e)", target, err)
     return target
+
+
+def _parity_error(model, engine: OnnxEngine, size: int) -> float:
+    import torch
+
+    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            expected = model(check)
+        got = engine.run_all(check.numpy())
+    except Exception as exc:  # torch's or onnxruntime's own types: this network or graph cannot take the size
+        raise RuntimeError(f"the exported graph cannot take {size} px inputs: {exc}") from None
+    expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    if [g.shape for g in got] != [e.shape for e in expected]:
+        raise RuntimeError(f"the exported graph cannot take {size} px inputs: its outputs have other shapes")
+    return max(float(np.abs(g - e).max()) if e.size else 0.0 for g, e in zip(got, expected))
+
+
+def _make_spatial_dims_symbolic(path: Path) -> None:
+    """Let an exported convolutional network take any input height and width. The exporter traced one size;
+    a fully convolutional network computes the same at sizes that divide evenly through its strides (the pads
+    of TensorFlow-style 'same' convolutions depend only on that), which the caller's parity checks confirm."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((2, "height"), (3, "width")):
+        dims[axis].ClearField("dim_value")
+        dims[axis].dim_param = name
+    del graph.graph.value_info[:]  # shapes inferred at the traced size would contradict other sizes
+    onnx.save(graph, str(path))
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.backbones import BackboneSpec, create_model, pretrained_weights_path, weights_fingerprint
-from headstart.data import ImageDecodeError, load_for_model
+from headstart.data import ImageDecodeError, load_views
 from headstart.engines import Engine, OnnxEngine, TorchEngine, export_onnx, onnx_path_for, pick_device
 from headstart.paths import cache_root, temp_path_beside
 from headstart.preprocess import PreprocessConfig
@@ -29,6 +29,7 @@ from headstart.preprocess import PreprocessConfig
 log = logging.getLogger(__name__)
 
 FEATURE_VERSION = 2  # 2: multi-scale pooled features
+NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
 SHARD_ROWS = 512  # rows per shard: small enough that an interrupted run loses little
 Progress = Callable[[int], None]
 
@@ -60,7 +61,8 @@ class FrozenBackbone:
         path = onnx_path_for(self.spec, self.weights_id)
         if not path.exists():
             log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
-            export_onnx(self.build_torch(), self.spec.preprocess.input_size, path)
+            export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
+                        other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else ())
         return OnnxEngine(path)
 
     def cache_key(self) -> str:
@@ -99,18 +101,26 @@ def decoded_batches(
             results = [f.result() for f in ready]
             good = [(i, arr) for i, arr, err in results if err is None]
             failures = [(i, err) for i, _, err in results if err is not None]
-            yield [i for i, _ in good], np.stack([arr for _, arr in good]) if good else None, failures
+            yield [i for i, _ in good], _stack([arr for _, arr in good]) if good else None, failures
+
+
+def _stack(items: list):
+    """One batch array, or one per view when each item is a tuple of views."""
+    if isinstance(items[0], tuple):
+        return tuple(np.stack(view) for view in zip(*items))
+    return np.stack(items)
 
 
 def extract(
     paths: Sequence[Path], cfg: PreprocessConfig, engine: Engine, batch_size: int = 32,
     workers: int | None = None, progress: Progress | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Features for `paths`, batch by batch: (indices, features, failures)."""
+    """Features for `paths`, batch by batch: (indices, features, failures). With several views, each view's
+    features are computed apart and concatenated."""
     workers = workers or default_workers()
-    load = lambda i: load_for_model(paths[i], cfg)  # noqa: E731
-    for indices, pixels, failures in decoded_batches(len(paths), load, batch_size, workers):
-        feats = engine(pixels) if indices else np.empty((0, 0), np.float32)
+    load = lambda i: load_views(paths[i], cfg)  # noqa: E731
+    for indices, views, failures in decoded_batches(len(paths), load, batch_size, workers):
+        feats = np.concatenate([engine(v) for v in views], 1) if indices else np.empty((0, 0), np.float32)
         if progress:
             progress(len(indices) + len(failures))
         yield indices, feats, failures

@@ -6,7 +6,7 @@ Kept free of torch so that predicting with an exported model never imports it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -20,13 +20,17 @@ _RESAMPLE = {
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """timm-style pretrained config: resize the short side to size/crop_pct, centre-crop size, normalise."""
+    """timm-style pretrained config: resize the short side to size/crop_pct, centre-crop size, normalise.
+
+    `native_size` > 0 adds a second view of the whole image at about the photos' own resolution (see
+    `with_native_view`); the features of both views are concatenated."""
 
     input_size: int = 224
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    native_size: int = 0
 
     @property
     def resize_size(self) -> int:
@@ -43,7 +47,30 @@ class PreprocessConfig:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            native_size=int(d.get("native_size", 0)),  # models saved before native views have none
         )
+
+    @property
+    def n_views(self) -> int:
+        return 2 if self.native_size else 1
+
+
+NATIVE_VIEW_MAX_FRACTION = 0.6  # photos whose short side is at most this fraction of the input get a native view
+NATIVE_VIEW_MIN = 64  # below this the last stage's feature map is under 2 x 2
+VIEW_MULTIPLE = 32  # the network's total stride: sizes that divide evenly through every stage
+
+
+def with_native_view(cfg: PreprocessConfig, typical_short_side: int) -> PreprocessConfig:
+    """`cfg` with a native view when the photos are much smaller than the input, else `cfg` unchanged.
+
+    Photos far smaller than the input are upsampled 2x or more into the standard view: the network sees blurred
+    shapes at a scale it never met in training. A second view near the photos' own size shows it the same content
+    at the scale its filters expect. On `flowers` (128 px photos, lite0 at 224 px) the two views together give
+    3 points more validation accuracy than the standard view alone, for 30% more inference."""
+    if typical_short_side > NATIVE_VIEW_MAX_FRACTION * cfg.input_size:
+        return replace(cfg, native_size=0)
+    size = max(NATIVE_VIEW_MIN, VIEW_MULTIPLE * round(typical_short_side / VIEW_MULTIPLE))
+    return replace(cfg, native_size=size)
 
 
 def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
@@ -65,3 +92,11 @@ def normalize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def eval_transform(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return normalize(resize_and_crop(img, cfg), cfg)
+
+
+def eval_views(img: Image.Image, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
+    """The standard view, and the native view when the config has one: the whole image, no crop."""
+    if not cfg.native_size:
+        return (eval_transform(img, cfg),)
+    native = replace(cfg, input_size=cfg.native_size, crop_pct=1.0)
+    return eval_transform(img, cfg), eval_transform(img, native)

@@ -10,12 +10,14 @@ import copy
 import functools
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from headstart.engines import cpu_threads
 from headstart.head import CHUNK_ROWS, HeadConfig
 from headstart.model import Head
 from headstart.progress import NoProgress, Progress
@@ -84,12 +86,13 @@ def _one_intra_op_thread(fn):
 def fit_head(
     head_cfg: HeadConfig, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
+    head: Head | None = None,
 ) -> tuple[Head, History]:
-    """Train a fresh head on features. Without validation data, trains for all epochs and keeps the last."""
+    """Train a head on features: `head` if given (untrained), else a fresh one drawn from `cfg.seed`. Without
+    validation data, trains for all epochs and keeps the last."""
     progress = progress or NoProgress()
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    head = Head(head_cfg)
+    head = head or _fresh_head(head_cfg, cfg.seed)
     head.set_standardization(x_train)
     train_rows = _standardized_rows(head, x_train)
     yt = torch.from_numpy(y_train.astype(np.int64))
@@ -148,6 +151,56 @@ def fit_head(
         history.best_epoch = cfg.epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
     return head.eval(), history
+
+
+class _AdvanceOnly:
+    """One bar shared by concurrent fits: each advances it; starting and finishing it is the caller's."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def start(self, task: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(n)
+
+    def finish(self) -> None:
+        pass
+
+
+def _fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
+    torch.manual_seed(seed)
+    return Head(head_cfg)
+
+
+@_one_intra_op_thread
+def fit_best_head(
+    candidates: list[tuple[HeadConfig, TrainConfig]], x_train: np.ndarray, y_train: np.ndarray,
+    x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
+) -> tuple[Head, History, TrainConfig, list[float]]:
+    """Fit each candidate head and keep the one with the lowest best validation loss (the first, when there is
+    no validation data). Returns it, its history and training config, and each candidate's best validation loss.
+
+    Candidates train at once, one thread each: torch releases the GIL in its kernels, so two single-threaded
+    fits on two cores take about as long as the slower one. Their initial weights are drawn first, in order,
+    because torch's global generator is not safe to seed from two threads."""
+    heads = [_fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
+    fit_one = fit_head.__wrapped__  # the thread count is already pinned, for all of them
+    progress = progress or NoProgress()
+    progress.start("training head" if len(candidates) == 1 else f"training {len(candidates)} heads",
+                   sum(cfg.epochs for _, cfg in candidates))
+    shared = _AdvanceOnly(progress)
+    with ThreadPoolExecutor(max_workers=min(len(candidates), cpu_threads())) as pool:
+        jobs = [pool.submit(fit_one, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
+                for (head_cfg, cfg), head in zip(candidates, heads)]
+        fits = [job.result() for job in jobs]
+    progress.finish()
+    losses = [min(history.val_loss, default=math.inf) for _, history in fits]
+    best = min(range(len(fits)), key=lambda i: (losses[i], i))
+    if len(fits) > 1:
+        log.info("head candidates' validation losses %s: kept %s", [round(v, 4) for v in losses], candidates[best][0])
+    return fits[best][0], fits[best][1], candidates[best][1], losses
 
 
 def _standardized_rows(head: Head, features: np.ndarray):
