@@ -22,7 +22,9 @@ import numpy as np
 
 from headstart.backbones import BackboneSpec, create_model, pretrained_weights_path, weights_fingerprint
 from headstart.data import ImageDecodeError, load_views
-from headstart.engines import Engine, OnnxEngine, TorchEngine, export_onnx, onnx_path_for, pick_device
+from headstart.engines import (
+    Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path, export_onnx, onnx_path_for, pick_device,
+)
 from headstart.paths import cache_root, temp_path_beside
 from headstart.preprocess import PreprocessConfig
 
@@ -59,10 +61,13 @@ class FrozenBackbone:
         if device != "cpu":
             return TorchEngine(self.build_torch(), device)
         path = onnx_path_for(self.spec, self.weights_id)
-        if not path.exists():
+        any_size = self.spec.any_input_size
+        if not path.exists() or (any_size and not any_size_path(path).exists()):
             log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
             export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
-                        other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else ())
+                        other_sizes=NATIVE_SIZE_PROBES if any_size else ())
+        if self.spec.preprocess.native_size:
+            return ViewsEngine(path, self.spec.preprocess.input_size)
         return OnnxEngine(path)
 
     def cache_key(self) -> str:
