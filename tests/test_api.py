@@ -197,3 +197,15 @@ def test_split_rows_are_blocks_and_disorder_is_caught():
     assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}
     with pytest.raises(AssertionError):
         _split_rows(np.array(["train", "val", "train"]))
+
+
+@pytest.mark.parametrize(
+    "setting, needle",
+    [({"schedule": "linear"}, "schedule"), ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"),
+     ({"hidden": "big"}, "hidden"), ({"strategy": "magic"}, "strategy")],
+)
+def test_bad_settings_fail_before_any_work(make_clf, image_folder, isolated_cache, setting, needle):
+    with pytest.raises(DataError) as err:
+        make_clf(**setting).fit(image_folder)
+    assert_one_line(str(err.value), needle)
+    assert not (isolated_cache / "features").exists()  # nothing was extracted

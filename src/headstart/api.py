@@ -5,8 +5,10 @@ torch is imported only by `fit`; a saved model predicts with ONNX Runtime and nu
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,15 +95,12 @@ class ImageClassifier:
         """Stage 1 trains the head on cached features; with strategy "finetune" (or "auto", when it pays)
         stage 2 adapts the top of the backbone. `checkpoint_dir` gets a checkpoint after every stage-2 epoch;
         `resume` continues from it."""
-        from headstart.train import TrainConfig, fit_best_head
-
         self._check_settings()
+        # torch takes ~3 s to import; training needs it only once the features are ready, so it loads meanwhile.
+        torch_loading = threading.Thread(target=importlib.import_module, args=("headstart.train",), daemon=True)
+        torch_loading.start()
 
         progress = progress or NoProgress()
-        train_cfg = TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
-        )
         t0 = time.perf_counter()
         dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
         spec = self._with_native_view(resolve(self.backbone), dataset)
@@ -112,6 +111,13 @@ class ImageClassifier:
         part = {split: (feats[rows], labels[rows]) for split, rows in _split_rows(splits).items()}
         _check_every_class_trains(dataset, part["train"][1])
 
+        torch_loading.join()
+        from headstart.train import TrainConfig, fit_best_head
+
+        train_cfg = TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
+        )
         candidates = self._head_candidates(feats.shape[1], len(dataset.classes), train_cfg, len(part["train"][1]),
                                            len(part["val"][1]) > 0)
         head, history, train_cfg, val_losses = fit_best_head(candidates, *part["train"], *part["val"], progress)
@@ -172,6 +178,10 @@ class ImageClassifier:
         """Fail before any work on settings stage 2 would only reject after stage 1."""
         from headstart.augment import LEVELS
 
+        if self.schedule not in ("cosine", "plateau"):
+            raise DataError(f"schedule must be cosine or plateau, not {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise DataError("epochs and batch_size must be >= 1 and lr > 0")
         if isinstance(self.hidden, str) and self.hidden != "auto":
             raise DataError(f"hidden must be 'auto' or a list of layer widths, not {self.hidden!r}")
         if self.strategy not in ("head", "finetune", "auto"):
