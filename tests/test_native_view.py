@@ -177,11 +177,12 @@ def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
     ],
 )
 def test_head_candidates(hidden, n_train: int, has_val: bool, expected: list) -> None:
-    from headstart import ImageClassifier
-    from headstart.train import TrainConfig
+    from headstart.head import HeadConfig
+    from headstart.train import TrainConfig, head_candidates
 
     cfg = TrainConfig(epochs=60, patience=10)
-    candidates = ImageClassifier(hidden=hidden, dropout=0.3)._head_candidates(100, 4, cfg, n_train, has_val)
+    candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val)
+    assert all((c.in_features, c.n_classes) == (100, 4) for c, _ in candidates)
     assert [c.hidden for c, _ in candidates] == expected
     assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3
     if len(candidates) == 2:

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -26,20 +26,9 @@ from headstart.metrics import Evaluation, evaluate
 from headstart.preprocess import with_native_view
 from headstart.progress import NoProgress, Progress
 
-if TYPE_CHECKING:
-    from headstart.train import TrainConfig
-
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-# hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on
-# flowers (3,400 training photos) it lowers validation loss and gains 1-2 points over the linear head; on 200
-# photos it overfits.
-AUTO_HIDDEN = (64,)
-AUTO_HIDDEN_DROPOUT = 0.6
-AUTO_HIDDEN_MIN_TRAIN = 1000
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
-AUTO_HIDDEN_EPOCHS = 20
-AUTO_HIDDEN_PATIENCE = 5
 
 
 @dataclass
@@ -112,14 +101,14 @@ class ImageClassifier:
         _check_every_class_trains(dataset, part["train"][1])
 
         torch_loading.join()
-        from headstart.train import TrainConfig, fit_best_head
+        from headstart.train import TrainConfig, fit_best_head, head_candidates
 
         train_cfg = TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
         )
-        candidates = self._head_candidates(feats.shape[1], len(dataset.classes), train_cfg, len(part["train"][1]),
-                                           len(part["val"][1]) > 0)
+        candidates = head_candidates(self.hidden, self.dropout, HeadConfig(feats.shape[1], len(dataset.classes)),
+                                     train_cfg, len(part["train"][1]), len(part["val"][1]) > 0)
         head, history, train_cfg, val_losses = fit_best_head(candidates, *part["train"], *part["val"], progress)
         head_cfg = head.cfg
         t3 = time.perf_counter()
@@ -157,22 +146,6 @@ class ImageClassifier:
             log.info("photos are %d px on the short side: adding a %d px native view to the %d px one",
                      side, pre.native_size, pre.input_size)
         return replace(spec, preprocess=pre)
-
-    def _head_candidates(
-        self, dim: int, n_classes: int, train_cfg: TrainConfig, n_train: int, has_val: bool
-    ) -> list[tuple[HeadConfig, TrainConfig]]:
-        """The configured head; with hidden="auto", a linear head, plus a small hidden layer when there is
-        enough data to fit one and a validation split to choose between them (lower validation loss wins)."""
-        if self.hidden != "auto":
-            return [(HeadConfig(dim, n_classes, self.hidden, self.dropout), train_cfg)]
-        linear = (HeadConfig(dim, n_classes, (), self.dropout), train_cfg)
-        if not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
-            return [linear]
-        # A shorter schedule: with this much data the hidden layer peaks within 10-15 epochs, and the two fits
-        # together must stay a small part of a training run.
-        short = replace(train_cfg, epochs=min(train_cfg.epochs, AUTO_HIDDEN_EPOCHS),
-                        patience=min(train_cfg.patience, AUTO_HIDDEN_PATIENCE))
-        return [linear, (HeadConfig(dim, n_classes, AUTO_HIDDEN, AUTO_HIDDEN_DROPOUT), short)]
 
     def _check_settings(self) -> None:
         """Fail before any work on settings stage 2 would only reject after stage 1."""

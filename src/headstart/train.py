@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,15 @@ from headstart.model import Head
 from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
+# hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on
+# flowers (3,400 training photos) it lowers validation loss and gains 1-2 points over the linear head; on 200
+# photos it overfits. Its schedule is shorter: with that much data it peaks within 10-20 epochs, and the two
+# fits together must stay a small part of a training run.
+AUTO_HIDDEN = (64,)
+AUTO_HIDDEN_DROPOUT = 0.6
+AUTO_HIDDEN_MIN_TRAIN = 1000
+AUTO_HIDDEN_EPOCHS = 20
+AUTO_HIDDEN_PATIENCE = 5
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,21 @@ def fit_head(
         history.best_epoch = cfg.epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
     return head.eval(), history
+
+
+def head_candidates(
+    hidden: tuple[int, ...] | str, dropout: float, shape: HeadConfig, cfg: TrainConfig, n_train: int, has_val: bool
+) -> list[tuple[HeadConfig, TrainConfig]]:
+    """The heads to fit, with their training configs, for input and output sizes `shape`: the configured head;
+    with hidden="auto", a linear head, plus a small hidden layer when there is enough data to fit one and a
+    validation split to choose between them (`fit_best_head` keeps the lower validation loss)."""
+    if hidden != "auto":
+        return [(replace(shape, hidden=tuple(hidden), dropout=dropout), cfg)]
+    linear = (replace(shape, hidden=(), dropout=dropout), cfg)
+    if not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
+        return [linear]
+    short = replace(cfg, epochs=min(cfg.epochs, AUTO_HIDDEN_EPOCHS), patience=min(cfg.patience, AUTO_HIDDEN_PATIENCE))
+    return [linear, (replace(shape, hidden=AUTO_HIDDEN, dropout=AUTO_HIDDEN_DROPOUT), short)]
 
 
 class _AdvanceOnly:
