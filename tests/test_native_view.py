@@ -187,3 +187,14 @@ def test_head_candidates(hidden, n_train: int, has_val: bool, expected: list) ->
     assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3
     if len(candidates) == 2:
         assert candidates[1][0].dropout == 0.6 and candidates[1][1].epochs == 20 and candidates[1][1].patience == 5
+
+
+def test_auto_head_is_linear_when_fine_tuning_follows(any_size_clf, image_folder, monkeypatch) -> None:
+    import headstart.train as train
+
+    monkeypatch.setattr(train, "AUTO_HIDDEN_MIN_TRAIN", 1)  # the generated folder is far below 1,000 photos
+    head_only = any_size_clf(epochs=3).fit(image_folder)
+    assert [c["hidden"] for c in head_only.decision_["head_candidates"]] == [[], [64]]
+    tuned = any_size_clf(epochs=3, strategy="finetune", finetune_epochs=1, views=1).fit(image_folder)
+    assert "head_candidates" not in tuned.decision_  # stage 2 starts from a linear head, its better start
+    assert tuned.head_config_.hidden == ()
