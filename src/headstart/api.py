@@ -21,7 +21,7 @@ from headstart.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve
 from headstart.data import DataError, Dataset, list_images, scan_folder, typical_short_side
 from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
-from headstart.head import CHUNK_ROWS, HeadConfig, head_logits_numpy, softmax
+from headstart.head import CHUNK_ROWS, HeadConfig, TrainConfig, head_logits_numpy, softmax
 from headstart.metrics import Evaluation, evaluate
 from headstart.preprocess import with_native_view
 from headstart.progress import NoProgress, Progress
@@ -101,12 +101,9 @@ class ImageClassifier:
         _check_every_class_trains(dataset, part["train"][1])
 
         torch_loading.join()
-        from headstart.train import TrainConfig, fit_best_head, head_candidates
+        from headstart.train import fit_best_head, head_candidates
 
-        train_cfg = TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
-        )
+        train_cfg = self._train_config()
         # Stage 2 continues from the stage-1 head; from a hidden layer it never beat its start (flowers: 0.756
         # against 0.78 from a linear head), so when fine-tuning follows, "auto" means linear.
         hidden = () if self.hidden == "auto" and self.strategy != "head" else self.hidden
@@ -138,6 +135,12 @@ class ImageClassifier:
             self._stage2(paths, labels, splits, checkpoint_dir, resume, progress)
         return self
 
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
+        )
+
     def _with_native_view(self, spec: BackboneSpec, dataset: Dataset) -> BackboneSpec:
         """The backbone with a native view added when the training photos are much smaller than its input.
         Stage 2 fine-tunes through the standard view alone, so the native view is for the head strategy."""
@@ -154,10 +157,10 @@ class ImageClassifier:
         """Fail before any work on settings stage 2 would only reject after stage 1."""
         from headstart.augment import LEVELS
 
-        if self.schedule not in ("cosine", "plateau"):
-            raise DataError(f"schedule must be cosine or plateau, not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise DataError("epochs and batch_size must be >= 1 and lr > 0")
+        try:
+            self._train_config()
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
         if isinstance(self.hidden, str) and self.hidden != "auto":
             raise DataError(f"hidden must be 'auto' or a list of layer widths, not {self.hidden!r}")
         if self.strategy not in ("head", "finetune", "auto"):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from headstart.engines import cpu_threads
-from headstart.head import CHUNK_ROWS, HeadConfig
+from headstart.head import CHUNK_ROWS, HeadConfig, TrainConfig
 from headstart.model import Head
 from headstart.progress import NoProgress, Progress
 
@@ -32,28 +32,6 @@ AUTO_HIDDEN_DROPOUT = 0.6
 AUTO_HIDDEN_MIN_TRAIN = 1000
 AUTO_HIDDEN_EPOCHS = 20
 AUTO_HIDDEN_PATIENCE = 5
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    schedule: str = "cosine"  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
-    patience: int = 10  # epochs without a better validation loss before stopping
-    balance: bool = False  # weight the loss by inverse class frequency
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "plateau"):
-            raise ValueError(f"schedule must be 'cosine' or 'plateau', not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
