@@ -167,21 +167,22 @@ def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
 
 
 @pytest.mark.parametrize(
-    "hidden, n_train, has_val, expected",
+    "hidden, n_train, has_val, finetune_follows, expected",
     [
-        ("auto", 2000, True, [(), (64,)]),
-        ("auto", 999, True, [()]),  # too few photos to fit a hidden layer
-        ("auto", 2000, False, [()]),  # nothing to choose by
-        ((128,), 2000, True, [(128,)]),  # what the user asked for
-        ((), 2000, True, [()]),
+        ("auto", 2000, True, False, [(), (64,)]),
+        ("auto", 999, True, False, [()]),  # too few photos to fit a hidden layer
+        ("auto", 2000, False, False, [()]),  # nothing to choose by
+        ("auto", 2000, True, True, [()]),  # stage 2 starts best from a linear head
+        ((128,), 2000, True, True, [(128,)]),  # what the user asked for
+        ((), 2000, True, False, [()]),
     ],
 )
-def test_head_candidates(hidden, n_train: int, has_val: bool, expected: list) -> None:
+def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: bool, expected: list) -> None:
     from headstart.head import HeadConfig
     from headstart.train import TrainConfig, head_candidates
 
     cfg = TrainConfig(epochs=60, patience=10)
-    candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val)
+    candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val, finetune_follows)
     assert all((c.in_features, c.n_classes) == (100, 4) for c, _ in candidates)
     assert [c.hidden for c, _ in candidates] == expected
     assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3

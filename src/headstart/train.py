@@ -141,15 +141,19 @@ def fit_head(
 
 
 def head_candidates(
-    hidden: tuple[int, ...] | str, dropout: float, shape: HeadConfig, cfg: TrainConfig, n_train: int, has_val: bool
+    hidden: tuple[int, ...] | str, dropout: float, shape: HeadConfig, cfg: TrainConfig, n_train: int, has_val: bool,
+    finetune_follows: bool = False,
 ) -> list[tuple[HeadConfig, TrainConfig]]:
     """The heads to fit, with their training configs, for input and output sizes `shape`: the configured head;
     with hidden="auto", a linear head, plus a small hidden layer when there is enough data to fit one and a
-    validation split to choose between them (`fit_best_head` keeps the lower validation loss)."""
+    validation split to choose between them (`fit_best_head` keeps the lower validation loss).
+
+    When fine-tuning follows, "auto" is linear: stage 2 continues from this head, and from a hidden layer it
+    never beat its start (flowers: 0.756, against 0.78 from a linear head)."""
     if hidden != "auto":
         return [(replace(shape, hidden=tuple(hidden), dropout=dropout), cfg)]
     linear = (replace(shape, hidden=(), dropout=dropout), cfg)
-    if not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
+    if finetune_follows or not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
         return [linear]
     short = replace(cfg, epochs=min(cfg.epochs, AUTO_HIDDEN_EPOCHS), patience=min(cfg.patience, AUTO_HIDDEN_PATIENCE))
     return [linear, (replace(shape, hidden=AUTO_HIDDEN, dropout=AUTO_HIDDEN_DROPOUT), short)]
