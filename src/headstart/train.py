@@ -75,12 +75,13 @@ def fit_head(
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
     head: Head | None = None,
 ) -> tuple[Head, History]:
-    """Train a head on features: `head` if given (untrained), else a fresh one drawn from `cfg.seed`. Without
-    validation data, trains for all epochs and keeps the last."""
+    """Train a head on features: `head` if given (untrained, standardised for `x_train` already), else a fresh
+    one drawn from `cfg.seed`. Without validation data, trains for all epochs and keeps the last."""
     progress = progress or NoProgress()
     rng = np.random.default_rng(cfg.seed)
-    head = head or _fresh_head(head_cfg, cfg.seed)
-    head.set_standardization(x_train)
+    if head is None:
+        head = _fresh_head(head_cfg, cfg.seed)
+        head.set_standardization(x_train)
     train_rows = _standardized_rows(head, x_train)
     yt = torch.from_numpy(y_train.astype(np.int64))
     has_val = x_val is not None and len(x_val) > 0
@@ -190,8 +191,13 @@ def fit_best_head(
 
     Candidates train at once, one thread each: torch releases the GIL in its kernels, so two single-threaded
     fits on two cores take about as long as the slower one. Their initial weights are drawn first, in order,
-    because torch's global generator is not safe to seed from two threads."""
+    because torch's global generator is not safe to seed from two threads; their standardisation too, which
+    depends on the features alone."""
     heads = [_fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
+    heads[0].set_standardization(x_train)  # two passes over the features: once, since they are the same for all
+    for head in heads[1:]:
+        head.mean.copy_(heads[0].mean)
+        head.std.copy_(heads[0].std)
     fit_one = fit_head.__wrapped__  # the thread count is already pinned, for all of them
     progress = progress or NoProgress()
     progress.start("training head" if len(candidates) == 1 else f"training {len(candidates)} heads",
