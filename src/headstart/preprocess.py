@@ -50,10 +50,6 @@ class PreprocessConfig:
             native_size=int(d.get("native_size", 0)),  # models saved before native views have none
         )
 
-    @property
-    def n_views(self) -> int:
-        return 2 if self.native_size else 1
-
 
 NATIVE_VIEW_MAX_FRACTION = 0.6  # photos whose short side is at most this fraction of the input get a native view
 NATIVE_VIEW_MIN = 64  # below this the last stage's feature map is under 2 x 2
