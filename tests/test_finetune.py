@@ -222,10 +222,17 @@ def test_unfreeze_all_trains_every_stage_but_the_stem(tiny_weights, monkeypatch)
             assert not torch.equal(after[k], before[k]), f"{k} did not train"
 
 
+@pytest.mark.parametrize("n_units, per_unit", [(3, 0.35 ** 0.5), (8, 0.35 ** (1 / 7)), (2, 0.35), (1, 1.0)])
+def test_rates_fall_from_the_top_to_a_fixed_fraction_at_the_lowest_trained_stage(n_units, per_unit):
+    cfg = ft.FinetuneConfig(lr=1e-3, lowest_rate=0.35)
+    decay = ft.layer_decay(cfg, n_units)
+    assert decay == pytest.approx(per_unit)  # so the lowest of n units trains at 0.35 x lr
+
+
 def test_cli_parses_unfreeze():
     from headstart.cli import _parse_unfreeze
 
-    assert _parse_unfreeze("all") == "all" and _parse_unfreeze("3") == 3
+    assert _parse_unfreeze("all") == "all" and _parse_unfreeze("3") == 3 and _parse_unfreeze("auto") == "auto"
 
 
 @pytest.mark.parametrize("unfreeze", [0, -1, N_STAGES + 1, "banana"])
@@ -721,7 +728,8 @@ def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp
     assert (out / "model.safetensors").exists() and (out / "headstart.json").exists()
     assert not (out / "checkpoint").exists()
     info = json.loads((out / "headstart.json").read_text())
-    assert info["decision"]["kept"] == "finetune" and info["params"]["unfreeze"] == 2
+    assert info["decision"]["kept"] == "finetune" and info["params"]["unfreeze"] == "auto"
+    assert info["decision"]["finetune_config"]["unfreeze"] == 2  # auto: the top two stages at the standard size
 
 
 @pytest.mark.parametrize("value", ["0", "banana", "-1", ""])

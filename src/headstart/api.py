@@ -23,7 +23,7 @@ from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
 from headstart.head import CHUNK_ROWS, HeadConfig, TrainConfig, head_logits_numpy, softmax
 from headstart.metrics import Evaluation, evaluate
-from headstart.preprocess import with_native_view
+from headstart.preprocess import for_small_photos
 from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ImageClassifier:
         test_split: float = 0.0, hidden: Sequence[int] | str = "auto", dropout: float = 0.2, epochs: int = 60,
         lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 10,
         schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
-        strategy: str = "head", unfreeze: int | str = 2, augment: str = "light", finetune_epochs: int = 8,
+        strategy: str = "head", unfreeze: int | str = "auto", augment: str = "light", finetune_epochs: int = 8,
         finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False, native_view: bool = True,
     ) -> None:
         self.backbone = backbone
@@ -92,7 +92,7 @@ class ImageClassifier:
         progress = progress or NoProgress()
         t0 = time.perf_counter()
         dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
-        spec = self._with_native_view(resolve(self.backbone), dataset)
+        spec = self._sized_for_photos(resolve(self.backbone), dataset)
         frozen = FrozenBackbone.pretrained(spec, Path(self.weights) if self.weights else None)
         t1 = time.perf_counter()
         paths, feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
@@ -123,7 +123,9 @@ class ImageClassifier:
         self.val_metrics_ = self._evaluate_features(*part["val"]) if len(part["val"][1]) else None
         self.test_metrics_ = self._evaluate_features(*part["test"]) if len(part["test"][1]) else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
-        self.decision_ = {"strategy": self.strategy, "kept": "head", "native_size": spec.preprocess.native_size}
+        resized = spec.preprocess.input_size != resolve(self.backbone).preprocess.input_size
+        self.decision_ = {"strategy": self.strategy, "kept": "head", "native_size": spec.preprocess.native_size,
+                          "native_input": spec.preprocess.input_size if resized else 0}
         if len(candidates) > 1:
             self.decision_["head_candidates"] = [
                 {"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
@@ -139,17 +141,24 @@ class ImageClassifier:
             schedule=self.schedule, patience=self.patience, balance=self.balance, seed=self.seed,
         )
 
-    def _with_native_view(self, spec: BackboneSpec, dataset: Dataset) -> BackboneSpec:
-        """The backbone with a native view added when the training photos are much smaller than its input.
-        Stage 2 fine-tunes through the standard view alone, so the native view is for the head strategy."""
-        if not (self.native_view and spec.any_input_size and self.strategy == "head"):
+    def _sized_for_photos(self, spec: BackboneSpec, dataset: Dataset) -> BackboneSpec:
+        """The backbone's preprocessing fitted to training photos much smaller than its input (`for_small_photos`)."""
+        if not (self.native_view and spec.any_input_size):
             return spec
         side = typical_short_side([s.path for s in dataset.samples if s.split == "train"])
-        pre = with_native_view(spec.preprocess, side) if side else spec.preprocess
-        if pre.native_size:
-            log.info("photos are %d px on the short side: adding a %d px native view to the %d px one",
-                     side, pre.native_size, pre.input_size)
+        if not side:
+            return spec
+        pre = for_small_photos(spec.preprocess, side, fine_tuning=self.strategy != "head")
+        if pre != spec.preprocess:
+            log.info("photos are %d px on the short side: the network sees them at %d px%s", side,
+                     pre.native_size or pre.input_size, " beside the standard view" if pre.native_size else "")
         return replace(spec, preprocess=pre)
+
+    def _unfreeze(self) -> int | str:
+        """`auto`: every stage at the photos' own size (see `for_small_photos`), else the top two."""
+        if self.unfreeze != "auto":
+            return self.unfreeze
+        return "all" if self.decision_.get("native_input") else 2
 
     def _check_settings(self) -> None:
         """Fail before any work on settings stage 2 would only reject after stage 1."""
@@ -165,8 +174,8 @@ class ImageClassifier:
             raise DataError(f"strategy must be head, finetune or auto, not {self.strategy!r}")
         if self.augment not in LEVELS:
             raise DataError(f"augment must be one of {', '.join(LEVELS)}, not {self.augment!r}")
-        if self.unfreeze != "all" and not (str(self.unfreeze).isdigit() and int(self.unfreeze) >= 1):
-            raise DataError(f"unfreeze must be a stage count >= 1 or 'all', not {self.unfreeze!r}")
+        if self.unfreeze not in ("all", "auto") and not (str(self.unfreeze).isdigit() and int(self.unfreeze) >= 1):
+            raise DataError(f"unfreeze must be a stage count >= 1, 'all' or 'auto', not {self.unfreeze!r}")
         if self.views < 1 or self.finetune_epochs < 1:
             raise DataError("views and finetune_epochs must be >= 1")
 
@@ -190,7 +199,7 @@ class ImageClassifier:
             raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
         in_split = {name: [p for p, s in zip(paths, splits) if s == name] for name in SPLITS}
         cfg = FinetuneConfig(
-            unfreeze=self.unfreeze, epochs=self.finetune_epochs, views=self.views, augment=self.augment,
+            unfreeze=self._unfreeze(), epochs=self.finetune_epochs, views=self.views, augment=self.augment,
             lr=self.finetune_lr, train_bn=self.train_bn, seed=self.seed, batch_size=min(32, self.batch_size),
             device=pick_device(self.device),
         )

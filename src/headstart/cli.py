@@ -125,11 +125,11 @@ def _positive(value: float) -> float:
 
 
 def _parse_unfreeze(text: str) -> int | str:
-    if text == "all":
-        return "all"
+    if text in ("all", "auto"):
+        return text
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise typer.BadParameter(f"{text!r} is not a stage count >= 1 or 'all', e.g. --unfreeze 2", param_hint="'--unfreeze'")
+    raise typer.BadParameter(f"{text!r} is not a stage count >= 1, 'all' or 'auto', e.g. --unfreeze 2", param_hint="'--unfreeze'")
 
 
 def _parse_hidden(text: str) -> tuple[int, ...] | str:
@@ -185,14 +185,17 @@ def train(
     strategy: Annotated[Strategy, typer.Option(
         help="head: train the head on frozen features; finetune: then adapt the top stages; auto: fine-tune "
              "only if it pays, and keep whichever validates better.")] = Strategy.head,
-    unfreeze: Annotated[str, typer.Option(help="Top backbone stages to fine-tune, or 'all'.")] = "2",
+    unfreeze: Annotated[str, typer.Option(
+        help="Top backbone stages to fine-tune, or 'all'; auto: all for small photos (run at their own size), "
+             "else 2.")] = "auto",
     augment: Annotated[Augment, typer.Option(help="Augmentation while fine-tuning.")] = Augment.light,
     finetune_epochs: Annotated[int, typer.Option(min=1, help="Maximum fine-tuning epochs.")] = 8,
     finetune_lr: Annotated[float, typer.Option(callback=_positive, help="Rate of the top unfrozen stage.")] = 5e-4,
     views: Annotated[int, typer.Option(min=1, help="Augmented views per image cached for fine-tuning.")] = 4,
     train_bn: Annotated[bool, typer.Option(help="Let BatchNorm in unfrozen stages update its statistics.")] = False,
     native_view: Annotated[bool, typer.Option(
-        help="For photos much smaller than the backbone's input, add a view at their own size (head strategy).",
+        help="For photos much smaller than the backbone's input: add a view at their own size (head strategy), "
+             "or fine-tune at their own size (finetune, auto).",
     )] = True,
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue an interrupted run whose model directory this is (finished work is reused "

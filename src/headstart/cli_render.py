@@ -162,13 +162,14 @@ def train_summary(
     history = clf.history_
     timings = clf.timings_
     epochs_run = len(history.train_loss)
+    decision = getattr(clf, "decision_", None) or {}
     rows = [
         ("data", str(data)),
         ("classes", f"{len(classes)}: {shown}"),
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
-        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess)),
-        ("head", _head_line(clf.head_config_, (getattr(clf, "decision_", None) or {}).get("head_candidates"))),
+        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.get("native_input", 0))),
+        ("head", _head_line(clf.head_config_, decision.get("head_candidates"))),
         (
             "features",
             f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s",
@@ -179,7 +180,6 @@ def train_summary(
             f"best epoch {history.best_epoch + 1}, {timings.get('train_s', 0.0):.1f} s",
         ),
     ]
-    decision = getattr(clf, "decision_", None) or {}
     if decision.get("strategy", "head") != "head":
         rows.append(("strategy", _decision_line(decision, timings)))
     if clf.val_metrics_ is not None:
@@ -192,8 +192,8 @@ def train_summary(
     return _key_value_table("headstart train", rows)
 
 
-def _backbone_line(backbone: str, pre) -> str:
-    line = f"{backbone}, {pre.input_size} px"
+def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:
+    line = f"{backbone}, {pre.input_size} px" + (" (the photos' own size: they are small)" if native_input else "")
     return line + (f" + a {pre.native_size} px native view (the photos are small)" if pre.native_size else "")
 
 

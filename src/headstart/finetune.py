@@ -34,9 +34,9 @@ class FinetuneConfig:
     epochs: int = 8
     views: int = 4  # augmented views per training image in the boundary cache; epochs cycle through them
     augment: str = "light"
-    lr: float = 5e-4  # rate of the top stage; each stage below gets `layer_decay` times the one above
+    lr: float = 5e-4  # rate of the top stage (the final 1x1 conv trains with it)
     head_lr: float = 1e-3
-    layer_decay: float = 0.6
+    lowest_rate: float = 0.35  # the lowest trained stage's rate, as a fraction of `lr`; geometric in between
     weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     batch_size: int = 32
@@ -79,6 +79,15 @@ def boundary_for(net: PooledFeatures, unfreeze: int | str) -> int:
     if not 1 <= n <= net.n_stages:
         raise FinetuneError(f"--unfreeze must be 1..{net.n_stages} stages or 'all', not {unfreeze}")
     return net.n_stages - n
+
+
+def layer_decay(cfg: FinetuneConfig, n_units: int) -> float:
+    """The factor between the rates of neighbouring trained units, from `lr` at the top down to `lr * lowest_rate`.
+
+    A fixed ratio from top to bottom rather than a fixed factor per stage: measured on flowers, the top two stages
+    did best with 0.6 per stage and all seven with 0.85, both about a third of the top rate at the bottom (with 0.6,
+    the bottom of seven stages barely moves)."""
+    return cfg.lowest_rate ** (1 / (n_units - 1)) if n_units > 1 else 1.0
 
 
 def set_trainable(net: PooledFeatures, boundary: int) -> list[nn.Module]:
@@ -138,7 +147,7 @@ def finetune(
     units = set_trainable(net, boundary)
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
     for depth, unit in enumerate(reversed(units)):
-        groups.append({"params": list(unit.parameters()), "lr": cfg.lr * cfg.layer_decay ** depth})
+        groups.append({"params": list(unit.parameters()), "lr": cfg.lr * layer_decay(cfg, len(units)) ** depth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step, CPU and CUDA
     n_train = len(train["labels"])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
