@@ -270,6 +270,24 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
     assert "skipped: " in result.stderr and "notes0.txt: not an image" in result.stderr
 
 
+def test_train_summary_says_a_fine_tuned_model_runs_at_the_photos_size_with_a_refitted_head() -> None:
+    from headstart import cli_render
+
+    refit = [{"hidden": [], "dropout": 0.2, "val_loss": 0.52}, {"hidden": [64], "dropout": 0.6, "val_loss": 0.49}]
+    decision = {"strategy": "finetune", "kept": "finetune", "native_size": 0, "native_input": 128,
+                "head_val_accuracy": 0.76, "finetune_val_accuracy": 0.83, "reason": "asked for",
+                "refit": {"kept": True, "val_accuracy": 0.83, "val_log_loss": 0.49, "candidates": refit},
+                "head_candidates": None}
+    line = cli_render._decision_line(decision, {"finetune_s": 512.0})
+    assert line == "finetune: kept finetune (val accuracy head 0.760, fine-tuned, head refitted 0.830; 512 s)"
+    assert cli_render._kept_head_candidates(decision) == refit
+    assert cli_render._kept_head_candidates({**decision, "refit": {**decision["refit"], "kept": False}}) is None
+    pre = PreprocessConfig(input_size=128, crop_pct=1.0)
+    assert cli_render._backbone_line("efficientnet_lite0", pre, 128) == (
+        "efficientnet_lite0, 128 px (the photos' own size: they are small)")
+    assert cli_render._backbone_line("efficientnet_lite0", PreprocessConfig(), 0) == "efficientnet_lite0, 224 px"
+
+
 def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["train", str(image_folder), "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output

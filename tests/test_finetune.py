@@ -475,8 +475,8 @@ def test_patience_grows_with_the_run_unless_given(epochs, patience, expected):
 
 
 def test_a_long_run_survives_a_slow_start_against_the_stage1_model(tiny_weights, monkeypatch):
-    """Epochs 0-2 score below the stage-1 model, epoch 3 beats it: a 16-epoch run (patience 4) goes on to it
-    where a fixed patience of 3 would have stopped after three epochs."""
+    """Epochs 0-2 score below the stage-1 model, epoch 3 beats it: a 16-epoch run (patience 4) goes on to it and
+    stops 4 epochs after it."""
     losses = {"base": 1.0, 0: 1.2, 1: 1.1, 2: 1.05, 3: 0.5, **{e: 0.6 for e in range(4, 16)}}
     cfg = ft.FinetuneConfig(unfreeze=2, epochs=16, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
     net = _net(tiny_weights)
@@ -486,6 +486,29 @@ def test_a_long_run_survives_a_slow_start_against_the_stage1_model(tiny_weights,
     history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
     assert history.best_epoch == 3
     assert history.stopped_early and len(history.val_loss) == 8  # stopped 4 epochs after the best
+
+
+def test_patience_follows_stage2_own_progress_but_the_stage1_model_stays_the_one_to_beat(tiny_weights, monkeypatch):
+    """Epochs 0-3 score below the stage-1 model but improve on each other: no epoch counts as bad, and epoch 4
+    beats it. Epochs that stop improving end the run (patience 3); a run that never beats the stage-1 model keeps it."""
+    losses = {"base": 1.0, 0: 1.3, 1: 1.2, 2: 1.1, 3: 1.05, 4: 0.5, 5: 0.6, 6: 0.6, 7: 0.6}
+    cfg = ft.FinetuneConfig(unfreeze=2, epochs=8, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
+    net = _net(tiny_weights)
+    data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
+    sink = EpochCounter()
+    _scripted_validation(monkeypatch, sink, losses)
+    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    assert history.best_epoch == 4 and len(history.val_loss) == 8 and history.stopped_early
+
+    monkeypatch.undo()  # the scripted validation wraps the real one, not the first script
+    worse = {"base": 1.0, 0: 1.3, 1: 1.2, 2: 1.25, 3: 1.25, 4: 1.25, 5: 0.1}
+    net = _net(tiny_weights)
+    before = _state(net)
+    sink = EpochCounter()
+    _scripted_validation(monkeypatch, sink, worse)
+    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    assert len(history.val_loss) == 5 and history.stopped_early  # three epochs without bettering epoch 1
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the stage-1 weights are kept
 
 
 def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp_path, monkeypatch):
@@ -678,6 +701,36 @@ def test_auto_stage2_decision_is_saved(make_clf, image_folder, tiny_weights, tmp
     pretrained = read_state_dict(tiny_weights)
     same = all(torch.equal(saved[f"backbone.{k}"], v) for k, v in pretrained.items() if f"backbone.{k}" in saved)
     assert same == (decision["kept"] == "head")
+
+
+@pytest.mark.parametrize("refit_better", [True, False])
+def test_a_refitted_head_is_kept_only_when_it_validates_better(make_clf, image_folder, monkeypatch, refit_better):
+    """After stage 2 a new head is fitted on the tuned backbone's features; the lower validation log loss wins."""
+    real = strategy.refit_head
+    made = {}
+
+    def refit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        labels, splits = args[6], args[7]
+        y = labels[splits == "val"]
+        sure = np.full((len(y), out.val_proba.shape[1]), 0.01 / (out.val_proba.shape[1] - 1))
+        sure[np.arange(len(y)), y] = 0.99
+        out.val_proba = sure if refit_better else np.roll(sure, 1, axis=1)  # all right, or all wrong
+        made["refit"] = out
+        return out
+
+    monkeypatch.setattr(strategy, "refit_head", refit)
+    clf = make_clf().fit(image_folder)
+    out, decision = made["refit"], clf.decision_
+    assert decision["kept"] == "finetune" and decision["refit"]["kept"] is refit_better
+    assert [c["hidden"] for c in decision["refit"]["candidates"]] == [[]]  # 15 photos: too few for a hidden layer
+    if refit_better:
+        assert clf.val_metrics_.log_loss == pytest.approx(-np.log(0.99))
+    else:
+        assert clf.val_metrics_.log_loss < decision["refit"]["val_log_loss"] == pytest.approx(-np.log(0.005))
+    assert decision["finetune_val_accuracy"] == clf.val_metrics_.accuracy
+    same_head = all(np.array_equal(v, clf.head_state_[k]) for k, v in out.head_state.items())
+    assert same_head is refit_better
 
 
 # --- 8. saving a fine-tuned model ------------------------------------------------------------------------------

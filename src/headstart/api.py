@@ -21,7 +21,7 @@ from headstart.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve
 from headstart.data import DataError, Dataset, list_images, scan_folder, typical_short_side
 from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
-from headstart.head import CHUNK_ROWS, HeadConfig, TrainConfig, head_logits_numpy, softmax
+from headstart.head import HeadConfig, TrainConfig, head_proba
 from headstart.metrics import Evaluation, evaluate
 from headstart.preprocess import for_small_photos
 from headstart.progress import NoProgress, Progress
@@ -183,7 +183,7 @@ class ImageClassifier:
                 progress: Progress) -> None:
         """Stage 2 on the images stage 1 could read (`paths`, with their labels and splits)."""
         from headstart.finetune import FinetuneConfig, FinetuneError
-        from headstart.strategy import decide_auto, run_finetune
+        from headstart.strategy import decide_auto, refit_head, run_finetune
 
         tr, va = splits == "train", splits == "val"
         head_acc = self.val_metrics_.accuracy if self.val_metrics_ else None
@@ -215,9 +215,18 @@ class ImageClassifier:
             self.decision_["reason"] = f"this backbone cannot be fine-tuned ({exc})"
             log.info("auto: keeping the head alone (%s)", exc)
             return
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the result is in memory, save() is next
         tuned = evaluate(labels[va], result.val_proba, self.classes_)
+        head_cfg, head_state = self.head_config_, result.head_state
+        refit = refit_head(result.frozen, head_cfg, self.hidden, self.dropout, self._train_config(), paths, labels,
+                           splits, self.device, progress)
+        refitted = evaluate(labels[va], refit.val_proba, self.classes_)
+        keep_refit = refitted.log_loss < tuned.log_loss
+        self.decision_["refit"] = {"kept": keep_refit, "val_accuracy": refitted.accuracy,
+                                   "val_log_loss": refitted.log_loss, "candidates": refit.candidates}
+        if keep_refit:
+            head_cfg, head_state, tuned = refit.head_cfg, refit.head_state, refitted
+        if checkpoint_dir:  # finished: the result is in memory, save() is next
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         self.timings_["finetune_s"] = time.perf_counter() - t0
         self.decision_.update(finetune_val_accuracy=tuned.accuracy, finetune_config=cfg.to_dict(),
                               finetune_history=result.history.to_dict())
@@ -225,14 +234,10 @@ class ImageClassifier:
             tuned.accuracy == head_acc and tuned.log_loss < self.val_metrics_.log_loss)
         if self.strategy == "finetune" or better:
             self.decision_["kept"] = "finetune"
-            self.frozen_, self.head_state_, self.val_metrics_ = result.frozen, result.head_state, tuned
-            if pick_device(self.device) == "cpu":
-                self.frozen_.engine("cpu")  # export once now, so predicting right after training is fast
-            te = splits == "test"
-            if te.any():  # the old test features came from the backbone before fine-tuning: score it anew
-                cache = FeatureCache(self.frozen_)
-                feats, kept, _ = cache.features_for(in_split["test"], lambda: self.frozen_.engine(self.device))
-                self.test_metrics_ = self._evaluate_features(feats, labels[te][kept])
+            self.frozen_, self.head_config_, self.head_state_ = result.frozen, head_cfg, head_state
+            self.val_metrics_ = tuned
+            if len(refit.test[1]):  # the old test features came from the backbone before fine-tuning
+                self.test_metrics_ = self._evaluate_features(*refit.test)
         log.info("kept %s (head val %.4f, fine-tuned val %.4f)", self.decision_["kept"], head_acc, tuned.accuracy)
 
     def _dataset_features(self, dataset: Dataset, frozen: FrozenBackbone, progress: Progress):
@@ -252,10 +257,7 @@ class ImageClassifier:
         return evaluate(labels, self._proba(feats), self.classes_)
 
     def _proba(self, feats: np.ndarray) -> np.ndarray:
-        return np.concatenate([
-            softmax(head_logits_numpy(self.head_state_, self.head_config_, np.asarray(feats[i:i + CHUNK_ROWS])))
-            for i in range(0, max(len(feats), 1), CHUNK_ROWS)
-        ])
+        return head_proba(self.head_config_, self.head_state_, feats)
 
     # --- inference ---------------------------------------------------------------------------------------------
 

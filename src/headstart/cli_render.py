@@ -169,7 +169,7 @@ def train_summary(
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
         ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.get("native_input", 0))),
-        ("head", _head_line(clf.head_config_, decision.get("head_candidates"))),
+        ("head", _head_line(clf.head_config_, _kept_head_candidates(decision))),
         (
             "features",
             f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s",
@@ -208,10 +208,19 @@ def _head_line(cfg, candidates: list[dict] | None) -> str:
     return line
 
 
+def _kept_head_candidates(decision: dict) -> list[dict] | None:
+    """The heads the kept one was chosen among: stage 1's, or the refit's after fine-tuning."""
+    refit = decision.get("refit") or {}
+    if decision.get("kept") == "finetune" and refit.get("kept"):
+        return refit["candidates"]
+    return decision.get("head_candidates")
+
+
 def _decision_line(decision: dict, timings: dict) -> str:
     line = f"{decision['strategy']}: kept {decision['kept']}"
     if "finetune_val_accuracy" in decision:
-        line += (f" (val accuracy head {decision['head_val_accuracy']:.3f}, fine-tuned "
+        refitted = ", head refitted" if (decision.get("refit") or {}).get("kept") else ""
+        line += (f" (val accuracy head {decision['head_val_accuracy']:.3f}, fine-tuned{refitted} "
                  f"{decision['finetune_val_accuracy']:.3f}; {timings.get('finetune_s', 0.0):.0f} s)")
     if decision.get("reason") and decision["strategy"] == "auto":
         line += f"; {decision['reason']}"

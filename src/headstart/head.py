@@ -62,3 +62,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def head_proba(cfg: HeadConfig, state: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Class probabilities, chunk by chunk: `features` may be memory-mapped and larger than memory."""
+    return np.concatenate([
+        softmax(head_logits_numpy(state, cfg, np.asarray(features[i:i + CHUNK_ROWS])))
+        for i in range(0, max(len(features), 1), CHUNK_ROWS)
+    ])

@@ -14,7 +14,7 @@ import numpy as np
 
 from headstart.boundary import BoundaryStore, bottom_engine
 from headstart.features import FrozenBackbone, content_key
-from headstart.head import HeadConfig
+from headstart.head import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
 from headstart.train import History
@@ -68,6 +68,42 @@ def run_finetune(
         val_proba = torch.softmax(head(top_features(net, boundary, val["acts"], val["taps"])), 1).numpy()
     tuned = _save_backbone(frozen, net.backbone.state_dict())
     return FinetuneResult(tuned, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba)
+
+
+@dataclass
+class Refit:
+    head_cfg: HeadConfig
+    head_state: dict[str, np.ndarray]
+    val_proba: np.ndarray
+    test: tuple[np.ndarray, np.ndarray]  # the test split's features and labels, for whichever head is kept
+    candidates: list[dict]
+
+
+def refit_head(
+    frozen: FrozenBackbone, shape: HeadConfig, hidden, dropout: float, train_cfg, paths: list[Path],
+    labels: np.ndarray, splits: np.ndarray, device: str, progress: Progress | None = None,
+) -> Refit:
+    """A new head on the fine-tuned backbone's features of the photos as predicting sees them (whole, unaugmented),
+    chosen like stage 1's (`--hidden auto`), for the caller to keep if it validates better than stage 2's head.
+
+    Stage 2 trains its head on augmented crops, beside a backbone that is still moving; a head fitted afterwards
+    on the final features does better. On flowers (all stages fine-tuned at 160 px): 0.773 with stage 2's head,
+    0.780 with a refitted linear head, 0.792 with the hidden layer `auto` picks. It costs one extraction pass."""
+    from headstart.features import FeatureCache
+    from headstart.train import fit_best_head, head_candidates
+
+    progress = progress or NoProgress()
+    progress.start("features of the fine-tuned backbone", len(paths))
+    feats, readable, _ = FeatureCache(frozen).features_for(paths, lambda: frozen.engine(device), progress.advance)
+    progress.finish()
+    labels, splits = labels[readable], splits[readable]
+    tr, va, te = (splits == "train"), (splits == "val"), (splits == "test")
+    candidates = head_candidates(hidden, dropout, shape, train_cfg, int(tr.sum()), bool(va.any()))
+    head, _, _, losses = fit_best_head(candidates, feats[tr], labels[tr], feats[va], labels[va], progress)
+    state = {k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
+    return Refit(head.cfg, state, head_proba(head.cfg, state, feats[va]), (feats[te], labels[te]),
+                 [{"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
+                  for (c, _), loss in zip(candidates, losses)])
 
 
 def decide_auto(n_train: int, has_val: bool, head_val_accuracy: float | None) -> tuple[bool, str]:
