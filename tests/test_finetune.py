@@ -478,12 +478,7 @@ def test_a_long_run_survives_a_slow_start_against_the_stage1_model(tiny_weights,
     """Epochs 0-2 score below the stage-1 model, epoch 3 beats it: a 16-epoch run (patience 4) goes on to it and
     stops 4 epochs after it."""
     losses = {"base": 1.0, 0: 1.2, 1: 1.1, 2: 1.05, 3: 0.5, **{e: 0.6 for e in range(4, 16)}}
-    cfg = ft.FinetuneConfig(unfreeze=2, epochs=16, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
-    net = _net(tiny_weights)
-    data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
-    sink = EpochCounter()
-    _scripted_validation(monkeypatch, sink, losses)
-    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    _, history = _scripted_run(tiny_weights, monkeypatch, losses, epochs=16)
     assert history.best_epoch == 3
     assert history.stopped_early and len(history.val_loss) == 8  # stopped 4 epochs after the best
 
@@ -492,23 +487,25 @@ def test_patience_follows_stage2_own_progress_but_the_stage1_model_stays_the_one
     """Epochs 0-3 score below the stage-1 model but improve on each other: no epoch counts as bad, and epoch 4
     beats it. Epochs that stop improving end the run (patience 3); a run that never beats the stage-1 model keeps it."""
     losses = {"base": 1.0, 0: 1.3, 1: 1.2, 2: 1.1, 3: 1.05, 4: 0.5, 5: 0.6, 6: 0.6, 7: 0.6}
-    cfg = ft.FinetuneConfig(unfreeze=2, epochs=8, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
-    net = _net(tiny_weights)
-    data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
-    sink = EpochCounter()
-    _scripted_validation(monkeypatch, sink, losses)
-    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    _, history = _scripted_run(tiny_weights, monkeypatch, losses, epochs=8)
     assert history.best_epoch == 4 and len(history.val_loss) == 8 and history.stopped_early
 
     monkeypatch.undo()  # the scripted validation wraps the real one, not the first script
     worse = {"base": 1.0, 0: 1.3, 1: 1.2, 2: 1.25, 3: 1.25, 4: 1.25, 5: 0.1}
-    net = _net(tiny_weights)
-    before = _state(net)
-    sink = EpochCounter()
-    _scripted_validation(monkeypatch, sink, worse)
-    history = ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    before = _state(_net(tiny_weights))
+    net, history = _scripted_run(tiny_weights, monkeypatch, worse, epochs=8)
     assert len(history.val_loss) == 5 and history.stopped_early  # three epochs without bettering epoch 1
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the stage-1 weights are kept
+
+
+def _scripted_run(tiny_weights, monkeypatch, losses: dict, epochs: int):
+    """Fine-tune the tiny net's top 2 stages on synthetic data, with validation losses scripted by epoch."""
+    cfg = ft.FinetuneConfig(unfreeze=2, epochs=epochs, views=1, lr=1e-2, head_lr=1e-2, batch_size=4)
+    net = _net(tiny_weights)
+    data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
+    sink = EpochCounter()
+    _scripted_validation(monkeypatch, sink, losses)
+    return net, ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
 
 
 def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp_path, monkeypatch):
