@@ -191,12 +191,12 @@ def test_cli_defaults_are_the_api_defaults():
 
 
 def test_split_rows_are_blocks_and_disorder_is_caught():
-    from headstart.api import _split_rows
+    from headstart.data import split_rows
 
-    rows = _split_rows(np.array(["train"] * 3 + ["val"] * 2))
+    rows = split_rows(np.array(["train"] * 3 + ["val"] * 2))
     assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}
     with pytest.raises(AssertionError):
-        _split_rows(np.array(["train", "val", "train"]))
+        split_rows(np.array(["train", "val", "train"]))
 
 
 @pytest.mark.parametrize(

@@ -708,11 +708,10 @@ def test_a_refitted_head_is_kept_only_when_it_validates_better(make_clf, image_f
 
     def refit(*args, **kwargs):
         out = real(*args, **kwargs)
-        labels, splits = args[6], args[7]
-        y = labels[splits == "val"]
-        sure = np.full((len(y), out.val_proba.shape[1]), 0.01 / (out.val_proba.shape[1] - 1))
+        proba, y = out.val
+        sure = np.full(proba.shape, 0.01 / (proba.shape[1] - 1))
         sure[np.arange(len(y)), y] = 0.99
-        out.val_proba = sure if refit_better else np.roll(sure, 1, axis=1)  # all right, or all wrong
+        out.val = (sure if refit_better else np.roll(sure, 1, axis=1), y)  # all right, or all wrong
         made["refit"] = out
         return out
 

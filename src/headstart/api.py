@@ -18,7 +18,7 @@ import numpy as np
 
 from headstart import artifact
 from headstart.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve
-from headstart.data import DataError, Dataset, list_images, scan_folder, typical_short_side
+from headstart.data import SPLITS, DataError, Dataset, list_images, scan_folder, split_rows, typical_short_side
 from headstart.engines import pick_device
 from headstart.features import FeatureCache, FrozenBackbone, extract
 from headstart.head import HeadConfig, TrainConfig, head_proba
@@ -27,7 +27,6 @@ from headstart.preprocess import for_small_photos
 from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
 
 
@@ -92,16 +91,17 @@ class ImageClassifier:
         progress = progress or NoProgress()
         t0 = time.perf_counter()
         dataset = scan_folder(data, val_split=self.val_split, test_split=self.test_split, seed=self.seed)
-        spec = self._sized_for_photos(resolve(self.backbone), dataset)
+        standard = resolve(self.backbone)
+        spec = self._sized_for_photos(standard, dataset)
         frozen = FrozenBackbone.pretrained(spec, Path(self.weights) if self.weights else None)
         t1 = time.perf_counter()
         paths, feats, labels, splits, failures, cached = self._dataset_features(dataset, frozen, progress)
         t2 = time.perf_counter()
-        part = {split: (feats[rows], labels[rows]) for split, rows in _split_rows(splits).items()}
+        part = {split: (feats[rows], labels[rows]) for split, rows in split_rows(splits).items()}
         _check_every_class_trains(dataset, part["train"][1])
 
         torch_loading.join()
-        from headstart.train import fit_best_head, head_candidates
+        from headstart.train import describe_candidates, fit_best_head, head_candidates
 
         train_cfg = self._train_config()
         candidates = head_candidates(self.hidden, self.dropout, HeadConfig(feats.shape[1], len(dataset.classes)),
@@ -123,14 +123,11 @@ class ImageClassifier:
         self.val_metrics_ = self._evaluate_features(*part["val"]) if len(part["val"][1]) else None
         self.test_metrics_ = self._evaluate_features(*part["test"]) if len(part["test"][1]) else None
         self.timings_ = {"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": t3 - t2}
-        resized = spec.preprocess.input_size != resolve(self.backbone).preprocess.input_size
+        resized = spec.preprocess.input_size != standard.preprocess.input_size
         self.decision_ = {"strategy": self.strategy, "kept": "head", "native_size": spec.preprocess.native_size,
                           "native_input": spec.preprocess.input_size if resized else 0}
         if len(candidates) > 1:
-            self.decision_["head_candidates"] = [
-                {"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
-                for (c, _), loss in zip(candidates, val_losses)
-            ]
+            self.decision_["head_candidates"] = describe_candidates(candidates, val_losses)
         if self.strategy != "head":
             self._stage2(paths, labels, splits, checkpoint_dir, resume, progress)
         return self
@@ -219,7 +216,7 @@ class ImageClassifier:
         head_cfg, head_state = self.head_config_, result.head_state
         refit = refit_head(result.frozen, head_cfg, self.hidden, self.dropout, self._train_config(), paths, labels,
                            splits, self.device, progress)
-        refitted = evaluate(labels[va], refit.val_proba, self.classes_)
+        refitted = evaluate(refit.val[1], refit.val[0], self.classes_)
         keep_refit = refitted.log_loss < tuned.log_loss
         self.decision_["refit"] = {"kept": keep_refit, "val_accuracy": refitted.accuracy,
                                    "val_log_loss": refitted.log_loss, "candidates": refit.candidates}
@@ -397,14 +394,3 @@ def _readable_counts(classes: Sequence[str], labels: np.ndarray, splits: np.ndar
         for split in SPLITS if (splits == split).any()
     }
 
-
-def _split_rows(splits: np.ndarray) -> dict[str, slice]:
-    """Each split's block of rows, in features ordered split by split."""
-    rows, start = {}, 0
-    for split in SPLITS:
-        n = int((splits == split).sum())
-        rows[split] = slice(start, start + n)
-        start += n
-    if not all((splits[rows[s]] == s).all() for s in SPLITS):
-        raise AssertionError("features are not ordered split by split")
-    return rows

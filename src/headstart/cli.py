@@ -129,7 +129,8 @@ def _parse_unfreeze(text: str) -> int | str:
         return text
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise typer.BadParameter(f"{text!r} is not a stage count >= 1, 'all' or 'auto', e.g. --unfreeze 2", param_hint="'--unfreeze'")
+    raise typer.BadParameter(f"{text!r} is not a stage count >= 1, 'all' or 'auto', e.g. --unfreeze 2",
+                             param_hint="'--unfreeze'")
 
 
 def _parse_hidden(text: str) -> tuple[int, ...] | str:

@@ -30,6 +30,7 @@ __all__ = [
     "load_rgb",
     "load_views",
     "scan_folder",
+    "split_rows",
     "typical_short_side",
 ]
 
@@ -168,6 +169,19 @@ def load_for_model(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
 def load_views(path: Path | str, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
     """Decode one image once and preprocess it into each of the config's views (see `eval_views`)."""
     return eval_views(load_rgb(path, cfg.resize_size), cfg)
+
+
+def split_rows(splits: np.ndarray) -> dict[str, slice]:
+    """Each split's block of rows in arrays ordered split by split: slices, so a memory-mapped array is viewed,
+    never copied."""
+    rows, start = {}, 0
+    for split in SPLITS:
+        n = int((splits == split).sum())
+        rows[split] = slice(start, start + n)
+        start += n
+    if not all((splits[rows[s]] == s).all() for s in SPLITS):
+        raise AssertionError("features are not ordered split by split")
+    return rows
 
 
 def typical_short_side(paths: Sequence[Path], sample: int = 64) -> int | None:

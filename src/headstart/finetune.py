@@ -146,8 +146,9 @@ def finetune(
     boundary = boundary_for(net, cfg.unfreeze)
     units = set_trainable(net, boundary)
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
+    decay = layer_decay(cfg, len(units))
     for depth, unit in enumerate(reversed(units)):
-        groups.append({"params": list(unit.parameters()), "lr": cfg.lr * layer_decay(cfg, len(units)) ** depth})
+        groups.append({"params": list(unit.parameters()), "lr": cfg.lr * decay ** depth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step, CPU and CUDA
     n_train = len(train["labels"])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -273,7 +274,7 @@ def _save_checkpoint(directory, net, head, trained, best_state, opt, sched, rng,
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    meta = dict(epoch=epoch, best_loss=best_loss, stage2_best=stage2_best, bad_epochs=bad_epochs, n_train=n_train, config=cfg.to_dict(),
-                optimizer=opt_meta, scheduler=sched_state, numpy_rng=rng.bit_generator.state,
+    meta = dict(epoch=epoch, best_loss=best_loss, stage2_best=stage2_best, bad_epochs=bad_epochs, n_train=n_train,
+                config=cfg.to_dict(), optimizer=opt_meta, scheduler=sched_state, numpy_rng=rng.bit_generator.state,
                 history=history.to_dict())
     checkpoint.save(directory, tensors, meta)

@@ -74,7 +74,7 @@ def run_finetune(
 class Refit:
     head_cfg: HeadConfig
     head_state: dict[str, np.ndarray]
-    val_proba: np.ndarray
+    val: tuple[np.ndarray, np.ndarray]  # validation probabilities and labels (of the photos still readable)
     test: tuple[np.ndarray, np.ndarray]  # the test split's features and labels, for whichever head is kept
     candidates: list[dict]
 
@@ -91,20 +91,21 @@ def refit_head(
     0.780 with a refitted linear head, 0.792 with the hidden layer `auto` picks. At 128 px (the default there)
     the refit wins on validation log loss (0.49 against 0.52) at the same accuracy. It costs one extraction pass."""
     from headstart.features import FeatureCache
-    from headstart.train import fit_best_head, head_candidates
+    from headstart.data import split_rows
+    from headstart.train import describe_candidates, fit_best_head, head_candidates
 
     progress = progress or NoProgress()
     progress.start("features of the fine-tuned backbone", len(paths))
     feats, readable, _ = FeatureCache(frozen).features_for(paths, lambda: frozen.engine(device), progress.advance)
     progress.finish()
-    labels, splits = labels[readable], splits[readable]
-    tr, va, te = (splits == "train"), (splits == "val"), (splits == "test")
-    candidates = head_candidates(hidden, dropout, shape, train_cfg, int(tr.sum()), bool(va.any()))
+    labels = labels[readable]
+    rows = split_rows(splits[readable])  # `paths` are ordered split by split, as stage 1 reads them
+    tr, va, te = rows["train"], rows["val"], rows["test"]
+    candidates = head_candidates(hidden, dropout, shape, train_cfg, len(labels[tr]), len(labels[va]) > 0)
     head, _, _, losses = fit_best_head(candidates, feats[tr], labels[tr], feats[va], labels[va], progress)
     state = {k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
-    return Refit(head.cfg, state, head_proba(head.cfg, state, feats[va]), (feats[te], labels[te]),
-                 [{"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
-                  for (c, _), loss in zip(candidates, losses)])
+    return Refit(head.cfg, state, (head_proba(head.cfg, state, feats[va]), labels[va]), (feats[te], labels[te]),
+                 describe_candidates(candidates, losses))
 
 
 def decide_auto(n_train: int, has_val: bool, head_val_accuracy: float | None) -> tuple[bool, str]:
