@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from headstart import ImageClassifier, checkpoint, finetune as ft, strategy  # noqa: E402
 from headstart.augment import augmented_view  # noqa: E402
 from headstart.backbones import read_state_dict, resolve  # noqa: E402
-from headstart.boundary import BoundaryStore, bottom_engine  # noqa: E402
+from headstart.boundary import BoundaryStore, bottom_engine, stores_pixels  # noqa: E402
 from headstart.errors import UserError  # noqa: E402
 from headstart.features import FrozenBackbone  # noqa: E402
 from headstart.head import HeadConfig  # noqa: E402
@@ -111,8 +111,11 @@ def _synthetic_split(net: PooledFeatures, boundary: int, n: int, seed: int, size
     labels = torch.arange(n) % 3
     x = torch.randn(n, 3, size, size, generator=g) * 0.5
     x[torch.arange(n), labels] += 1.5
-    with torch.no_grad():
-        h, taps = net.eval().forward_bottom(x, boundary)
+    if stores_pixels(boundary):  # every stage trains: the store holds the pixels and the stem runs per batch
+        h, taps = x, x.new_zeros(n, 0)
+    else:
+        with torch.no_grad():
+            h, taps = net.eval().forward_bottom(x, boundary)
     return dict(acts=h[:, None].numpy().astype(np.float16), taps=taps[:, None].numpy(), labels=labels.numpy())
 
 
@@ -265,7 +268,7 @@ def test_top_forward_from_the_boundary_equals_the_full_forward(tiny_weights):
             assert torch.allclose(top, full, atol=1e-6, rtol=0), f"boundary {b}"
 
 
-@pytest.mark.parametrize("b", [N_STAGES - 2, 0])  # the session's export (--unfreeze 2); no taps below (all)
+@pytest.mark.parametrize("b", [N_STAGES - 2, 1])  # the session's export (--unfreeze 2); no taps below
 def test_exported_bottom_matches_torch(tiny_weights, ft_cache, b):
     frozen = _frozen(tiny_weights)
     net = frozen.build_torch()
@@ -278,6 +281,19 @@ def test_exported_bottom_matches_torch(tiny_weights, ft_cache, b):
     assert (taps.shape[1] > 0) == (b > N_STAGES - 3)
     np.testing.assert_allclose(got_h, h.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got_taps, taps.numpy(), atol=1e-4, rtol=0)
+
+
+def test_when_every_stage_trains_the_store_holds_pixels_and_the_stem_runs_per_batch(tiny_weights, ft_cache):
+    frozen = _frozen(tiny_weights)
+    net = frozen.build_torch()
+    x = np.random.default_rng(4).normal(size=(3, 3, 96, 96)).astype(np.float32)
+    stored, taps = bottom_engine(net, 0, frozen.weights_id, PRE).run_all(x)
+    assert stored is x and taps.shape == (3, 0)
+    assert not list((ft_cache / "onnx").glob("bottom-*-b0-*"))  # no stem exported to ONNX Runtime
+    with torch.no_grad():
+        full = net(torch.from_numpy(x))
+    top = ft.top_features(net, 0, stored[:, None], taps[:, None])
+    assert torch.allclose(top, full, atol=1e-5, rtol=0)
 
 
 # --- 4. the boundary store --------------------------------------------------------------------------------------

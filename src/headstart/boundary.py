@@ -2,7 +2,9 @@
 
 The frozen stem and stages run once (ONNX Runtime on CPU) over a fixed number of augmented views per training
 image and one eval view per validation image; their outputs are stored as memory-mapped float16 arrays on disk.
-Each epoch then trains the top on one stored view per image. Arrays are filled in chunks and `progress.json`,
+Each epoch then trains the top on one stored view per image. When every stage trains, only the stem is frozen:
+its output (32 channels at half the input's side) is larger and dearer to store than the pixels it is computed
+from, so the store holds the augmented pixels and the stem runs with each batch (`PixelViews`). Arrays are filled in chunks and `progress.json`,
 rewritten atomically after each chunk is flushed, says how many images are complete: a killed run resumes from
 there and never trusts a half-written row.
 """
@@ -26,9 +28,25 @@ from headstart.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
+STORE_VERSION = 2  # part of every store's key: bump when what is stored for the same settings changes
 
-def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessConfig) -> OnnxEngine:
-    """The frozen bottom as an ONNX Runtime session, exported once per (weights, boundary) and cached."""
+
+class PixelViews:
+    """The "engine" of a store that holds pixels: the views themselves, and no taps."""
+
+    def run_all(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return [pixels, np.zeros((len(pixels), 0), np.float32)]
+
+
+def stores_pixels(boundary: int) -> bool:
+    return boundary == 0
+
+
+def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessConfig) -> OnnxEngine | PixelViews:
+    """The frozen bottom as an ONNX Runtime session, exported once per (weights, boundary) and cached; at
+    boundary 0 the pixels themselves (see the module's docstring)."""
+    if stores_pixels(boundary):
+        return PixelViews()
     name = f"bottom-{weights_id}-b{boundary}-{cfg.input_size}px.onnx"
     path = cache_root() / "onnx" / name
     if not path.exists():
@@ -40,6 +58,7 @@ def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessC
 
 class BoundaryStore:
     def __init__(self, key_parts: dict, root: Path | None = None) -> None:
+        key_parts = dict(key_parts, store_version=STORE_VERSION)
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.dir = (root or cache_root() / "boundary") / key
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +76,7 @@ class BoundaryStore:
 
     def fill(
         self, name: str, paths: Sequence[Path], views: int, augment: str, seed: int, cfg: PreprocessConfig,
-        engine: OnnxEngine, progress: Callable[[int], None] | None = None, batch_images: int = 16,
+        engine: OnnxEngine | PixelViews, progress: Callable[[int], None] | None = None, batch_images: int = 16,
     ) -> list[tuple[int, str]]:
         """Compute what is missing of split `name`; return failures as (index, reason)."""
         state = self._progress()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headstart import checkpoint
+from headstart.boundary import stores_pixels
 from headstart.errors import UserError
 from headstart.model import Head, PooledFeatures
 from headstart.progress import NoProgress, Progress
@@ -191,7 +192,8 @@ def finetune(
         total = 0.0
         for start in range(0, n_train, cfg.batch_size):
             idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
-            h, taps = place.tensor(train["acts"][idx, view]), place.tensor(train["taps"][idx, view])
+            h, taps = _from_store(net, boundary, place.tensor(train["acts"][idx, view]),
+                                  place.tensor(train["taps"][idx, view]))
             y = torch.from_numpy(train["labels"][idx]).to(place.device)
             with place.autocast():
                 logits = head(net.forward_top(h, taps, boundary))
@@ -228,14 +230,24 @@ def finetune(
 
 def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray,
                  place: _Placement | None = None, batch: int = 64) -> torch.Tensor:
-    """Pooled features from cached boundary activations (view 0), in eval mode."""
+    """Pooled features from the boundary store's view 0, in eval mode."""
     place = place or _Placement(FinetuneConfig())
     net.eval()
     out = []
     with torch.no_grad(), place.autocast():
         for s in range(0, len(acts), batch):
-            out.append(net.forward_top(place.tensor(acts[s:s + batch, 0]), place.tensor(taps[s:s + batch, 0]), boundary))
+            h, t = _from_store(net, boundary, place.tensor(acts[s:s + batch, 0]), place.tensor(taps[s:s + batch, 0]))
+            out.append(net.forward_top(h, t, boundary))
     return torch.cat(out).float()
+
+
+def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: torch.Tensor):
+    """What the trained top continues from: the stored activations, or, when the store holds pixels (every stage
+    trains), the frozen stem's output computed from them now."""
+    if not stores_pixels(boundary):
+        return acts, taps
+    with torch.no_grad():
+        return net.forward_bottom(acts, 0)
 
 
 def _validate(net, head, boundary, val, place: _Placement) -> tuple[float, float]:
