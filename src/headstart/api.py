@@ -48,7 +48,7 @@ class ImageClassifier:
         lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 64, patience: int = 10,
         schedule: str = "cosine", balance: bool = False, seed: int = 0, device: str = "auto",
         strategy: str = "head", unfreeze: int | str = "auto", augment: str = "light", finetune_epochs: int = 8,
-        finetune_lr: float = 5e-4, views: int = 4, train_bn: bool = False, native_view: bool = True,
+        finetune_lr: float = 5e-4, views: int = 8, train_bn: bool = False, native_view: bool = True,
     ) -> None:
         self.backbone = backbone
         self.weights = weights

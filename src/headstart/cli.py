@@ -192,7 +192,7 @@ def train(
     augment: Annotated[Augment, typer.Option(help="Augmentation while fine-tuning.")] = Augment.light,
     finetune_epochs: Annotated[int, typer.Option(min=1, help="Maximum fine-tuning epochs.")] = 8,
     finetune_lr: Annotated[float, typer.Option(callback=_positive, help="Rate of the top unfrozen stage.")] = 5e-4,
-    views: Annotated[int, typer.Option(min=1, help="Augmented views per image cached for fine-tuning.")] = 4,
+    views: Annotated[int, typer.Option(min=1, help="Augmented views per image cached for fine-tuning.")] = 8,
     train_bn: Annotated[bool, typer.Option(help="Let BatchNorm in unfrozen stages update its statistics.")] = False,
     native_view: Annotated[bool, typer.Option(
         help="For photos much smaller than the backbone's input: add a view at their own size (head strategy), "

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class FinetuneConfig:
     unfreeze: int | str = 2  # top stages to train, or "all" (every stage; the stem stays frozen)
     epochs: int = 8
-    views: int = 4  # augmented views per training image in the boundary cache; epochs cycle through them
+    views: int = 8  # augmented views per training image in the boundary store; epochs cycle through them
     augment: str = "light"
     lr: float = 5e-4  # rate of the top stage (the final 1x1 conv trains with it)
     head_lr: float = 1e-3
