@@ -192,11 +192,12 @@ def test_set_trainable_unfreezes_exactly_the_top_stages_and_they_all_get_gradien
     boundary = ft.boundary_for(net, unfreeze)
     assert boundary == (0 if unfreeze == "all" else N_STAGES - unfreeze)
     units = ft.set_trainable(net, boundary)
-    assert len(units) == N_STAGES - boundary + 1  # the stages, then conv_head + bn2
+    everything = boundary == 0  # every stage: the stem trains too
+    assert len(units) == everything + N_STAGES - boundary + 1  # (the stem), the stages, then conv_head + bn2
     names = dict(net.named_parameters())
-    expect = {k for k in names if _stage_of(k) >= boundary}
+    expect = {k for k in names if _stage_of(k) >= boundary or everything}
     assert {k for k, p in names.items() if p.requires_grad} == expect
-    assert not any(names[k].requires_grad for k in names if _stage_of(k) == -1)  # the stem never trains
+    assert any(_stage_of(k) == -1 for k in expect) == everything
 
     head = _head_for(net)
     ft.set_modes(net, head, units, train_bn=False)
@@ -210,7 +211,7 @@ def test_set_trainable_unfreezes_exactly_the_top_stages_and_they_all_get_gradien
             assert p.grad is None, f"frozen {k} got a gradient"
 
 
-def test_unfreeze_all_trains_every_stage_but_the_stem(tiny_weights, monkeypatch):
+def test_unfreeze_all_trains_every_layer_the_stem_too_and_keeps_batchnorm_statistics(tiny_weights, monkeypatch):
     _always_improving(monkeypatch)
     net = _net(tiny_weights)
     data = _synthetic_split(net, 0, 9, seed=0)
@@ -218,8 +219,9 @@ def test_unfreeze_all_trains_every_stage_but_the_stem(tiny_weights, monkeypatch)
     cfg = ft.FinetuneConfig(unfreeze="all", epochs=2, views=1, lr=1e-2, head_lr=1e-2, batch_size=4, patience=10)
     assert ft.finetune(net, _head_for(net), cfg, data, data).best_epoch == 1
     after = net.state_dict()
+    assert "backbone.conv_stem.weight" in before
     for k in before:
-        if _stage_of(k) == -1 or _is_bn_stat(k):
+        if _is_bn_stat(k):
             assert torch.equal(after[k], before[k]), k
         elif _is_conv_weight(k):
             assert not torch.equal(after[k], before[k]), f"{k} did not train"

@@ -2,11 +2,11 @@
 
 The frozen stem and stages run once (ONNX Runtime on CPU) over a fixed number of augmented views per training
 image and one eval view per validation image; their outputs are stored as memory-mapped float16 arrays on disk.
-Each epoch then trains the top on one stored view per image. When every stage trains, only the stem is frozen:
-its output (32 channels at half the input's side) is larger and dearer to store than the pixels it is computed
-from, so the store holds the augmented pixels and the stem runs with each batch (`PixelViews`). Arrays are filled in chunks and `progress.json`,
-rewritten atomically after each chunk is flushed, says how many images are complete: a killed run resumes from
-there and never trusts a half-written row.
+Each epoch then trains the top on one stored view per image. When every stage trains, the stem trains with them
+and nothing below is frozen: the store holds the augmented pixels themselves (`PixelViews`), which are also
+smaller than the stem's output (32 channels at half the input's side). Arrays are filled in chunks and
+`progress.json`, rewritten atomically after each chunk is flushed, says how many images are complete: a killed
+run resumes from there and never trusts a half-written row.
 """
 
 from __future__ import annotations

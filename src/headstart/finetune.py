@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    unfreeze: int | str = 2  # top stages to train, or "all" (every stage; the stem stays frozen)
+    unfreeze: int | str = 2  # top stages to train, or "all" (every stage and the stem)
     epochs: int = 8
     views: int = 8  # augmented views per training image in the boundary store; epochs cycle through them
     augment: str = "light"
@@ -243,11 +243,10 @@ def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.
 
 def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: torch.Tensor):
     """What the trained top continues from: the stored activations, or, when the store holds pixels (every stage
-    trains), the frozen stem's output computed from them now."""
+    trains), the stem's output computed from them now (the stem trains too)."""
     if not stores_pixels(boundary):
         return acts, taps
-    with torch.no_grad():
-        return net.forward_bottom(acts, 0)
+    return net.forward_bottom(acts, 0)
 
 
 def _validate(net, head, boundary, val, place: _Placement) -> tuple[float, float]:
