@@ -431,8 +431,10 @@ def _interrupt_at_validation(monkeypatch, call: int) -> list[int]:
     return calls
 
 
-def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_clf, image_folder, tmp_path, monkeypatch):
-    settings = dict(finetune_epochs=3, views=2, batch_size=8)  # several batches: the shuffling RNG matters
+@pytest.mark.parametrize("unfreeze", [2, "all"])  # stored activations; stored pixels with the stem training
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_clf, image_folder, tmp_path, monkeypatch,
+                                                                   unfreeze):
+    settings = dict(finetune_epochs=3, views=2, batch_size=8, unfreeze=unfreeze)  # several batches: RNG matters
     files = _images(image_folder)
     whole = make_clf(**settings).fit(image_folder, checkpoint_dir=tmp_path / "A")
     assert not (tmp_path / "A").exists()  # a finished run removes its checkpoint
@@ -673,6 +675,33 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
         for name, v in a["state"][pid].items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][name])), (pid, name)
 
+
+
+def test_restored_moments_take_their_channels_last_parameter_layout_and_the_next_step_matches(tmp_path):
+    """A 3x3 convolution over 3 channels (the stem) in channels_last: its moments come back from safetensors
+    contiguous, and the fused step pairs elements by memory order, so the layout must be restored."""
+    def step(conv, opt):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(len(opt.state))).contiguous(
+            memory_format=torch.channels_last)
+        conv(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+    step(conv, opt)
+    tensors, meta = checkpoint.optimizer_state(opt)
+    checkpoint.save(tmp_path, tensors, {"optimizer": meta})
+    twin = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    twin.load_state_dict(conv.state_dict())
+    fresh = torch.optim.AdamW(twin.parameters(), lr=0.1, fused=True)
+    loaded, meta = checkpoint.load(tmp_path)
+    checkpoint.restore_optimizer(fresh, loaded, meta["optimizer"])
+    assert fresh.state[twin.weight]["exp_avg"].stride() == twin.weight.stride()
+    step(conv, opt)
+    step(twin, fresh)
+    assert torch.equal(conv.weight, twin.weight) and torch.equal(conv.bias, twin.bias)
 
 # --- 7. the auto strategy ----------------------------------------------------------------------------------------
 

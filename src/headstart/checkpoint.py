@@ -63,3 +63,11 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
             state.setdefault(int(pid), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
+    # safetensors gives back contiguous tensors, while the moments of a channels_last weight were channels_last:
+    # the fused AdamW step pairs elements by memory order, so a 3x3 convolution over several channels (the stem's)
+    # would be updated with another element's moments. Give each moment its parameter's layout again.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p).copy_(value)
