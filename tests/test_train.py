@@ -274,3 +274,22 @@ def test_standardization_statistics_streamed_in_chunks_match_numpy():
     head.set_standardization(x, chunk=7)
     np.testing.assert_allclose(head.mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(head.std.numpy(), x.astype(np.float64).std(0) + 1e-6, rtol=1e-5)
+
+
+def test_candidate_heads_train_with_one_torch_thread_each(monkeypatch):
+    """fit_best_head runs its candidates side by side with one intra-op thread: two torch threads per tiny head
+    spin-wait on each other (60 epochs on 300 x 1500 features, one core busy: 30 s against 0.5 s)."""
+    x, y = blobs(20, seed=5)
+    seen: list[int] = []
+    real = train._train_forward
+    monkeypatch.setattr(train, "_train_forward", lambda *a: (seen.append(torch.get_num_threads()), real(*a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = TrainConfig(epochs=2)
+        candidates = [(HeadConfig(x.shape[1], 3), cfg), (HeadConfig(x.shape[1], 3, hidden=(8,)), cfg)]
+        train.fit_best_head(candidates, x[::2], y[::2], x[1::2], y[1::2])
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(threads)

@@ -181,13 +181,13 @@ def _fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
     return Head(head_cfg)
 
 
-@_one_intra_op_thread
 def describe_candidates(candidates: list[tuple[HeadConfig, TrainConfig]], val_losses: list[float]) -> list[dict]:
     """The candidates and their best validation losses, as `headstart.json` and the summary record them."""
     return [{"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
             for (c, _), loss in zip(candidates, val_losses)]
 
 
+@_one_intra_op_thread
 def fit_best_head(
     candidates: list[tuple[HeadConfig, TrainConfig]], x_train: np.ndarray, y_train: np.ndarray,
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
