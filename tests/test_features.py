@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,22 @@ def test_onnx_engine_matches_torch(frozen, photos):
         assert got.shape == expected.shape == (len(batch), TINY_DIM)
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+
+
+def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache, monkeypatch, caplog):
+    shutil.rmtree(tiny_cache / "onnx")  # nothing exported yet
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
+
+    monkeypatch.setattr(features, "export_onnx", refuse)
+    with caplog.at_level("WARNING", logger="headstart.features"):
+        engine = frozen.engine("cpu")
+    assert not isinstance(engine, OnnxEngine) and "PyTorch instead of ONNX Runtime" in caplog.text
+    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:4]])
+    got = engine(batch)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, _direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16
 
 
 def test_multi_scale_features_are_stage_means_plus_final_features(tiny_weights):

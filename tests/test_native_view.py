@@ -84,6 +84,25 @@ def test_export_for_other_sizes_matches_torch_at_each(tiny_features, tmp_path: P
         np.testing.assert_allclose(engine(x.numpy()), expected, atol=1e-4)
 
 
+def test_export_for_other_sizes_when_the_input_size_is_not_a_multiple_of_the_stride(tmp_path: Path) -> None:
+    """TensorFlow-style 'same' pads (the tf_efficientnet_lite models) traced at 176 px, like lite1's 240, are
+    wrong at 64 or 128 px: the twin for other sizes must be traced at one of them."""
+    import timm
+    import torch
+
+    from headstart.engines import ViewsEngine, export_onnx
+    from headstart.model import PooledFeatures
+
+    torch.manual_seed(0)
+    net = PooledFeatures(timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0, pad_type="same")).eval()
+    engine = ViewsEngine(export_onnx(net, 176, tmp_path / "fixed.onnx", other_sizes=(64, 96)), 176)
+    for size in (176, 64, 128):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            expected = net(x).numpy()
+        np.testing.assert_allclose(engine(x.numpy()), expected, atol=1e-4)
+
+
 def test_export_refuses_a_graph_that_cannot_take_other_sizes(tmp_path: Path) -> None:
     import torch
 
@@ -93,8 +112,8 @@ def test_export_refuses_a_graph_that_cannot_take_other_sizes(tmp_path: Path) -> 
     fixed = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 5)
     ).eval()
-    with pytest.raises(RuntimeError, match="64 px"):
-        export_onnx(fixed, 32, tmp_path / "fixed.onnx", other_sizes=(64,))
+    with pytest.raises(RuntimeError, match="64 px"):  # traced again at 96 px, it still fails at 64
+        export_onnx(fixed, 32, tmp_path / "fixed.onnx", other_sizes=(64, 96))
     assert list(tmp_path.iterdir()) == []  # neither graph, nor a temporary file, is left
 
 

@@ -64,8 +64,12 @@ class FrozenBackbone:
         any_size = self.spec.any_input_size
         if not path.exists() or (any_size and not any_size_path(path).exists()):
             log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
-            export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
-                        other_sizes=NATIVE_SIZE_PROBES if any_size else ())
+            try:
+                export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
+                            other_sizes=NATIVE_SIZE_PROBES if any_size else ())
+            except RuntimeError as exc:  # a network the exporter cannot reproduce: slower, but right
+                log.warning("%s: %s; extracting features with PyTorch instead of ONNX Runtime", self.spec.name, exc)
+                return TorchEngine(self.build_torch(), device)
         if self.spec.preprocess.native_size:
             return ViewsEngine(path, self.spec.preprocess.input_size)
         return OnnxEngine(path)
