@@ -143,24 +143,28 @@ def _write_any_size_twin(model, fixed: Path, target: Path, input_size: int, othe
     tmp = temp_path_beside(target)
     try:
         tmp.write_bytes(fixed.read_bytes())
-        for traced_at in dict.fromkeys((input_size, other_sizes[-1])):
-            if traced_at != input_size:
-                _export_program(model, traced_at, output_names, tmp)
-            _make_spatial_dims_symbolic(tmp)
-            engine = OnnxEngine(tmp)
-            try:
-                err = max(_parity_error(model, engine, size) for size in other_sizes)
-            except RuntimeError as exc:  # this graph cannot take one of the sizes; the next one may
-                failure = exc
-                continue
-            if err <= PARITY_ATOL:
-                os.replace(tmp, target)
-                return
-            failure = RuntimeError(f"ONNX export for other input sizes differs from torch by {err:.2e} "
-                                   f"(> {PARITY_ATOL})")
-        raise failure
+        failure = _symbolic_size_failure(model, tmp, other_sizes)
+        if failure and other_sizes[-1] != input_size:
+            _export_program(model, other_sizes[-1], output_names, tmp)
+            failure = _symbolic_size_failure(model, tmp, other_sizes)
+        if failure:
+            raise failure
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _symbolic_size_failure(model, path: Path, sizes: tuple[int, ...]) -> RuntimeError | None:
+    """Make the graph at `path` take any size; the reason it disagrees with torch at one of `sizes`, if it does."""
+    _make_spatial_dims_symbolic(path)
+    engine = OnnxEngine(path)
+    try:
+        err = max(_parity_error(model, engine, size) for size in sizes)
+    except RuntimeError as exc:  # the graph cannot take one of the sizes
+        return exc
+    if err > PARITY_ATOL:
+        return RuntimeError(f"ONNX export for other input sizes differs from torch by {err:.2e} (> {PARITY_ATOL})")
+    return None
 
 
 def _parity_error(model, engine: OnnxEngine, size: int) -> float:
