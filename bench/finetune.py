@@ -33,13 +33,13 @@ def epoch_times(images: list[Path], repeats: int) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    from headstart.augment import augmented_view
-    from headstart.backbones import resolve
-    from headstart.data import load_rgb
-    from headstart.features import FrozenBackbone
-    from headstart.finetune import boundary_for, set_modes, set_trainable
-    from headstart.head import HeadConfig
-    from headstart.model import Head
+    from headstart.vision.augment import augmented_view
+    from headstart.backbones.registry import resolve
+    from headstart.data.imageio import load_rgb
+    from headstart.runtime.frozen import FrozenBackbone
+    from headstart.train.finetune import boundary_for, set_modes, set_trainable
+    from headstart.heads.config import HeadConfig
+    from headstart.heads.module import Head
 
     frozen = FrozenBackbone.pretrained(resolve("efficientnet_lite0"))
     cfg = frozen.spec.preprocess

@@ -110,9 +110,9 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny backbone exported to ONNX once per run: (that export's cache root, the file's path inside it)."""
-    from headstart.backbones import resolve
-    from headstart.engines import onnx_path_for
-    from headstart.features import FrozenBackbone
+    from headstart.backbones.registry import resolve
+    from headstart.runtime.export import onnx_path_for
+    from headstart.runtime.frozen import FrozenBackbone
 
     root = tmp_path_factory.mktemp("tiny-export-cache")
     with pytest.MonkeyPatch.context() as mp:

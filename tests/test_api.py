@@ -9,9 +9,10 @@ import pytest
 
 from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
 from headstart import ImageClassifier
-from headstart.data import DataError, scan_folder
-from headstart.metrics import Evaluation
-from headstart.train import History
+from headstart.errors import DataError
+from headstart.data.scan import scan_folder
+from headstart.evaluate.metrics import Evaluation
+from headstart.train.loop import History
 
 CLASSES = ["cat", "dog", "fish"]
 
@@ -179,7 +180,7 @@ def test_cli_defaults_are_the_api_defaults():
     import enum
     import inspect
 
-    from headstart import cli
+    from headstart.cli import commands as cli
 
     api_defaults = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items()
                     if k != "self"}
@@ -191,7 +192,7 @@ def test_cli_defaults_are_the_api_defaults():
 
 
 def test_split_rows_are_blocks_and_disorder_is_caught():
-    from headstart.data import split_rows
+    from headstart.data.scan import split_rows
 
     rows = split_rows(np.array(["train"] * 3 + ["val"] * 2))
     assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY_BACKBONE, assert_one_line
-from headstart import ImageClassifier, artifact
-from headstart.artifact import META_FILE, WEIGHTS_FILE, ArtifactError
-from headstart.backbones import resolve
-from headstart.head import HeadConfig
-from headstart.preprocess import PreprocessConfig
+from headstart import ImageClassifier
+from headstart.serve import artifact
+from headstart.serve.artifact import META_FILE, WEIGHTS_FILE
+from headstart.errors import ArtifactError
+from headstart.backbones.registry import resolve
+from headstart.heads.config import HeadConfig
+from headstart.vision.preprocess import PreprocessConfig
 
 
 @pytest.fixture

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_BACKBONE, assert_one_line
-from headstart.backbones import (
-    REGISTRY,
-    WeightsError,
-    available_offline,
-    create_model,
-    load_weights_file,
-    read_state_dict,
-    resolve,
-)
-from headstart.preprocess import eval_transform
+from headstart.backbones.registry import REGISTRY, available_offline, resolve
+from headstart.errors import WeightsError
+from headstart.backbones.weights import create_model, load_weights_file, read_state_dict
+from headstart.vision.preprocess import eval_transform
 
 import torch  # noqa: E402
 import timm  # noqa: E402

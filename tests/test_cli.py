@@ -24,12 +24,13 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from headstart import cli, cli_render
-from headstart.backbones import WeightsError
-from headstart.data import DataError
-from headstart.head import HeadConfig
-from headstart.metrics import Evaluation, evaluate
-from headstart.preprocess import PreprocessConfig
+from headstart.cli import commands as cli
+from headstart.cli import render as cli_render
+from headstart.errors import WeightsError
+from headstart.errors import DataError
+from headstart.heads.config import HeadConfig
+from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.vision.preprocess import PreprocessConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = ["cat", "dog"]
@@ -174,7 +175,7 @@ def test_help_lists_commands_without_importing_heavy_modules() -> None:
 
 
 def test_default_backbone_matches_library() -> None:
-    from headstart.backbones import DEFAULT_BACKBONE
+    from headstart.backbones.registry import DEFAULT_BACKBONE
 
     assert cli.DEFAULT_BACKBONE == DEFAULT_BACKBONE
 
@@ -271,7 +272,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
 
 
 def test_train_summary_says_a_fine_tuned_model_runs_at_the_photos_size_with_a_refitted_head() -> None:
-    from headstart import cli_render
+    from headstart.cli import render as cli_render
 
     refit = [{"hidden": [], "dropout": 0.2, "val_loss": 0.52}, {"hidden": [64], "dropout": 0.6, "val_loss": 0.49}]
     decision = {"strategy": "finetune", "kept": "finetune", "native_size": 0, "native_input": 128,
@@ -385,7 +386,7 @@ def test_evaluate_table(model_dir: Path, image_folder: Path, monkeypatch: pytest
         written.append(path)
         return path
 
-    monkeypatch.setattr("headstart.report.save_confusion_png", fake_png)
+    monkeypatch.setattr("headstart.evaluate.figures.save_confusion_png", fake_png)
     result = runner.invoke(cli.app, ["evaluate", str(model_dir), str(image_folder)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     for text in ("accuracy", "75.0%", "balanced accuracy", "log loss", "ECE", "precision", "confusion matrix"):

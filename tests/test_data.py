@@ -9,17 +9,11 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder
-from headstart.data import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    Dataset,
-    ImageDecodeError,
-    list_images,
-    load_for_model,
-    load_rgb,
-    scan_folder,
-)
-from headstart.preprocess import PreprocessConfig
+from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from headstart.errors import DataError
+from headstart.data.scan import Dataset, list_images, scan_folder
+from headstart.vision.preprocess import load_for_model
+from headstart.vision.preprocess import PreprocessConfig
 
 
 def _val_paths(ds: Dataset) -> set[Path]:

@@ -13,12 +13,13 @@ import timm
 import torch
 
 from conftest import TINY_BACKBONE, make_image, make_image_folder
-from headstart import features
-from headstart.backbones import resolve
-from headstart.data import load_for_model
-from headstart.engines import OnnxEngine
-from headstart.features import FeatureCache, FrozenBackbone
-from headstart.model import TAPPED_STAGES, PooledFeatures
+from headstart.cache import features
+from headstart.backbones.registry import resolve
+from headstart.vision.preprocess import load_for_model
+from headstart.runtime.engines import OnnxEngine
+from headstart.cache.features import FeatureCache
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.backbones.pooled import TAPPED_STAGES, PooledFeatures
 
 TINY_DIM = 32 + 48 + 64 + 256  # last three stages' channels + the final features
 
@@ -87,8 +88,8 @@ def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache,
     def refuse(*args, **kwargs):
         raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
 
-    monkeypatch.setattr(features, "export_onnx", refuse)
-    with caplog.at_level("WARNING", logger="headstart.features"):
+    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
+    with caplog.at_level("WARNING", logger="headstart.runtime.frozen"):
         engine = frozen.engine("cpu")
     assert not isinstance(engine, OnnxEngine) and "PyTorch instead of ONNX Runtime" in caplog.text
     batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:4]])
@@ -98,7 +99,7 @@ def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache,
 
 
 def test_multi_scale_features_are_stage_means_plus_final_features(tiny_weights):
-    from headstart.backbones import create_model
+    from headstart.backbones.weights import create_model
 
     backbone = create_model(resolve(TINY_BACKBONE), tiny_weights)
     pooled = PooledFeatures(backbone).eval()

@@ -20,15 +20,20 @@ from conftest import TINY_BACKBONE, assert_one_line, make_image, make_image_fold
 
 torch = pytest.importorskip("torch")
 
-from headstart import ImageClassifier, checkpoint, finetune as ft, strategy  # noqa: E402
-from headstart.augment import augmented_view  # noqa: E402
-from headstart.backbones import read_state_dict, resolve  # noqa: E402
-from headstart.boundary import BoundaryStore, bottom_engine, stores_pixels  # noqa: E402
+from headstart import ImageClassifier
+from headstart.train import checkpoint
+from headstart.train import finetune as ft
+from headstart.train import stage2 as strategy  # noqa: E402
+from headstart.vision.augment import augmented_view  # noqa: E402
+from headstart.backbones.weights import read_state_dict
+from headstart.backbones.registry import resolve  # noqa: E402
+from headstart.cache.boundary import BoundaryStore, bottom_engine, stores_pixels  # noqa: E402
 from headstart.errors import UserError  # noqa: E402
-from headstart.features import FrozenBackbone  # noqa: E402
-from headstart.head import HeadConfig  # noqa: E402
-from headstart.model import Head, PooledFeatures  # noqa: E402
-from headstart.preprocess import PreprocessConfig, eval_transform  # noqa: E402
+from headstart.runtime.frozen import FrozenBackbone  # noqa: E402
+from headstart.heads.config import HeadConfig  # noqa: E402
+from headstart.heads.module import Head
+from headstart.backbones.pooled import PooledFeatures  # noqa: E402
+from headstart.vision.preprocess import PreprocessConfig, eval_transform  # noqa: E402
 
 N_STAGES = 5  # test_efficientnet: blocks.0 .. blocks.4
 PRE = resolve(TINY_BACKBONE).preprocess  # 160 px
@@ -235,7 +240,7 @@ def test_rates_fall_from_the_top_to_a_fixed_fraction_at_the_lowest_trained_stage
 
 
 def test_cli_parses_unfreeze():
-    from headstart.cli import _parse_unfreeze
+    from headstart.cli.commands import _parse_unfreeze
 
     assert _parse_unfreeze("all") == "all" and _parse_unfreeze("3") == 3 and _parse_unfreeze("auto") == "auto"
 
@@ -577,7 +582,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tiny_weights, tmp_
 
 _KILLED_RUN = textwrap.dedent("""
     import sys, time
-    import headstart.finetune as ft
+    import headstart.train.finetune as ft
     real = ft._validate
     def slow(*args, **kwargs):  # slows epochs down (not their numbers) so the kill lands mid-run
         out = real(*args, **kwargs)
@@ -814,7 +819,7 @@ def test_fine_tuned_model_saves_its_backbone_and_predicts_the_same_after_load(
 def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp_path):
     from typer.testing import CliRunner
 
-    from headstart.cli import app
+    from headstart.cli.commands import app
 
     out = tmp_path / "m"
     result = CliRunner().invoke(app, [
@@ -832,7 +837,7 @@ def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp
 def test_cli_refuses_a_bad_unfreeze(image_folder, tmp_path, value):
     from typer.testing import CliRunner
 
-    from headstart.cli import app
+    from headstart.cli.commands import app
 
     result = CliRunner().invoke(app, ["train", str(image_folder), "--strategy", "finetune", "--unfreeze", value,
                                       "--out", str(tmp_path / "m")])
@@ -846,7 +851,7 @@ def test_cli_unfreeze_beyond_the_backbone_is_one_line(tiny_weights, ft_cache, im
     """More stages than this backbone has passes the flag check; fine-tuning then refuses it as a user error."""
     from typer.testing import CliRunner
 
-    from headstart.cli import app
+    from headstart.cli.commands import app
 
     result = CliRunner().invoke(app, [
         "train", str(image_folder), "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights), "--epochs", "2",
@@ -861,8 +866,8 @@ def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, mo
     import timm
     from safetensors.torch import save_file
 
-    from headstart import strategy
-    from headstart.finetune import FinetuneError
+    from headstart.train import stage2 as strategy
+    from headstart.errors import FinetuneError
 
     monkeypatch.setattr(strategy, "AUTO_MIN_TRAIN_IMAGES", 1)
     monkeypatch.setattr(strategy, "AUTO_HEAD_GOOD_ENOUGH", 1.01)  # stage 2 would run if the backbone allowed it
@@ -883,8 +888,8 @@ def test_test_split_is_scored_with_the_fine_tuned_backbone(tiny_weights, tmp_pat
     clf = ImageClassifier(backbone=TINY_BACKBONE, weights=tiny_weights, strategy="finetune", test_split=0.25,
                           epochs=3, finetune_epochs=1, views=1).fit(data)
     assert clf.decision_["kept"] == "finetune" and clf.test_metrics_ is not None
-    from headstart.data import scan_folder
-    from headstart.metrics import evaluate
+    from headstart.data.scan import scan_folder
+    from headstart.evaluate.metrics import evaluate
 
     test = scan_folder(data, val_split=0.2, test_split=0.25, seed=0)
     expected = evaluate(test.labels("test"), clf.predict_proba(test.paths("test")), clf.classes_)  # from pixels

@@ -17,18 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headstart.metrics import (
-    Evaluation,
-    accuracy,
-    balanced_accuracy,
-    confusion_matrix,
-    evaluate,
-    expected_calibration_error,
-    log_loss,
-    per_class_scores,
-    top_k_accuracy,
-)
-from headstart.report import save_confusion_png
+from headstart.evaluate.metrics import Evaluation, accuracy, balanced_accuracy, confusion_matrix, evaluate, expected_calibration_error, log_loss, per_class_scores, top_k_accuracy
+from headstart.evaluate.figures import save_confusion_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -385,7 +375,7 @@ def test_importing_metrics_and_report_does_not_import_matplotlib():
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     code = (
-        "import sys, headstart.metrics, headstart.report; "
+        "import sys, headstart.evaluate.metrics, headstart.evaluate.figures; "
         "bad = [m for m in ('matplotlib',) if m in sys.modules]; "
         "sys.exit(f'imported eagerly: {bad}' if bad else 0)"
     )

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_BACKBONE, make_image_folder
-from headstart.data import typical_short_side
-from headstart.preprocess import PreprocessConfig, eval_transform, eval_views, normalize, with_native_view
+from headstart.data.scan import typical_short_side
+from headstart.vision.preprocess import PreprocessConfig, eval_transform, eval_views, normalize, with_native_view
 
 # --- the rule and the transform ------------------------------------------------------------------------------
 
@@ -61,8 +61,8 @@ def test_typical_short_side_reads_headers_and_ignores_unreadable_files(tmp_path:
 
 @pytest.fixture
 def tiny_features(tiny_weights):
-    from headstart.backbones import resolve
-    from headstart.features import FrozenBackbone
+    from headstart.backbones.registry import resolve
+    from headstart.runtime.frozen import FrozenBackbone
 
     return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights).build_torch()
 
@@ -70,7 +70,8 @@ def tiny_features(tiny_weights):
 def test_export_for_other_sizes_matches_torch_at_each(tiny_features, tmp_path: Path) -> None:
     import torch
 
-    from headstart.engines import OnnxEngine, ViewsEngine, any_size_path, export_onnx
+    from headstart.runtime.engines import OnnxEngine, ViewsEngine
+    from headstart.runtime.export import any_size_path, export_onnx
 
     path = export_onnx(tiny_features, 160, tmp_path / "fixed.onnx", other_sizes=(64, 96))
     assert any_size_path(path).exists()
@@ -90,8 +91,9 @@ def test_export_for_other_sizes_when_the_input_size_is_not_a_multiple_of_the_str
     import timm
     import torch
 
-    from headstart.engines import ViewsEngine, export_onnx
-    from headstart.model import PooledFeatures
+    from headstart.runtime.engines import ViewsEngine
+    from headstart.runtime.export import export_onnx
+    from headstart.backbones.pooled import PooledFeatures
 
     torch.manual_seed(0)
     net = PooledFeatures(timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=0, pad_type="same")).eval()
@@ -106,7 +108,7 @@ def test_export_for_other_sizes_when_the_input_size_is_not_a_multiple_of_the_str
 def test_export_refuses_a_graph_that_cannot_take_other_sizes(tmp_path: Path) -> None:
     import torch
 
-    from headstart.engines import export_onnx
+    from headstart.runtime.export import export_onnx
 
     # torch takes any size here; the traced graph pools with a kernel fixed for 32 px, and its Linear then fails.
     fixed = torch.nn.Sequential(
@@ -153,7 +155,7 @@ def test_small_photos_get_a_native_view_that_travels_with_the_model(any_size_clf
 
 
 def _tiny_preprocess() -> PreprocessConfig:
-    from headstart.backbones import resolve
+    from headstart.backbones.registry import resolve
 
     return resolve(TINY_BACKBONE).preprocess
 
@@ -194,8 +196,9 @@ def _xor(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
-    from headstart.head import HeadConfig
-    from headstart.train import TrainConfig, fit_best_head, fit_head
+    from headstart.heads.config import HeadConfig
+    from headstart.train.config import TrainConfig
+    from headstart.train.fit_head import fit_best_head, fit_head
 
     (xt, yt), (xv, yv) = _xor(600, 0), _xor(200, 1)
     cfg = TrainConfig(epochs=40, lr=1e-2, seed=3)
@@ -221,8 +224,9 @@ def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
     ],
 )
 def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: bool, expected: list) -> None:
-    from headstart.head import HeadConfig
-    from headstart.train import TrainConfig, head_candidates
+    from headstart.heads.config import HeadConfig
+    from headstart.train.config import TrainConfig
+    from headstart.train.fit_head import head_candidates
 
     cfg = TrainConfig(epochs=60, patience=10)
     candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val, finetune_follows)
@@ -234,7 +238,7 @@ def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: 
 
 
 def test_auto_head_is_linear_when_fine_tuning_follows(any_size_clf, image_folder, monkeypatch) -> None:
-    import headstart.train as train
+    import headstart.train.fit_head as train
 
     monkeypatch.setattr(train, "AUTO_HIDDEN_MIN_TRAIN", 1)  # the generated folder is far below 1,000 photos
     head_only = any_size_clf(epochs=3).fit(image_folder)

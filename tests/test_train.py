@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from headstart import train
-from headstart.head import HeadConfig, head_logits_numpy, softmax
-from headstart.model import Head
-from headstart.train import TrainConfig, class_weights, fit_head
+from headstart.train import fit_head as train
+from headstart.heads.config import HeadConfig, head_logits_numpy, softmax
+from headstart.heads.module import Head
+from headstart.train.config import TrainConfig
+from headstart.train.fit_head import class_weights, fit_head
 
 
 def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1.0, seed: int = 0):
@@ -242,8 +243,8 @@ def test_fitting_a_head_does_not_import_dynamo():
 
     code = (
         "import sys, numpy as np\n"
-        "from headstart.head import HeadConfig\n"
-        "from headstart.train import TrainConfig, fit_head\n"
+        "from headstart.heads.config import HeadConfig\n"
+        "from headstart.train.config import TrainConfig\nfrom headstart.train.fit_head import fit_head\n"
         "x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32); y = np.arange(40) % 2\n"
         "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2), x, y, x, y)\n"
         "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2, schedule='plateau'), x, y, x, y)\n"

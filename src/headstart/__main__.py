@@ -1,5 +1,5 @@
 """`python -m headstart` runs the command line."""
 
-from headstart.cli import main
+from headstart.cli.commands import main
 
 main()

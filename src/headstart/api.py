@@ -16,14 +16,18 @@ from typing import Sequence
 
 import numpy as np
 
-from headstart import artifact
-from headstart.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve
-from headstart.data import SPLITS, DataError, Dataset, list_images, scan_folder, split_rows, typical_short_side
-from headstart.engines import pick_device
-from headstart.features import FeatureCache, FrozenBackbone, extract
-from headstart.head import HeadConfig, TrainConfig, head_proba
-from headstart.metrics import Evaluation, evaluate
-from headstart.preprocess import for_small_photos
+from headstart.serve import artifact
+from headstart.backbones.registry import DEFAULT_BACKBONE, BackboneSpec, resolve
+from headstart.data.scan import SPLITS, Dataset, list_images, scan_folder, split_rows, typical_short_side
+from headstart.errors import DataError
+from headstart.runtime.device import pick_device
+from headstart.cache.features import FeatureCache
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.cache.pipeline import extract
+from headstart.heads.config import HeadConfig, head_proba
+from headstart.train.config import TrainConfig
+from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.vision.preprocess import for_small_photos
 from headstart.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -101,7 +105,7 @@ class ImageClassifier:
         _check_every_class_trains(dataset, part["train"][1])
 
         torch_loading.join()
-        from headstart.train import describe_candidates, fit_best_head, head_candidates
+        from headstart.train.fit_head import describe_candidates, fit_best_head, head_candidates
 
         train_cfg = self._train_config()
         candidates = head_candidates(self.hidden, self.dropout, HeadConfig(feats.shape[1], len(dataset.classes)),
@@ -159,7 +163,7 @@ class ImageClassifier:
 
     def _check_settings(self) -> None:
         """Fail before any work on settings stage 2 would only reject after stage 1."""
-        from headstart.augment import LEVELS
+        from headstart.vision.augment import LEVELS
 
         try:
             self._train_config()
@@ -179,8 +183,9 @@ class ImageClassifier:
     def _stage2(self, paths: list[Path], labels: np.ndarray, splits: np.ndarray, checkpoint_dir, resume: bool,
                 progress: Progress) -> None:
         """Stage 2 on the images stage 1 could read (`paths`, with their labels and splits)."""
-        from headstart.finetune import FinetuneConfig, FinetuneError
-        from headstart.strategy import decide_auto, refit_head, run_finetune
+        from headstart.train.config import FinetuneConfig
+        from headstart.errors import FinetuneError
+        from headstart.train.stage2 import decide_auto, refit_head, run_finetune
 
         tr, va = splits == "train", splits == "val"
         head_acc = self.val_metrics_.accuracy if self.val_metrics_ else None

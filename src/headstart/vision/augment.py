@@ -13,7 +13,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from headstart.preprocess import PreprocessConfig, normalize, resize_and_crop
+from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
 
 LEVELS = ("none", "light", "strong")
 _TRIVIAL_LOCK = threading.Lock()  # TrivialAugment draws from torch's global RNG: one view at a time

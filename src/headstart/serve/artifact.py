@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.backbones import BackboneSpec
-from headstart.errors import UserError
-from headstart.head import HeadConfig
+from headstart.backbones.registry import BackboneSpec
+from headstart.errors import ArtifactError
+from headstart.heads.config import HeadConfig
 from headstart.paths import atomic_write_bytes, temp_path_beside
-from headstart.preprocess import PreprocessConfig
+from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,6 @@ FORMAT = "headstart-model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "headstart.json"
-
-
-class ArtifactError(UserError):
-    pass
 
 
 @dataclass

@@ -36,8 +36,8 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attributes
     from headstart.api import ImageClassifier, Prediction
-    from headstart.backbones import BackboneSpec
-    from headstart.metrics import Evaluation
+    from headstart.backbones.registry import BackboneSpec
+    from headstart.evaluate.metrics import Evaluation
 
 MAX_SKIPPED_LISTED = 50
 MAX_CONFUSION_CLASSES = 20  # beyond this a terminal table is unreadable; the PNG still has it all

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,51 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headstart import checkpoint
-from headstart.boundary import stores_pixels
-from headstart.errors import UserError
-from headstart.model import Head, PooledFeatures
+from headstart.train import checkpoint
+from headstart.cache.boundary import stores_pixels
+from headstart.errors import FinetuneError
+from headstart.heads.module import Head
+from headstart.backbones.pooled import PooledFeatures
 from headstart.progress import NoProgress, Progress
-from headstart.train import History, warmup_cosine
+from headstart.train.config import FinetuneConfig
+from headstart.train.loop import History, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    unfreeze: int | str = 2  # top stages to train, or "all" (every stage and the stem)
-    epochs: int = 8
-    views: int = 8  # augmented views per training image in the boundary store; epochs cycle through them
-    augment: str = "light"
-    lr: float = 5e-4  # rate of the top stage (the final 1x1 conv trains with it)
-    head_lr: float = 1e-3
-    lowest_rate: float = 0.35  # the lowest trained stage's rate, as a fraction of `lr`; geometric in between
-    weight_decay: float = 0.01
-    warmup_epochs: float = 0.5
-    batch_size: int = 32
-    patience: int | None = None  # epochs without a better val loss before stopping; None: max(3, epochs // 4)
-    label_smoothing: float = 0.1
-    train_bn: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)
-
-    @property
-    def stop_after(self) -> int:
-        """Early-stopping patience, in epochs without a better stage-2 validation loss: a quarter of the run, at
-        least 3."""
-        return self.patience if self.patience is not None else max(3, self.epochs // 4)
-
-    @property
-    def use_bf16(self) -> bool:
-        return self.bf16 or self.device.startswith("cuda")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class FinetuneError(UserError, ValueError):
-    """Settings this backbone cannot be fine-tuned with: a user error (one line, exit 2), and a ValueError."""
 
 
 def boundary_for(net: PooledFeatures, unfreeze: int | str) -> int:

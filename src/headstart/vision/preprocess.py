@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from PIL import Image
 
+from headstart.data.imageio import load_rgb
+
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -119,3 +121,13 @@ def eval_views(img: Image.Image, cfg: PreprocessConfig) -> tuple[np.ndarray, ...
         return (eval_transform(img, cfg),)
     native = replace(cfg, input_size=cfg.native_size, crop_pct=1.0)
     return eval_transform(img, cfg), eval_transform(img, native)
+
+
+def load_for_model(path, cfg: PreprocessConfig) -> np.ndarray:
+    """Decode and preprocess one image into the float32 CHW array the model expects."""
+    return eval_transform(load_rgb(path, cfg.resize_size), cfg)
+
+
+def load_views(path, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
+    """Decode one image once and preprocess it into each of the config's views (see `eval_views`)."""
+    return eval_views(load_rgb(path, cfg.resize_size), cfg)

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.augment import augmented_view, view_seed
-from headstart.data import load_rgb
-from headstart.engines import OnnxEngine, export_onnx
-from headstart.features import decoded_batches, default_workers
+from headstart.vision.augment import augmented_view, view_seed
+from headstart.data.imageio import load_rgb
+from headstart.runtime.engines import OnnxEngine
+from headstart.runtime.export import export_onnx
+from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.paths import atomic_write_bytes, cache_root
-from headstart.preprocess import PreprocessConfig
+from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessC
     name = f"bottom-{weights_id}-b{boundary}-{cfg.input_size}px.onnx"
     path = cache_root() / "onnx" / name
     if not path.exists():
-        from headstart.model import FrozenBottom
+        from headstart.backbones.pooled import FrozenBottom
 
         export_onnx(FrozenBottom(features_net, boundary), cfg.input_size, path, ("activations", "taps"))
     return OnnxEngine(path)

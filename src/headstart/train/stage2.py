@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.boundary import BoundaryStore, bottom_engine
-from headstart.features import FrozenBackbone, content_key
-from headstart.head import HeadConfig, head_proba
+from headstart.cache.boundary import BoundaryStore, bottom_engine
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.cache.features import content_key
+from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
-from headstart.train import History
+from headstart.train.loop import History
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ def run_finetune(
 ) -> FinetuneResult:
     import torch
 
-    from headstart.finetune import boundary_for, finetune, top_features
-    from headstart.model import Head
+    from headstart.train.finetune import boundary_for, finetune, top_features
+    from headstart.heads.module import Head
 
     progress = progress or NoProgress()
     pre = frozen.spec.preprocess
@@ -90,9 +91,9 @@ def refit_head(
     on the final features can do better. On flowers, all stages fine-tuned at 160 px: 0.773 with stage 2's head,
     0.780 with a refitted linear head, 0.792 with the hidden layer `auto` picks. At 128 px (the default there)
     the refit wins on validation log loss (0.49 against 0.52) at the same accuracy. It costs one extraction pass."""
-    from headstart.features import FeatureCache
-    from headstart.data import split_rows
-    from headstart.train import describe_candidates, fit_best_head, head_candidates
+    from headstart.cache.features import FeatureCache
+    from headstart.data.scan import split_rows
+    from headstart.train.fit_head import describe_candidates, fit_best_head, head_candidates
 
     progress = progress or NoProgress()
     progress.start("features of the fine-tuned backbone", len(paths))
@@ -129,7 +130,7 @@ def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray) -> dict:
 
 def _save_backbone(frozen: FrozenBackbone, state: dict) -> FrozenBackbone:
     """Write fine-tuned backbone weights to the cache, named by their content, like any other weights file."""
-    from headstart.backbones import save_state_dict
+    from headstart.backbones.weights import save_state_dict
 
     target = cache_root() / "weights" / f"{frozen.spec.timm_name}-finetuned.safetensors"
     path, digest = save_state_dict(state, target, content_named=True)

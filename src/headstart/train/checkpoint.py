@@ -14,15 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from headstart.errors import UserError
-from headstart.backbones import save_state_dict
+from headstart.errors import CheckpointError
+from headstart.backbones.weights import save_state_dict
 from headstart.paths import atomic_write_bytes, file_sha256
 
 META = "state.json"
-
-
-class CheckpointError(UserError):
-    pass
 
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from headstart import cli_render as render
+from headstart.cli import render
 from headstart.errors import UserError
 
 if TYPE_CHECKING:
-    from headstart.metrics import Evaluation
+    from headstart.evaluate.metrics import Evaluation
 
 # Equal to headstart.backbones.DEFAULT_BACKBONE (a test checks): importing that module costs numpy at --help time.
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -284,8 +284,8 @@ def predict(
 @app.command()
 def backbones() -> None:
     """List the built-in backbones and whether their weights are available offline."""
-    from headstart.backbones import DEFAULT_BACKBONE as default
-    from headstart.backbones import REGISTRY, available_offline
+    from headstart.backbones.registry import DEFAULT_BACKBONE as default
+    from headstart.backbones.registry import REGISTRY, available_offline
 
     specs = list(REGISTRY.values())
     table = render.backbones_table(specs, [available_offline(s) for s in specs], default)
@@ -294,7 +294,7 @@ def backbones() -> None:
 
 def _write_confusion(evaluation: "Evaluation", path: Path, title: str) -> Path | None:
     """The PNG is a by-product: a read-only model directory must not cost the user the metrics."""
-    from headstart import report  # matplotlib, only when a figure is drawn
+    from headstart.evaluate import figures as report  # matplotlib, only when a figure is drawn
 
     try:
         return report.save_confusion_png(evaluation.confusion, evaluation.classes, path, title=title)

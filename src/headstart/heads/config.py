@@ -1,11 +1,11 @@
-"""The head's configuration, how it is trained, and its inference in numpy: torch-free, so that predicting never
-imports torch and settings are checked before torch is loaded."""
+"""The head's configuration and its inference in numpy: torch-free, so that predicting never imports torch."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 
 CHUNK_ROWS = 8192  # feature rows handled at once wherever the features may be memory-mapped
 
@@ -23,28 +23,6 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
         return cls(int(d["in_features"]), int(d["n_classes"]), tuple(int(h) for h in d["hidden"]), float(d["dropout"]))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    schedule: str = "cosine"  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
-    patience: int = 10  # epochs without a better validation loss before stopping
-    balance: bool = False  # weight the loss by inverse class frequency
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "plateau"):
-            raise ValueError(f"schedule must be 'cosine' or 'plateau', not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:  # NaN too
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def head_logits_numpy(state: dict[str, np.ndarray], cfg: HeadConfig, features: np.ndarray) -> np.ndarray:

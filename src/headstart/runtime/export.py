@@ -1,5 +1,5 @@
-"""Frozen-backbone inference engines: ONNX Runtime on CPU (exported once, cached, checked against torch) and
-torch on CUDA. Both take a float32 NCHW batch and return pooled features as float32 [N, D]."""
+"""ONNX export of a backbone (or its frozen bottom), refused unless it agrees with torch, and where exports are
+cached. The any-size twin serves native views (see `vision.preprocess`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import contextlib
 import io
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from headstart.backbones import BackboneSpec
+from headstart.backbones.registry import BackboneSpec
 from headstart.paths import cache_root, temp_path_beside
+from headstart.runtime.engines import OnnxEngine, any_size_path
 
 log = logging.getLogger(__name__)
 
@@ -22,77 +21,9 @@ EXPORT_VERSION = 3  # bump when the export recipe changes, so stale exports are 
 PARITY_ATOL = 1e-3
 
 
-class Engine(Protocol):
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-def cpu_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-class OnnxEngine:
-    def __init__(self, onnx_path: Path, threads: int | None = None, spinning: bool = True) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or cpu_threads()
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
-
-    def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every output of a multi-output graph (the frozen bottom gives activations and pooled taps)."""
-        return self.session.run(None, {self.input_name: batch})
-
-
-class TorchEngine:
-    """For CUDA: bf16 autocast and channels_last, where the GPU is fastest. On the CPU (a network ONNX Runtime
-    cannot run), float32: bfloat16 was slower on this CPU and moved features by ~2%."""
-
-    def __init__(self, model, device: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        bf16 = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return self.model(x).float().cpu().numpy()
-
-
 def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
     size = spec.preprocess.input_size
     return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}px-v{EXPORT_VERSION}.onnx"
-
-
-def any_size_path(fixed: Path) -> Path:
-    """Where the any-size twin of a fixed-size export lives."""
-    return fixed.with_name(fixed.stem + "-any.onnx")
-
-
-class ViewsEngine:
-    """For a standard and a native view: the standard view through its fixed-size graph, which ONNX Runtime
-    plans fastest (7% faster here than the same graph with symbolic sizes), other sizes through the any-size
-    graph. Their thread pools take turns, so neither may spin while idle: two spinning pools stole a fifth of the
-    cores from each other and from the decoders (a flowers pass took 44 s instead of 37 s)."""
-
-    def __init__(self, fixed: Path, size: int) -> None:
-        self.fixed = OnnxEngine(fixed, spinning=False)
-        self.any_size = OnnxEngine(any_size_path(fixed), spinning=False)
-        self.size = size
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        engine = self.fixed if batch.shape[-2:] == (self.size, self.size) else self.any_size
-        return engine(batch)
 
 
 def export_onnx(
@@ -196,18 +127,6 @@ def _make_spatial_dims_symbolic(path: Path) -> None:
         dims[axis].dim_param = name
     del graph.graph.value_info[:]  # shapes inferred at the traced size would contradict other sizes
     onnx.save(graph, str(path))
-
-
-def pick_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    if "torch" not in sys.modules:
-        # Importing torch only to learn there is no GPU costs seconds; CUDA setups set this variable anyway.
-        if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
-            return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager

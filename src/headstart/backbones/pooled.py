@@ -1,16 +1,9 @@
-"""What is trained: the backbone's pooled multi-scale features, and a small head on top.
-
-The head standardises its input with statistics fixed from the training features (stage outputs differ in scale
-by orders of magnitude), then dropout -> optional hidden layers -> linear.
-"""
+"""The backbone as what is trained and exported: its pooled multi-scale features, split at a stage boundary."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
-
-from headstart.head import CHUNK_ROWS, HeadConfig
 
 TAPPED_STAGES = 3  # pool the outputs of the last three stages besides the final features
 
@@ -85,33 +78,3 @@ class FrozenBottom(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features.forward_bottom(x, self.boundary)
-
-
-class Head(nn.Module):
-    def __init__(self, cfg: HeadConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("mean", torch.zeros(cfg.in_features))
-        self.register_buffer("std", torch.ones(cfg.in_features))
-        layers: list[nn.Module] = [nn.Dropout(cfg.dropout)]
-        width = cfg.in_features
-        for h in cfg.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            width = h
-        layers.append(nn.Linear(width, cfg.n_classes))
-        self.layers = nn.Sequential(*layers)
-
-    def set_standardization(self, features: np.ndarray, chunk: int = CHUNK_ROWS) -> None:
-        """Per-feature mean and std, two passes over chunks in float64: the features may be memory-mapped and
-        larger than memory."""
-        n = len(features)
-        mean = sum(features[i:i + chunk].sum(0, dtype=np.float64) for i in range(0, n, chunk)) / n
-        var = sum(((features[i:i + chunk] - mean) ** 2).sum(0) for i in range(0, n, chunk)) / n
-        self.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        self.std.copy_(torch.from_numpy((np.sqrt(var) + 1e-6).astype(np.float32)))
-
-    def standardize(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean) / self.std
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.standardize(features))

@@ -11,39 +11,39 @@ import functools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from headstart.engines import cpu_threads
-from headstart.head import CHUNK_ROWS, HeadConfig, TrainConfig
-from headstart.model import Head
+from headstart.heads.config import CHUNK_ROWS, HeadConfig
+from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
+from headstart.runtime.device import cpu_threads
+from headstart.train.config import TrainConfig
+from headstart.train.loop import HeadAdamW, History, Plateau, warmup_cosine
 
 log = logging.getLogger(__name__)
+
+
 # hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on
 # flowers (3,400 training photos) it lowers validation loss and gains 1-2 points over the linear head; on 200
 # photos it overfits. Its schedule is shorter: with that much data it peaks within 10-20 epochs, and the two
 # fits together must stay a small part of a training run.
 AUTO_HIDDEN = (64,)
+
+
 AUTO_HIDDEN_DROPOUT = 0.6
+
+
 AUTO_HIDDEN_MIN_TRAIN = 1000
+
+
 AUTO_HIDDEN_EPOCHS = 20
+
+
 AUTO_HIDDEN_PATIENCE = 5
-
-
-@dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    val_accuracy: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped_early: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -247,63 +247,3 @@ def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tenso
         return x
     keep = np.frombuffer(rng.bytes(x.numel()), np.uint8).reshape(x.shape) >= drop_below
     return x * torch.from_numpy(keep) * (256 / (256 - drop_below))
-
-
-class HeadAdamW:
-    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments) for the head's few tensors.
-
-    Not torch.optim itself: its first step imports torch._dynamo, 2.8 s on this CPU, longer than training a
-    head takes; and a warm-cache `train` is otherwise done in seconds."""
-
-    def __init__(self, params, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params = [p for p in params if p.requires_grad]
-        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        self.steps += 1
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            p.mul_(1 - lr * self.weight_decay)
-            m.lerp_(p.grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            p.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(self.eps), value=-lr / bias1)
-
-
-class Plateau:
-    """Reduce-on-plateau (torch's ReduceLROnPlateau in 'min' mode, relative threshold 1e-4): multiply the rate
-    by `factor` after more than `patience` epochs without a better validation loss."""
-
-    def __init__(self, lr: float, factor: float, patience: int) -> None:
-        self.lr, self.factor, self.patience = lr, factor, patience
-        self.best, self.bad_epochs = math.inf, 0
-
-    def step(self, val_loss: float) -> None:
-        if val_loss < self.best * (1 - 1e-4):
-            self.best, self.bad_epochs = val_loss, 0
-            return
-        self.bad_epochs += 1
-        if self.bad_epochs > self.patience:
-            self.lr *= self.factor
-            self.bad_epochs = 0
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Learning-rate factor per step: linear warmup, then cosine decay to zero at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
-
-    return factor

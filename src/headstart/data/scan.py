@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
-from .preprocess import PreprocessConfig, eval_transform, eval_views
+from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
+from headstart.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,9 +25,7 @@ __all__ = [
     "ImageDecodeError",
     "Sample",
     "list_images",
-    "load_for_model",
     "load_rgb",
-    "load_views",
     "scan_folder",
     "split_rows",
     "typical_short_side",
@@ -41,10 +38,6 @@ _VAL_DIR_NAMES = ("val", "valid", "validation")
 _EXPECTED_LAYOUT = (
     "expected photos/<class>/*.jpg (one sub-folder per class) or photos/train/<class>/ + photos/val/<class>/"
 )
-
-
-class DataError(UserError, ValueError):
-    """A problem with the user's data or data options; the message is one line saying what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +152,6 @@ def list_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pa
         else:
             problems.append((p, "no such file"))
     return paths, problems
-
-
-def load_for_model(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
-    """Decode and preprocess one image into the float32 CHW array the model expects."""
-    return eval_transform(load_rgb(path, cfg.resize_size), cfg)
-
-
-def load_views(path: Path | str, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
-    """Decode one image once and preprocess it into each of the config's views (see `eval_views`)."""
-    return eval_views(load_rgb(path, cfg.resize_size), cfg)
 
 
 def split_rows(splits: np.ndarray) -> dict[str, slice]:

@@ -1,0 +1,10 @@
+"""Finding and reading the photos: class-folder scanning and splits (`scan`), one file -> RGB (`imageio`)."""
+
+from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
+from headstart.data.scan import SPLITS, Dataset, Sample, list_images, scan_folder, split_rows, typical_short_side
+from headstart.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "SPLITS", "DataError", "Dataset", "ImageDecodeError", "Sample", "is_image_path",
+    "list_images", "load_rgb", "scan_folder", "split_rows", "typical_short_side",
+]
