@@ -9,7 +9,7 @@ class DataError(UserError, ValueError):
     """A problem with the user's data or data options."""
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(DataError):
     """A setting out of its range or choices (see `options`)."""
 
 
