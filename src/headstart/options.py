@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,17 +145,17 @@ def choices(name: str) -> tuple:
     return OPTIONS[name].choices
 
 
-def check(params: Mapping[str, Any]) -> None:
+def check(params: Mapping[str, Any], spell: Callable[[str], str] = str) -> None:
     """Refuse the first setting outside its rule, naming it, the value and what it takes; then the rules that
-    tie settings together."""
+    tie settings together. `spell` writes a setting's name as the caller's user knows it (the CLI: `--val-split`)."""
     for name, value in params.items():
         option = OPTIONS.get(name)
         if option is None:
             raise ConfigError(f"unknown setting {name!r}; the settings are {', '.join(OPTIONS)}")
         if not any(rule.accepts(value) for rule in option.rules):
             wanted = " or ".join(rule.describe() for rule in option.rules)
-            raise ConfigError(f"{name}={value!r} is not allowed: {name} must be {wanted}")
+            raise ConfigError(f"{spell(name)}={value!r} is not allowed: {spell(name)} must be {wanted}")
     val, test = params.get("val_split", 0.0), params.get("test_split", 0.0)
     if val + test >= 1.0:
-        raise ConfigError(f"val_split + test_split = {val + test:g} leaves nothing to train on; keep the sum below 1 "
-                          "(e.g. val_split=0.2, test_split=0.1)")
+        raise ConfigError(f"{spell('val_split')} + {spell('test_split')} = {val + test:g} leaves nothing to train on; "
+                          "keep the sum below 1 (e.g. 0.2 and 0.1)")
