@@ -139,8 +139,9 @@ def test_cache_extracts_once_then_hits(frozen, photos):
     n = len(photos)
     factory = CountingFactory(frozen)
     cache = FeatureCache(frozen)
-    feats, readable, failures = cache.features_for(photos, factory)
-    assert cache.last_hits == 0
+    got = cache.features_for(photos, factory)
+    feats, readable, failures = got.features, got.readable, got.failures
+    assert got.hits == 0
     assert (factory.engines, factory.rows) == (1, n)
     assert feats.shape == (n, TINY_DIM) and readable == list(range(n)) and failures == []
     # Row i is image i's features.
@@ -148,15 +149,16 @@ def test_cache_extracts_once_then_hits(frozen, photos):
 
     again = CountingFactory(frozen)
     fresh = FeatureCache(frozen)  # a new process: state comes from disk
-    feats2, readable2, failures2 = fresh.features_for(photos, again)
-    assert fresh.last_hits == n
+    got = fresh.features_for(photos, again)
+    feats2, readable2, failures2 = got.features, got.readable, got.failures
+    assert got.hits == n
     assert (again.engines, again.rows) == (0, 0)
     assert readable2 == readable and failures2 == []
     np.testing.assert_array_equal(feats2, feats)
 
     # A different order or a subset gathers the same rows.
     order = [5, 0, 17, 3]
-    sub, _, _ = fresh.features_for([photos[i] for i in order], again)
+    sub = fresh.features_for([photos[i] for i in order], again).features
     np.testing.assert_array_equal(sub, feats[order])
     assert again.engines == 0
 
@@ -164,13 +166,14 @@ def test_cache_extracts_once_then_hits(frozen, photos):
 def test_cache_is_keyed_by_content(frozen, photos, tmp_path):
     n = len(photos)
     cache = FeatureCache(frozen)
-    before, _, _ = cache.features_for(photos, CountingFactory(frozen))
+    before = cache.features_for(photos, CountingFactory(frozen)).features
 
     changed = 4
     make_image((10, 10, 10), (64, 48), np.random.default_rng(99)).save(photos[changed], "JPEG")
     factory = CountingFactory(frozen)
-    after, readable, _ = cache.features_for(photos, factory)
-    assert cache.last_hits == n - 1
+    got = cache.features_for(photos, factory)
+    after, readable = got.features, got.readable
+    assert got.hits == n - 1
     assert (factory.engines, factory.rows) == (1, 1)
     assert readable == list(range(n))
     keep = [i for i in range(n) if i != changed]
@@ -182,8 +185,9 @@ def test_cache_is_keyed_by_content(frozen, photos, tmp_path):
     copy = tmp_path / "renamed_copy.jpg"
     copy.write_bytes(photos[0].read_bytes())
     factory = CountingFactory(frozen)
-    again, _, _ = cache.features_for([copy], factory)
-    assert cache.last_hits == 1 and factory.engines == 0
+    got = cache.features_for([copy], factory)
+    again = got.features
+    assert got.hits == 1 and factory.engines == 0
     np.testing.assert_array_equal(again[0], after[0])
 
 
@@ -198,8 +202,8 @@ def test_cache_is_per_backbone_weights(frozen, photos, tiny_weights, tmp_path):
     assert other.cache_key() != frozen.cache_key()
     FeatureCache(frozen).features_for(photos[:3], CountingFactory(frozen))
     cache = FeatureCache(other)
-    cache.features_for(photos[:3], lambda: (lambda b: np.zeros((len(b), TINY_DIM), np.float32)))
-    assert cache.last_hits == 0
+    got = cache.features_for(photos[:3], lambda: (lambda b: np.zeros((len(b), TINY_DIM), np.float32)))
+    assert got.hits == 0
 
 
 def test_unreadable_images_are_reported_not_fatal(frozen, photos, tmp_path):
@@ -213,7 +217,8 @@ def test_unreadable_images_are_reported_not_fatal(frozen, photos, tmp_path):
     for attempt in range(2):  # failures are not cached: the second run reports them again
         factory = CountingFactory(frozen)
         cache = FeatureCache(frozen)
-        feats, readable, failures = cache.features_for(paths, factory)
+        got = cache.features_for(paths, factory)
+        feats, readable, failures = got.features, got.readable, got.failures
         assert readable == [0, 2, 4, 5]
         assert feats.shape == (4, TINY_DIM)
         reasons = dict(failures)
@@ -222,7 +227,7 @@ def test_unreadable_images_are_reported_not_fatal(frozen, photos, tmp_path):
         assert "truncated" in reasons[corrupt] or "corrupt" in reasons[corrupt]
         assert "cannot identify" in reasons[text]
         np.testing.assert_allclose(feats, _direct_features(frozen, good), atol=1e-3, rtol=0)
-        assert cache.last_hits == (0 if attempt == 0 else 4)
+        assert got.hits == (0 if attempt == 0 else 4)
 
 
 def _visible_shards(cache_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -250,13 +255,15 @@ def test_crash_mid_extraction_leaves_only_complete_shards(frozen, photos, tmp_pa
     assert not [p for p in cache.dir.iterdir() if not p.name.startswith(".") and not p.name.endswith(".npy")]
 
     factory = CountingFactory(frozen)
-    resumed, readable, failures = cache.features_for(photos, factory, batch_size=4)
-    assert cache.last_hits == 4
+    got = cache.features_for(photos, factory, batch_size=4)
+    resumed, readable, failures = got.features, got.readable, got.failures
+    assert got.hits == 4
     assert factory.rows == len(photos) - 4
     assert len(_visible_shards(cache.dir)) == 1 + -(-(len(photos) - 4) // 4)
 
     clean_cache = FeatureCache(frozen, root=tmp_path / "clean")
-    clean, clean_readable, clean_failures = clean_cache.features_for(photos, CountingFactory(frozen))
+    got = clean_cache.features_for(photos, CountingFactory(frozen))
+    clean, clean_readable, clean_failures = got.features, got.readable, got.failures
     assert (readable, failures) == (clean_readable, clean_failures)
     np.testing.assert_allclose(resumed, clean, atol=1e-5, rtol=0)
 
@@ -278,28 +285,29 @@ def test_crash_between_features_and_keys_hides_the_shard(frozen, photos, monkeyp
 
     assert list(cache.dir.glob("*.feats.npy")) and not list(cache.dir.glob("*.keys.npy"))
     factory = CountingFactory(frozen)
-    feats, _, _ = cache.features_for(photos[:3], factory)
-    assert cache.last_hits == 0 and factory.rows == 3
+    got = cache.features_for(photos[:3], factory)
+    feats = got.features
+    assert got.hits == 0 and factory.rows == 3
     assert len(_visible_shards(cache.dir)) == 1
     np.testing.assert_allclose(feats, _direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
 
 
 def test_many_small_shards_gather_like_one(frozen, photos, tmp_path, monkeypatch):
-    whole, _, _ = FeatureCache(frozen, root=tmp_path / "whole").features_for(photos, CountingFactory(frozen))
+    whole = FeatureCache(frozen, root=tmp_path / "whole").features_for(photos, CountingFactory(frozen)).features
     monkeypatch.setattr(features, "SHARD_ROWS", 3)
     sharded_cache = FeatureCache(frozen, root=tmp_path / "sharded")
     sharded_cache.features_for(photos, CountingFactory(frozen), batch_size=3)
     assert len(_visible_shards(sharded_cache.dir)) == 6
-    reread, _, _ = FeatureCache(frozen, root=tmp_path / "sharded").features_for(photos, CountingFactory(frozen))
+    reread = FeatureCache(frozen, root=tmp_path / "sharded").features_for(photos, CountingFactory(frozen)).features
     np.testing.assert_allclose(reread, whole, atol=1e-5, rtol=0)
 
 
 def test_large_gathers_are_memory_mapped_and_leave_no_file(frozen, photos, tmp_path, monkeypatch):
     cache = FeatureCache(frozen, root=tmp_path / "c")
-    in_ram, _, _ = cache.features_for(photos, CountingFactory(frozen))
+    in_ram = cache.features_for(photos, CountingFactory(frozen)).features
     assert not isinstance(in_ram, np.memmap)
     monkeypatch.setattr(features, "_gather", functools.partial(features._gather, in_ram_bytes=16))
-    mapped, _, _ = FeatureCache(frozen, root=tmp_path / "c").features_for(photos, CountingFactory(frozen))
+    mapped = FeatureCache(frozen, root=tmp_path / "c").features_for(photos, CountingFactory(frozen)).features
     assert isinstance(mapped, np.memmap)
     np.testing.assert_array_equal(mapped, in_ram)
     scratch = features.cache_root() / "tmp"
@@ -313,7 +321,7 @@ def test_a_batch_of_only_unreadable_files_is_survived(frozen, photos, tmp_path):
         path = tmp_path / f"broken{i}.jpg"
         path.write_text("not an image")
         bad.append(path)
-    feats, readable, failures = FeatureCache(frozen).features_for(bad + photos[:3], CountingFactory(frozen),
-                                                                  batch_size=4)
+    got = FeatureCache(frozen).features_for(bad + photos[:3], CountingFactory(frozen), batch_size=4)
+    feats, readable, failures = got.features, got.readable, got.failures
     assert readable == [5, 6, 7] and feats.shape == (3, TINY_DIM)
     assert {p for p, _ in failures} == set(bad)

@@ -249,11 +249,12 @@ class ImageClassifier:
         paths = [s.path for s in samples]
         cache = FeatureCache(frozen)
         progress.start("extracting features", len(paths))
-        feats, readable, failures = cache.features_for(paths, lambda: frozen.engine(self.device), progress.advance)
+        cached = cache.features_for(paths, lambda: frozen.engine(self.device), progress.advance)
         progress.finish()
+        readable = cached.readable
         labels = np.array([samples[i].label for i in readable], dtype=np.int64)
         splits = np.array([samples[i].split for i in readable])
-        return [paths[i] for i in readable], feats, labels, splits, failures, cache.last_hits
+        return [paths[i] for i in readable], cached.features, labels, splits, cached.failures, cached.hits
 
     def _evaluate_features(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation:
         return evaluate(labels, self._proba(feats), self.classes_)

@@ -14,6 +14,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,21 @@ def content_key(path: Path) -> bytes:
     return hashlib.sha256(Path(path).read_bytes()).digest()[:16]
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: comparing records field by field would compare arrays
+class CachedFeatures:
+    """What `FeatureCache.features_for` found: the features of the readable paths in order, their indices into
+    the paths asked for, the unreadable ones as (path, reason), and how many images were already cached."""
+
+    features: np.ndarray
+    readable: list[int]
+    failures: list[tuple[Path, str]]
+    hits: int
+
+
 class FeatureCache:
     def __init__(self, backbone: FrozenBackbone, root: Path | None = None) -> None:
         self.dir = (root or cache_root() / "features") / backbone.cache_key()
         self.backbone = backbone
-        self.last_hits = 0  # how many images the last features_for call found cached
 
     def _shards(self) -> list[tuple[np.ndarray, Path]]:
         if not self.dir.exists():
@@ -70,15 +81,14 @@ class FeatureCache:
     def features_for(
         self, paths: Sequence[Path], engine_factory: Callable[[], Engine], progress: Advance | None = None,
         batch_size: int = 32,
-    ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
-        """Features for every readable path (cached or extracted now). Returns (features of the readable
-        paths in order, their indices into `paths`, failures as (path, reason))."""
+    ) -> CachedFeatures:
+        """Features for every readable path (cached or extracted now), with what could not be read."""
         keys = [content_key(p) for p in paths]
         index, files = self.index()
         missing = [i for i, k in enumerate(keys) if k not in index]
-        self.last_hits = len(paths) - len(missing)
-        if progress and len(paths) - len(missing):
-            progress(len(paths) - len(missing))
+        hits = len(paths) - len(missing)
+        if progress and hits:
+            progress(hits)
         failures: dict[int, str] = {}
         if missing:
             log.info("extracting features for %d of %d images", len(missing), len(paths))
@@ -99,7 +109,8 @@ class FeatureCache:
                 self.write_shard(buf_keys, np.concatenate(buf_feats))
             index, files = self.index()
         readable = [i for i in range(len(paths)) if i not in failures]
-        return _gather([keys[i] for i in readable], index, files), readable, [(paths[i], r) for i, r in failures.items()]
+        return CachedFeatures(_gather([keys[i] for i in readable], index, files), readable,
+                              [(paths[i], r) for i, r in failures.items()], hits)
 
 
 def _gather(

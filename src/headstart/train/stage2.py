@@ -97,7 +97,8 @@ def refit_head(
 
     progress = progress or NoProgress()
     progress.start("features of the fine-tuned backbone", len(paths))
-    feats, readable, _ = FeatureCache(frozen).features_for(paths, lambda: frozen.engine(device), progress.advance)
+    cached = FeatureCache(frozen).features_for(paths, lambda: frozen.engine(device), progress.advance)
+    feats, readable = cached.features, cached.readable
     progress.finish()
     labels = labels[readable]
     rows = split_rows(splits[readable])  # `paths` are ordered split by split, as stage 1 reads them
