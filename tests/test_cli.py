@@ -24,8 +24,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from headstart.cli import commands as cli
+from headstart import cli
 from headstart.cli import render as cli_render
+from headstart.cli import train as cli_train
 from headstart.errors import WeightsError
 from headstart.errors import DataError
 from headstart.heads.config import HeadConfig
@@ -177,7 +178,7 @@ def test_help_lists_commands_without_importing_heavy_modules() -> None:
 def test_default_backbone_matches_library() -> None:
     from headstart.backbones.registry import DEFAULT_BACKBONE
 
-    assert cli.DEFAULT_BACKBONE == DEFAULT_BACKBONE
+    assert cli_train.DEFAULT_BACKBONE == DEFAULT_BACKBONE
 
 
 # --------------------------------------------------------------------------- errors and exit codes
@@ -433,3 +434,98 @@ def test_progress_bars_are_silent_off_a_terminal(capsys: pytest.CaptureFixture[s
         bars.advance(3)
         bars.finish()
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- one source for settings
+
+
+def test_train_flags_are_the_options_with_their_defaults() -> None:
+    """Every setting in headstart.options is a train flag, with options' default; the CLI adds only its own."""
+    import inspect
+
+    from headstart import options
+
+    params = inspect.signature(cli_train.train).parameters
+    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume"}
+    defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
+    defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
+    defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])
+    assert defaults == dict(options.DEFAULTS)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--finetune-lr", "-inf"], "--finetune-lr"),
+    (["--unfreeze", "0"], "--unfreeze"), (["--unfreeze", "-1"], "--unfreeze"), (["--unfreeze", "two"], "--unfreeze"),
+    (["--hidden", "-4"], "--hidden"), (["--views", "0"], "--views"), (["--val-split", "1.5"], "--val-split"),
+    (["--strategy", "Finetune"], "--strategy"), (["--weight-decay", "-0.1"], "--weight-decay"),
+])
+def test_bad_setting_names_its_flag(image_folder: Path, flags: list[str], named: str) -> None:
+    line = _assert_one_error_line(runner.invoke(cli.app, ["train", str(image_folder), *flags]))
+    assert named in line
+    assert FakeClassifier.created == []
+
+
+def test_train_help_fits_80_columns_in_panels() -> None:
+    from headstart import options
+
+    result = runner.invoke(cli.app, ["train", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    for panel in ("Data", "Head", "Fine-tuning", "Run", "Output"):
+        assert any(line.startswith(f"╭─ {panel} ") for line in lines), panel
+    for flag in [cli_train.flag_name(n) for n in options.OPTIONS] + ["--out", "--resume", "--no-native-view"]:
+        assert any(f" {flag} " in f"{line} " for line in lines), flag  # whole, not cut to '--finetune-epo…'
+    # Short help lines: no option's help runs to more than two lines besides its [default: ...].
+    helps = [line for line in lines if line.startswith("│") and "[default:" not in line]
+    assert len(helps) <= 2 * len(options.OPTIONS) + 10
+
+
+# --------------------------------------------------------------------------- narrow terminals
+
+
+def _render(renderable: Any, width: int) -> list[str]:
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(renderable, crop=False)
+    return buf.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("width", [200, 80, 60, 40])
+def test_backbones_table_never_cuts_a_name(width: int) -> None:
+    from headstart.backbones.registry import DEFAULT_BACKBONE, REGISTRY
+
+    specs = list(REGISTRY.values())
+    lines = _render(cli_render.backbones_table(specs, [True] * len(specs), DEFAULT_BACKBONE, width), width)
+    for spec in specs:
+        assert any(f" {spec.name} " in line for line in lines), (spec.name, lines)
+    if width >= 60:
+        assert all(len(line) <= width for line in lines)
+        for spec in specs:  # the timm name is typed too (`--backbone tf_efficientnet_lite0`)
+            assert any(f" {spec.timm_name} " in line for line in lines), spec.timm_name
+        assert any(DEFAULT_BACKBONE in line and "default" in line for line in lines)  # a column, or the title
+
+
+def _long_predictions(tmp_path: Path) -> list[FakePrediction]:
+    deep = tmp_path / "a" / "rather-long-folder-name" / "holiday-2024"
+    return [
+        FakePrediction(deep / "IMG_0001-with-a-long-name.jpg", "cat", 0.9, [("cat", 0.9), ("dog", 0.1)], None),
+        FakePrediction(Path("short.jpg"), "dog", 0.6, [("dog", 0.6), ("cat", 0.4)], None),
+        FakePrediction(deep / "notes.txt", None, None, [], "cannot identify image file"),
+    ]
+
+
+@pytest.mark.parametrize("width", [200, 80, 60])
+def test_predictions_table_never_breaks_a_path(tmp_path: Path, width: int) -> None:
+    preds = _long_predictions(tmp_path)
+    lines = _render(cli_render.predictions_table(preds, width), width)
+    for p in preds:
+        assert any(str(p.path) in line for line in lines), (str(p.path), lines)
+    words = " ".join(lines).split()  # the error may fold across lines, the path may not
+    assert "cat" in words and "90.0%" in words and "cannot" in words and "file" in words
+
+
+def test_predictions_table_drops_top_k_before_paths(tmp_path: Path) -> None:
+    preds = [FakePrediction(Path("photos") / ("x" * 40 + ".jpg"), "cat", 0.9, [("cat", 0.9), ("dog", 0.1)], None)]
+    wide, narrow = (_render(cli_render.predictions_table(preds, w), w) for w in (120, 80))
+    assert any("top-k" in line for line in wide) and not any("top-k" in line for line in narrow)
+    assert any(str(preds[0].path) in line and "90.0%" in line for line in narrow)  # still one table row

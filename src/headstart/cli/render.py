@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
@@ -132,6 +132,29 @@ def _split_totals(counts: dict[str, dict[str, int]]) -> str:
 
 def _eval_line(ev: Evaluation) -> str:
     return f"accuracy {_pct(ev.accuracy)}, balanced accuracy {_pct(ev.balanced_accuracy)} (n={ev.n})"
+
+
+_MIN_FOLDED = 12  # the narrowest a folding column (top-k) gets before it is dropped instead
+
+
+def _widest(header: str, cells: Sequence[str]) -> int:
+    return max([len(header), *(len(c) for c in cells)])
+
+
+def _table_frame(columns: int) -> int:
+    """Characters a rich Table with borders adds around `columns` cells: a rule each side, one space of padding."""
+    return 3 * columns + 1
+
+
+def write_confusion(evaluation: Evaluation, path: Path, title: str) -> Path | None:
+    """The PNG is a by-product: a read-only model directory must not cost the user the metrics."""
+    from headstart.evaluate import figures  # matplotlib, only when a figure is drawn
+
+    try:
+        return figures.save_confusion_png(evaluation.confusion, evaluation.classes, path, title=title)
+    except OSError as exc:
+        note(f"warning: could not write {path}: {exc.strerror or exc}")
+        return None
 
 
 def print_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
@@ -285,20 +308,50 @@ def _top_k_text(top_k: Sequence[tuple[str, float]]) -> str:
     return ";".join(f"{label}:{p:.4f}" for label, p in top_k)
 
 
-def predictions_table(preds: Sequence[Prediction]) -> Table:
+def predictions_table(preds: Sequence[Prediction], width: int = 200) -> RenderableType:
+    """A table at most `width` wide in which no path is ever broken or cut: the top-k column goes first, then
+    the table itself (one path per line, its label beneath)."""
+    paths = [str(p.path) for p in preds]
+    labels = [p.label or "-" for p in preds]
+    fixed = _widest("path", paths) + _widest("label", labels) + len("confidence")
+    if fixed + _MIN_FOLDED + _table_frame(4) <= width:
+        return _predictions_grid(preds, with_top_k=True)
+    if fixed + _table_frame(3) <= width:
+        return _predictions_grid(preds, with_top_k=False)
+    lines: list[Text] = []
+    for p in preds:
+        lines.append(Text(str(p.path), no_wrap=True, overflow="ignore"))  # whole, even past the edge
+        lines.append(Text("  ") + _prediction_detail(p))
+    return Group(*lines)
+
+
+def _predictions_grid(preds: Sequence[Prediction], with_top_k: bool) -> Table:
     table = Table()
-    table.add_column("path", overflow="fold")
-    table.add_column("label")
-    table.add_column("confidence", justify="right")
-    table.add_column("top-k", overflow="fold")
+    table.add_column("path", no_wrap=True)
+    table.add_column("label", overflow="fold")  # holds the error when there is no top-k column
+    table.add_column("confidence", justify="right", no_wrap=True)
+    if with_top_k:
+        table.add_column("top-k", overflow="fold")
     for p in preds:
         if p.error is not None:
-            table.add_row(Text(str(p.path)), Text("-"), "", Text(f"error: {p.error}", style="red"))
-            continue
-        top = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
-        confidence = _pct(p.confidence) if p.confidence is not None else ""
-        table.add_row(Text(str(p.path)), Text(p.label or ""), confidence, Text(top))
+            error = Text(f"error: {p.error}", style="red")
+            cells = [Text("-"), "", error] if with_top_k else [error, ""]
+        else:
+            confidence = _pct(p.confidence) if p.confidence is not None else ""
+            cells = [Text(p.label or ""), confidence] + ([Text(_top_k_words(p.top_k))] if with_top_k else [])
+        table.add_row(Text(str(p.path)), *cells)
     return table
+
+
+def _top_k_words(top_k: Sequence[tuple[str, float]]) -> str:
+    return ", ".join(f"{label} {prob:.3f}" for label, prob in top_k)
+
+
+def _prediction_detail(p: Prediction) -> Text:
+    if p.error is not None:
+        return Text(f"error: {p.error}", style="red")
+    confidence = f" {_pct(p.confidence)}" if p.confidence is not None else ""
+    return Text(f"{p.label or ''}{confidence}  (top-k: {_top_k_words(p.top_k)})")
 
 
 def predictions_csv(preds: Sequence[Prediction]) -> str:
@@ -327,25 +380,35 @@ def predictions_json(preds: Sequence[Prediction]) -> str:
 
 # --------------------------------------------------------------------------- backbones
 
+# Dropped in this order when the table is wider than the terminal; the name, what a user types, always stays.
+_BACKBONE_COLUMNS_DROPPED = ("note", "weights", "params (M)", "input", "timm model", "offline")
 
-def backbones_table(specs: Sequence[BackboneSpec], offline: Sequence[bool], default: str) -> Table:
-    table = Table(title="backbones", title_justify="left")
-    table.add_column("name")
-    table.add_column("timm model")
-    table.add_column("input", justify="right")
-    table.add_column("params (M)", justify="right")
-    table.add_column("weights")
-    table.add_column("offline")
-    table.add_column("note")
+
+def backbones_table(specs: Sequence[BackboneSpec], offline: Sequence[bool], default: str, width: int = 200) -> Table:
     sources = {"package": "bundled package", "hub": "hub download"}
-    for spec, ok in zip(specs, offline):
-        table.add_row(
-            spec.name,
-            spec.timm_name,
-            f"{spec.preprocess.input_size}px",
-            f"{spec.params_m:.1f}",
-            sources.get(spec.source, spec.source),
-            Text("yes", style="green") if ok else Text("no", style="yellow"),
-            "default" if spec.name == default else "",
-        )
+    columns: dict[str, list[str]] = {
+        "name": [s.name for s in specs],
+        "timm model": [s.timm_name for s in specs],
+        "input": [f"{s.preprocess.input_size}px" for s in specs],
+        "params (M)": [f"{s.params_m:.1f}" for s in specs],
+        "weights": [sources.get(s.source, s.source) for s in specs],
+        "offline": ["yes" if ok else "no" for ok in offline],
+        "note": ["default" if s.name == default else "" for s in specs],
+    }
+    shown = list(columns)
+    for name in _BACKBONE_COLUMNS_DROPPED:
+        if sum(_widest(c, columns[c]) for c in shown) + _table_frame(len(shown)) <= width:
+            break
+        shown.remove(name)
+    title = "backbones" if "note" in shown else f"backbones (default: {default})"
+    table = Table(title=title, title_justify="left")
+    for name in shown:
+        # Names are never wrapped: a user copies them into --backbone.
+        table.add_column(name, no_wrap=True, justify="right" if name in ("input", "params (M)") else "left")
+    for i in range(len(specs)):
+        table.add_row(*(_offline_cell(columns[c][i]) if c == "offline" else columns[c][i] for c in shown))
     return table
+
+
+def _offline_cell(value: str) -> Text:
+    return Text(value, style="green" if value == "yes" else "yellow")

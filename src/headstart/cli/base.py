@@ -1,0 +1,82 @@
+"""The typer app every command registers on, its error handling, the root callback and the entry point.
+
+Exit codes: 0 success, 1 nothing could be done (every image failed), 2 a user error (bad flag, bad
+data, missing weights: one `error: ...` line on stderr), 130 interrupted. Anything else is a bug and
+keeps its traceback.
+
+Named `base`, not `app`: `headstart.cli` exports the Typer object as `app`, and a submodule of that name
+would be shadowed by it (or shadow it).
+"""
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from headstart.cli import render
+from headstart.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Turns the errors a user can cause into one stderr line and an exit code; bugs keep their traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            render.note(f"error: {' '.join(str(exc).split())}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # Caught here because typer would otherwise turn it into a silent exit 130.
+            render.note("interrupted")
+            raise typer.Exit(130) from None
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's (vendored) click usage and parameter errors
+            # Typer draws usage errors as a multi-line panel; one line is easier to read and to grep.
+            if type(exc).__name__ != "NoArgsIsHelpError":  # bare `headstart`: help was already printed
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                render.note(f"error: {exc.format_message()}{hint}")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            render.note("aborted")
+            sys.exit(1)
+        # Non-standalone click returns an Exit's code, or the command's return value (always None here).
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="Turn a folder of a few hundred photos into an image classifier by transfer learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can be whole tensors; the stack is what a bug report needs
+)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details (INFO) to stderr.")] = False,
+) -> None:
+    """Turn a folder of a few hundred photos into an image classifier by transfer learning."""
+    render.setup_logging(logging.INFO if verbose else logging.WARNING)
+
+
+def main() -> None:
+    """Entry point of the `headstart` console script."""
+    app(prog_name="headstart")

@@ -1,0 +1,130 @@
+"""`headstart train`: flags in, one `ImageClassifier` fitted and saved, a summary out.
+
+Every setting's default, choices, help line and help panel come from `headstart.options`, and
+`options.check` is the one validation: the CLI only turns text into values (`--hidden 512,256`,
+`--unfreeze all`) and adds the flags that are its own (`--out`, `--resume`).
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.markup import escape
+
+from headstart import options
+from headstart.cli import render
+from headstart.cli.base import app
+
+D = options.DEFAULTS
+DEFAULT_BACKBONE = D["backbone"]  # equal to headstart.backbones.registry's (a test checks), without its numpy
+OUTPUT = "Output"
+
+
+def _flag(name: str, **extra: Any) -> Any:
+    """The typer option of a setting: its help line and panel as headstart.options defines them."""
+    setting = options.OPTIONS[name]
+    decls: tuple[str, ...] = ()
+    if setting.default is False:
+        # A switch that is off unless given: `--balance`. The '--no-' twin said nothing (it is the default) and took
+        # a whole column of the help panel's width; `--no-native-view` stays because it turns a default off.
+        decls = (flag_name(name),)
+    if isinstance(setting.default, bool):
+        extra.setdefault("metavar", "")  # a switch takes no value: '<bool>' would only take width from the help
+    help_line = setting.help
+    if setting.choices and isinstance(setting.default, str) and not extra.get("metavar"):
+        # typer would list the choices as the metavar, a column wide enough to squeeze the help into fragments
+        # at 80 columns and to cut flag names at 60; the help line names them instead, unless it already does.
+        extra["metavar"] = "<choice>"
+        if not all(c in help_line for c in setting.choices):
+            *others, last = setting.choices
+            help_line = f"{help_line.rstrip('.')}: {', '.join(others)} or {last}."
+    return typer.Option(*decls, help=escape(help_line), rich_help_panel=setting.panel, **extra)
+
+
+def _one_of(name: str) -> Any:
+    """A Literal of the setting's choices: typer lists them in --help and refuses anything else."""
+    return Literal[options.choices(name)]  # type: ignore[valid-type]
+
+
+Schedule, Device, Strategy, Augment = (_one_of(n) for n in ("schedule", "device", "strategy", "augment"))
+
+
+def flag_name(setting: str) -> str:
+    """How a setting is spelled on the command line: val_split -> --val-split."""
+    return "--" + setting.replace("_", "-")
+
+
+def _parse_unfreeze(text: str) -> int | str:
+    """'all' and 'auto' stay words, anything else must be a whole number (its range is options' to check)."""
+    if text in ("all", "auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a stage count, 'all' or 'auto', e.g. --unfreeze 2",
+                                 param_hint="'--unfreeze'") from None
+
+
+def _parse_hidden(text: str) -> tuple[int, ...] | str:
+    """'512,256' -> (512, 256); '' -> () (no hidden layer); 'auto' stays 'auto'. Ranges are options' to check."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{text}' is not 'auto' or a comma list of layer widths, e.g. '512,256' (empty for none)",
+            param_hint="'--hidden'",
+        ) from None
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to save the model in.",
+                                      rich_help_panel=OUTPUT)] = Path("model"),
+    resume: Annotated[Path | None, typer.Option(
+        file_okay=False, help="Continue the interrupted run saved in this model directory.",
+        rich_help_panel=OUTPUT)] = None,
+    val_split: Annotated[float, _flag("val_split")] = D["val_split"],
+    test_split: Annotated[float, _flag("test_split")] = D["test_split"],
+    native_view: Annotated[bool, _flag("native_view")] = D["native_view"],
+    hidden: Annotated[str, _flag("hidden", metavar="<widths>")] = D["hidden"],
+    dropout: Annotated[float, _flag("dropout")] = D["dropout"],
+    epochs: Annotated[int, _flag("epochs")] = D["epochs"],
+    lr: Annotated[float, _flag("lr")] = D["lr"],
+    weight_decay: Annotated[float, _flag("weight_decay")] = D["weight_decay"],
+    batch_size: Annotated[int, _flag("batch_size")] = D["batch_size"],
+    patience: Annotated[int, _flag("patience")] = D["patience"],
+    schedule: Annotated[Schedule, _flag("schedule")] = D["schedule"],
+    balance: Annotated[bool, _flag("balance")] = D["balance"],
+    strategy: Annotated[Strategy, _flag("strategy")] = D["strategy"],
+    unfreeze: Annotated[str, _flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
+    augment: Annotated[Augment, _flag("augment")] = D["augment"],
+    finetune_epochs: Annotated[int, _flag("finetune_epochs")] = D["finetune_epochs"],
+    finetune_lr: Annotated[float, _flag("finetune_lr")] = D["finetune_lr"],
+    views: Annotated[int, _flag("views")] = D["views"],
+    train_bn: Annotated[bool, _flag("train_bn")] = D["train_bn"],
+    backbone: Annotated[str, _flag("backbone")] = D["backbone"],
+    weights: Annotated[Path | None, _flag("weights", exists=True, dir_okay=False)] = D["weights"],
+    seed: Annotated[int, _flag("seed")] = D["seed"],
+    device: Annotated[Device, _flag("device")] = D["device"],
+) -> None:
+    """Train a classifier on a folder of labelled photos and save it."""
+    # Every parameter named like a setting is that setting: the ImageClassifier gets them one to one.
+    settings = {name: value for name, value in locals().items() if name in options.OPTIONS}
+    settings["hidden"] = _parse_hidden(hidden)
+    settings["unfreeze"] = _parse_unfreeze(unfreeze)
+    # Checked before anything slow is imported or loaded, so a bad flag fails at once.
+    options.check(settings, spell=flag_name)
+    from headstart.api import ImageClassifier
+
+    clf = ImageClassifier(**settings)
+    with render.ProgressBars() as bars:
+        clf.fit(data, progress=bars, checkpoint_dir=(resume or out) / "checkpoint", resume=resume is not None)
+    saved = clf.save(out)
+    png = None
+    if clf.val_metrics_ is not None:
+        png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
+    render.out_console().print(render.train_summary(clf, data, backbone, saved, png))
+    render.print_skipped(clf.skipped_)
