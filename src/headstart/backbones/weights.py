@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.errors import WeightsError
-from headstart.paths import cache_root, file_sha256, temp_path_beside
+from headstart.paths import atomic_path, cache_root, file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -82,16 +81,13 @@ def save_state_dict(state: dict, target: Path, content_named: bool = False) -> t
     the content's full sha256."""
     from safetensors.torch import save_file
 
-    tmp = temp_path_beside(target)
-    try:
+    writer = atomic_path(target)
+    with writer as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
         digest = file_sha256(tmp)
         if content_named:
-            target = target.with_name(f"{target.stem}-{digest[:16]}{target.suffix}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target, digest
+            writer.target = target.with_name(f"{target.stem}-{digest[:16]}{target.suffix}")
+    return writer.target, digest
 
 
 def weights_fingerprint(path: Path) -> str:

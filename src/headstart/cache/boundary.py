@@ -11,7 +11,6 @@ run resumes from there and never trusts a half-written row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -24,12 +23,10 @@ from headstart.data.imageio import load_rgb
 from headstart.runtime.engines import OnnxEngine
 from headstart.runtime.export import export_onnx
 from headstart.cache.pipeline import decoded_batches, default_workers
-from headstart.paths import atomic_write_bytes, cache_root
+from headstart.paths import atomic_write_bytes, store_path
 from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
-
-STORE_VERSION = 2  # part of every store's key: bump when what is stored for the same settings changes
 
 
 class PixelViews:
@@ -44,12 +41,12 @@ def stores_pixels(boundary: int) -> bool:
 
 
 def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessConfig) -> OnnxEngine | PixelViews:
-    """The frozen bottom as an ONNX Runtime session, exported once per (weights, boundary) and cached; at
-    boundary 0 the pixels themselves (see the module's docstring)."""
+    """The frozen bottom as an ONNX Runtime session, exported once per (weights, boundary, input size, export
+    version) and cached; at boundary 0 the pixels themselves (see the module's docstring)."""
     if stores_pixels(boundary):
         return PixelViews()
-    name = f"bottom-{weights_id}-b{boundary}-{cfg.input_size}px.onnx"
-    path = cache_root() / "onnx" / name
+    parts = dict(graph="bottom", w=weights_id, boundary=boundary, size=cfg.input_size)
+    path = store_path("export", parts, label=f"bottom-{weights_id}-b{boundary}-{cfg.input_size}px", suffix=".onnx")
     if not path.exists():
         from headstart.backbones.pooled import FrozenBottom
 
@@ -59,9 +56,9 @@ def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessC
 
 class BoundaryStore:
     def __init__(self, key_parts: dict, root: Path | None = None) -> None:
-        key_parts = dict(key_parts, store_version=STORE_VERSION)
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        self.dir = (root or cache_root() / "boundary") / key
+        """A store in a folder named by everything its content depends on (`key_parts`) and the store's version;
+        `root` replaces the boundary folder in `cache_root()`."""
+        self.dir = store_path("boundary", key_parts, root=root)
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _progress(self) -> dict:

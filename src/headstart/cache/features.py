@@ -1,16 +1,16 @@
 """Frozen-backbone features, computed once and cached on disk by content.
 
-The cache is a folder per (backbone, weights, preprocessing) holding shards: `NAME.keys.npy` (16-byte content
-digests as uint8 rows: numpy's bytes dtype would strip trailing NULs) and `NAME.feats.npy` (float32 rows), each
-written to a temporary name and renamed, keys last, so a shard is either complete or invisible. A kill
-mid-extraction loses at most the shard being filled.
+The cache is a folder per (backbone, weights, preprocessing), named by `paths.store_key`, holding shards:
+`NAME.keys.npy` (16-byte content digests as uint8 rows: numpy's bytes dtype would strip trailing NULs) and
+`NAME.feats.npy` (float32 rows), each written atomically, keys last, so a shard is either complete or invisible.
+A kill mid-extraction loses at most the shard being filled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import os  # noqa: F401  (tests patch features.os.replace to fail between a shard's two files)
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.cache.pipeline import Advance, extract
-from headstart.paths import cache_root, temp_path_beside
+from headstart.paths import atomic_path, cache_root, store_path
 from headstart.runtime.engines import Engine
 from headstart.runtime.frozen import FrozenBackbone
 
@@ -46,7 +46,7 @@ class CachedFeatures:
 
 class FeatureCache:
     def __init__(self, backbone: FrozenBackbone, root: Path | None = None) -> None:
-        self.dir = (root or cache_root() / "features") / backbone.cache_key()
+        self.dir = store_path("features", backbone.feature_key_parts(), root=root)
         self.backbone = backbone
 
     def _shards(self) -> list[tuple[np.ndarray, Path]]:
@@ -73,10 +73,8 @@ class FeatureCache:
         feats_path, keys_path = self.dir / f"{name}.feats.npy", self.dir / f"{name}.keys.npy"
         key_rows = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
         for path, arr in ((feats_path, feats.astype(np.float32)), (keys_path, key_rows)):
-            tmp = temp_path_beside(path)
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:  # features first, keys last: keys make it visible
                 np.save(f, arr)
-            os.replace(tmp, path)  # features first, keys last: keys make the shard visible
 
     def features_for(
         self, paths: Sequence[Path], engine_factory: Callable[[], Engine], progress: Advance | None = None,

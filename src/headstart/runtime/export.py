@@ -1,29 +1,30 @@
 """ONNX export of a backbone (or its frozen bottom), refused unless it agrees with torch, and where exports are
-cached. The any-size twin serves native views (see `vision.preprocess`)."""
+cached (named by `paths.store_key`, with the export version from `paths.VERSIONS`). The any-size twin serves
+native views (see `vision.preprocess`)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
-from headstart.paths import cache_root, temp_path_beside
+from headstart.paths import atomic_path, store_path
 from headstart.runtime.engines import OnnxEngine, any_size_path
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 3  # bump when the export recipe changes, so stale exports are not reused
 PARITY_ATOL = 1e-3
 
 
 def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
+    """Where the export of `spec` with these weights is cached (a bump of the export version moves it)."""
     size = spec.preprocess.input_size
-    return cache_root() / "onnx" / f"{spec.timm_name}-{weights_id}-{size}px-v{EXPORT_VERSION}.onnx"
+    parts = dict(graph="backbone", timm=spec.timm_name, w=weights_id, size=size)
+    return store_path("export", parts, label=f"{spec.timm_name}-{weights_id}-{size}px", suffix=".onnx")
 
 
 def export_onnx(
@@ -35,17 +36,13 @@ def export_onnx(
     With `other_sizes`, a twin graph that takes other square inputs (for native views) is written beside it
     (`any_size_path`): its height and width are symbolic, and it must agree with torch at each of those sizes."""
     model = model.eval()
-    tmp = temp_path_beside(target)
-    try:
+    with atomic_path(target) as tmp:  # renamed after the twin is written: the fixed graph marks both done
         _export_program(model, input_size, output_names, tmp)
         err = _parity_error(model, OnnxEngine(tmp), input_size)
         if err > PARITY_ATOL:
             raise RuntimeError(f"ONNX export differs from torch by {err:.2e} (> {PARITY_ATOL})")
         if other_sizes:
             _write_any_size_twin(model, tmp, any_size_path(target), input_size, other_sizes, output_names)
-        os.replace(tmp, target)  # after the twin: the fixed graph marks both done
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("exported backbone to %s (max abs diff vs torch %.1e)", target, err)
     return target
 
@@ -71,8 +68,7 @@ def _write_any_size_twin(model, fixed: Path, target: Path, input_size: int, othe
     TensorFlow-style 'same' pads are traced as constants, right only for sizes with the traced size's remainder
     modulo each stride: lite1's 240 px and lite2's 260 px are not multiples of the network's stride of 32, so
     their traced pads were wrong at every native size (fresh installs failed to export them at all)."""
-    tmp = temp_path_beside(target)
-    try:
+    with atomic_path(target) as tmp:
         tmp.write_bytes(fixed.read_bytes())
         failure = _symbolic_size_failure(model, tmp, other_sizes)
         if failure and other_sizes[-1] != input_size:
@@ -80,9 +76,6 @@ def _write_any_size_twin(model, fixed: Path, target: Path, input_size: int, othe
             failure = _symbolic_size_failure(model, tmp, other_sizes)
         if failure:
             raise failure
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _symbolic_size_failure(model, path: Path, sizes: tuple[int, ...]) -> RuntimeError | None:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.backbones.weights import create_model, pretrained_weights_path, weights_fingerprint
+from headstart.paths import store_key
 from headstart.runtime.device import pick_device
 from headstart.runtime.engines import Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path
 from headstart.runtime.export import export_onnx, onnx_path_for
 
 log = logging.getLogger(__name__)
 
-FEATURE_VERSION = 2  # 2: multi-scale pooled features
 NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
 
 
@@ -58,6 +56,11 @@ class FrozenBackbone:
             return ViewsEngine(path, self.spec.preprocess.input_size)
         return OnnxEngine(path)
 
+    def feature_key_parts(self) -> dict:
+        """What this backbone's features depend on: the architecture, the weights' content and the preprocessing
+        (the features' version is added by `paths.store_key`)."""
+        return dict(timm=self.spec.timm_name, w=self.weights_id, pre=self.spec.preprocess.to_dict())
+
     def cache_key(self) -> str:
-        desc = dict(v=FEATURE_VERSION, timm=self.spec.timm_name, w=self.weights_id, pre=self.spec.preprocess.to_dict())
-        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+        """The content key of this backbone's features: two backbones with equal keys share a feature cache."""
+        return store_key("features", self.feature_key_parts())
