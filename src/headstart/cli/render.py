@@ -134,9 +134,6 @@ def _eval_line(ev: Evaluation) -> str:
     return f"accuracy {_pct(ev.accuracy)}, balanced accuracy {_pct(ev.balanced_accuracy)} (n={ev.n})"
 
 
-_MIN_FOLDED = 12  # the narrowest a folding column (top-k) gets before it is dropped instead
-
-
 def _widest(header: str, cells: Sequence[str]) -> int:
     return max([len(header), *(len(c) for c in cells)])
 
@@ -314,7 +311,9 @@ def predictions_table(preds: Sequence[Prediction], width: int = 200) -> Renderab
     paths = [str(p.path) for p in preds]
     labels = [p.label or "-" for p in preds]
     fixed = _widest("path", paths) + _widest("label", labels) + len("confidence")
-    if fixed + _MIN_FOLDED + _table_frame(4) <= width:
+    # top-k folds between its "label 0.123," pairs, so it needs room for the longest pair, never less.
+    top_k_min = max([len("top-k"), *(len(label) + 7 for p in preds for label, _ in p.top_k)])
+    if fixed + top_k_min + _table_frame(4) <= width:
         return _predictions_grid(preds, with_top_k=True)
     if fixed + _table_frame(3) <= width:
         return _predictions_grid(preds, with_top_k=False)
