@@ -258,6 +258,18 @@ class Evaluation:
             "confusion": self.confusion.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Evaluation":
+        """The inverse of `to_dict` (how a saved model's metrics load back)."""
+        classes = tuple(d["classes"])
+        per = [d["per_class"][c] for c in classes]
+        return cls(
+            classes=classes, accuracy=float(d["accuracy"]), balanced_accuracy=float(d["balanced_accuracy"]),
+            log_loss=float(d["log_loss"]), ece=float(d["ece"]), confusion=np.asarray(d["confusion"], np.int64),
+            precision=[p["precision"] for p in per], recall=[p["recall"] for p in per], f1=[p["f1"] for p in per],
+            support=[p["support"] for p in per], n=int(d["n"]),
+        )
+
 
 def evaluate(y_true: npt.ArrayLike, proba: npt.ArrayLike, classes: Sequence[str]) -> Evaluation:
     """Score predicted probabilities [n_samples, n_classes] against integer labels.

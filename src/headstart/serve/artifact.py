@@ -1,41 +1,80 @@
-"""The saved model: a directory with `model.safetensors` (backbone + head tensors) and `headstart.json`
-(everything needed to rebuild and use it). Loading validates both and never unpickles anything."""
+"""The saved model: a directory with `model.safetensors` (backbone + head tensors) and `headstart.json`, a
+`ModelRecord` (everything needed to rebuild and use the model, and the run's `FitReport`). Loading validates both,
+reads every format this project has written, refuses newer ones, and never unpickles anything.
+
+Formats of headstart.json:
+- 1: the run's record spread over the top level (params, train, history, counts, metrics, skipped, decision as
+  a flat dict); models saved before the native view have no `native_size` in their preprocessing.
+- 2: the run's record whole under "fit" (`FitReport.to_dict`), the settings under "params".
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.errors import ArtifactError
 from headstart.heads.config import HeadConfig
-from headstart.paths import atomic_write_bytes, temp_path_beside
+from headstart.paths import atomic_path, atomic_write_bytes
+from headstart.records import FitReport
 from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT = "headstart-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "headstart.json"
 
 
-@dataclass
-class Artifact:
-    classes: list[str]
+@dataclass(frozen=True)
+class ModelRecord:
+    """What headstart.json holds, typed."""
+
+    classes: tuple[str, ...]
     backbone: BackboneSpec
     backbone_weights_id: str  # fingerprint of the backbone tensors: keys the exported-engine cache
     head: HeadConfig
+    params: dict[str, Any] = field(default_factory=dict)  # the ImageClassifier settings it was trained with
+    fit: FitReport | None = None
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "classes": list(self.classes),
+            "backbone": {**_spec_to_dict(self.backbone), "weights_id": self.backbone_weights_id},
+            "head": self.head.to_dict(), "params": self.params, "fit": self.fit.to_dict() if self.fit else None,
+            "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": self.versions or _versions(),
+        }
+
+    @classmethod
+    def from_dict(cls, meta: dict, where: Path) -> "ModelRecord":
+        version = _validate(meta, where)
+        try:
+            head = HeadConfig.from_dict(meta["head"])
+            weights_id = str(meta["backbone"]["weights_id"])
+            fit = meta.get("fit") if version >= 2 else meta
+            report = (FitReport.from_dict(fit) if version >= 2 else FitReport.from_v1(fit)) if fit else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{where}: damaged record ({exc!r}); re-train the model") from None
+        return cls(tuple(meta["classes"]), _spec_from_dict(meta["backbone"]), weights_id, head,
+                   dict(meta.get("params") or {}), report, str(meta.get("created", "")), dict(meta.get("versions") or {}))
+
+
+@dataclass(eq=False)
+class Artifact:
+    record: ModelRecord
     head_state: dict[str, np.ndarray]
     backbone_state: dict[str, np.ndarray] | None = None  # None when loaded lazily (predict reads it from disk)
-    info: dict = field(default_factory=dict)  # training config, metrics, data counts, history, decisions
 
 
 def save(artifact: Artifact, out_dir: str | Path) -> Path:
@@ -47,19 +86,9 @@ def save(artifact: Artifact, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": _contiguous(v) for k, v in artifact.head_state.items()}
     tensors.update({f"backbone.{k}": _contiguous(v) for k, v in (artifact.backbone_state or {}).items()})
-    tmp = temp_path_beside(out / WEIGHTS_FILE)
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "classes": artifact.classes,
-        "backbone": {**_spec_to_dict(artifact.backbone), "weights_id": artifact.backbone_weights_id},
-        "head": artifact.head.to_dict(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
-        **artifact.info,
-    }
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    meta = artifact.record.to_dict()
     atomic_write_bytes(out / META_FILE, json.dumps(meta, indent=2, default=_jsonable).encode())
     return out
 
@@ -76,7 +105,7 @@ def load(model_dir: str | Path, with_backbone: bool = False) -> Artifact:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{meta_path}: unreadable metadata ({exc.__class__.__name__}); re-train or restore it")
-    _validate(meta, meta_path)
+    record = ModelRecord.from_dict(meta, meta_path)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -86,26 +115,17 @@ def load(model_dir: str | Path, with_backbone: bool = False) -> Artifact:
         raise ArtifactError(f"{weights_path}: corrupt weights file ({exc}); re-train or restore it") from None
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     backbone_state = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")} if with_backbone else None
-    try:
-        head = HeadConfig.from_dict(meta["head"])
-        weights_id = str(meta["backbone"]["weights_id"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{meta_path}: damaged head or backbone ({exc!r}); re-train the model") from None
-    if head.n_classes != len(meta["classes"]) or "mean" not in head_state:
+    if record.head.n_classes != len(record.classes) or "mean" not in head_state:
         raise ArtifactError(f"{d}: head and classes disagree; the model directory is damaged")
-    info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "classes", "backbone", "head")}
-    return Artifact(
-        classes=list(meta["classes"]), backbone=_spec_from_dict(meta["backbone"]),
-        backbone_weights_id=weights_id, head=head, head_state=head_state,
-        backbone_state=backbone_state, info=info,
-    )
+    return Artifact(record, head_state, backbone_state)
 
 
-def _validate(meta: dict, where: Path) -> None:
+def _validate(meta: dict, where: Path) -> int:
+    """The format version of a headstart.json this headstart can read, or a refusal that says why."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{where}: not a headstart model file")
     try:
-        format_version = int(meta.get("format_version", 0))
+        format_version = int(meta.get("format_version", 1))
     except (TypeError, ValueError):
         raise ArtifactError(f"{where}: 'format_version' is not a number; the model directory is damaged") from None
     if format_version > FORMAT_VERSION:
@@ -116,6 +136,7 @@ def _validate(meta: dict, where: Path) -> None:
     classes = meta["classes"]
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise ArtifactError(f"{where}: 'classes' must list at least two class names")
+    return format_version
 
 
 def _contiguous(v: np.ndarray) -> np.ndarray:

@@ -1,40 +1,53 @@
 """How the head and the backbone are trained: the settings records, torch-free, so that they are checked before
-torch is loaded and saved with the model."""
+torch is loaded and saved with the model. Defaults and rules of the settings a user sets come from `options`;
+the rest (label smoothing, the rate floor, warmup) are fixed by measurement and documented here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from headstart import options
+
+_D = options.DEFAULTS
+
+
+def _known(cls, d: dict) -> dict:
+    """The entries of a saved config that `cls` still has (older files may hold fewer, never unknown ones)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    epochs: int = _D["epochs"]
+    batch_size: int = _D["batch_size"]
+    lr: float = _D["lr"]
+    weight_decay: float = _D["weight_decay"]
     label_smoothing: float = 0.1
-    schedule: str = "cosine"  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
-    patience: int = 10  # epochs without a better validation loss before stopping
-    balance: bool = False  # weight the loss by inverse class frequency
-    seed: int = 0
+    schedule: str = _D["schedule"]  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
+    patience: int = _D["patience"]  # epochs without a better validation loss before stopping
+    balance: bool = _D["balance"]  # weight the loss by inverse class frequency
+    seed: int = _D["seed"]
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "plateau"):
-            raise ValueError(f"schedule must be 'cosine' or 'plateau', not {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:  # NaN too
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        options.check({k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "schedule",
+                                                    "patience", "balance", "seed")})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**_known(cls, d))
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    unfreeze: int | str = 2  # top stages to train, or "all" (every stage and the stem)
-    epochs: int = 8
-    views: int = 8  # augmented views per training image in the boundary store; epochs cycle through them
-    augment: str = "light"
-    lr: float = 5e-4  # rate of the top stage (the final 1x1 conv trains with it)
+    unfreeze: int | str = 2  # top stages to train, or "all" (every stage and the stem); policy resolves "auto"
+    epochs: int = _D["finetune_epochs"]
+    views: int = _D["views"]  # augmented views per training image in the boundary store; epochs cycle through them
+    augment: str = _D["augment"]
+    lr: float = _D["finetune_lr"]  # rate of the top stage (the final 1x1 conv trains with it)
     head_lr: float = 1e-3
     lowest_rate: float = 0.35  # the lowest trained stage's rate, as a fraction of `lr`; geometric in between
     weight_decay: float = 0.01
@@ -42,8 +55,8 @@ class FinetuneConfig:
     batch_size: int = 32
     patience: int | None = None  # epochs without a better val loss before stopping; None: max(3, epochs // 4)
     label_smoothing: float = 0.1
-    train_bn: bool = False
-    seed: int = 0
+    train_bn: bool = _D["train_bn"]
+    seed: int = _D["seed"]
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)
 
@@ -59,3 +72,7 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        return cls(**_known(cls, d))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headstart.train import checkpoint
-from headstart.cache.boundary import stores_pixels
-from headstart.errors import FinetuneError
-from headstart.heads.module import Head
 from headstart.backbones.pooled import PooledFeatures
+from headstart.cache.boundary import stores_pixels
+from headstart.errors import CheckpointError, FinetuneError
+from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
+from headstart.records import History
+from headstart.train import checkpoint
 from headstart.train.config import FinetuneConfig
-from headstart.train.loop import History, warmup_cosine
+from headstart.train.loop import BestTracker, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -99,97 +101,113 @@ def set_modes(net: PooledFeatures, head: Head, units: list[nn.Module], train_bn:
                     m.train()
 
 
+@dataclass(frozen=True)
+class StoredViews:
+    """One split of the boundary store as stage 2 reads it (rows of images it could read)."""
+
+    acts: np.ndarray  # [n, views, C, H, W] float16, memory-mapped: activations at the boundary, or pixels
+    taps: np.ndarray  # [n, views, T] pooled outputs of tapped stages below the boundary
+    labels: np.ndarray  # [n]
+
+
+@dataclass
+class _Loop:
+    """What a stage-2 run carries from epoch to epoch, and what its checkpoint saves and restores.
+
+    Two trackers: the weights kept at the end must beat the stage-1 model (`keep` starts at its validation loss),
+    but patience follows stage 2's own best. Its first epochs, at the highest rate, often score below the stage-1
+    model; counting those as bad epochs stopped runs (training all stages at 128 px on flowers) before the rate
+    came down and they overtook it."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    rng: np.random.Generator
+    keep: BestTracker
+    patience: BestTracker
+    history: History = field(default_factory=History)
+    epoch: int = 0  # the next epoch to run
+
+
 def finetune(
-    net: PooledFeatures, head: Head, cfg: FinetuneConfig, train: dict, val: dict,
+    net: PooledFeatures, head: Head, cfg: FinetuneConfig, train: StoredViews, val: StoredViews,
     checkpoint_dir: Path | None = None, resume: bool = False, progress: Progress | None = None,
 ) -> History:
-    """Train in place. `train`/`val`: dict(acts=[n, views, C, H, W] f16, taps=[n, views, T], labels=[n])."""
+    """Train the top of `net` and `head` in place, from the boundary store's views; keep the best epoch's weights."""
     progress = progress or NoProgress()
     place = _Placement(cfg)
     place.module(net)
     place.module(head)
     boundary = boundary_for(net, cfg.unfreeze)
     units = set_trainable(net, boundary)
+    trained = _trained_state_names(net, units)
+    torch.manual_seed(cfg.seed)
+    start_loss, _ = _validate(net, head, boundary, val, place)
+    loop = _Loop(*_optimizer(net, head, units, cfg, len(train.labels)), np.random.default_rng(cfg.seed),
+                 keep=BestTracker(best=start_loss, state=_snapshot(net, head, trained)),
+                 patience=BestTracker(patience=cfg.stop_after))
+    if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
+        _restore(loop, net, head, cfg, len(train.labels), *saved)
+
+    progress.start("fine-tuning", cfg.epochs)
+    progress.advance(loop.epoch)
+    for epoch in range(loop.epoch, cfg.epochs):
+        if loop.patience.should_stop:
+            break
+        set_modes(net, head, units, cfg.train_bn)
+        train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place)
+        val_loss, val_acc = _validate(net, head, boundary, val, place)
+        loop.history.train_loss.append(train_loss)
+        loop.history.val_loss.append(val_loss)
+        loop.history.val_accuracy.append(val_acc)
+        if loop.keep.update(val_loss, lambda: _snapshot(net, head, trained)):
+            loop.history.best_epoch = epoch
+        if not loop.patience.update(val_loss):
+            loop.history.stopped_early = loop.patience.should_stop
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f", epoch + 1, train_loss, val_loss, val_acc)
+        loop.epoch = epoch + 1
+        if checkpoint_dir:
+            _save_checkpoint(checkpoint_dir, net, head, trained, loop, cfg, len(train.labels))
+        progress.advance(1)
+    progress.finish()
+
+    _load_trained(net, head, loop.keep.state, "")  # the best epoch's weights, not the last
+    net.cpu().to(memory_format=torch.contiguous_format).eval()
+    head.cpu().eval()
+    return loop.history
+
+
+def _optimizer(net: PooledFeatures, head: Head, units: list[nn.Module], cfg: FinetuneConfig, n_train: int):
+    """AdamW with the head at its own rate and the trained units at rates falling from the top (`layer_decay`),
+    and the warmup + cosine schedule over the whole run."""
     groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
     decay = layer_decay(cfg, len(units))
     for depth, unit in enumerate(reversed(units)):
         groups.append({"params": list(unit.parameters()), "lr": cfg.lr * decay ** depth})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step, CPU and CUDA
-    n_train = len(train["labels"])
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch, warmup))
-    trained = _trained_state_names(net, units)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch, warmup))
 
-    history, start_epoch = History(), 0
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    # Two bests: the weights kept at the end must beat the stage-1 model, but patience follows stage 2's own best.
-    # Its first epochs, at the highest rate, often score below the stage-1 model; counting those as bad epochs
-    # stopped runs (training all stages at 128 px on flowers) before the rate came down and they overtook it.
-    best_loss, _ = _validate(net, head, boundary, val, place)
-    best_state, stage2_best, bad_epochs = _snapshot(net, head, trained), math.inf, 0
-    if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
-        tensors, meta = saved
-        if meta["config"] != cfg.to_dict() or meta["n_train"] != n_train:
-            raise checkpoint.CheckpointError("the checkpoint was made with other settings or data; rerun without "
-                                             "--resume, or with the same flags and folder")
-        _load_trained(net, head, tensors, "model.")
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        checkpoint.restore_optimizer(opt, tensors, meta["optimizer"])
-        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(groups)})
-        torch.set_rng_state(tensors["rng.torch"])
-        rng.bit_generator.state = meta["numpy_rng"]
-        history = History(**meta["history"])
-        start_epoch, best_loss, bad_epochs = meta["epoch"] + 1, meta["best_loss"], meta["bad_epochs"]
-        stage2_best = meta["stage2_best"]
-        log.info("resuming fine-tuning at epoch %d", start_epoch + 1)
 
-    progress.start("fine-tuning", cfg.epochs)
-    progress.advance(start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.stop_after:
-            break
-        set_modes(net, head, units, cfg.train_bn)
-        view = epoch % train["acts"].shape[1]
-        order = rng.permutation(n_train)
-        total = 0.0
-        for start in range(0, n_train, cfg.batch_size):
-            idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
-            h, taps = _from_store(net, boundary, place.tensor(train["acts"][idx, view]),
-                                  place.tensor(train["taps"][idx, view]))
-            y = torch.from_numpy(train["labels"][idx]).to(place.device)
-            with place.autocast():
-                logits = head(net.forward_top(h, taps, boundary))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        val_loss, val_acc = _validate(net, head, boundary, val, place)
-        history.train_loss.append(total / n_train)
-        history.val_loss.append(val_loss)
-        history.val_accuracy.append(val_acc)
-        if val_loss < best_loss - 1e-4:
-            best_loss, best_state = val_loss, _snapshot(net, head, trained)
-            history.best_epoch = epoch
-        if val_loss < stage2_best - 1e-4:
-            stage2_best, bad_epochs = val_loss, 0
-        else:
-            bad_epochs += 1
-            history.stopped_early = bad_epochs >= cfg.stop_after
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f", epoch + 1, total / n_train, val_loss, val_acc)
-        if checkpoint_dir:
-            _save_checkpoint(checkpoint_dir, net, head, trained, best_state, opt, sched, rng, history, cfg,
-                             epoch, best_loss, stage2_best, bad_epochs, n_train)
-        progress.advance(1)
-    progress.finish()
-
-    _load_trained(net, head, best_state, "")  # the best epoch's weights, not the last
-    net.cpu().to(memory_format=torch.contiguous_format).eval()
-    head.cpu().eval()
-    return history
+def _train_epoch(net: PooledFeatures, head: Head, boundary: int, cfg: FinetuneConfig, train: StoredViews,
+                 view: int, loop: _Loop, place: _Placement) -> float:
+    """One pass over the training images, each seen in stored view `view`; the mean training loss."""
+    n_train = len(train.labels)
+    order = loop.rng.permutation(n_train)
+    total = 0.0
+    for start in range(0, n_train, cfg.batch_size):
+        idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
+        h, taps = _from_store(net, boundary, place.tensor(train.acts[idx, view]), place.tensor(train.taps[idx, view]))
+        y = torch.from_numpy(train.labels[idx]).to(place.device)
+        with place.autocast():
+            logits = head(net.forward_top(h, taps, boundary))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.opt.step()
+        loop.sched.step()
+        total += loss.item() * len(idx)
+    return total / n_train
 
 
 def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray,
@@ -213,12 +231,12 @@ def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: to
     return net.forward_bottom(acts, 0)
 
 
-def _validate(net, head, boundary, val, place: _Placement) -> tuple[float, float]:
+def _validate(net, head, boundary: int, val: StoredViews, place: _Placement) -> tuple[float, float]:
     head.eval()
-    feats = top_features(net, boundary, val["acts"], val["taps"], place)
+    feats = top_features(net, boundary, val.acts, val.taps, place)
     with torch.no_grad():
         logits = head(feats)
-        y = torch.from_numpy(val["labels"]).to(logits.device)
+        y = torch.from_numpy(val.labels).to(logits.device)
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
@@ -241,15 +259,34 @@ def _load_trained(net: PooledFeatures, head: Head, tensors: dict, prefix: str) -
     head.load_state_dict({k[len(p_head):]: v for k, v in tensors.items() if k.startswith(p_head)})
 
 
-def _save_checkpoint(directory, net, head, trained, best_state, opt, sched, rng, history, cfg, epoch, best_loss,
-                     stage2_best, bad_epochs, n_train) -> None:
+def _save_checkpoint(directory: Path, net: PooledFeatures, head: Head, trained: list[str], loop: _Loop,
+                     cfg: FinetuneConfig, n_train: int) -> None:
     tensors = {f"model.{k}": v for k, v in _snapshot(net, head, trained).items()}
-    tensors.update({f"best.{k}": v for k, v in best_state.items()})
-    opt_tensors, opt_meta = checkpoint.optimizer_state(opt)
+    tensors.update({f"best.{k}": v for k, v in loop.keep.state.items()})
+    opt_tensors, opt_meta = checkpoint.optimizer_state(loop.opt)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    meta = dict(epoch=epoch, best_loss=best_loss, stage2_best=stage2_best, bad_epochs=bad_epochs, n_train=n_train,
-                config=cfg.to_dict(), optimizer=opt_meta, scheduler=sched_state, numpy_rng=rng.bit_generator.state,
-                history=history.to_dict())
+    sched_state = {k: v for k, v in loop.sched.state_dict().items() if k != "lr_lambdas"}
+    meta = dict(epoch=loop.epoch - 1, best_loss=loop.keep.best, stage2_best=loop.patience.best,
+                bad_epochs=loop.patience.bad_epochs, n_train=n_train, config=cfg.to_dict(), optimizer=opt_meta,
+                scheduler=sched_state, numpy_rng=loop.rng.bit_generator.state, history=loop.history.to_dict())
     checkpoint.save(directory, tensors, meta)
+
+
+def _restore(loop: _Loop, net: PooledFeatures, head: Head, cfg: FinetuneConfig, n_train: int,
+             tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Continue from a checkpoint `_save_checkpoint` wrote for these settings and data, exactly where it stopped."""
+    if meta["config"] != cfg.to_dict() or meta["n_train"] != n_train:
+        raise CheckpointError("the checkpoint was made with other settings or data; rerun without --resume, or "
+                              "with the same flags and folder")
+    _load_trained(net, head, tensors, "model.")
+    loop.keep.state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    loop.keep.best = meta["best_loss"]
+    loop.patience.best, loop.patience.bad_epochs = meta["stage2_best"], meta["bad_epochs"]
+    checkpoint.restore_optimizer(loop.opt, tensors, meta["optimizer"])
+    loop.sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(loop.opt.param_groups)})
+    torch.set_rng_state(tensors["rng.torch"])
+    loop.rng.bit_generator.state = meta["numpy_rng"]
+    loop.history = History.from_dict(meta["history"])
+    loop.epoch = meta["epoch"] + 1
+    log.info("resuming fine-tuning at epoch %d", loop.epoch + 1)

@@ -7,11 +7,10 @@ restored at the end (fastai/Keras `restore_best_weights`), optional class weight
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,30 +19,12 @@ import torch.nn.functional as F
 from headstart.heads.config import CHUNK_ROWS, HeadConfig
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
-from headstart.runtime.device import cpu_threads
+from headstart.records import HeadCandidate, History
+from headstart.runtime.device import cpu_threads, one_thread
 from headstart.train.config import TrainConfig
-from headstart.train.loop import HeadAdamW, History, Plateau, warmup_cosine
+from headstart.train.loop import BestTracker, HeadAdamW, Plateau, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-# hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on
-# flowers (3,400 training photos) it lowers validation loss and gains 1-2 points over the linear head; on 200
-# photos it overfits. Its schedule is shorter: with that much data it peaks within 10-20 epochs, and the two
-# fits together must stay a small part of a training run.
-AUTO_HIDDEN = (64,)
-
-
-AUTO_HIDDEN_DROPOUT = 0.6
-
-
-AUTO_HIDDEN_MIN_TRAIN = 1000
-
-
-AUTO_HIDDEN_EPOCHS = 20
-
-
-AUTO_HIDDEN_PATIENCE = 5
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -52,24 +33,6 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _one_intra_op_thread(fn):
-    """Run `fn` with one torch intra-op thread. The head's matrices are tiny, so a second thread only adds
-    synchronisation; and while another process holds a core, OpenMP's waiting makes every step tens of times
-    slower (60 epochs on 300 x 1500 features, 2 cores, one busy: 30 s with 2 threads, 0.5 s with 1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
-@_one_intra_op_thread
 def fit_head(
     head_cfg: HeadConfig, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
@@ -77,6 +40,13 @@ def fit_head(
 ) -> tuple[Head, History]:
     """Train a head on features: `head` if given (untrained, standardised for `x_train` already), else a fresh
     one drawn from `cfg.seed`. Without validation data, trains for all epochs and keeps the last."""
+    with one_thread():
+        return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)
+
+
+def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> tuple[Head, History]:
+    """`fit_head` at whatever thread count the caller pinned. The loop reads top to bottom, nanoGPT-style: it is
+    longer than 60 lines because splitting the epoch from its validation would only pass their state around."""
     progress = progress or NoProgress()
     rng = np.random.default_rng(cfg.seed)
     if head is None:
@@ -95,7 +65,7 @@ def fit_head(
     cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))
     plateau = Plateau(cfg.lr, factor=0.3, patience=max(1, cfg.patience // 3))
     history = History()
-    best_loss, best_state, bad_epochs = math.inf, copy.deepcopy(head.state_dict()), 0
+    tracker = BestTracker(patience=cfg.patience, state=copy.deepcopy(head.state_dict()))
 
     progress.start("training head", cfg.epochs)
     for epoch in range(cfg.epochs):
@@ -123,41 +93,19 @@ def fit_head(
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
         if cfg.schedule == "plateau":
             plateau.step(val_loss)
-        if val_loss < best_loss - 1e-4:
-            best_loss, best_state, bad_epochs = val_loss, copy.deepcopy(head.state_dict()), 0
+        if tracker.update(val_loss, lambda: copy.deepcopy(head.state_dict())):
             history.best_epoch = epoch
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                history.stopped_early = True
-                break
+        elif tracker.should_stop:
+            history.stopped_early = True
+            break
     progress.finish()
 
     if has_val:
-        head.load_state_dict(best_state)
+        head.load_state_dict(tracker.state)
     else:
         history.best_epoch = cfg.epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
     return head.eval(), history
-
-
-def head_candidates(
-    hidden: tuple[int, ...] | str, dropout: float, shape: HeadConfig, cfg: TrainConfig, n_train: int, has_val: bool,
-    finetune_follows: bool = False,
-) -> list[tuple[HeadConfig, TrainConfig]]:
-    """The heads to fit, with their training configs, for input and output sizes `shape`: the configured head;
-    with hidden="auto", a linear head, plus a small hidden layer when there is enough data to fit one and a
-    validation split to choose between them (`fit_best_head` keeps the lower validation loss).
-
-    When fine-tuning follows, "auto" is linear: stage 2 continues from this head, and from a hidden layer it
-    never beat its start (flowers: 0.756, against 0.78 from a linear head)."""
-    if hidden != "auto":
-        return [(replace(shape, hidden=tuple(hidden), dropout=dropout), cfg)]
-    linear = (replace(shape, hidden=(), dropout=dropout), cfg)
-    if finetune_follows or not has_val or n_train < AUTO_HIDDEN_MIN_TRAIN:
-        return [linear]
-    short = replace(cfg, epochs=min(cfg.epochs, AUTO_HIDDEN_EPOCHS), patience=min(cfg.patience, AUTO_HIDDEN_PATIENCE))
-    return [linear, (replace(shape, hidden=AUTO_HIDDEN, dropout=AUTO_HIDDEN_DROPOUT), short)]
 
 
 class _AdvanceOnly:
@@ -181,36 +129,46 @@ def _fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
     return Head(head_cfg)
 
 
-def describe_candidates(candidates: list[tuple[HeadConfig, TrainConfig]], val_losses: list[float]) -> list[dict]:
-    """The candidates and their best validation losses, as `headstart.json` and the summary record them."""
-    return [{"hidden": list(c.hidden), "dropout": c.dropout, "val_loss": loss}
-            for (c, _), loss in zip(candidates, val_losses)]
+@dataclass(frozen=True)
+class FittedHead:
+    """The head `fit_best_head` kept, with its history and training config, and every candidate it chose among."""
+
+    head: Head
+    history: History
+    train_config: TrainConfig
+    candidates: tuple[HeadCandidate, ...]
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.head.state_dict().items()}
 
 
-@_one_intra_op_thread
 def fit_best_head(
     candidates: list[tuple[HeadConfig, TrainConfig]], x_train: np.ndarray, y_train: np.ndarray,
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
-) -> tuple[Head, History, TrainConfig, list[float]]:
+) -> FittedHead:
     """Fit each candidate head and keep the one with the lowest best validation loss (the first, when there is
-    no validation data). Returns it, its history and training config, and each candidate's best validation loss.
+    no validation data), with its history and training config and each candidate's best validation loss.
 
     Candidates train at once, one thread each: torch releases the GIL in its kernels, so two single-threaded
     fits on two cores take about as long as the slower one. Their initial weights are drawn first, in order,
     because torch's global generator is not safe to seed from two threads; their standardisation too, which
     depends on the features alone."""
+    with one_thread():  # for all of them: the workers run `_fit_head`, which leaves the count as it is
+        return _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress or NoProgress())
+
+
+def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progress) -> FittedHead:
     heads = [_fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
     heads[0].set_standardization(x_train)  # two passes over the features: once, since they are the same for all
     for head in heads[1:]:
         head.mean.copy_(heads[0].mean)
         head.std.copy_(heads[0].std)
-    fit_one = fit_head.__wrapped__  # the thread count is already pinned, for all of them
-    progress = progress or NoProgress()
     progress.start("training head" if len(candidates) == 1 else f"training {len(candidates)} heads",
                    sum(cfg.epochs for _, cfg in candidates))
     shared = _AdvanceOnly(progress)
     with ThreadPoolExecutor(max_workers=min(len(candidates), cpu_threads())) as pool:
-        jobs = [pool.submit(fit_one, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
+        jobs = [pool.submit(_fit_head, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
                 for (head_cfg, cfg), head in zip(candidates, heads)]
         fits = [job.result() for job in jobs]
     progress.finish()
@@ -218,7 +176,8 @@ def fit_best_head(
     best = min(range(len(fits)), key=lambda i: (losses[i], i))
     if len(fits) > 1:
         log.info("head candidates' validation losses %s: kept %s", [round(v, 4) for v in losses], candidates[best][0])
-    return fits[best][0], fits[best][1], candidates[best][1], losses
+    described = tuple(HeadCandidate(c.hidden, c.dropout, loss) for (c, _), loss in zip(candidates, losses))
+    return FittedHead(fits[best][0], fits[best][1], candidates[best][1], described)
 
 
 def _standardized_rows(head: Head, features: np.ndarray):

@@ -1,23 +1,38 @@
-"""Pieces every training loop shares: the history record, the schedules and the head's optimizer."""
+"""Pieces every training loop shares: the best-weights tracker, the schedules and the head's optimizer."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-@dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    val_accuracy: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped_early: bool = False
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+class BestTracker:
+    """fastai's `TrackerCallback` for both stages' loops: the lowest validation loss so far (an improvement must
+    beat it by `min_delta`), what `snapshot()` returned when it was reached, and `patience`: after that many
+    epochs without an improvement, `should_stop`."""
+
+    def __init__(self, patience: int | None = None, best: float = math.inf, state: Any = None,
+                 min_delta: float = 1e-4) -> None:
+        self.patience, self.best, self.state, self.min_delta = patience, best, state, min_delta
+        self.bad_epochs = 0
+
+    def update(self, value: float, snapshot: Callable[[], Any] | None = None) -> bool:
+        """Record one epoch's value; True when it improved (and `state` is now `snapshot()`)."""
+        if value < self.best - self.min_delta:
+            self.best, self.bad_epochs = value, 0
+            if snapshot is not None:
+                self.state = snapshot()
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
 
 
 class HeadAdamW:

@@ -53,45 +53,7 @@ class PreprocessConfig:
         )
 
 
-NATIVE_VIEW_MAX_FRACTION = 0.6  # photos whose short side is at most this fraction of the input get a native view
-NATIVE_VIEW_MIN = 64  # below this the last stage's feature map is under 2 x 2
 VIEW_MULTIPLE = 32  # the network's total stride: sizes that divide evenly through every stage
-
-
-def native_side(cfg: PreprocessConfig, typical_short_side: int) -> int:
-    """The photos' own resolution, rounded to the network's stride, when they are much smaller than the input;
-    0 when they are not."""
-    if typical_short_side > NATIVE_VIEW_MAX_FRACTION * cfg.input_size:
-        return 0
-    return max(NATIVE_VIEW_MIN, VIEW_MULTIPLE * round(typical_short_side / VIEW_MULTIPLE))
-
-
-def with_native_view(cfg: PreprocessConfig, typical_short_side: int) -> PreprocessConfig:
-    """`cfg` with a native view when the photos are much smaller than the input, else `cfg` unchanged.
-
-    Photos far smaller than the input are upsampled 2x or more into the standard view: the network sees blurred
-    shapes at a scale it never met in training. A second view near the photos' own size shows it the same content
-    at the scale its filters expect. On `flowers` (128 px photos, lite0 at 224 px) the two views together give
-    3 points more validation accuracy than the standard view alone, for 30% more inference."""
-    return replace(cfg, native_size=native_side(cfg, typical_short_side))
-
-
-def at_native_size(cfg: PreprocessConfig, typical_short_side: int) -> PreprocessConfig:
-    """For fine-tuning: the input itself at the photos' own size (the whole photo, no crop) when they are much
-    smaller than the input, else `cfg` unchanged.
-
-    Fine-tuning adapts the filters to the photos' scale, so one view suffices; and at 128 px instead of 224 every
-    stage costs a third as much, which pays for training all of them (`--unfreeze auto`). Blurred or tiny photos
-    differ from ImageNet in low-level statistics that only the bottom stages can adapt to: on flowers, all stages
-    at 128 px reach 0.79 against 0.77 for the top two at either size."""
-    side = native_side(cfg, typical_short_side)
-    return replace(cfg, input_size=side, crop_pct=1.0, native_size=0) if side else cfg
-
-
-def for_small_photos(cfg: PreprocessConfig, typical_short_side: int, fine_tuning: bool) -> PreprocessConfig:
-    """Preprocessing for photos much smaller than the input, else `cfg` unchanged: the head alone gets a native
-    view beside the standard one; fine-tuning runs the network at the photos' own size instead."""
-    return at_native_size(cfg, typical_short_side) if fine_tuning else with_native_view(cfg, typical_short_side)
 
 
 def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:

@@ -1,0 +1,186 @@
+"""A training run top to bottom: scan -> features -> head (stage 1) -> [fine-tune -> refit (stage 2)] -> the kept
+model and its `FitReport`. fastai's `fine_tune` in spirit: each step is a call, the rules deciding between them
+are `policy`'s, and what the run found travels as records.
+
+Importing this module does not import torch: stage 1 needs it only once the features are ready, so `fit` loads it
+in a thread meanwhile (it takes ~3 s).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headstart.backbones.registry import BackboneSpec, resolve
+from headstart.cache.dataset import DatasetFeatures, dataset_features
+from headstart.data.scan import Dataset, scan_folder, typical_short_side
+from headstart.errors import DataError, FinetuneError
+from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.heads.config import HeadConfig, head_proba
+from headstart.progress import Progress
+from headstart.records import Decision, FitReport, RefitReport, Stage2Report
+from headstart.runtime.device import pick_device
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.train import policy
+from headstart.train.config import FinetuneConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Fitted:
+    """A trained classifier: its classes, backbone and head, and what the run found (`report`)."""
+
+    classes: tuple[str, ...]
+    frozen: FrozenBackbone
+    head_config: HeadConfig
+    head_state: dict[str, np.ndarray]
+    report: FitReport
+
+    def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
+        return evaluate(labels, head_proba(self.head_config, self.head_state, feats), self.classes) if len(labels) \
+            else None
+
+
+def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
+    """Train on a class-folder set with settings `s` (`options.Settings`, already checked)."""
+    torch_loading = threading.Thread(target=importlib.import_module, args=("headstart.train.fit_head",), daemon=True)
+    torch_loading.start()
+    t0 = time.perf_counter()
+    dataset = scan_folder(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
+    standard = resolve(s.backbone)
+    spec = _sized_for_photos(standard, dataset, s)
+    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None)
+    t1 = time.perf_counter()
+    feats = dataset_features(dataset, frozen, s.device, progress)
+    t2 = time.perf_counter()
+    torch_loading.join()
+    stage1 = fit_stage1(s, dataset, frozen, feats, progress)
+    resized = spec.preprocess.input_size != standard.preprocess.input_size
+    report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
+                     decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0))
+    stage1 = replace(stage1, report=report)
+
+    head_acc = report.val_metrics.accuracy if report.val_metrics else None
+    run, reason = policy.run_stage2(s.strategy, int((feats.splits == "train").sum()), bool((feats.splits == "val").any()),
+                                    head_acc)
+    stage1 = replace(stage1, report=replace(report, decision=replace(report.decision, reason=reason,
+                                                                      head_val_accuracy=head_acc)))
+    if not run:
+        if s.strategy == "auto":
+            log.info("auto: keeping the head alone (%s)", reason)
+        return stage1
+    return fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume)
+
+
+def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress) -> Fitted:
+    """The head on the frozen backbone's cached features: each candidate `policy.head_candidates` names, the one
+    with the lowest validation loss kept."""
+    from headstart.train.fit_head import fit_best_head
+
+    (x_tr, y_tr), (x_va, y_va) = feats.part("train"), feats.part("val")
+    _check_every_class_trains(dataset, y_tr)
+    train_cfg = train_config(s)
+    candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
+                                        train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy != "head")
+    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress)
+    decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
+                        head_candidates=fitted.candidates if len(candidates) > 1 else ())
+    report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
+                       tuple(dataset.skipped) + tuple(feats.failures), feats.cached)
+    out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report)
+    return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
+                                       test_metrics=out.evaluate(*feats.part("test"))))
+
+
+def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
+               resume: bool) -> Fitted:
+    """Fine-tune the top of the backbone from the stage-1 head, refit a head on the tuned features, and keep
+    whichever model `policy` prefers."""
+    from headstart.train.stage2 import refit_head, run_finetune
+
+    if not (feats.splits == "val").any():
+        raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
+    decision = stage1.report.decision
+    cfg = finetune_config(s, at_photos_size=decision.native_input > 0)
+    in_split = {name: [p for p, sp in zip(feats.paths, feats.splits) if sp == name] for name in ("train", "val")}
+    t0 = time.perf_counter()
+    try:
+        result = run_finetune(stage1.frozen, stage1.head_config, stage1.head_state, cfg, in_split["train"],
+                              feats.part("train")[1], in_split["val"], feats.part("val")[1], checkpoint_dir, resume,
+                              progress)
+    except FinetuneError as exc:
+        if s.strategy == "finetune":
+            raise
+        log.info("auto: keeping the head alone (%s)", exc)
+        return _with_decision(stage1, reason=f"this backbone cannot be fine-tuned ({exc})")
+    tuned = evaluate(result.val_labels, result.val_proba, stage1.classes)
+    refit = refit_head(result.frozen, stage1.head_config, s.hidden, s.dropout, train_config(s), feats.paths,
+                       feats.labels, feats.splits, s.device, progress)
+    refitted = evaluate(refit.val[1], refit.val[0], stage1.classes)
+    keep_refit = policy.keep_refit(refitted, tuned)
+    head_cfg, head_state = (refit.head_cfg, refit.head_state) if keep_refit else (stage1.head_config, result.head_state)
+    tuned = refitted if keep_refit else tuned
+    if checkpoint_dir:  # finished: the result is in memory, saving it is next
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    refit_report = RefitReport(keep_refit, refitted.accuracy, refitted.log_loss, refit.candidates)
+    stage2 = Stage2Report(cfg, result.history, tuned.accuracy, refit_report)
+    timings = {**stage1.report.timings, "finetune_s": time.perf_counter() - t0}
+    head_eval = stage1.report.val_metrics
+    if not policy.keep_finetuned(s.strategy, head_eval, tuned):
+        log.info("kept the head (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
+        return _with_decision(stage1, stage2=stage2, timings=timings)
+    log.info("kept the fine-tuned model (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
+    kept = Fitted(stage1.classes, result.frozen, head_cfg, head_state, stage1.report)
+    test = kept.evaluate(*refit.test) if len(refit.test[1]) else None  # stage 1's test features predate the tuning
+    report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
+                     decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
+    return replace(kept, report=report)
+
+
+def train_config(s: Any) -> TrainConfig:
+    return TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                       schedule=s.schedule, patience=s.patience, balance=s.balance, seed=s.seed)
+
+
+def finetune_config(s: Any, at_photos_size: bool) -> FinetuneConfig:
+    return FinetuneConfig(
+        unfreeze=policy.unfreeze_stages(s.unfreeze, at_photos_size), epochs=s.finetune_epochs, views=s.views,
+        augment=s.augment, lr=s.finetune_lr, train_bn=s.train_bn, seed=s.seed, batch_size=min(32, s.batch_size),
+        device=pick_device(s.device),
+    )
+
+
+def _sized_for_photos(spec: BackboneSpec, dataset: Dataset, s: Any) -> BackboneSpec:
+    """The backbone's preprocessing fitted to training photos much smaller than its input (`for_small_photos`)."""
+    if not (s.native_view and spec.any_input_size):
+        return spec
+    side = typical_short_side([sample.path for sample in dataset.samples if sample.split == "train"])
+    if not side:
+        return spec
+    pre = policy.for_small_photos(spec.preprocess, side, fine_tuning=s.strategy != "head")
+    if pre != spec.preprocess:
+        log.info("photos are %d px on the short side: the network sees them at %d px%s", side,
+                 pre.native_size or pre.input_size, " beside the standard view" if pre.native_size else "")
+    return replace(spec, preprocess=pre)
+
+
+def _with_decision(fitted: Fitted, timings: dict | None = None, **changes: Any) -> Fitted:
+    report = fitted.report
+    report = replace(report, decision=replace(report.decision, **changes), timings=timings or report.timings)
+    return replace(fitted, report=report)
+
+
+def _check_every_class_trains(dataset: Dataset, train_labels: np.ndarray) -> None:
+    present = set(np.unique(train_labels).tolist())
+    empty = [c for i, c in enumerate(dataset.classes) if i not in present]
+    if empty:
+        raise DataError(f"classes {empty} have no readable training image; add images or remove those folders")
