@@ -106,15 +106,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def temp_path_beside(path: Path) -> Path:
-    """A unique temporary name in the same folder. Prefer `atomic_path`, which also renames and cleans up; this
-    remains for the writers outside the cache layers that still rename by hand (serve.artifact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def file_sha256(path: Path) -> str:
     """Hex digest of a file's content, read in chunks so large weight files never sit in memory twice."""
     h = hashlib.sha256()
