@@ -151,3 +151,115 @@ def assert_one_line(message: str, *needles: str) -> str:
     for needle in needles:
         assert needle in message, message
     return message
+
+
+# --- shared by several test files ----------------------------------------------------------------------------
+# Still torch-free at import: whatever needs torch or headstart's torch-using modules imports it when it runs.
+
+N_STAGES = 5  # TINY_BACKBONE's stages: blocks.0 .. blocks.4
+TINY_DIM = 32 + 48 + 64 + 256  # TINY_BACKBONE's pooled features: last three stages' channels + the final features
+
+
+def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1.0, seed: int = 0):
+    """Gaussian blobs around well-separated class centres, on features of very different scales (as stage
+    outputs are)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3.0, size=(n_classes, dim))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centres[y] + rng.normal(0, spread, size=(len(y), dim))
+    x *= np.logspace(-2, 2, dim)  # scales from 0.01 to 100: standardisation must handle it
+    perm = rng.permutation(len(y))
+    return x[perm].astype(np.float32), y[perm].astype(np.int64)
+
+
+@pytest.fixture
+def no_warnings():
+    """Turn any warning (e.g. numpy's 'invalid value in divide') into a test failure."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch's OpenMP threads spin-wait on each other: on a busy 2-core machine the tiny model's steps take ~300x
+    longer with 2 threads than with 1. One thread keeps these tests fast whatever else runs beside them.
+    Not autouse: the fine-tuning test files ask for it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def frozen(tiny_weights: Path, tiny_cache: Path):
+    """The tiny backbone, frozen, with its ONNX export already in this test's cache."""
+    from headstart.backbones.registry import resolve
+    from headstart.runtime.frozen import FrozenBackbone
+
+    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    return sorted(make_image_folder(tmp_path / "photos", per_class=6).rglob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bottom(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny backbone's frozen bottom below stage 3 (what --unfreeze 2 caches), exported once per run."""
+    from headstart.backbones.registry import resolve
+    from headstart.cache.boundary import bottom_engine
+    from headstart.runtime.frozen import FrozenBackbone
+
+    root = tmp_path_factory.mktemp("tiny-bottom-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADSTART_CACHE", str(root))
+        frozen = FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
+        bottom_engine(frozen.build_torch(), N_STAGES - 2, frozen.weights_id, resolve(TINY_BACKBONE).preprocess)
+    (path,) = (root / "onnx").glob("bottom-*.onnx")
+    return root, path.relative_to(root)
+
+
+@pytest.fixture
+def ft_cache(tiny_cache: Path, tiny_bottom: tuple[Path, Path]) -> Path:
+    """This test's cache with the tiny backbone's full and bottom (boundary 3) ONNX exports already in it."""
+    root, rel = tiny_bottom
+    (tiny_cache / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / rel, tiny_cache / rel)
+    return tiny_cache
+
+
+@pytest.fixture
+def any_size_clf(tiny_weights, monkeypatch: pytest.MonkeyPatch):
+    """The tiny backbone declared any-size, as the Lite family is: fit adds native views for small photos."""
+    import dataclasses
+
+    import headstart.api as api
+
+    real = api.resolve
+    monkeypatch.setattr(api, "resolve", lambda name: dataclasses.replace(real(name), any_input_size=True))
+
+    def make(**kwargs):
+        return api.ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{"epochs": 8, "device": "cpu", **kwargs})
+
+    return make
+
+
+def _noise(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+
+
+def _direct_features(frozen, paths: list[Path]) -> np.ndarray:
+    """The frozen backbone's features for these photos, straight from torch (no engine, no cache)."""
+    import torch
+
+    from headstart.vision.preprocess import load_for_model
+
+    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in paths])
+    with torch.no_grad():
+        return frozen.build_torch()(torch.from_numpy(batch)).numpy()

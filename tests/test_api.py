@@ -175,31 +175,6 @@ def test_get_params_round_trip(make_clf):
     assert ImageClassifier(**params).get_params() == params
 
 
-def test_cli_defaults_are_the_api_defaults():
-    """`headstart train` maps its flags one to one onto ImageClassifier: the defaults must agree too."""
-    import enum
-    import inspect
-
-    from headstart.cli import commands as cli
-
-    api_defaults = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items()
-                    if k != "self"}
-    cli_defaults = {name: p.default.value if isinstance(p.default, enum.Enum) else p.default
-                    for name, p in inspect.signature(cli.train).parameters.items()}
-    cli_defaults["hidden"] = cli._parse_hidden(cli_defaults["hidden"])  # flags arrive as text
-    cli_defaults["unfreeze"] = cli._parse_unfreeze(cli_defaults["unfreeze"])
-    assert {k: cli_defaults[k] for k in api_defaults} == api_defaults
-
-
-def test_split_rows_are_blocks_and_disorder_is_caught():
-    from headstart.data.scan import split_rows
-
-    rows = split_rows(np.array(["train"] * 3 + ["val"] * 2))
-    assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}
-    with pytest.raises(AssertionError):
-        split_rows(np.array(["train", "val", "train"]))
-
-
 @pytest.mark.parametrize(
     "setting, needle",
     [({"schedule": "linear"}, "schedule"), ({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"),

@@ -1,5 +1,6 @@
-"""Training the head on features: it learns, stops early with the best weights restored, trains every
-parameter, weights classes on request, and rejects bad configurations."""
+"""train.fit_head: the head learns, stops early with the best weights restored, trains every parameter, weights
+classes on request, is reproducible, and the candidate heads (which are tried, the one kept) are chosen by
+validation loss."""
 
 from __future__ import annotations
 
@@ -8,23 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import blobs
 from headstart.train import fit_head as train
 from headstart.heads.config import HeadConfig, head_logits_numpy, softmax
 from headstart.heads.module import Head
 from headstart.train.config import TrainConfig
 from headstart.train.fit_head import class_weights, fit_head
-
-
-def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1.0, seed: int = 0):
-    """Gaussian blobs around well-separated class centres, on features of very different scales (as stage
-    outputs are)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 3.0, size=(n_classes, dim))
-    y = np.repeat(np.arange(n_classes), n_per_class)
-    x = centres[y] + rng.normal(0, spread, size=(len(y), dim))
-    x *= np.logspace(-2, 2, dim)  # scales from 0.01 to 100: standardisation must handle it
-    perm = rng.permutation(len(y))
-    return x[perm].astype(np.float32), y[perm].astype(np.int64)
 
 
 def val_loss_of(head: Head, x: np.ndarray, y: np.ndarray) -> float:
@@ -47,15 +37,6 @@ def test_head_learns_separable_features():
         expected = head(torch.from_numpy(x_val)).softmax(1).numpy()
     np.testing.assert_allclose(softmax(head_logits_numpy(state, head.cfg, x_val)), expected, atol=1e-5)
     assert (expected.argmax(1) == y_val).mean() >= 0.95
-
-
-def test_hidden_layers_numpy_inference_matches_torch():
-    x, y = blobs(20, seed=1)
-    head, _ = fit_head(HeadConfig(x.shape[1], 3, hidden=(16, 8)), TrainConfig(epochs=3, batch_size=16), x, y)
-    state = {k: v.numpy() for k, v in head.state_dict().items()}
-    with torch.no_grad():
-        expected = head(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(head_logits_numpy(state, head.cfg, x), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
@@ -176,18 +157,6 @@ def test_balanced_training_helps_the_minority_class():
     assert recall[True] > recall[False] + 0.2
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(schedule="step"), "schedule"),
-    (dict(schedule="Cosine"), "schedule"),
-    (dict(epochs=0), "epochs"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(lr=0.0), "lr"),
-])
-def test_train_config_rejects_bad_values(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
-        TrainConfig(**kwargs)
-
-
 def test_training_is_reproducible():
     x, y = blobs(15, seed=9)
     runs = [fit_head(HeadConfig(x.shape[1], 3, hidden=(8,)), TrainConfig(epochs=4, seed=1), x, y, x[:9], y[:9])
@@ -195,36 +164,6 @@ def test_training_is_reproducible():
     assert runs[0][1].val_loss == runs[1][1].val_loss
     for (k, a), b in zip(runs[0][0].state_dict().items(), runs[1][0].state_dict().values()):
         assert torch.equal(a, b), k
-
-
-def test_head_adamw_matches_torch_adamw():
-    torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = train.HeadAdamW(ours, weight_decay=0.05)
-    ref = torch.optim.AdamW(theirs, lr=1.0, weight_decay=0.05)
-    for step, lr in enumerate([1e-3, 3e-3, 2e-3, 5e-4, 1e-4]):
-        grads = [torch.randn_like(p) for p in ours]
-        for p, q, g in zip(ours, theirs, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step(lr)
-        ref.param_groups[0]["lr"] = lr
-        ref.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-    assert opt.steps == 5
-
-
-def test_plateau_matches_torch_reduce_on_plateau():
-    losses = [1.0, 0.9, 0.95, 0.93, 0.91, 0.92, 0.94, 0.5, 0.6, 0.6, 0.6, 0.6, 0.49999, 0.6]
-    ours = train.Plateau(1e-3, factor=0.3, patience=2)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=2)
-    for loss in losses:
-        ours.step(loss)
-        ref.step(loss)
-        assert ours.lr == pytest.approx(opt.param_groups[0]["lr"])
-    assert ours.lr < 1e-3 * 0.3 * 0.9  # it did reduce, twice
 
 
 def test_dropout_keeps_the_expected_fraction_and_scale():
@@ -269,14 +208,6 @@ def test_a_memory_mapped_feature_matrix_trains_the_same_head(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_standardization_statistics_streamed_in_chunks_match_numpy():
-    x, _ = blobs(50, seed=2)
-    head = Head(HeadConfig(x.shape[1], 3))
-    head.set_standardization(x, chunk=7)
-    np.testing.assert_allclose(head.mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(head.std.numpy(), x.astype(np.float64).std(0) + 1e-6, rtol=1e-5)
-
-
 def test_candidate_heads_train_with_one_torch_thread_each(monkeypatch):
     """fit_best_head runs its candidates side by side with one intra-op thread: two torch threads per tiny head
     spin-wait on each other (60 epochs on 300 x 1500 features, one core busy: 30 s against 0.5 s)."""
@@ -294,3 +225,55 @@ def test_candidate_heads_train_with_one_torch_thread_each(monkeypatch):
         assert torch.get_num_threads() == 2  # restored afterwards
     finally:
         torch.set_num_threads(threads)
+
+
+# --- choosing the head -------------------------------------------------------------------------------------
+
+
+def _xor(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes that no linear head separates (the sign of x0 * x1) and one hidden layer does."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    return x, (x[:, 0] * x[:, 1] > 0).astype(np.int64)
+
+
+def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
+    from headstart.heads.config import HeadConfig
+    from headstart.train.config import TrainConfig
+    from headstart.train.fit_head import fit_best_head, fit_head
+
+    (xt, yt), (xv, yv) = _xor(600, 0), _xor(200, 1)
+    cfg = TrainConfig(epochs=40, lr=1e-2, seed=3)
+    candidates = [(HeadConfig(6, 2, (), 0.0), cfg), (HeadConfig(6, 2, (32,), 0.0), cfg)]
+    head, history, kept_cfg, losses = fit_best_head(candidates, xt, yt, xv, yv)
+    assert head.cfg.hidden == (32,) and kept_cfg == cfg
+    assert losses[1] < losses[0] and min(history.val_loss) == losses[1]
+    # Fitting side by side gives exactly what fitting that candidate alone gives.
+    alone, _ = fit_head(HeadConfig(6, 2, (32,), 0.0), cfg, xt, yt, xv, yv)
+    for name, value in alone.state_dict().items():
+        assert np.array_equal(value.numpy(), head.state_dict()[name].numpy()), name
+
+
+@pytest.mark.parametrize(
+    "hidden, n_train, has_val, finetune_follows, expected",
+    [
+        ("auto", 2000, True, False, [(), (64,)]),
+        ("auto", 999, True, False, [()]),  # too few photos to fit a hidden layer
+        ("auto", 2000, False, False, [()]),  # nothing to choose by
+        ("auto", 2000, True, True, [()]),  # stage 2 starts best from a linear head
+        ((128,), 2000, True, True, [(128,)]),  # what the user asked for
+        ((), 2000, True, False, [()]),
+    ],
+)
+def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: bool, expected: list) -> None:
+    from headstart.heads.config import HeadConfig
+    from headstart.train.config import TrainConfig
+    from headstart.train.fit_head import head_candidates
+
+    cfg = TrainConfig(epochs=60, patience=10)
+    candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val, finetune_follows)
+    assert all((c.in_features, c.n_classes) == (100, 4) for c, _ in candidates)
+    assert [c.hidden for c, _ in candidates] == expected
+    assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3
+    if len(candidates) == 2:
+        assert candidates[1][0].dropout == 0.6 and candidates[1][1].epochs == 20 and candidates[1][1].patience == 5

@@ -1,26 +1,18 @@
-"""Tests for headstart.metrics and headstart.report.
+"""Tests for headstart.evaluate.metrics.
 
 Expected values are worked out by hand in the comments, so the tests do not depend on
-scikit-learn; an optional cross-check against it runs only when it is installed.
+scikit-learn; an optional cross-check against it runs only when it is installed (it is in the dev extra).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from headstart.evaluate.metrics import Evaluation, accuracy, balanced_accuracy, confusion_matrix, evaluate, expected_calibration_error, log_loss, per_class_scores, top_k_accuracy
-from headstart.evaluate.figures import save_confusion_png
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # A 3-class example worked out by hand.
 #   true:  0 0 0 1 1 2 2 2
@@ -33,20 +25,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # recall    = 2/3, 1/2, 2/3           -> balanced accuracy = (2/3 + 1/2 + 2/3) / 3 = 11/18
 # precision = 2/2, 1/3, 2/3
 # f1        = 2*1*(2/3)/(5/3) = 4/5, 2*(1/3)(1/2)/(5/6) = 2/5, 2/3
+
+
 Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+
+
 Y_PRED = np.array([0, 1, 0, 1, 2, 2, 2, 1])
+
+
 CM = np.array([[2, 1, 0], [0, 1, 1], [0, 1, 2]])
-
-
-@pytest.fixture
-def no_warnings():
-    """Turn any warning (e.g. numpy's 'invalid value in divide') into a test failure."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield
-
-
-# --------------------------------------------------------------------------- label metrics
 
 
 def test_confusion_matrix_hand_example():
@@ -129,9 +116,6 @@ def test_empty_inputs_raise_for_scalar_metrics():
         accuracy([], [])
     with pytest.raises(ValueError):
         balanced_accuracy([], [], 3)
-
-
-# --------------------------------------------------------------------------- probability metrics
 
 
 def test_top_k_accuracy_hand_example():
@@ -222,9 +206,6 @@ def test_invalid_proba_inputs_raise(y_true, proba):
             fn(y_true, proba)
     with pytest.raises(ValueError):
         top_k_accuracy(y_true, proba, 1)
-
-
-# --------------------------------------------------------------------------- evaluate / Evaluation
 
 
 def _hand_proba() -> np.ndarray:
@@ -330,54 +311,3 @@ def test_matches_scikit_learn_on_random_data():
     for k in (1, 2, 3):
         assert top_k_accuracy(y, proba, k) == pytest.approx(skm.top_k_accuracy_score(y, proba, k=k, labels=labels))
     assert log_loss(y, proba) == pytest.approx(skm.log_loss(y, proba, labels=labels))
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _check_png(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        return img.size
-
-
-@pytest.mark.parametrize("n_classes", [2, 5, 20])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_save_confusion_png_writes_valid_png(tmp_path, n_classes, normalize):
-    rng = np.random.default_rng(n_classes)
-    cm = rng.integers(0, 50, size=(n_classes, n_classes))
-    classes = [f"class_{i}" for i in range(n_classes)]
-    out = tmp_path / "nested" / "cm.png"  # parent is created on demand
-    result = save_confusion_png(cm, classes, out, title="Validation", normalize=normalize)
-    assert result == out
-    width, height = _check_png(out)
-    assert 300 <= width <= 3000 and 300 <= height <= 3000
-
-
-def test_save_confusion_png_handles_empty_rows_without_warnings(tmp_path, no_warnings):
-    cm = np.array([[3, 1, 0], [0, 0, 0], [1, 0, 4]])  # class "b" has no true samples
-    out = save_confusion_png(cm, ["a", "b", "a very long class name indeed, longer than most"], tmp_path / "cm.png")
-    _check_png(out)
-
-
-def test_save_confusion_png_rejects_shape_mismatch(tmp_path):
-    with pytest.raises(ValueError):
-        save_confusion_png(np.zeros((3, 3)), ["a", "b"], tmp_path / "cm.png")
-
-
-def test_importing_metrics_and_report_does_not_import_matplotlib():
-    # matplotlib is slow to import; only save_confusion_png should pay for it.
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    code = (
-        "import sys, headstart.evaluate.metrics, headstart.evaluate.figures; "
-        "bad = [m for m in ('matplotlib',) if m in sys.modules]; "
-        "sys.exit(f'imported eagerly: {bad}' if bad else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr

@@ -1,37 +1,18 @@
-"""Frozen-backbone features: the ONNX engine agrees with torch, multi-scale pooling, and the on-disk cache
-(content-keyed, reports unreadable images, survives a crash mid-extraction)."""
+"""cache.features: the on-disk feature cache extracts once, is keyed by content and by backbone weights,
+reports unreadable images, survives a crash mid-extraction, and gathers shards (memory-mapped when large)."""
 
 from __future__ import annotations
 
 import functools
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
-import torch
 
-from conftest import TINY_BACKBONE, make_image, make_image_folder
+from conftest import TINY_DIM, _direct_features, make_image
 from headstart.cache import features
-from headstart.backbones.registry import resolve
-from headstart.vision.preprocess import load_for_model
-from headstart.runtime.engines import OnnxEngine
 from headstart.cache.features import FeatureCache
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.backbones.pooled import TAPPED_STAGES, PooledFeatures
-
-TINY_DIM = 32 + 48 + 64 + 256  # last three stages' channels + the final features
-
-
-@pytest.fixture
-def frozen(tiny_weights, tiny_cache) -> FrozenBackbone:
-    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
-
-
-@pytest.fixture
-def photos(tmp_path) -> list[Path]:
-    return sorted(make_image_folder(tmp_path / "photos", per_class=6).rglob("*.jpg"))
 
 
 class CountingFactory:
@@ -58,82 +39,6 @@ class CountingFactory:
     def rows(self) -> int:
         return sum(self.batches)
 
-
-def _direct_features(frozen: FrozenBackbone, paths: list[Path]) -> np.ndarray:
-    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in paths])
-    with torch.no_grad():
-        return frozen.build_torch()(torch.from_numpy(batch)).numpy()
-
-
-# --- engines and pooling ---------------------------------------------------------------------------------------
-
-def test_onnx_engine_matches_torch(frozen, photos):
-    engine = frozen.engine("cpu")
-    assert isinstance(engine, OnnxEngine)
-    torch_model = frozen.build_torch()
-    real = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:5]])
-    noise = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(7)).numpy()
-    for batch in (real, noise, real[:1]):  # batch sizes other than the export's: the batch axis is dynamic
-        with torch.no_grad():
-            expected = torch_model(torch.from_numpy(batch)).numpy()
-        got = engine(batch)
-        assert got.shape == expected.shape == (len(batch), TINY_DIM)
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
-
-
-def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache, monkeypatch, caplog):
-    shutil.rmtree(tiny_cache / "onnx")  # nothing exported yet
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
-
-    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
-    with caplog.at_level("WARNING", logger="headstart.runtime.frozen"):
-        engine = frozen.engine("cpu")
-    assert not isinstance(engine, OnnxEngine) and "PyTorch instead of ONNX Runtime" in caplog.text
-    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:4]])
-    got = engine(batch)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, _direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16
-
-
-def test_multi_scale_features_are_stage_means_plus_final_features(tiny_weights):
-    from headstart.backbones.weights import create_model
-
-    backbone = create_model(resolve(TINY_BACKBONE), tiny_weights)
-    pooled = PooledFeatures(backbone).eval()
-    assert pooled.multi_scale
-    stage_chs = [info["num_chs"] for info in backbone.feature_info][-TAPPED_STAGES:]
-    assert sum(stage_chs) + backbone.num_features == TINY_DIM
-
-    stage_outputs = []
-    hooks = [backbone.blocks[i].register_forward_hook(lambda m, i, o: stage_outputs.append(o))
-             for i in range(len(backbone.blocks) - TAPPED_STAGES, len(backbone.blocks))]
-    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = pooled(x)
-        final = backbone(x)  # timm's own pooled features
-    for h in hooks:
-        h.remove()
-    assert out.shape == (2, TINY_DIM)
-    start = 0
-    for o in stage_outputs[:TAPPED_STAGES]:
-        torch.testing.assert_close(out[:, start:start + o.shape[1]], o.mean((2, 3)))
-        start += o.shape[1]
-    torch.testing.assert_close(out[:, start:], final)
-
-
-def test_pooling_falls_back_to_model_features_for_other_layouts():
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
-    pooled = PooledFeatures(model).eval()
-    assert not pooled.multi_scale
-    x = torch.randn(1, 3, 160, 160)
-    with torch.no_grad():
-        torch.testing.assert_close(pooled(x), model(x))
-
-
-# --- the feature cache -----------------------------------------------------------------------------------------
 
 def test_cache_extracts_once_then_hits(frozen, photos):
     n = len(photos)

@@ -1,0 +1,44 @@
+"""runtime.frozen: the frozen backbone's ONNX engine agrees with torch, and a failed export falls back to
+float32 torch."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+
+from conftest import TINY_DIM, _direct_features
+from headstart.runtime.engines import OnnxEngine
+from headstart.vision.preprocess import load_for_model
+
+
+def test_onnx_engine_matches_torch(frozen, photos):
+    engine = frozen.engine("cpu")
+    assert isinstance(engine, OnnxEngine)
+    torch_model = frozen.build_torch()
+    real = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:5]])
+    noise = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(7)).numpy()
+    for batch in (real, noise, real[:1]):  # batch sizes other than the export's: the batch axis is dynamic
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(batch)).numpy()
+        got = engine(batch)
+        assert got.shape == expected.shape == (len(batch), TINY_DIM)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+
+
+def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache, monkeypatch, caplog):
+    shutil.rmtree(tiny_cache / "onnx")  # nothing exported yet
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
+
+    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
+    with caplog.at_level("WARNING", logger="headstart.runtime.frozen"):
+        engine = frozen.engine("cpu")
+    assert not isinstance(engine, OnnxEngine) and "PyTorch instead of ONNX Runtime" in caplog.text
+    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:4]])
+    got = engine(batch)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, _direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16

@@ -1,0 +1,50 @@
+"""vision.augment: augmented views are deterministic per seed, leave torch's RNG alone, "none" is the eval
+transform, and unknown levels are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+
+torch = pytest.importorskip("torch")
+
+from headstart.vision.augment import augmented_view  # noqa: E402
+from headstart.vision.preprocess import PreprocessConfig, eval_transform  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest: the tiny model's steps, one thread
+
+
+@pytest.fixture
+def photo():
+    return make_image((200, 60, 60), (90, 70), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+def test_augmented_view_is_deterministic_per_seed_and_varies_across_seeds(photo, level):
+    cfg = PreprocessConfig(input_size=48)
+    a = augmented_view(photo, cfg, level, 7)
+    assert a.shape == (3, 48, 48) and a.dtype == np.float32
+    assert np.array_equal(a, augmented_view(photo, cfg, level, 7))
+    others = [augmented_view(photo, cfg, level, s) for s in (8, 9, 10)]
+    assert all(not np.array_equal(a, o) for o in others)
+
+
+def test_strong_augmentation_leaves_torch_global_rng_alone(photo):
+    state = torch.get_rng_state()
+    augmented_view(photo, PreprocessConfig(input_size=48), "strong", 3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_no_augmentation_is_the_eval_transform(photo):
+    cfg = PreprocessConfig(input_size=48)
+    expected = eval_transform(photo, cfg)
+    for seed in (0, 1):
+        assert np.array_equal(augmented_view(photo, cfg, "none", seed), expected)
+
+
+@pytest.mark.parametrize("level", ["heavy", "", "Light", None])
+def test_unknown_augmentation_level_is_refused(photo, level):
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augmented_view(photo, PreprocessConfig(input_size=48), level, 0)
