@@ -7,6 +7,7 @@ torch, no network and no pretrained weights; they check the CLI layer only (the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -30,6 +31,8 @@ from headstart.cli import train as cli_train
 from headstart.errors import WeightsError
 from headstart.errors import DataError
 from headstart.heads.config import HeadConfig
+from headstart.records import Decision, HeadCandidate, History, RefitReport, Stage2Report
+from headstart.train.config import FinetuneConfig
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.vision.preprocess import PreprocessConfig
 
@@ -88,8 +91,8 @@ class FakeClassifier:
         self.cached_ = 2
         self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(preprocess=PreprocessConfig(native_size=128)))
         self.head_config_ = HeadConfig(16, 2, (64,), 0.6)
-        self.decision_ = {"strategy": "head", "kept": "head", "head_candidates": [
-            {"hidden": [], "dropout": 0.2, "val_loss": 0.62}, {"hidden": [64], "dropout": 0.6, "val_loss": 0.56}]}
+        self.decision_ = Decision(strategy="head", kept="head", head_candidates=(
+            HeadCandidate((), 0.2, 0.62), HeadCandidate((64,), 0.6, 0.56)))
         return self
 
     def save(self, out_dir: Path) -> Path:
@@ -275,15 +278,15 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
 def test_train_summary_says_a_fine_tuned_model_runs_at_the_photos_size_with_a_refitted_head() -> None:
     from headstart.cli import render as cli_render
 
-    refit = [{"hidden": [], "dropout": 0.2, "val_loss": 0.52}, {"hidden": [64], "dropout": 0.6, "val_loss": 0.49}]
-    decision = {"strategy": "finetune", "kept": "finetune", "native_size": 0, "native_input": 128,
-                "head_val_accuracy": 0.76, "finetune_val_accuracy": 0.83, "reason": "asked for",
-                "refit": {"kept": True, "val_accuracy": 0.83, "val_log_loss": 0.49, "candidates": refit},
-                "head_candidates": None}
+    refit = (HeadCandidate((), 0.2, 0.52), HeadCandidate((64,), 0.6, 0.49))
+    stage2 = Stage2Report(FinetuneConfig(), History(), 0.83, RefitReport(True, 0.83, 0.49, refit))
+    decision = Decision(strategy="finetune", kept="finetune", reason="asked for", native_size=0, native_input=128,
+                        head_val_accuracy=0.76, head_candidates=(), stage2=stage2)
     line = cli_render._decision_line(decision, {"finetune_s": 512.0})
     assert line == "finetune: kept finetune (val accuracy head 0.760, fine-tuned, head refitted 0.830; 512 s)"
     assert cli_render._kept_head_candidates(decision) == refit
-    assert cli_render._kept_head_candidates({**decision, "refit": {**decision["refit"], "kept": False}}) is None
+    not_refitted = dataclasses.replace(stage2, refit=dataclasses.replace(stage2.refit, kept=False))
+    assert cli_render._kept_head_candidates(dataclasses.replace(decision, stage2=not_refitted)) is None
     pre = PreprocessConfig(input_size=128, crop_pct=1.0)
     assert cli_render._backbone_line("efficientnet_lite0", pre, 128) == (
         "efficientnet_lite0, 128 px (the photos' own size: they are small)")

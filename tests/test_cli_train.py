@@ -18,7 +18,7 @@ def test_cli_defaults_are_the_api_defaults():
     import enum
     import inspect
 
-    from headstart.cli import commands as cli
+    from headstart.cli import train as cli
 
     api_defaults = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items()
                     if k != "self"}
@@ -30,7 +30,7 @@ def test_cli_defaults_are_the_api_defaults():
 
 
 def test_cli_parses_unfreeze():
-    from headstart.cli.commands import _parse_unfreeze
+    from headstart.cli.train import _parse_unfreeze
 
     assert _parse_unfreeze("all") == "all" and _parse_unfreeze("3") == 3 and _parse_unfreeze("auto") == "auto"
 
@@ -39,7 +39,7 @@ def test_cli_parses_unfreeze():
 def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp_path):
     from typer.testing import CliRunner
 
-    from headstart.cli.commands import app
+    from headstart.cli import app
 
     out = tmp_path / "m"
     result = CliRunner().invoke(app, [
@@ -58,7 +58,7 @@ def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp
 def test_cli_refuses_a_bad_unfreeze(image_folder, tmp_path, value):
     from typer.testing import CliRunner
 
-    from headstart.cli.commands import app
+    from headstart.cli import app
 
     result = CliRunner().invoke(app, ["train", str(image_folder), "--strategy", "finetune", "--unfreeze", value,
                                       "--out", str(tmp_path / "m")])
@@ -73,7 +73,7 @@ def test_cli_unfreeze_beyond_the_backbone_is_one_line(tiny_weights, ft_cache, im
     """More stages than this backbone has passes the flag check; fine-tuning then refuses it as a user error."""
     from typer.testing import CliRunner
 
-    from headstart.cli.commands import app
+    from headstart.cli import app
 
     result = CliRunner().invoke(app, [
         "train", str(image_folder), "--backbone", TINY_BACKBONE, "--weights", str(tiny_weights), "--epochs", "2",

@@ -1,9 +1,6 @@
-"""Kept only for importers of the old module: `headstart/__main__.py` imports `main` from here.
+"""Kept only because `headstart/__main__.py` imports `main` from here (that file is not the CLI's to edit);
+once it reads `from headstart.cli import main`, this module can go. The commands live in their own modules."""
 
-The commands live in their own modules (train, evaluate, predict, backbones) on `base.app`.
-"""
+from headstart.cli.base import main
 
-from headstart.cli.base import app, main
-from headstart.cli.train import DEFAULT_BACKBONE, _parse_hidden, _parse_unfreeze, train
-
-__all__ = ["app", "main", "train", "DEFAULT_BACKBONE", "_parse_hidden", "_parse_unfreeze"]
+__all__ = ["main"]

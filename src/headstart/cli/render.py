@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attr
     from headstart.api import ImageClassifier, Prediction
     from headstart.backbones.registry import BackboneSpec
     from headstart.evaluate.metrics import Evaluation
+    from headstart.records import Decision, HeadCandidate
 
 MAX_SKIPPED_LISTED = 50
 MAX_CONFUSION_CLASSES = 20  # beyond this a terminal table is unreadable; the PNG still has it all
@@ -182,13 +183,13 @@ def train_summary(
     history = clf.history_
     timings = clf.timings_
     epochs_run = len(history.train_loss)
-    decision = getattr(clf, "decision_", None) or {}
+    decision = clf.decision_
     rows = [
         ("data", str(data)),
         ("classes", f"{len(classes)}: {shown}"),
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
-        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.get("native_input", 0))),
+        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.native_input)),
         ("head", _head_line(clf.head_config_, _kept_head_candidates(decision))),
         (
             "features",
@@ -200,7 +201,7 @@ def train_summary(
             f"best epoch {history.best_epoch + 1}, {timings.get('train_s', 0.0):.1f} s",
         ),
     ]
-    if decision.get("strategy", "head") != "head":
+    if decision.strategy != "head":
         rows.append(("strategy", _decision_line(decision, timings)))
     if clf.val_metrics_ is not None:
         rows.append(("validation", _eval_line(clf.val_metrics_)))
@@ -217,33 +218,32 @@ def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:
     return line + (f" + a {pre.native_size} px native view (the photos are small)" if pre.native_size else "")
 
 
-def _head_line(cfg, candidates: list[dict] | None) -> str:
+def _head_line(cfg, candidates: Sequence[HeadCandidate] | None) -> str:
     def name(hidden, dropout) -> str:
         return f"hidden {'-'.join(map(str, hidden))}, dropout {dropout:g}" if hidden else f"linear, dropout {dropout:g}"
 
     line = name(cfg.hidden, cfg.dropout)
     if candidates:
         line += " (lowest val loss of " + ", ".join(
-            f"{name(c['hidden'], c['dropout'])}: {c['val_loss']:.3f}" for c in candidates) + ")"
+            f"{name(c.hidden, c.dropout)}: {c.val_loss:.3f}" for c in candidates) + ")"
     return line
 
 
-def _kept_head_candidates(decision: dict) -> list[dict] | None:
-    """The heads the kept one was chosen among: stage 1's, or the refit's after fine-tuning."""
-    refit = decision.get("refit") or {}
-    if decision.get("kept") == "finetune" and refit.get("kept"):
-        return refit["candidates"]
-    return decision.get("head_candidates")
+def _kept_head_candidates(decision: Decision) -> tuple[HeadCandidate, ...] | None:
+    """The heads the kept one was chosen among (stage 1's, or the refit's after fine-tuning); None: no choice."""
+    return decision.kept_head_candidates or None
 
 
-def _decision_line(decision: dict, timings: dict) -> str:
-    line = f"{decision['strategy']}: kept {decision['kept']}"
-    if "finetune_val_accuracy" in decision:
-        refitted = ", head refitted" if (decision.get("refit") or {}).get("kept") else ""
-        line += (f" (val accuracy head {decision['head_val_accuracy']:.3f}, fine-tuned{refitted} "
-                 f"{decision['finetune_val_accuracy']:.3f}; {timings.get('finetune_s', 0.0):.0f} s)")
-    if decision.get("reason") and decision["strategy"] == "auto":
-        line += f"; {decision['reason']}"
+def _decision_line(decision: Decision, timings: dict) -> str:
+    line = f"{decision.strategy}: kept {decision.kept}"
+    stage2 = decision.stage2
+    if stage2 is not None:
+        refitted = ", head refitted" if stage2.refit is not None and stage2.refit.kept else ""
+        head = f"head {decision.head_val_accuracy:.3f}, " if decision.head_val_accuracy is not None else ""
+        line += (f" (val accuracy {head}fine-tuned{refitted} {stage2.val_accuracy:.3f}; "
+                 f"{timings.get('finetune_s', 0.0):.0f} s)")
+    if decision.reason and decision.strategy == "auto":
+        line += f"; {decision.reason}"
     return line
 
 
