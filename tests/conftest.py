@@ -239,13 +239,15 @@ def any_size_clf(tiny_weights, monkeypatch: pytest.MonkeyPatch):
     """The tiny backbone declared any-size, as the Lite family is: fit adds native views for small photos."""
     import dataclasses
 
-    import headstart.api as api
+    from headstart.train import pipeline
 
-    real = api.resolve
-    monkeypatch.setattr(api, "resolve", lambda name: dataclasses.replace(real(name), any_input_size=True))
+    real = pipeline.resolve
+    monkeypatch.setattr(pipeline, "resolve", lambda name: dataclasses.replace(real(name), any_input_size=True))
 
     def make(**kwargs):
-        return api.ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{"epochs": 8, "device": "cpu", **kwargs})
+        from headstart import ImageClassifier
+
+        return ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{"epochs": 8, "device": "cpu", **kwargs})
 
     return make
 

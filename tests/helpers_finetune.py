@@ -22,6 +22,7 @@ from headstart.heads.config import HeadConfig
 from headstart.heads.module import Head
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import finetune as ft
+from headstart.train.finetune import StoredViews
 
 
 PRE = resolve(TINY_BACKBONE).preprocess  # 160 px
@@ -64,7 +65,7 @@ def finetune_classifier(tiny_weights, **kwargs) -> ImageClassifier:
     return ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{**params, **kwargs})
 
 
-def _synthetic_split(net: PooledFeatures, boundary: int, n: int, seed: int, size: int = 64) -> dict:
+def _synthetic_split(net: PooledFeatures, boundary: int, n: int, seed: int, size: int = 64) -> StoredViews:
     """Boundary activations of small random images whose class is a colour shift, as `finetune` takes them."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3
@@ -75,7 +76,7 @@ def _synthetic_split(net: PooledFeatures, boundary: int, n: int, seed: int, size
     else:
         with torch.no_grad():
             h, taps = net.eval().forward_bottom(x, boundary)
-    return dict(acts=h[:, None].numpy().astype(np.float16), taps=taps[:, None].numpy(), labels=labels.numpy())
+    return StoredViews(h[:, None].numpy().astype(np.float16), taps[:, None].numpy(), labels.numpy())
 
 
 def _head_for(net: PooledFeatures) -> Head:

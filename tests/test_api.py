@@ -12,7 +12,7 @@ from headstart import ImageClassifier
 from headstart.errors import DataError
 from headstart.data.scan import scan_folder
 from headstart.evaluate.metrics import Evaluation
-from headstart.train.loop import History
+from headstart.records import History
 
 CLASSES = ["cat", "dog", "fish"]
 
@@ -171,7 +171,8 @@ def test_evaluate_refuses_unknown_classes(fitted, tmp_path):
 def test_get_params_round_trip(make_clf):
     clf = make_clf(hidden=[8], lr=0.01)
     params = clf.get_params()
-    assert params["hidden"] == (8,) and params["lr"] == 0.01 and params["backbone"] == TINY_BACKBONE
+    # stored as given (scikit-learn: __init__ only stores; fit checks and converts)
+    assert params["hidden"] == [8] and params["lr"] == 0.01 and params["backbone"] == TINY_BACKBONE
     assert ImageClassifier(**params).get_params() == params
 
 

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from headstart import ImageClassifier  # noqa: E402
 from headstart.backbones.weights import read_state_dict  # noqa: E402
-from headstart.train import stage2 as strategy  # noqa: E402
+from headstart.train import policy  # noqa: E402
 from helpers_finetune import (  # noqa: E402
     _always_improving, _assert_safetensors_layout, _images, _interrupt_at_validation, _is_bn_stat, _is_conv_weight,
     _stage_of,
@@ -43,16 +43,16 @@ def make_clf(tiny_weights, ft_cache):
 
 
 def test_auto_stage2_decision_is_saved(make_clf, image_folder, tiny_weights, tmp_path, monkeypatch):
-    monkeypatch.setattr(strategy, "AUTO_MIN_TRAIN_IMAGES", 1)
-    monkeypatch.setattr(strategy, "AUTO_HEAD_GOOD_ENOUGH", 2.0)
+    monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
+    monkeypatch.setattr(policy, "AUTO_HEAD_GOOD_ENOUGH", 2.0)
     clf = make_clf(strategy="auto").fit(image_folder)
     clf.save(tmp_path / "m")
-    decision = json.loads((tmp_path / "m" / "headstart.json").read_text())["decision"]
+    decision = json.loads((tmp_path / "m" / "headstart.json").read_text())["fit"]["decision"]
     assert decision["strategy"] == "auto" and decision["kept"] in ("head", "finetune")
-    assert isinstance(decision["head_val_accuracy"], float) and isinstance(decision["finetune_val_accuracy"], float)
-    if decision["finetune_val_accuracy"] > decision["head_val_accuracy"]:
+    assert isinstance(decision["head_val_accuracy"], float) and isinstance(decision["stage2"]["val_accuracy"], float)
+    if decision["stage2"]["val_accuracy"] > decision["head_val_accuracy"]:
         assert decision["kept"] == "finetune"
-    if decision["finetune_val_accuracy"] < decision["head_val_accuracy"]:
+    if decision["stage2"]["val_accuracy"] < decision["head_val_accuracy"]:
         assert decision["kept"] == "head"
     saved = read_state_dict(tmp_path / "m" / "model.safetensors")
     pretrained = read_state_dict(tiny_weights)
@@ -69,10 +69,10 @@ def test_fine_tuned_model_saves_its_backbone_and_predicts_the_same_after_load(
     before = clf.predict_proba(files)
     clf.save(tmp_path / "m")
     info = json.loads((tmp_path / "m" / "headstart.json").read_text())
-    decision = info["decision"]
+    decision = info["fit"]["decision"]
     assert decision["strategy"] == "finetune" and decision["kept"] == "finetune"
-    assert isinstance(decision["head_val_accuracy"], float) and isinstance(decision["finetune_val_accuracy"], float)
-    assert decision["finetune_history"]["best_epoch"] == 1  # a trained epoch was kept
+    assert isinstance(decision["head_val_accuracy"], float) and isinstance(decision["stage2"]["val_accuracy"], float)
+    assert decision["stage2"]["history"]["best_epoch"] == 1  # a trained epoch was kept
 
     loaded = ImageClassifier.load(tmp_path / "m", device="cpu")
     np.testing.assert_allclose(loaded.predict_proba(files), before, atol=1e-5, rtol=0)
@@ -96,7 +96,7 @@ def test_test_split_is_scored_with_the_fine_tuned_backbone(tiny_weights, tmp_pat
     data = make_image_folder(tmp_path / "photos", per_class=12)
     clf = ImageClassifier(backbone=TINY_BACKBONE, weights=tiny_weights, strategy="finetune", test_split=0.25,
                           epochs=3, finetune_epochs=1, views=1).fit(data)
-    assert clf.decision_["kept"] == "finetune" and clf.test_metrics_ is not None
+    assert clf.decision_.kept == "finetune" and clf.test_metrics_ is not None
     from headstart.data.scan import scan_folder
     from headstart.evaluate.metrics import evaluate
 
@@ -107,13 +107,13 @@ def test_test_split_is_scored_with_the_fine_tuned_backbone(tiny_weights, tmp_pat
 
 
 def test_auto_head_is_linear_when_fine_tuning_follows(any_size_clf, image_folder, monkeypatch) -> None:
-    import headstart.train.fit_head as train
+    from headstart.train import policy
 
-    monkeypatch.setattr(train, "AUTO_HIDDEN_MIN_TRAIN", 1)  # the generated folder is far below 1,000 photos
+    monkeypatch.setattr(policy, "AUTO_HIDDEN_MIN_TRAIN", 1)  # the generated folder is far below 1,000 photos
     head_only = any_size_clf(epochs=3).fit(image_folder)
-    assert [c["hidden"] for c in head_only.decision_["head_candidates"]] == [[], [64]]
+    assert [list(c.hidden) for c in head_only.decision_.head_candidates] == [[], [64]]
     tuned = any_size_clf(epochs=3, strategy="finetune", finetune_epochs=1, views=1).fit(image_folder)
-    assert "head_candidates" not in tuned.decision_  # stage 2 starts from a linear head, its better start
+    assert not tuned.decision_.head_candidates  # stage 2 starts from a linear head, its better start
     assert tuned.head_config_.hidden == ()
 
 
@@ -127,7 +127,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_clf, ima
     files = _images(image_folder)
     whole = make_clf(**settings).fit(image_folder, checkpoint_dir=tmp_path / "A")
     assert not (tmp_path / "A").exists()  # a finished run removes its checkpoint
-    assert whole.decision_["kept"] == "finetune"
+    assert whole.decision_.kept == "finetune"
     expected = whole.predict_proba(files)
 
     ckpt = tmp_path / "B"
@@ -144,7 +144,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(make_clf, ima
     resumed = make_clf(**settings).fit(image_folder, checkpoint_dir=ckpt, resume=True)
     assert calls[0] == 1 + 2  # the baseline, then epochs 2 and 3 only: epoch 1 came from the checkpoint
     assert not ckpt.exists()
-    assert resumed.decision_["finetune_history"] == whole.decision_["finetune_history"]
+    assert resumed.decision_.stage2.history == whole.decision_.stage2.history
     assert resumed.frozen_.weights_id == whole.frozen_.weights_id
     np.testing.assert_allclose(resumed.predict_proba(files), expected, atol=1e-6, rtol=0)
 
@@ -194,5 +194,5 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(make_clf, tiny_weight
         resumed = make_clf(**settings).fit(image_folder, checkpoint_dir=ckpt, resume=True)
     assert calls[0] == 1 + settings["finetune_epochs"] - (epoch_done + 1)  # only the epochs the kill cost
     whole = make_clf(**settings).fit(image_folder, checkpoint_dir=tmp_path / "whole")
-    assert resumed.decision_["finetune_history"] == whole.decision_["finetune_history"]
+    assert resumed.decision_.stage2.history == whole.decision_.stage2.history
     np.testing.assert_allclose(resumed.predict_proba(files), whole.predict_proba(files), atol=1e-6, rtol=0)

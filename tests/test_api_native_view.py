@@ -16,7 +16,7 @@ def test_small_photos_get_a_native_view_that_travels_with_the_model(any_size_clf
 
     photos = make_image_folder(tmp_path / "photos", per_class=6, size=(64, 48))  # short side 48: 30% of 160 px
     clf = any_size_clf().fit(photos)
-    assert clf.decision_["native_size"] == 64 and clf.frozen_.spec.preprocess.native_size == 64
+    assert clf.decision_.native_size == 64 and clf.frozen_.spec.preprocess.native_size == 64
     single = any_size_clf(native_view=False).fit(photos)
     assert single.frozen_.spec.preprocess.native_size == 0
     assert clf.head_config_.in_features == 2 * single.head_config_.in_features
@@ -49,8 +49,8 @@ def test_fine_tuning_runs_the_network_at_the_photos_own_size(any_size_clf, tmp_p
     tuned = any_size_clf(epochs=2, strategy="finetune", finetune_epochs=1, views=1).fit(small)
     pre = tuned.frozen_.spec.preprocess
     assert (pre.input_size, pre.crop_pct, pre.native_size) == (64, 1.0, 0)  # one view: the whole photo
-    assert tuned.decision_["native_input"] == 64
-    assert tuned.decision_["finetune_config"]["unfreeze"] == "all"  # at its own size, every stage is affordable
+    assert tuned.decision_.native_input == 64
+    assert tuned.decision_.stage2.config.unfreeze == "all"  # at its own size, every stage is affordable
     tuned.save(tmp_path / "model")
     loaded = ImageClassifier.load(tmp_path / "model", device="cpu")
     assert loaded.frozen_.spec.preprocess == pre

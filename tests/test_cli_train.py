@@ -49,8 +49,8 @@ def test_cli_trains_a_fine_tuned_model(tiny_weights, ft_cache, image_folder, tmp
     assert (out / "model.safetensors").exists() and (out / "headstart.json").exists()
     assert not (out / "checkpoint").exists()
     info = json.loads((out / "headstart.json").read_text())
-    assert info["decision"]["kept"] == "finetune" and info["params"]["unfreeze"] == "auto"
-    assert info["decision"]["finetune_config"]["unfreeze"] == 2  # auto: the top two stages at the standard size
+    assert info["fit"]["decision"]["kept"] == "finetune" and info["params"]["unfreeze"] == "auto"
+    assert info["fit"]["decision"]["stage2"]["config"]["unfreeze"] == 2  # auto: the top two stages at the standard size
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -79,11 +79,11 @@ def test_metadata_describes_the_model(fitted, model_dir):
     assert meta["backbone"]["weights_id"] == fitted.frozen_.weights_id
     assert HeadConfig.from_dict(meta["head"]) == fitted.head_config_
     assert meta["head"]["hidden"] == [16] and meta["head"]["n_classes"] == 3
-    assert meta["train"] == json.loads(json.dumps(fitted.train_config_.to_dict()))
-    assert meta["train"]["epochs"] == 10
-    assert meta["metrics"]["val"]["accuracy"] == pytest.approx(fitted.val_metrics_.accuracy)
-    assert len(meta["history"]["train_loss"]) == len(fitted.history_.train_loss)
-    assert meta["counts"]["train"] == {"cat": 5, "dog": 5, "fish": 5}
+    assert meta["fit"]["train_config"] == json.loads(json.dumps(fitted.train_config_.to_dict()))
+    assert meta["fit"]["train_config"]["epochs"] == 10
+    assert meta["fit"]["metrics"]["val"]["accuracy"] == pytest.approx(fitted.val_metrics_.accuracy)
+    assert len(meta["fit"]["history"]["train_loss"]) == len(fitted.history_.train_loss)
+    assert meta["fit"]["counts"]["train"] == {"cat": 5, "dog": 5, "fish": 5}
     for package in ("python", "headstart", "torch", "timm", "onnxruntime", "numpy"):
         assert isinstance(meta["versions"].get(package), str), package
 

@@ -4,6 +4,8 @@ stopping against the stage-1 model, and resuming from a checkpoint inside `finet
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -210,8 +212,8 @@ def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp
     def run(sink, ckpt, resume=False):
         net = _net(tiny_weights)
         data = _synthetic_split(net, N_STAGES - 2, 10, seed=0)
-        data["acts"] = np.concatenate([data["acts"], data["acts"][::-1]], 1)  # two "views"
-        data["taps"] = np.concatenate([data["taps"], data["taps"][::-1]], 1)
+        data = dataclasses.replace(data, acts=np.concatenate([data.acts, data.acts[::-1]], 1),  # two "views"
+                                   taps=np.concatenate([data.taps, data.taps[::-1]], 1))
         head = _head_for(net)
         with monkeypatch.context() as mp:
             _scripted_validation(mp, sink, losses)

@@ -245,35 +245,12 @@ def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
     (xt, yt), (xv, yv) = _xor(600, 0), _xor(200, 1)
     cfg = TrainConfig(epochs=40, lr=1e-2, seed=3)
     candidates = [(HeadConfig(6, 2, (), 0.0), cfg), (HeadConfig(6, 2, (32,), 0.0), cfg)]
-    head, history, kept_cfg, losses = fit_best_head(candidates, xt, yt, xv, yv)
+    fitted = fit_best_head(candidates, xt, yt, xv, yv)
+    head, history, kept_cfg = fitted.head, fitted.history, fitted.train_config
+    losses = [c.val_loss for c in fitted.candidates]
     assert head.cfg.hidden == (32,) and kept_cfg == cfg
     assert losses[1] < losses[0] and min(history.val_loss) == losses[1]
     # Fitting side by side gives exactly what fitting that candidate alone gives.
     alone, _ = fit_head(HeadConfig(6, 2, (32,), 0.0), cfg, xt, yt, xv, yv)
     for name, value in alone.state_dict().items():
         assert np.array_equal(value.numpy(), head.state_dict()[name].numpy()), name
-
-
-@pytest.mark.parametrize(
-    "hidden, n_train, has_val, finetune_follows, expected",
-    [
-        ("auto", 2000, True, False, [(), (64,)]),
-        ("auto", 999, True, False, [()]),  # too few photos to fit a hidden layer
-        ("auto", 2000, False, False, [()]),  # nothing to choose by
-        ("auto", 2000, True, True, [()]),  # stage 2 starts best from a linear head
-        ((128,), 2000, True, True, [(128,)]),  # what the user asked for
-        ((), 2000, True, False, [()]),
-    ],
-)
-def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: bool, expected: list) -> None:
-    from headstart.heads.config import HeadConfig
-    from headstart.train.config import TrainConfig
-    from headstart.train.fit_head import head_candidates
-
-    cfg = TrainConfig(epochs=60, patience=10)
-    candidates = head_candidates(hidden, 0.3, HeadConfig(100, 4), cfg, n_train, has_val, finetune_follows)
-    assert all((c.in_features, c.n_classes) == (100, 4) for c, _ in candidates)
-    assert [c.hidden for c, _ in candidates] == expected
-    assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3
-    if len(candidates) == 2:
-        assert candidates[1][0].dropout == 0.6 and candidates[1][1].epochs == 20 and candidates[1][1].patience == 5

@@ -14,7 +14,7 @@ from conftest import make_image_folder
 torch = pytest.importorskip("torch")
 
 from headstart import ImageClassifier  # noqa: E402
-from headstart.train import stage2 as strategy  # noqa: E402
+from headstart.train import policy, stage2 as strategy  # noqa: E402
 from helpers_finetune import finetune_classifier  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest: the tiny model's steps, one thread
@@ -27,16 +27,16 @@ def make_clf(tiny_weights, ft_cache):
 
 
 def test_decide_auto_reasons():
-    n = strategy.AUTO_MIN_TRAIN_IMAGES
-    run, why = strategy.decide_auto(n + 20, False, None)
+    n = policy.AUTO_MIN_TRAIN_IMAGES
+    run, why = policy.decide_auto(n + 20, False, None)
     assert not run and "no validation" in why
-    run, why = strategy.decide_auto(n - 1, True, 0.5)
+    run, why = policy.decide_auto(n - 1, True, 0.5)
     assert not run and f"only {n - 1} training images" in why
-    run, why = strategy.decide_auto(n, True, strategy.AUTO_HEAD_GOOD_ENOUGH)
+    run, why = policy.decide_auto(n, True, policy.AUTO_HEAD_GOOD_ENOUGH)
     assert not run and "head alone" in why
-    run, why = strategy.decide_auto(n, True, 0.5)
+    run, why = policy.decide_auto(n, True, 0.5)
     assert run and why
-    assert strategy.decide_auto(n, True, None)[0]
+    assert policy.decide_auto(n, True, None)[0]
 
 
 def test_auto_keeps_the_head_when_there_are_too_few_images(make_clf, image_folder, tiny_weights, monkeypatch):
@@ -45,8 +45,8 @@ def test_auto_keeps_the_head_when_there_are_too_few_images(make_clf, image_folde
 
     monkeypatch.setattr(strategy, "run_finetune", no_stage2)
     clf = make_clf(strategy="auto").fit(image_folder)
-    assert clf.decision_["strategy"] == "auto" and clf.decision_["kept"] == "head"
-    assert f"only 15 training images (< {strategy.AUTO_MIN_TRAIN_IMAGES})" in clf.decision_["reason"]
+    assert clf.decision_.strategy == "auto" and clf.decision_.kept == "head"
+    assert f"only 15 training images (< {policy.AUTO_MIN_TRAIN_IMAGES})" in clf.decision_.reason
     assert clf.frozen_.weights == Path(tiny_weights)
 
 
@@ -68,13 +68,13 @@ def test_a_refitted_head_is_kept_only_when_it_validates_better(make_clf, image_f
     monkeypatch.setattr(strategy, "refit_head", refit)
     clf = make_clf().fit(image_folder)
     out, decision = made["refit"], clf.decision_
-    assert decision["kept"] == "finetune" and decision["refit"]["kept"] is refit_better
-    assert [c["hidden"] for c in decision["refit"]["candidates"]] == [[]]  # 15 photos: too few for a hidden layer
+    assert decision.kept == "finetune" and decision.stage2.refit.kept is refit_better
+    assert [list(c.hidden) for c in decision.stage2.refit.candidates] == [[]]  # 15 photos: too few for a hidden layer
     if refit_better:
         assert clf.val_metrics_.log_loss == pytest.approx(-np.log(0.99))
     else:
-        assert clf.val_metrics_.log_loss < decision["refit"]["val_log_loss"] == pytest.approx(-np.log(0.005))
-    assert decision["finetune_val_accuracy"] == clf.val_metrics_.accuracy
+        assert clf.val_metrics_.log_loss < decision.stage2.refit.val_log_loss == pytest.approx(-np.log(0.005))
+    assert decision.stage2.val_accuracy == clf.val_metrics_.accuracy
     same_head = all(np.array_equal(v, clf.head_state_[k]) for k, v in out.head_state.items())
     assert same_head is refit_better
 
@@ -84,17 +84,16 @@ def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, mo
     import timm
     from safetensors.torch import save_file
 
-    from headstart.train import stage2 as strategy
     from headstart.errors import FinetuneError
 
-    monkeypatch.setattr(strategy, "AUTO_MIN_TRAIN_IMAGES", 1)
-    monkeypatch.setattr(strategy, "AUTO_HEAD_GOOD_ENOUGH", 1.01)  # stage 2 would run if the backbone allowed it
+    monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
+    monkeypatch.setattr(policy, "AUTO_HEAD_GOOD_ENOUGH", 1.01)  # stage 2 would run if the backbone allowed it
     weights = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(weights))
     data = make_image_folder(tmp_path / "photos", per_class=6)
     clf = ImageClassifier(backbone="test_resnet", weights=weights, strategy="auto", epochs=3).fit(data)
-    assert clf.decision_["kept"] == "head"
-    assert "cannot be fine-tuned" in clf.decision_["reason"]
+    assert clf.decision_.kept == "head"
+    assert "cannot be fine-tuned" in clf.decision_.reason
     with pytest.raises(FinetuneError) as err:
         ImageClassifier(backbone="test_resnet", weights=weights, strategy="finetune", epochs=3).fit(data)
     assert "\n" not in str(err.value)

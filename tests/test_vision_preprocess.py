@@ -3,28 +3,14 @@ load_for_model's shape and dtype. Torch-free."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import _noise
 from headstart.vision.preprocess import (
-    PreprocessConfig, eval_transform, eval_views, load_for_model, normalize, with_native_view,
+    PreprocessConfig, eval_transform, eval_views, load_for_model, normalize,
 )
-
-
-@pytest.mark.parametrize(
-    "short_side, expected",
-    [(128, 128), (134, 128), (100, 96), (20, 64), (135, 0), (300, 0), (2000, 0)],
-)
-def test_native_view_only_for_photos_much_smaller_than_the_input(short_side: int, expected: int) -> None:
-    cfg = with_native_view(PreprocessConfig(224, 0.875), short_side)
-    assert cfg.native_size == expected
-    photo = Image.new("RGB", (short_side, short_side))
-    assert len(eval_views(photo, cfg)) == (2 if expected else 1)
-    assert dataclasses.replace(cfg, native_size=0) == PreprocessConfig(224, 0.875)  # nothing else changes
 
 
 def test_native_view_is_the_whole_image_unresampled_at_its_own_size() -> None:
