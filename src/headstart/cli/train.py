@@ -42,7 +42,7 @@ def _flag(name: str, **extra: Any) -> Any:
 
 
 def _one_of(name: str) -> Any:
-    """A Literal of the setting's choices: typer lists them in --help and refuses anything else."""
+    """A Literal of the setting's choices: typer refuses anything else in one line that names them."""
     return Literal[options.choices(name)]  # type: ignore[valid-type]
 
 
