@@ -4,6 +4,7 @@ reports unreadable images, survives a crash mid-extraction, and gathers shards (
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_crash_mid_extraction_leaves_only_complete_shards(frozen, photos, tmp_pa
 
 def test_crash_between_features_and_keys_hides_the_shard(frozen, photos, monkeypatch):
     """Features are renamed into place first and keys last: a crash in between leaves an invisible shard."""
-    real_replace = features.os.replace
+    real_replace = os.replace
 
     def replace(src, dst):
         if str(dst).endswith(".keys.npy"):
@@ -183,10 +184,10 @@ def test_crash_between_features_and_keys_hides_the_shard(frozen, photos, monkeyp
         return real_replace(src, dst)
 
     cache = FeatureCache(frozen)
-    monkeypatch.setattr(features.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
         cache.features_for(photos[:3], CountingFactory(frozen))
-    monkeypatch.setattr(features.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
 
     assert list(cache.dir.glob("*.feats.npy")) and not list(cache.dir.glob("*.keys.npy"))
     factory = CountingFactory(frozen)

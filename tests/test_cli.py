@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from headstart import cli
 from headstart.cli import render as cli_render
+from headstart.cli.progress import ProgressBars
 from headstart.cli import train as cli_train
 from headstart.errors import WeightsError
 from headstart.errors import DataError
@@ -420,7 +421,7 @@ def test_verbose_sets_info_logging() -> None:
 def test_progress_bars_draw_rate_and_count_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.StringIO()
     monkeypatch.setattr(cli_render, "err_console", lambda: Console(file=buf, force_terminal=True, width=100))
-    with cli_render.ProgressBars() as bars:
+    with ProgressBars() as bars:
         bars.start("extracting features", 10)
         bars.advance(4)
         bars.start("training head", None)  # the previous task was left open: it is closed, not leaked
@@ -432,7 +433,7 @@ def test_progress_bars_draw_rate_and_count_on_a_terminal(monkeypatch: pytest.Mon
 
 
 def test_progress_bars_are_silent_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    with cli_render.ProgressBars() as bars:
+    with ProgressBars() as bars:
         bars.start("extracting features", 3)
         bars.advance(3)
         bars.finish()

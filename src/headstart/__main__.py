@@ -1,5 +1,5 @@
 """`python -m headstart` runs the command line."""
 
-from headstart.cli.commands import main
+from headstart.cli import main
 
 main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os  # noqa: F401  (tests patch features.os.replace to fail between a shard's two files)
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence

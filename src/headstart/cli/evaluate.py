@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 import typer
 
 from headstart.cli import render
+from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
 
 
@@ -22,7 +23,7 @@ def evaluate(
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier.load(model)
-    with render.ProgressBars() as bars:
+    with ProgressBars() as bars:
         evaluation, skipped = clf.evaluate(data, progress=bars)
     png = render.write_confusion(evaluation, confusion or model / "confusion.png", title=f"Confusion matrix: {data}")
     if fmt == "json":

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 import typer
 
 from headstart.cli import render
+from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
 
 
@@ -20,7 +21,7 @@ def predict(
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier.load(model)
-    with render.ProgressBars() as bars:
+    with ProgressBars() as bars:
         preds = clf.predict_table(images, top_k=top_k, progress=bars)
     if fmt == "csv":
         typer.echo(render.predictions_csv(preds), nl=False)

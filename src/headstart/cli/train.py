@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from headstart import options
 from headstart.cli import render
+from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
 
 D = options.DEFAULTS
@@ -120,7 +121,7 @@ def train(
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier(**settings)
-    with render.ProgressBars() as bars:
+    with ProgressBars() as bars:
         clf.fit(data, progress=bars, checkpoint_dir=(resume or out) / "checkpoint", resume=resume is not None)
     saved = clf.save(out)
     png = None
