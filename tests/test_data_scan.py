@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder
-from headstart.data.scan import Dataset, list_images, scan_folder, typical_short_side
+from headstart.data.inputs import list_images
+from headstart.data.scan import Dataset, scan_folder, typical_short_side
 from headstart.errors import DataError
 
 

@@ -1,7 +1,8 @@
 """Finding and reading the photos: class-folder scanning and splits (`scan`), one file -> RGB (`imageio`)."""
 
 from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
-from headstart.data.scan import SPLITS, Dataset, Sample, list_images, scan_folder, split_rows, typical_short_side
+from headstart.data.inputs import list_images
+from headstart.data.scan import SPLITS, Dataset, Sample, scan_folder, split_rows, typical_short_side
 from headstart.errors import DataError
 
 __all__ = [

@@ -24,7 +24,6 @@ __all__ = [
     "Dataset",
     "ImageDecodeError",
     "Sample",
-    "list_images",
     "load_rgb",
     "scan_folder",
     "split_rows",
@@ -122,38 +121,6 @@ def scan_folder(
     return Dataset(root=root, classes=classes, samples=tuple(samples), skipped=tuple(sorted(skipped)))
 
 
-def list_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files and folders given to predict into image paths, plus (path, reason) for inputs that yield none.
-
-    Folders are searched recursively (sorted, hidden entries skipped) for image extensions; files named
-    explicitly are kept whatever their extension, since decoding is the real test. Duplicates are dropped.
-    """
-    if isinstance(inputs, (str, os.PathLike)):  # a lone path would otherwise be iterated character by character
-        inputs = [inputs]
-    paths: list[Path] = []
-    problems: list[tuple[Path, str]] = []
-    seen: set[Path] = set()
-
-    def add(p: Path) -> None:
-        if p not in seen:
-            seen.add(p)
-            paths.append(p)
-
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = [Path(e.path) for e in _walk_files(p, problems) if is_image_path(Path(e.name))]
-            if not found:
-                problems.append((p, "no images found in folder"))
-            for f in found:
-                add(f)
-        elif p.exists():
-            add(p)
-        else:
-            problems.append((p, "no such file"))
-    return paths, problems
-
-
 def split_rows(splits: np.ndarray) -> dict[str, slice]:
     """Each split's block of rows in arrays ordered split by split: slices, so a memory-mapped array is viewed,
     never copied."""
@@ -248,7 +215,7 @@ def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> dict[str,
     found: dict[str, list[Path]] = {}
     for class_dir in _subdirs(folder):
         images = found.setdefault(class_dir.name, [])
-        for entry in _walk_files(class_dir, skipped):
+        for entry in walk_files(class_dir, skipped):
             reason = _unusable_reason(entry)
             if reason is None:
                 images.append(Path(entry.path))
@@ -258,7 +225,7 @@ def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> dict[str,
     return found
 
 
-def _walk_files(folder: Path, problems: list[tuple[Path, str]]) -> Iterator[os.DirEntry]:
+def walk_files(folder: Path, problems: list[tuple[Path, str]]) -> Iterator[os.DirEntry]:
     """Non-folder entries under `folder`, depth first in name order, skipping hidden names and symlink loops."""
     visited: set[tuple[int, int]] = set()
 

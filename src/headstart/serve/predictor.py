@@ -14,7 +14,8 @@ import numpy as np
 
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
-from headstart.data.scan import list_images, scan_folder
+from headstart.data.inputs import list_images
+from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.heads.config import HeadConfig, head_proba
