@@ -102,6 +102,39 @@ def test_predict_proba_refuses_an_unreadable_image(fitted, image_folder, tmp_pat
     assert_one_line(str(err.value), "broken.png", "predict_table")
 
 
+def test_predict_lines_up_with_the_inputs(fitted, image_folder, tmp_path):
+    """A list in gives a list of the same length, in the same order, out: a folder expands in place (sorted) to its
+    images, a path given twice is predicted twice, and an input without a result is an error naming it."""
+    files = _images(image_folder)
+    one = {f: label for f, label in zip(files, fitted.predict(files))}
+    cats = sorted((image_folder / "cat").glob("*.jpg"))
+    inputs = [files[-1], image_folder / "cat", files[0], files[-1]]
+    expected = [one[files[-1]], *(one[c] for c in cats), one[files[0]], one[files[-1]]]
+    assert fitted.predict(inputs) == expected
+    proba = fitted.predict_proba(inputs)
+    assert proba.shape == (len(expected), 3)
+    np.testing.assert_allclose(proba[0], proba[-1])
+    missing, empty = tmp_path / "missing.jpg", tmp_path / "empty"
+    empty.mkdir()
+    for bad in (missing, empty):
+        for method in (fitted.predict, fitted.predict_proba):
+            with pytest.raises(DataError) as err:
+                method([files[0], bad, files[1]])
+            assert_one_line(str(err.value), str(bad))
+
+
+def test_predict_table_has_one_row_per_input_in_input_order(fitted, image_folder, tmp_path):
+    files = _images(image_folder)
+    missing, empty, broken = tmp_path / "missing.jpg", tmp_path / "empty", tmp_path / "broken.jpg"
+    empty.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    cats = sorted((image_folder / "cat").glob("*.jpg"))
+    rows = fitted.predict_table([files[-1], missing, image_folder / "cat", empty, broken, files[-1]])
+    assert [r.path for r in rows] == [files[-1], missing, *cats, empty, broken, files[-1]]
+    assert [r.error is None for r in rows] == [True, False, *[True] * len(cats), False, False, True]
+    assert rows[0].label == rows[-1].label == fitted.predict([files[-1]])[0]
+
+
 def test_score_on_a_separate_val_folder(make_clf, split_folder):
     clf = make_clf().fit(split_folder)
     assert clf.counts_["val"] == {"cat": 2, "dog": 2, "fish": 2}

@@ -132,13 +132,18 @@ class ImageClassifier:
     def predict_table(
         self, images: Sequence[str | Path] | str | Path, top_k: int = 3, progress: Progress | None = None
     ) -> list[Prediction]:
+        """One row per input file, in input order (a folder expands in place, sorted, to its images); a file that
+        cannot be read, or an input with no image, is a row with `error` set, where it was given."""
         return self._predictor().predict_table(images, top_k, progress)
 
-    def predict_proba(self, images: Sequence[str | Path]) -> np.ndarray:
-        """Class probabilities, one row per readable image in `images` (a folder expands to its images)."""
+    def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
+        """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its
+        images). An input without a result (missing, unreadable, an empty folder) raises a DataError naming it:
+        rows never silently shift. `predict_table` reports such inputs as rows instead."""
         return self._predictor().predict_proba(images)
 
-    def predict(self, images: Sequence[str | Path]) -> list[str]:
+    def predict(self, images: Sequence[str | Path] | str | Path) -> list[str]:
+        """Labels, one per input file in input order; the rule of `predict_proba`."""
         return [self.classes_[i] for i in self.predict_proba(images).argmax(1)]
 
     def evaluate(self, folder: str | Path, progress: Progress | None = None) -> tuple[Evaluation, list]:

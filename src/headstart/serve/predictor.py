@@ -14,7 +14,7 @@ import numpy as np
 
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
-from headstart.data.inputs import list_images
+from headstart.data.inputs import expand_inputs
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
@@ -23,6 +23,7 @@ from headstart.progress import NoProgress, Progress
 from headstart.runtime.frozen import FrozenBackbone
 
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
+_USE_TABLE = "use predict_table for one row per input, unreadable ones included"
 
 
 @dataclass
@@ -47,31 +48,52 @@ class Predictor:
 
     def predict_table(self, images: Sequence[str | Path] | str | Path, top_k: int = 3,
                       progress: Progress | None = None) -> list[Prediction]:
-        progress = progress or NoProgress()
-        paths, problems = list_images([images] if isinstance(images, (str, Path)) else images)
-        rows = [Prediction(p, None, None, error=reason) for p, reason in problems]
-        if paths:
-            k = max(1, min(top_k, len(self.classes)))
-            progress.start("predicting", len(paths))
-            for idx, proba, fails in self._batches(paths, progress.advance):
-                rows += [Prediction(paths[i], None, None, error=reason) for i, reason in fails]
-                for i, p in zip(idx, proba):
-                    best = np.argsort(-p)[:k]
-                    top = [(self.classes[j], float(p[j])) for j in best]
-                    rows.append(Prediction(paths[i], top[0][0], top[0][1], top))
-            progress.finish()
-        order = {p: n for n, p in enumerate(paths)}
-        return sorted(rows, key=lambda r: order.get(r.path, -1))
+        """One row per input file, in input order (a folder expands in place, sorted, to its images); inputs that
+        yield no image (missing, unreadable, an empty folder) are rows with an error, where they were given."""
+        items = expand_inputs(images)
+        k = max(1, min(top_k, len(self.classes)))
+        results = self._by_path([i.path for i in items if i.problem is None], progress)
+        rows = []
+        for item in items:
+            result = item.problem if item.problem is not None else results[item.path]
+            if isinstance(result, str):
+                rows.append(Prediction(item.path, None, None, error=result))
+                continue
+            top = [(self.classes[j], float(result[j])) for j in np.argsort(-result)[:k]]
+            rows.append(Prediction(item.path, top[0][0], top[0][1], top))
+        return rows
 
-    def predict_proba(self, images: Sequence[str | Path]) -> np.ndarray:
-        """Class probabilities, one row per readable image in `images` (a folder expands to its images)."""
-        paths, _ = list_images(images)
-        out = np.zeros((len(paths), len(self.classes)), np.float32)
-        for idx, proba, fails in self._batches(paths):
-            if fails:
-                raise DataError(f"{paths[fails[0][0]]}: {fails[0][1]}; use predict_table to skip unreadable images")
-            out[idx] = proba
+    def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
+        """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its
+        images). Any input without a result (missing, unreadable, an empty folder) is a DataError naming the
+        first such path: the rows always line up with the inputs."""
+        items = expand_inputs(images)
+        bad = next((i for i in items if i.problem is not None), None)
+        if bad is not None:  # before any work: nothing is extracted for a list that cannot line up
+            raise DataError(f"{bad.path}: {bad.problem}; {_USE_TABLE}")
+        results = self._by_path([i.path for i in items], None, stop_at_failure=True)
+        out = np.zeros((len(items), len(self.classes)), np.float32)
+        for n, item in enumerate(items):
+            out[n] = results[item.path]
         return out
+
+    def _by_path(self, paths: list[Path], progress: Progress | None, stop_at_failure: bool = False
+                 ) -> dict[Path, np.ndarray | str]:
+        """Each distinct path's probabilities, or the reason it could not be read. A path given twice is read once."""
+        unique = list(dict.fromkeys(paths))
+        results: dict[Path, np.ndarray | str] = {}
+        if not unique:
+            return results
+        progress = progress or NoProgress()
+        progress.start("predicting", len(unique))
+        for idx, proba, fails in self._batches(unique, progress.advance):
+            if fails and stop_at_failure:
+                path, reason = unique[fails[0][0]], fails[0][1]
+                raise DataError(f"{path}: {reason}; {_USE_TABLE}")
+            results.update({unique[i]: reason for i, reason in fails})
+            results.update({unique[i]: p for i, p in zip(idx, proba)})
+        progress.finish()
+        return results
 
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:
