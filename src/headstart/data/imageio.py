@@ -2,12 +2,26 @@
 
 Kept free of torch and of global Pillow state (no ImageFile.LOAD_TRUNCATED_IMAGES, no MAX_IMAGE_PIXELS
 changes) so it is safe to call from a thread pool and from an exported-model predictor.
+
+The rule for which files are images lives here, once: a name whose extension is in IMAGE_EXTENSIONS
+(`is_image_path`, used by the class-folder scan and by predict's folder listing), holding data in one of
+IMAGE_FORMATS (`load_rgb` lets Pillow try only those decoders, whatever the extension, so a PNG named .jpg
+works while an EPS named .jpg is never handed to Ghostscript).
+
+Work per image is bounded before any pixel is decoded: more pixels than Pillow's own limit
+(Image.MAX_IMAGE_PIXELS, read at call time) or an aspect ratio beyond MAX_ASPECT_RATIO is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import stat
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +32,18 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
+# The decoders behind those extensions (JPEG also opens camera MPO files, PNG also APNG).
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+# Longer side over shorter side beyond which a picture is a line, not a photo: a 10000x1 strip centre-cropped
+# to a square is one pixel stretched, and resizing its short side to the model's size costs gigabytes.
+MAX_ASPECT_RATIO = 100
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _MAX_REASON_LEN = 120
+_NOT_REGULAR = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
+                (stat.S_ISBLK, "device"))
 
 
 class ImageDecodeError(Exception):
@@ -34,8 +55,21 @@ class ImageDecodeError(Exception):
         self.path = path
 
 
-def is_image_path(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+def is_image_path(path: Path | str) -> bool:
+    """Whether a name is one headstart treats as an image (the one rule for scan and predict's folders)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def unreadable_reason(path: Path | str) -> str | None:
+    """Why `path` cannot be read as an image file (the reason load_rgb would give before decoding), or None.
+
+    Opens and closes the file without reading it: cheap enough for a folder scan, and it sees what a mere
+    stat cannot (no read permission, a symlink loop)."""
+    try:
+        os.close(_open_regular(Path(path)))
+    except ImageDecodeError as e:
+        return e.reason
+    return None
 
 
 def load_rgb(path: Path | str, target_short_side: int | None = None) -> Image.Image:
@@ -43,33 +77,97 @@ def load_rgb(path: Path | str, target_short_side: int | None = None) -> Image.Im
 
     With target_short_side, JPEGs are decoded at a reduced DCT scale whose width and height both stay
     >= target_short_side, which makes large photos several times cheaper to load. Other formats are
-    returned at full size; resizing is the caller's job.
+    returned at full size; resizing is the caller's job. Pillow's warnings about the file are logged with
+    its path rather than printed.
     """
     path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ImageDecodeError("no such file", path) from None
-    except OSError as e:
-        raise ImageDecodeError(f"unreadable file ({e.strerror or type(e).__name__})", path) from e
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageDecodeError("is a folder, not an image file", path)
-    if st.st_size == 0:
-        raise ImageDecodeError("empty file", path)
+    fd = _open_regular(path)
+    with _PILLOW_WARNINGS.capture(path), os.fdopen(fd, "rb") as f:
+        try:
+            with Image.open(f, formats=IMAGE_FORMATS) as img:
+                _check_size(img.size)
+                if target_short_side and img.format in ("JPEG", "MPO"):
+                    img.draft("RGB", (target_short_side, target_short_side))
+                # Decode now, inside the try, so corrupt or truncated data fails here rather than later
+                # in a resize far from the file name.
+                img.load()
+                return _to_rgb(_apply_exif_orientation(img, path))
+        except ImageDecodeError as e:
+            e.path = path
+            raise
+        except Exception as e:  # Pillow signals bad data with many exception types; all mean "bad file".
+            raise ImageDecodeError(_reason(e, path), path) from e
 
+
+def read_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded; ImageDecodeError as load_rgb would raise."""
+    path = Path(path)
+    fd = _open_regular(path)
+    with _PILLOW_WARNINGS.capture(path), os.fdopen(fd, "rb") as f:
+        try:
+            with Image.open(f, formats=IMAGE_FORMATS) as img:
+                return img.size
+        except Exception as e:
+            raise ImageDecodeError(_reason(e, path), path) from e
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor on `path`, which must be a non-empty regular file.
+
+    O_NONBLOCK makes opening a named pipe return at once instead of waiting for a writer; the fstat after
+    it then refuses anything but a regular file, so no pipe or device is ever read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with Image.open(path) as img:
-            if target_short_side and img.format == "JPEG":
-                img.draft("RGB", (target_short_side, target_short_side))
-            # Decode now, inside the try, so corrupt or truncated data fails here rather than later
-            # in a resize far from the file name.
-            img.load()
-            return _to_rgb(_apply_exif_orientation(img, path))
-    except ImageDecodeError as e:
-        e.path = path
-        raise
-    except Exception as e:  # Pillow signals bad data with many exception types; all mean "bad file".
-        raise ImageDecodeError(_reason(e), path) from e
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageDecodeError(_os_reason(e, path), path) from None
+    try:
+        st = os.fstat(fd)
+        problem = _file_type_problem(st)
+        if problem is None and st.st_size == 0:
+            problem = "empty file"
+    except OSError as e:
+        problem = _os_reason(e, path)
+    if problem is not None:
+        os.close(fd)
+        raise ImageDecodeError(problem, path)
+    return fd
+
+
+def _file_type_problem(st: os.stat_result) -> str | None:
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not an image file"
+    kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def _os_reason(e: OSError, path: Path) -> str:
+    """A short reason for a failed open or stat, in the same words wherever files are read."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return f"broken link (points to {os.readlink(path)})"
+        return "no such file"
+    if e.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    return f"unreadable file ({e.strerror or type(e).__name__})"
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    """Refuse, from the header alone, images whose decoding or resizing would cost absurd memory."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"corrupt image ({w}x{h} pixels)")
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow itself only warns between 1x and 2x this limit
+    if limit and w * h > limit:
+        raise ImageDecodeError(f"image too large ({w}x{h} pixels, over Pillow's limit of {limit})")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageDecodeError(f"image too thin ({w}x{h} pixels, aspect ratio over {MAX_ASPECT_RATIO}:1)")
 
 
 def _apply_exif_orientation(img: Image.Image, path: Path) -> Image.Image:
@@ -120,17 +218,78 @@ def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: BaseException, path: Path) -> str:
     """A short, human reason for a decode failure, without Pillow's stack-trace vocabulary."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     low = msg.lower()
     if isinstance(e, Image.DecompressionBombError):
         return "image too large (exceeds Pillow's decompression-bomb pixel limit)"
     if isinstance(e, UnidentifiedImageError):
+        suffix = path.suffix.lower()
+        if suffix and suffix not in IMAGE_EXTENSIONS and suffix in Image.registered_extensions():
+            return f"unsupported image format ({suffix}) — convert it to JPEG or PNG"
         return "cannot identify image file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
     if "truncated" in low or "broken data stream" in low or "premature end" in low:
         return "truncated image"
     if isinstance(e, MemoryError):
         return "out of memory while decoding"
     reason = f"corrupt image ({msg})" if msg else f"corrupt image ({type(e).__name__})"
     return reason if len(reason) <= _MAX_REASON_LEN else reason[: _MAX_REASON_LEN - 1] + "…"
+
+
+class _WarningRouter:
+    """Pillow's warnings about a file, logged with that file's path instead of printed without it.
+
+    warnings.catch_warnings swaps process-wide state and is not thread-safe, while load_rgb runs in a thread
+    pool. So the first decoding thread in installs one hook (and an "always" filter for PIL, or only the first
+    file with a given warning would be named), the last one out restores what was there, and the hook sends
+    each warning to the list of the thread that raised it; warnings from other threads pass through."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: warnings.catch_warnings | None = None
+        self._previous = warnings.showwarning
+        self._local = threading.local()
+
+    @contextmanager
+    def capture(self, path: Path) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                warnings.filterwarnings("always", module=r"PIL\.")
+                self._previous = warnings.showwarning
+                warnings.showwarning = self._show
+            self._users += 1
+        caught: list[tuple[type[Warning], str]] = []
+        self._local.caught = caught
+        try:
+            yield
+        finally:
+            self._local.caught = None
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved is not None:
+                    self._saved.__exit__(None, None, None)
+                    self._saved = None
+            _log_warnings(path, caught)
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        caught = getattr(self._local, "caught", None)
+        if caught is None:
+            self._previous(message, category, filename, lineno, file, line)
+        else:
+            caught.append((category, str(message)))
+
+
+def _log_warnings(path: Path, caught: list[tuple[type[Warning], str]]) -> None:
+    for category, message in dict.fromkeys(caught):  # once each, in order
+        # Pillow warns of a decompression bomb exactly when _check_size refuses the file: the skip says it.
+        if not issubclass(category, Image.DecompressionBombWarning):
+            logger.warning("%s: %s", path, message)
+
+
+_PILLOW_WARNINGS = _WarningRouter()

@@ -35,7 +35,9 @@ def augmented_view(img: Image.Image, cfg: PreprocessConfig, level: str, seed: in
     size = cfg.input_size
 
     top, left, h, w = _resized_crop_box(img.width, img.height, rng, scale=(0.35, 1.0))
-    out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_interp(cfg))
+    # torchvision's resized_crop copies the crop (up to the whole photo) before resizing it; Pillow's resize
+    # with a source box reads the crop in place, so a view costs the memory of the output only.
+    out = img.resize((size, size), _resample(cfg), box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
         out = F.horizontal_flip(out)
     out = F.adjust_brightness(out, rng.uniform(0.7, 1.3))
@@ -62,11 +64,8 @@ def _resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: 
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def _interp(cfg: PreprocessConfig):
-    from torchvision.transforms import InterpolationMode
-
-    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
-        cfg.interpolation, InterpolationMode.BICUBIC)
+def _resample(cfg: PreprocessConfig) -> Image.Resampling:
+    return {"bilinear": Image.Resampling.BILINEAR}.get(cfg.interpolation, Image.Resampling.BICUBIC)
 
 
 def _trivial_augment(img: Image.Image, seed: int) -> Image.Image:

@@ -57,13 +57,21 @@ VIEW_MULTIPLE = 32  # the network's total stride: sizes that divide evenly throu
 
 
 def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Resize the short side to cfg.resize_size, then centre-crop cfg.input_size (timm's eval transform)."""
+    """Resize the short side to cfg.resize_size, then centre-crop cfg.input_size (timm's eval transform).
+
+    Only the crop is ever resampled (Pillow's resize with a source box), so the work and memory are those of
+    the output, whatever the image's shape: resizing a 10000x1 strip whole before cropping took 2.6 GiB."""
     w, h = img.size
+    size = cfg.input_size
     scale = cfg.resize_size / min(w, h)
-    new_w, new_h = max(cfg.input_size, round(w * scale)), max(cfg.input_size, round(h * scale))
-    img = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
-    left, top = (new_w - cfg.input_size) // 2, (new_h - cfg.input_size) // 2
-    return img.crop((left, top, left + cfg.input_size, top + cfg.input_size))
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if (new_w, new_h) == (w, h):  # already at scale: a plain crop, nothing resampled
+        return img.crop((left, top, left + size, top + size))
+    # The crop's box in the source, mapped through the same per-axis scale the whole resize would use.
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), _RESAMPLE[cfg.interpolation], box=box)
 
 
 def normalize(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
