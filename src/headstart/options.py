@@ -131,7 +131,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "Top stages to fine-tune, or all; auto: all for small photos, else 2.", FINETUNE),
     Option("augment", "light", (OneOf(("none", "light", "strong")),), "Augmentation while fine-tuning.", FINETUNE),
     Option("finetune_epochs", 8, (_COUNT,), "Maximum fine-tuning epochs.", FINETUNE),
-    Option("finetune_lr", 5e-4, (_RATE,), "Rate of the top fine-tuned stage.", FINETUNE),
+    Option("finetune_lr", 5e-4, (_RATE,), "Backbone rate at its top, falling below.", FINETUNE),
     Option("views", 8, (_COUNT,), "Augmented views per image cached for fine-tuning.", FINETUNE),
     Option("train_bn", False, (Kind((bool,), "true or false"),), "Let BatchNorm statistics update.", FINETUNE),
     Option("native_view", True, (Kind((bool,), "true or false"),),
