@@ -227,3 +227,170 @@ def test_pickle_disguised_as_safetensors_is_never_unpickled(model_dir, tmp_path)
     (model_dir / WEIGHTS_FILE).write_bytes(pickle.dumps({"head.mean": _Payload(marker)}))
     _expect_refusal(model_dir, WEIGHTS_FILE)
     assert not marker.exists()
+
+
+# --- the weights must match the record (built without training: a random head on the tiny backbone) ----------
+
+def synthetic_artifact(tiny_weights: Path, classes=("cat", "dog", "fish"), hidden=(), seed: int = 0,
+                       shift: float = 0.0) -> artifact.Artifact:
+    """A complete, valid model without training: the tiny backbone's tensors (plus `shift`) and a random head."""
+    from conftest import TINY_DIM
+    from safetensors.numpy import load_file
+
+    from headstart.backbones.weights import weights_fingerprint
+
+    cfg = HeadConfig(TINY_DIM, len(classes), tuple(hidden), 0.2)
+    rng = np.random.default_rng(seed)
+    from headstart.heads.module import Head  # the layout the trainer writes, not the loader's idea of it
+
+    head = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in Head(cfg).state_dict().items()}
+    head["std"] = np.abs(head["std"]) + 0.5
+    backbone = {k: v + np.asarray(shift).astype(v.dtype) for k, v in load_file(str(tiny_weights)).items()}
+    record = artifact.ModelRecord(tuple(classes), resolve(TINY_BACKBONE), weights_fingerprint(tiny_weights), cfg)
+    return artifact.Artifact(record, head, backbone)
+
+
+@pytest.fixture
+def quick_dir(tiny_weights, tmp_path) -> Path:
+    return artifact.save(synthetic_artifact(tiny_weights, hidden=(8,)), tmp_path / "quick")
+
+
+def _edit_weights(model_dir: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(model_dir / WEIGHTS_FILE))
+    edit(tensors)
+    save_file(tensors, str(model_dir / WEIGHTS_FILE))
+
+
+def _nan_tail(t: dict) -> None:
+    t["head.layers.4.weight"][-1, :] = np.nan
+
+
+def _zeroed_std_tail(t: dict) -> None:
+    t["head.std"][-50:] = 0.0
+
+
+WEIGHTS_DAMAGE = {
+    "head for two classes": (lambda t: t.update({"head.layers.4.weight": t["head.layers.4.weight"][:2],
+                                                 "head.layers.4.bias": t["head.layers.4.bias"][:2]}), "layers.4"),
+    "hidden width differs": (lambda t: t.update({"head.layers.1.weight": t["head.layers.1.weight"][:4]}), "layers.1"),
+    "linear head for a hidden config": (lambda t: [t.pop(k) for k in ("head.layers.4.weight", "head.layers.4.bias")],
+                                        "lacks"),
+    "extra head tensor": (lambda t: t.update({"head.layers.7.weight": np.zeros((3, 3), np.float32)}), "layers.7"),
+    "mean of other length": (lambda t: t.update({"head.mean": t["head.mean"][:10]}), "mean"),
+    "NaN tail in the head": (_nan_tail, "NaN"),
+    "inf in the backbone": (lambda t: t["backbone.conv_stem.weight"].__setitem__((0, 0, 0, 0), np.inf), "conv_stem"),
+    "zeroed std tail": (_zeroed_std_tail, "std"),
+    "no backbone": (lambda t: [t.pop(k) for k in [k for k in t if k.startswith("backbone.")]], "backbone"),
+}
+
+
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+def test_weights_that_do_not_match_the_record_are_refused(quick_dir, damage):
+    edit, needle = WEIGHTS_DAMAGE[damage]
+    artifact.load(quick_dir)  # valid before the damage
+    _edit_weights(quick_dir, edit)
+    _expect_refusal(quick_dir, needle)
+
+
+@pytest.mark.parametrize("classes, needle", [(["cat", "cat", "fish"], "cat"), (["cat", "", "fish"], "empty"),
+                                             (["cat", "  ", "fish"], "empty")])
+def test_duplicate_or_empty_class_names_are_refused(quick_dir, classes, needle):
+    _edit_meta(quick_dir, lambda m: m.update(classes=classes))
+    _expect_refusal(quick_dir, needle)
+
+
+@pytest.mark.parametrize("head", [{"in_features": 1e400}, {"n_classes": -3}, {"hidden": [0]}, {"dropout": float("nan")},
+                                  {"hidden": "16"}, {"in_features": 0}])
+def test_impossible_head_configs_are_refused(quick_dir, head):
+    _edit_meta(quick_dir, lambda m: m["head"].update(head))
+    _expect_refusal(quick_dir)
+
+
+def test_a_synthetic_model_loads_and_predicts(quick_dir, tiny_cache, image_folder):
+    clf = ImageClassifier.load(quick_dir, device="cpu")
+    proba = clf.predict_proba(_images(image_folder)[:2])
+    assert proba.shape == (2, 3) and np.isfinite(proba).all()
+
+
+# --- a save killed at any point leaves the old complete model or the new complete one ------------------------
+
+_KILLING_SAVE = r"""
+import os, signal, sys
+from pathlib import Path
+import safetensors.numpy
+from headstart.serve import artifact
+
+source, target, kill_at, half = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "half"
+new = artifact.load(source, with_backbone=True)
+calls = 0
+
+def killing(name, real):
+    def step(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            if half and name == "save_file":  # die half way through writing the weights
+                real(*args, **kwargs)
+                path = Path(args[1])
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return step
+
+for name in ("mkdir", "rename", "replace", "fsync", "rmdir"):
+    setattr(os, name, killing(name, getattr(os, name)))
+safetensors.numpy.save_file = killing("save_file", safetensors.numpy.save_file)
+Path.write_bytes = killing("write_bytes", Path.write_bytes)
+artifact.save(new, target)
+print(calls)
+"""
+
+
+def _same_model(art: artifact.Artifact, other: artifact.Artifact) -> bool:
+    return (art.record.classes == other.record.classes and art.head_state.keys() == other.head_state.keys()
+            and all(np.array_equal(art.head_state[k], other.head_state[k]) for k in art.head_state)
+            and all(np.array_equal(art.backbone_state[k], other.backbone_state[k]) for k in art.backbone_state))
+
+
+def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_model(tiny_weights, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    old_art = synthetic_artifact(tiny_weights, hidden=(8,), seed=1)
+    new_art = synthetic_artifact(tiny_weights, classes=("ant", "bee", "moth", "wasp"), seed=2, shift=1.0)
+    pristine = artifact.save(old_art, tmp_path / "pristine")
+    source = artifact.save(new_art, tmp_path / "source")
+    old, new = artifact.load(pristine, with_backbone=True), artifact.load(source, with_backbone=True)
+    outcomes = []
+    for kill_at in range(1, 40):
+        for mode in ("whole", "half"):
+            target = tmp_path / f"model-{kill_at}-{mode}"
+            shutil.copytree(pristine, target)
+            proc = subprocess.run([sys.executable, "-c", _KILLING_SAVE, str(source), str(target), str(kill_at), mode],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode in (0, -9), proc.stderr
+            # A read-only copy of what the kill left: loading cannot complete a committed save there.
+            frozen_copy = tmp_path / f"copy-{kill_at}-{mode}"
+            shutil.copytree(target, frozen_copy)
+            with monkeypatch.context() as mp:
+                mp.setattr(artifact, "_complete_save", lambda d: (_ for _ in ()).throw(PermissionError(13, "ro")),
+                           raising=False)
+                seen_read_only = artifact.load(frozen_copy, with_backbone=True)
+            seen = artifact.load(target, with_backbone=True)  # completes a committed save
+            assert _same_model(seen, old) or _same_model(seen, new), (kill_at, mode)
+            assert _same_model(seen_read_only, seen), (kill_at, mode)
+            assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".saving")) == [META_FILE,
+                                                                                               WEIGHTS_FILE]
+            outcomes.append("new" if _same_model(seen, new) else "old")
+            artifact.save(old_art, target)  # and the next save works from whatever the kill left
+            assert _same_model(artifact.load(target, with_backbone=True), old)
+            assert sorted(p.name for p in target.iterdir()) == [META_FILE, WEIGHTS_FILE]
+        if proc.returncode == 0:  # the save ran to its end: every point before it was a kill point
+            break
+    assert proc.returncode == 0 and outcomes[-1] == "new"
+    assert "old" in outcomes and outcomes.count("new") >= 3, outcomes
+    assert len(outcomes) >= 16, outcomes
+    print("kill points survived:", len(outcomes), outcomes)

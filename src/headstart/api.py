@@ -172,7 +172,7 @@ class ImageClassifier:
         art = artifact.load(model_dir)
         record = art.record
         clf = cls(**{**{k: v for k, v in record.params.items() if k in options.OPTIONS}, "device": device})
-        frozen = FrozenBackbone(record.backbone, Path(model_dir) / artifact.WEIGHTS_FILE, record.backbone_weights_id,
+        frozen = FrozenBackbone(record.backbone, art.weights_path, record.backbone_weights_id,
                                 weights_prefix="backbone.")
         report = record.fit or FitReport(Decision(), History(), TrainConfig(), {})
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
