@@ -120,14 +120,14 @@ def _open_regular(path: Path) -> int:
     try:
         fd = os.open(path, flags)
     except OSError as e:
-        raise ImageDecodeError(_os_reason(e, path), path) from None
+        raise ImageDecodeError(describe_os_error(e, path), path) from None
     try:
         st = os.fstat(fd)
         problem = _file_type_problem(st)
         if problem is None and st.st_size == 0:
             problem = "empty file"
     except OSError as e:
-        problem = _os_reason(e, path)
+        problem = describe_os_error(e, path)
     if problem is not None:
         os.close(fd)
         raise ImageDecodeError(problem, path)
@@ -143,15 +143,18 @@ def _file_type_problem(st: os.stat_result) -> str | None:
     return f"not a regular file ({kind})"
 
 
-def _os_reason(e: OSError, path: Path) -> str:
-    """A short reason for a failed open or stat, in the same words wherever files are read."""
+def describe_os_error(e: OSError, path: Path | str) -> str:
+    """A short reason for a failed open, stat or folder listing, in the same words wherever files are read."""
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     if e.errno == errno.ELOOP:
         return "symlink loop"
     if e.errno == errno.ENOENT:
         if os.path.islink(path):
-            return f"broken link (points to {os.readlink(path)})"
+            try:
+                return f"broken link (points to {os.readlink(path)})"
+            except OSError:
+                return "broken link"
         return "no such file"
     if e.errno == errno.ENAMETOOLONG:
         return "file name too long"

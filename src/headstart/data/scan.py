@@ -6,16 +6,28 @@ extensions and file sizes, so a folder of thousands of photos is scanned in well
 
 from __future__ import annotations
 
+import errno
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, is_image_path, load_rgb
+from headstart.data import surprises
+from headstart.data.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    describe_os_error,
+    is_image_path,
+    load_rgb,
+    read_size,
+    unreadable_reason,
+)
+from headstart.data.walk import LEAVES_CLASS_FOLDER, ignored, inside, is_dir, walk_files
 from headstart.errors import DataError
 
 __all__ = [
@@ -28,6 +40,7 @@ __all__ = [
     "scan_folder",
     "split_rows",
     "typical_short_side",
+    "walk_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,18 +95,16 @@ def scan_folder(
     val_split/test_split and one np.random.default_rng(seed) for the whole call.
     """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"{root}: no such folder — point headstart at a folder of class sub-folders (photos/<class>/*.jpg)"
-        )
+    _check_root(root)
     _check_fractions(val_split, test_split)
 
     skipped: list[tuple[Path, str]] = []
     split_dirs = _detect_split_dirs(root)
+    real_root = Path(os.path.realpath(root))
     if split_dirs is None:
-        found = {"train": _scan_class_dirs(root, skipped)}
+        found = {"train": _scan_class_dirs(root, skipped, real_root)}
     else:
-        found = {split: _scan_class_dirs(d, skipped) for split, d in split_dirs.items()}
+        found = {split: _scan_class_dirs(d, skipped, real_root) for split, d in split_dirs.items()}
         for split in ("val", "test"):
             # An empty val/ or test/ folder is treated as absent, so that split is carved from train.
             if split in found and not any(found[split].values()):
@@ -118,7 +129,10 @@ def scan_folder(
             samples += [Sample(p, label, split) for p in found.get(split, {}).get(cls, [])]
 
     samples.sort(key=lambda s: (s.split, s.label, s.path))
-    return Dataset(root=root, classes=classes, samples=tuple(samples), skipped=tuple(sorted(skipped)))
+    dataset = Dataset(root=root, classes=classes, samples=tuple(samples), skipped=tuple(sorted(skipped)))
+    surprises.warn_all(dataset, found, [root] if split_dirs is None else [root, *split_dirs.values()],
+                       validating=carve_val > 0 or "val" in found)
+    return dataset
 
 
 def split_rows(splits: np.ndarray) -> dict[str, slice]:
@@ -137,15 +151,12 @@ def split_rows(splits: np.ndarray) -> dict[str, slice]:
 def typical_short_side(paths: Sequence[Path], sample: int = 64) -> int | None:
     """The median short side of up to `sample` evenly spaced images, read from their headers (nothing is
     decoded); None when none of them can be opened."""
-    from PIL import Image
-
     step = max(1, len(paths) // sample)
     sides = []
     for path in list(paths)[::step][:sample]:
         try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except Exception:  # unreadable files are reported later, by the decoder; here they only don't count
+            sides.append(min(read_size(path)))
+        except ImageDecodeError:  # unreadable files are reported later, by the decoder; here they only don't count
             continue
     return int(np.median(sides)) if sides else None
 
@@ -165,19 +176,31 @@ def _check_fractions(val_split: float, test_split: float) -> None:
         )
 
 
+def _check_root(root: Path) -> None:
+    """One line saying what DATA is when it is not a folder, and what to pass instead."""
+    hint = "point headstart at a folder of class sub-folders (photos/<class>/*.jpg)"
+    try:
+        st = root.stat()
+    except OSError as e:
+        if e.errno == errno.ENOENT and not os.path.islink(root):
+            raise DataError(f"{root}: no such folder — {hint}") from None
+        raise DataError(f"{root}: cannot open the folder ({describe_os_error(e, root)}) — {hint}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if stat.S_ISREG(st.st_mode):
+        guess = f" (for this image probably {root.parent.parent})" if is_image_path(root) else ""
+        raise DataError(
+            f"{root}: is a file, not a folder — pass the folder that holds one sub-folder per class{guess}"
+        )
+    raise DataError(f"{root}: is not a folder — {hint}")
+
+
 def _subdirs(folder: Path) -> list[Path]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
-        raise DataError(f"{folder}: cannot read folder ({e.strerror}) — check its permissions") from e
-    return [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
+        raise DataError(f"{folder}: cannot read folder ({describe_os_error(e, folder)}) — check its permissions") from e
+    return [Path(e.path) for e in entries if not ignored(e.name) and is_dir(e)]
 
 
 def _detect_split_dirs(root: Path) -> dict[str, Path] | None:
@@ -210,13 +233,18 @@ def _detect_split_dirs(root: Path) -> dict[str, Path] | None:
     return dirs
 
 
-def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> dict[str, list[Path]]:
+def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]], real_root: Path) -> dict[str, list[Path]]:
     """{class name: sorted usable image paths} for every class sub-folder of `folder`, empty ones included."""
     found: dict[str, list[Path]] = {}
     for class_dir in _subdirs(folder):
+        real_class = Path(os.path.realpath(class_dir))
+        if class_dir.is_symlink() and inside(real_class, real_root):
+            # Another folder of the data under a second name: its photos would count for two classes.
+            skipped.append((class_dir, f"class folder is a link to {real_class}, inside the data folder"))
+            continue
         images = found.setdefault(class_dir.name, [])
-        for entry in walk_files(class_dir, skipped):
-            reason = _unusable_reason(entry)
+        for entry in walk_files(class_dir, skipped, data_root=real_root):
+            reason = _unusable_reason(entry, real_class, real_root)
             if reason is None:
                 images.append(Path(entry.path))
             else:
@@ -225,47 +253,17 @@ def _scan_class_dirs(folder: Path, skipped: list[tuple[Path, str]]) -> dict[str,
     return found
 
 
-def walk_files(folder: Path, problems: list[tuple[Path, str]]) -> Iterator[os.DirEntry]:
-    """Non-folder entries under `folder`, depth first in name order, skipping hidden names and symlink loops."""
-    visited: set[tuple[int, int]] = set()
-
-    def walk(d: Path) -> Iterator[os.DirEntry]:
-        try:
-            st = d.stat()
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            problems.append((d, f"unreadable folder ({e.strerror or type(e).__name__})"))
-            return
-        key = (st.st_dev, st.st_ino)
-        if key in visited:  # a symlink pointing back up the tree
-            return
-        visited.add(key)
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if _is_dir(entry):
-                yield from walk(Path(entry.path))
-            else:
-                yield entry
-
-    return walk(folder)
-
-
-def _unusable_reason(entry: os.DirEntry) -> str | None:
+def _unusable_reason(entry: os.DirEntry, real_class: Path, real_root: Path) -> str | None:
     suffix = Path(entry.name).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         return f"not an image ({suffix})" if suffix else "not an image (no extension)"
-    try:
-        st = entry.stat()
-    except FileNotFoundError:
-        return "broken link"
-    except OSError as e:
-        return f"unreadable ({e.strerror or type(e).__name__})"
-    if not entry.is_file():
-        return "not a regular file"
-    if st.st_size == 0:
-        return "empty file"
-    return None
+    # Opening (not reading) the file finds what stat cannot: no read permission, a symlink loop.
+    reason = unreadable_reason(entry.path)
+    if reason is None and entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if inside(target, real_root) and not inside(target, real_class):
+            return f"{LEAVES_CLASS_FOLDER} (points to {target})"
+    return reason
 
 
 def _check_classes(
@@ -293,8 +291,10 @@ def _check_classes(
     totals = {c: sum(len(per_class.get(c, [])) for per_class in found.values()) for c in classes}
     empty = [c for c in classes if totals[c] == 0]
     if empty:
+        why = _first_reason(root, empty, skipped)
         raise DataError(
-            f"{root}: class folder(s) {_quote(empty)} contain no usable images — add images or remove the folder(s)"
+            f"{root}: class folder(s) {_quote(empty)} contain no usable images{why} — "
+            "add images or remove the folder(s)"
         )
     untrained = [c for c in classes if not found["train"].get(c)]
     if untrained:
@@ -305,6 +305,15 @@ def _check_classes(
         raise DataError(
             f"{root}: found only one class ({_quote(classes)}); a classifier needs at least two class folders"
         )
+
+
+def _first_reason(root: Path, classes: list[str], skipped: list[tuple[Path, str]]) -> str:
+    """' (first skipped file: reason)' for the first skipped entry under one of `classes`, or ''."""
+    for path, reason in sorted(skipped):
+        rel = path.relative_to(root).parts if path.is_relative_to(root) else ()
+        if any(part in classes for part in rel[:2]):
+            return f" ({path}: {reason})"
+    return ""
 
 
 def _quote(names: Iterable[str]) -> str:
