@@ -231,3 +231,151 @@ def test_a_batch_of_only_unreadable_files_is_survived(frozen, photos, tmp_path):
     feats, readable, failures = got.features, got.readable, got.failures
     assert readable == [5, 6, 7] and feats.shape == (3, TINY_DIM)
     assert {p for p, _ in failures} == set(bad)
+
+
+# --- files that cannot even be read for their key (issue 12, defect 1) ---------------------------------------
+
+
+def _deny_reads_of(monkeypatch, denied: Path) -> None:
+    """Reading `denied` fails with EACCES, as it does for a user without read permission (root reads every
+    file whatever its mode, so the test denies it here). Every way in is denied: os.open, io.open and open."""
+    import builtins
+    import io
+
+    def guard(real):
+        def opener(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file) == denied:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+        return opener
+
+    for module, name in ((os, "open"), (io, "open"), (builtins, "open")):
+        monkeypatch.setattr(module, name, guard(getattr(module, name)))
+
+
+def test_an_unreadable_file_is_a_failure_row_not_a_crash(frozen, photos, tmp_path, monkeypatch):
+    denied = tmp_path / "locked.jpg"
+    denied.write_bytes(photos[0].read_bytes())
+    _deny_reads_of(monkeypatch, denied)
+    paths = [photos[1], denied, photos[2]]
+    ticks: list[int] = []
+    got = FeatureCache(frozen).features_for(paths, CountingFactory(frozen), ticks.append)
+    assert got.readable == [0, 2] and got.failures == [(denied, "permission denied")]
+    assert sum(ticks) == len(paths)  # the failure is counted as done, as decode failures are
+    np.testing.assert_allclose(got.features, _direct_features(frozen, [photos[1], photos[2]]), atol=1e-3, rtol=0)
+
+
+def test_a_named_pipe_is_a_failure_row_and_never_waits_for_a_writer(frozen, photos, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    import threading
+    import time
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+
+    def writer_if_anyone_waits():  # a reader stuck on the pipe would hang the suite: after 6 s, data and EOF
+        time.sleep(6)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+            except OSError:
+                time.sleep(0.05)
+                continue
+            os.write(fd, b"not an image")
+            os.close(fd)
+            return
+
+    threading.Thread(target=writer_if_anyone_waits, daemon=True).start()
+    start = time.monotonic()
+    got = FeatureCache(frozen).features_for([pipe, photos[0]], CountingFactory(frozen))
+    assert time.monotonic() - start < 5, "waited for a writer on the pipe"
+    assert got.readable == [1] and got.failures == [(pipe, "not a regular file (named pipe)")]
+
+
+# --- the engine that computed the features is part of the key (issue 12) --------------------------------------
+
+
+def test_cpu_onnx_features_keep_the_key_they_had_before_engines_were_told_apart(frozen):
+    """ONNX Runtime's entries are not invalidated: their key is the one written before the engine was a part."""
+    from headstart.paths import store_path
+
+    before = dict(timm=frozen.spec.timm_name, w=frozen.weights_id, pre=frozen.spec.preprocess.to_dict())
+    assert FeatureCache(frozen).dir == store_path("features", before)
+    assert frozen.engine_kind("cpu") == "onnxruntime-cpu-fp32"
+    assert frozen.cache_key("torch-cuda-bf16") != frozen.cache_key() != frozen.cache_key("torch-cpu-fp32")
+
+
+class _DriftedTorchEngine:
+    """Stands in for TorchEngine on CUDA (no GPU here): ONNX Runtime's features moved by 2%, as bfloat16's are."""
+
+    def __init__(self, model, device: str) -> None:
+        from headstart.runtime.engines import torch_kind
+
+        self.kind = torch_kind(device)
+        self.model = model
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(batch)).numpy() * 1.02
+
+
+def test_features_from_a_cuda_engine_are_never_read_back_for_an_onnx_run(frozen, photos, monkeypatch):
+    from headstart.cache.dataset import path_features
+    from headstart.progress import NoProgress
+    from headstart.runtime import frozen as frozen_module
+
+    labels, splits = np.zeros(len(photos), np.int64), np.array(["train"] * len(photos))
+    exact = _direct_features(frozen, photos)
+    with monkeypatch.context() as mp:
+        mp.setattr(frozen_module, "pick_device", lambda requested="auto": "cuda")
+        mp.setattr(frozen_module, "TorchEngine", _DriftedTorchEngine)
+        on_gpu = path_features(photos, labels, splits, frozen, "auto", NoProgress(), "features")
+    assert on_gpu.cached == 0
+    np.testing.assert_allclose(on_gpu.features, exact * 1.02, atol=1e-3, rtol=0)
+
+    on_cpu = path_features(photos, labels, splits, frozen, "cpu", NoProgress(), "features")
+    assert on_cpu.cached == 0  # the GPU's entries are not this engine's
+    np.testing.assert_allclose(on_cpu.features, exact, atol=1e-3, rtol=0)
+    again = path_features(photos, labels, splits, frozen, "cpu", NoProgress(), "features")
+    assert again.cached == len(photos)
+
+    with monkeypatch.context() as mp:  # and the GPU's entries are still its own
+        mp.setattr(frozen_module, "pick_device", lambda requested="auto": "cuda")
+        mp.setattr(frozen_module, "TorchEngine", _DriftedTorchEngine)
+        back_on_gpu = path_features(photos, labels, splits, frozen, "auto", NoProgress(), "features")
+    assert back_on_gpu.cached == len(photos)
+    np.testing.assert_array_equal(back_on_gpu.features, on_gpu.features)
+
+
+def test_features_of_the_torch_fallback_are_kept_apart_from_onnx_ones(frozen, photos, tiny_cache, monkeypatch):
+    """A failed export falls back to float32 torch: its features go under that engine's key, found there by
+    the next run (the failure is remembered, so that run knows its engine before making it)."""
+    import shutil
+
+    from headstart.runtime.export import onnx_path_for
+
+    export = onnx_path_for(frozen.spec, frozen.weights_id)
+    good = export.read_bytes()
+    shutil.rmtree(tiny_cache / "onnx")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
+
+    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
+    cache = FeatureCache(frozen)
+    assert cache.engine_kind == "onnxruntime-cpu-fp32"  # nothing tried yet
+    got = cache.features_for(photos, lambda: frozen.engine("cpu"))
+    assert cache.engine_kind == "torch-cpu-fp32" and got.hits == 0
+    np.testing.assert_allclose(got.features, _direct_features(frozen, photos), atol=1e-5, rtol=0)
+    assert FeatureCache(frozen).engine_kind == "torch-cpu-fp32"  # the next run knows, before any engine
+    assert FeatureCache(frozen).features_for(photos, lambda: frozen.engine("cpu")).hits == len(photos)
+
+    export.parent.mkdir(parents=True, exist_ok=True)
+    export.write_bytes(good)  # an export that works (another toolchain, say): ONNX Runtime's own entries
+    onnx_cache = FeatureCache(frozen)
+    assert onnx_cache.engine_kind == "onnxruntime-cpu-fp32"
+    assert onnx_cache.features_for(photos, lambda: frozen.engine("cpu")).hits == 0

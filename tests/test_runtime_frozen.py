@@ -42,3 +42,28 @@ def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache,
     got = engine(batch)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, _direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16
+
+
+def test_a_failed_export_is_remembered_and_not_tried_again_until_the_toolchain_changes(frozen, tiny_cache,
+                                                                                        monkeypatch, caplog):
+    from headstart.runtime import export as export_module
+
+    shutil.rmtree(tiny_cache / "onnx")
+    tries = []
+
+    def refuse(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
+
+    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
+    with caplog.at_level("WARNING", logger="headstart.runtime.frozen"):
+        engines = [frozen.engine("cpu") for _ in range(3)]  # stage 1, the refit, evaluate...: one export tried
+    assert len(tries) == 1 and not any(isinstance(e, OnnxEngine) for e in engines)
+    assert caplog.text.count("PyTorch instead of ONNX Runtime") == 3 and "5.36e+00" in caplog.records[-1].message
+    assert frozen.engine_kind("cpu") == "torch-cpu-fp32"
+
+    real = export_module._toolchain
+    monkeypatch.setattr(export_module, "_toolchain", lambda: {**real(), "torch": "99.0"})  # an upgrade: try again
+    assert frozen.engine_kind("cpu") == "onnxruntime-cpu-fp32"
+    frozen.engine("cpu")
+    assert len(tries) == 2

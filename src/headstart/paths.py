@@ -10,17 +10,26 @@ must not import `cache/` (dependencies point down: cache -> runtime -> backbones
 Atomic writes: `atomic_path` gives a writer a temporary path beside the target and renames it into place only
 when the writer finished; readers see the old file or the new one, never half of one, and a failure (a
 KeyboardInterrupt included) leaves no temporary file behind.
+
+A full disk: every write that can fill one goes through `atomic_path`, `disk_space` or `allocate`, which turn
+ENOSPC (and a quota or file-size limit) into one `UserError` line naming the folder, what was already there
+untouched. Memory-mapped files are allocated up front (`allocate`): a write into a sparse mapping on a full disk
+is a SIGBUS that kills the process, with no message at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+
+from headstart.errors import UserError
 
 # The version of each kind of entry, part of its every key: bump one when what is stored for the same parts
 # changes, so that entries written before are no longer found (they are then recomputed, never misread).
@@ -78,8 +87,9 @@ class atomic_path:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        with disk_space(self.target):
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
         os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
@@ -90,13 +100,17 @@ class atomic_path:
         tmp, self.tmp = self.tmp, None
         if exc_type is not None:  # the writer failed: the target keeps its old content
             tmp.unlink(missing_ok=True)
+            if (full := disk_full_error(exc, self.target)) is not None:
+                raise full from exc
             return
         try:
             if self.target.parent != tmp.parent:  # elsewhere, a rename may cross file systems: not atomic
                 raise ValueError(f"{self.target}: an atomic write stays in the folder it started in")
             os.replace(tmp, self.target)
-        except BaseException:
+        except BaseException as failure:
             tmp.unlink(missing_ok=True)
+            if (full := disk_full_error(failure, self.target)) is not None:
+                raise full from failure
             raise
 
 
@@ -104,6 +118,51 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_path`): readers never see a half-written file."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+# What a write that ran out of room fails with, and how the message says it.
+_FULL_DISK = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
+
+
+def disk_full_error(exc: BaseException | None, path: Path) -> UserError | None:
+    """The one-line error for a write to `path` that failed for want of room, or None when `exc` is another
+    failure. Inside the cache the way out is another cache folder; elsewhere (a model's --out), another folder."""
+    if not isinstance(exc, OSError) or exc.errno not in _FULL_DISK:
+        return None
+    folder = Path(path).parent
+    try:
+        in_cache = Path(os.path.abspath(folder)).is_relative_to(os.path.abspath(cache_root()))
+    except (OSError, ValueError):
+        in_cache = False
+    way_out = ("set HEADSTART_CACHE to a folder on a disk with room" if in_cache
+               else "choose a folder on a disk with room")
+    return UserError(f"{_FULL_DISK[exc.errno]} on the device holding {folder} (writing {Path(path).name}): "
+                     f"free some space there or {way_out}")
+
+
+@contextlib.contextmanager
+def disk_space(path: Path) -> Iterator[None]:
+    """Inside the block, a write to (or beside) `path` that runs out of room raises `disk_full_error`'s one line."""
+    try:
+        yield
+    except OSError as exc:
+        if (full := disk_full_error(exc, path)) is not None:
+            raise full from exc
+        raise
+
+
+def allocate(fd: int, size: int, path: Path) -> None:
+    """Reserve `size` bytes of the file open as `fd` (written to `path`) before it is memory-mapped: a sparse
+    mapping fails on a full disk only when a page is written, by SIGBUS. Where the file system cannot allocate
+    (EOPNOTSUPP, EINVAL), the file stays sparse, as before."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    with disk_space(path):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
 
 
 def file_sha256(path: Path) -> str:

@@ -6,13 +6,17 @@ Each epoch then trains the top on one stored view per image. When every stage tr
 and nothing below is frozen: the store holds the augmented pixels themselves (`PixelViews`), which are also
 smaller than the stem's output (32 channels at half the input's side). Arrays are filled in chunks and
 `progress.json`, rewritten atomically after each chunk is flushed, says how many images are complete: a killed
-run resumes from there and never trusts a half-written row.
+run resumes from there and never trusts a half-written row. A `progress.json` that cannot be read, or arrays
+that do not hold what it claims (truncated, missing, of another shape), are dropped with a warning and the
+split is filled again from its first image. The arrays are allocated on disk when created, so a full disk is
+one clear error then, not a SIGBUS halfway through the fill.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,9 +25,9 @@ import numpy as np
 from headstart.vision.augment import augmented_view, view_seed
 from headstart.data.imageio import load_rgb
 from headstart.runtime.engines import OnnxEngine
-from headstart.runtime.export import export_onnx
+from headstart.runtime.export import export_onnx, open_cached
 from headstart.cache.pipeline import decoded_batches, default_workers
-from headstart.paths import atomic_write_bytes, store_path
+from headstart.paths import allocate, atomic_write_bytes, disk_space, store_path
 from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,13 @@ def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessC
         return PixelViews()
     parts = dict(graph="bottom", w=weights_id, boundary=boundary, size=cfg.input_size)
     path = store_path("export", parts, label=f"bottom-{weights_id}-b{boundary}-{cfg.input_size}px", suffix=".onnx")
-    if not path.exists():
+
+    def export() -> None:
         from headstart.backbones.pooled import FrozenBottom
 
         export_onnx(FrozenBottom(features_net, boundary), cfg.input_size, path, ("activations", "taps"))
-    return OnnxEngine(path)
+
+    return open_cached(path, lambda: OnnxEngine(path), export)
 
 
 class BoundaryStore:
@@ -59,11 +65,50 @@ class BoundaryStore:
         """A store in a folder named by everything its content depends on (`key_parts`) and the store's version;
         `root` replaces the boundary folder in `cache_root()`."""
         self.dir = store_path("boundary", key_parts, root=root)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with disk_space(self.dir / "progress.json"):
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def _progress(self) -> dict:
         path = self.dir / "progress.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+            log.warning("%s: unreadable (%s); filling the boundary store again", path, exc)
+            return {}
+        if not isinstance(state, dict):
+            log.warning("%s: not a progress record; filling the boundary store again", path)
+            return {}
+        return state
+
+    def _entry(self, state: dict, name: str, n: int, views: int) -> dict:
+        """Split `name`'s progress, checked against the arrays on disk; a fresh one when they disagree."""
+        fresh = {"done": 0, "ok": [True] * n}
+        entry = state.get(name)
+        if entry is None:
+            return fresh
+        done, ok = (entry.get("done"), entry.get("ok")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(done, int) and 0 <= done <= n and isinstance(ok, list) and len(ok) == n):
+            log.warning("%s: progress of '%s' does not fit its %d images; filling it again",
+                        self.dir / "progress.json", name, n)
+            return fresh
+        if done and (problem := self._arrays_problem(name, n, views)):
+            log.warning("%s: %s; filling '%s' again", self.dir, problem, name)
+            return fresh
+        return {"done": done, "ok": [bool(v) for v in ok]}
+
+    def _arrays_problem(self, name: str, n: int, views: int) -> str | None:
+        """Why split `name`'s arrays cannot hold the rows progress.json claims, or None when they can."""
+        for suffix in ("acts", "taps"):
+            path = self.dir / f"{name}.{suffix}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")  # numpy checks the file is as long as its header says
+            except (OSError, ValueError, EOFError) as exc:
+                return f"{path.name} is unreadable ({exc})"
+            if arr.shape[:2] != (n, views):
+                return f"{path.name} holds {arr.shape[:2]} (images, views), not {(n, views)}"
+        return None
 
     def arrays(self, name: str) -> tuple[np.memmap, np.memmap, np.ndarray]:
         """(activations [n, views, C, H, W] float16, taps [n, views, T] float32, readable mask [n])."""
@@ -78,7 +123,7 @@ class BoundaryStore:
     ) -> list[tuple[int, str]]:
         """Compute what is missing of split `name`; return failures as (index, reason)."""
         state = self._progress()
-        entry = state.get(name, {"done": 0, "ok": [True] * len(paths)})
+        entry = self._entry(state, name, len(paths), views)
         done = entry["done"]
         if progress and done:
             progress(done)
@@ -117,7 +162,15 @@ class BoundaryStore:
     def _open(self, name: str, n: int, views: int, act_shape: tuple, taps_dim: int, create: bool):
         acts_path, taps_path = self.dir / f"{name}.acts.npy", self.dir / f"{name}.taps.npy"
         if create or not acts_path.exists():
-            acts = np.lib.format.open_memmap(acts_path, "w+", np.float16, (n, views, *act_shape))
-            taps = np.lib.format.open_memmap(taps_path, "w+", np.float32, (n, views, taps_dim))
-            return acts, taps
+            return (_allocated(acts_path, np.float16, (n, views, *act_shape)),
+                    _allocated(taps_path, np.float32, (n, views, taps_dim)))
         return np.load(acts_path, mmap_mode="r+"), np.load(taps_path, mmap_mode="r+")
+
+
+def _allocated(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A new .npy array memory-mapped for writing, its every byte allocated on disk first (see the docstring)."""
+    with disk_space(path):
+        arr = np.lib.format.open_memmap(path, "w+", dtype, shape)
+        with open(path, "r+b") as f:
+            allocate(f.fileno(), os.fstat(f.fileno()).st_size, path)
+    return arr

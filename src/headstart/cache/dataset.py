@@ -51,7 +51,8 @@ def path_features(paths: list[Path], labels: np.ndarray, splits: np.ndarray, fro
                   progress: Progress, task: str) -> DatasetFeatures:
     """The features of `paths` (ordered split by split, with their labels and splits), the unreadable left out."""
     progress.start(task, len(paths))
-    got = FeatureCache(frozen).features_for(paths, lambda: frozen.engine(device), progress.advance)
+    cache = FeatureCache(frozen, engine_kind=frozen.engine_kind(device))  # CUDA's features are kept apart
+    got = cache.features_for(paths, lambda: frozen.engine(device), progress.advance)
     progress.finish()
     keep = np.asarray(got.readable, dtype=np.int64)
     return DatasetFeatures([paths[i] for i in got.readable], got.features, labels[keep], splits[keep], got.failures,

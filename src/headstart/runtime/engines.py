@@ -15,7 +15,21 @@ class Engine(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+# What computed a batch's features, as feature caches are keyed by it (`FrozenBackbone.engine_kind`): engines
+# agree only to rounding (CUDA's bfloat16 features are ~2% off the CPU's float32 ones), and one cache must hold
+# features of one kind.
+ONNX_CPU = "onnxruntime-cpu-fp32"
+
+
+def torch_kind(device: str) -> str:
+    """The kind of a `TorchEngine` on `device`: bfloat16 on CUDA, float32 elsewhere."""
+    kind = device.split(":")[0]  # cuda:1 computes what cuda:0 does
+    return f"torch-{kind}-{'bf16' if kind == 'cuda' else 'fp32'}"
+
+
 class OnnxEngine:
+    kind = ONNX_CPU
+
     def __init__(self, onnx_path: Path, threads: int | None = None, spinning: bool = True) -> None:
         import onnxruntime as ort
 
@@ -44,6 +58,7 @@ class TorchEngine:
 
         self.torch = torch
         self.device = torch.device(device)
+        self.kind = torch_kind(self.device.type)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -64,6 +79,8 @@ class ViewsEngine:
     plans fastest (7% faster here than the same graph with symbolic sizes), other sizes through the any-size
     graph. Their thread pools take turns, so neither may spin while idle: two spinning pools stole a fifth of the
     cores from each other and from the decoders (a flowers pass took 44 s instead of 37 s)."""
+
+    kind = ONNX_CPU
 
     def __init__(self, fixed: Path, size: int) -> None:
         self.fixed = OnnxEngine(fixed, spinning=False)

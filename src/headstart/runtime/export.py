@@ -1,23 +1,35 @@
 """ONNX export of a backbone (or its frozen bottom), refused unless it agrees with torch, and where exports are
 cached (named by `paths.store_key`, with the export version from `paths.VERSIONS`). The any-size twin serves
-native views (see `vision.preprocess`)."""
+native views (see `vision.preprocess`).
+
+A cached export ONNX Runtime cannot load (truncated or overwritten on disk) is dropped and exported again
+(`open_cached`). An export that failed is remembered beside where it would have been (`remember_failure`), so
+that the later engines of a run, and later runs with the same toolchain, do not spend the export's half a minute
+to fail again; another version of torch, onnx or onnxruntime tries again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
-from headstart.paths import atomic_path, store_path
+from headstart.errors import UserError
+from headstart.paths import atomic_path, atomic_write_bytes, store_path
 from headstart.runtime.engines import OnnxEngine, any_size_path
 
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-3
+_TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime")  # what an export's success depends on, beyond its key
+E = TypeVar("E")
 
 
 def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
@@ -25,6 +37,63 @@ def onnx_path_for(spec: BackboneSpec, weights_id: str) -> Path:
     size = spec.preprocess.input_size
     parts = dict(graph="backbone", timm=spec.timm_name, w=weights_id, size=size)
     return store_path("export", parts, label=f"{spec.timm_name}-{weights_id}-{size}px", suffix=".onnx")
+
+
+def open_cached(path: Path, open_engine: Callable[[], E], export: Callable[[], object],
+                twins: Sequence[Path] = ()) -> E:
+    """The engine `open_engine()` makes on the export cached at `path` (and its `twins`), after `export()` wrote
+    them when missing. A cached file ONNX Runtime cannot load is dropped with a warning and exported again."""
+    if path.exists() and all(twin.exists() for twin in twins):
+        try:
+            return open_engine()
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail...) derive from Exception alone
+            log.warning("%s: the cached ONNX export is damaged (%s); exporting it again", path,
+                        " ".join(str(exc).split())[:200])
+            for file in (path, *twins):
+                file.unlink(missing_ok=True)
+    export()
+    return open_engine()
+
+
+def failure_path(target: Path) -> Path:
+    """Where a failed export to `target` is remembered."""
+    return target.with_name(target.name + ".failed.json")
+
+
+def _toolchain() -> dict[str, str]:
+    from importlib import metadata  # versions without importing torch: a cached run never needs it
+
+    versions = {}
+    for name in _TOOLCHAIN:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
+def remember_failure(target: Path, reason: str) -> None:
+    """Remember that exporting to `target` failed, and why, for this toolchain."""
+    try:
+        atomic_write_bytes(failure_path(target), json.dumps(dict(reason=reason, toolchain=_toolchain())).encode())
+    except (OSError, UserError) as exc:  # only a shortcut: a full disk must not hide why the export failed
+        log.debug("could not remember the failed export of %s: %s", target, exc)
+
+
+def known_failure(target: Path) -> str | None:
+    """Why exporting to `target` failed before with this toolchain, or None when it was not tried (or a memo
+    is unreadable, or another toolchain wrote it: then the export is tried again)."""
+    memo = failure_path(target)
+    try:
+        record = json.loads(memo.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        memo.unlink(missing_ok=True)
+        return None
+    if not isinstance(record, dict) or record.get("toolchain") != _toolchain():
+        return None
+    return str(record.get("reason") or "the export failed")
 
 
 def export_onnx(

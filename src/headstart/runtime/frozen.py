@@ -10,8 +10,8 @@ from headstart.backbones.registry import BackboneSpec
 from headstart.backbones.weights import create_model, pretrained_weights_path, weights_fingerprint
 from headstart.paths import store_key
 from headstart.runtime.device import pick_device
-from headstart.runtime.engines import Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path
-from headstart.runtime.export import export_onnx, onnx_path_for
+from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path, torch_kind
+from headstart.runtime.export import export_onnx, known_failure, onnx_path_for, open_cached, remember_failure
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +39,58 @@ class FrozenBackbone:
         return PooledFeatures(create_model(self.spec, self.weights, prefix=self.weights_prefix)).eval()
 
     def engine(self, device: str = "auto") -> Engine:
+        """ONNX Runtime on the CPU (the export made once and cached; float32 torch when the export fails), torch
+        elsewhere. Its `kind` is what `engine_kind` foretells."""
         device = pick_device(device)
         if device != "cpu":
             return TorchEngine(self.build_torch(), device)
         path = onnx_path_for(self.spec, self.weights_id)
-        any_size = self.spec.any_input_size
-        if not path.exists() or (any_size and not any_size_path(path).exists()):
-            log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
-            try:
-                export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
-                            other_sizes=NATIVE_SIZE_PROBES if any_size else ())
-            except RuntimeError as exc:  # a network the exporter cannot reproduce: slower, but right
-                log.warning("%s: %s; extracting features with PyTorch instead of ONNX Runtime", self.spec.name, exc)
-                return TorchEngine(self.build_torch(), device)
+        twins = (any_size_path(path),) if self.spec.any_input_size else ()
         if self.spec.preprocess.native_size:
-            return ViewsEngine(path, self.spec.preprocess.input_size)
-        return OnnxEngine(path)
+            def open_engine() -> Engine:
+                return ViewsEngine(path, self.spec.preprocess.input_size)
+        else:
+            def open_engine() -> Engine:
+                return OnnxEngine(path)
+        try:
+            return open_cached(path, open_engine, lambda: self._export(path), twins)
+        except RuntimeError as exc:  # a network the exporter cannot reproduce: slower, but right
+            log.warning("%s: %s; extracting features with PyTorch instead of ONNX Runtime", self.spec.name, exc)
+            return TorchEngine(self.build_torch(), device)
 
-    def feature_key_parts(self) -> dict:
-        """What this backbone's features depend on: the architecture, the weights' content and the preprocessing
-        (the features' version is added by `paths.store_key`)."""
-        return dict(timm=self.spec.timm_name, w=self.weights_id, pre=self.spec.preprocess.to_dict())
+    def _export(self, path: Path) -> None:
+        if (reason := known_failure(path)) is not None:
+            raise RuntimeError(reason)  # failed before, with this toolchain: not another half a minute
+        log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
+        try:
+            export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
+                        other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else ())
+        except RuntimeError as exc:
+            remember_failure(path, str(exc))
+            raise
 
-    def cache_key(self) -> str:
+    def engine_kind(self, device: str = "auto") -> str:
+        """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it: a
+        cached export means ONNX Runtime, a remembered failed one float32 torch. Before the first export it is
+        ONNX Runtime; `engine`'s result says so if the export then fails."""
+        device = pick_device(device)
+        if device != "cpu":
+            return torch_kind(device)
+        path = onnx_path_for(self.spec, self.weights_id)
+        if not path.exists() and known_failure(path) is not None:
+            return torch_kind("cpu")
+        return ONNX_CPU
+
+    def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:
+        """What this backbone's features depend on: the architecture, the weights' content, the preprocessing
+        and the kind of engine computing them (the features' version is added by `paths.store_key`). ONNX
+        Runtime's features are keyed without an engine, as they were before engines were told apart, so the
+        caches already on users' disks stay valid."""
+        parts = dict(timm=self.spec.timm_name, w=self.weights_id, pre=self.spec.preprocess.to_dict())
+        if engine_kind != ONNX_CPU:
+            parts["engine"] = engine_kind
+        return parts
+
+    def cache_key(self, engine_kind: str = ONNX_CPU) -> str:
         """The content key of this backbone's features: two backbones with equal keys share a feature cache."""
-        return store_key("features", self.feature_key_parts())
+        return store_key("features", self.feature_key_parts(engine_kind))

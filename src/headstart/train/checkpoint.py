@@ -3,7 +3,9 @@ else (epoch, scheduler counters, numpy RNG, history, config) in JSON.
 
 The tensor file is named by its digest and written first; the JSON, written atomically last, names it. A kill at
 any point leaves the previous JSON pointing at the previous tensor file, which is only deleted afterwards, so
-there is always one complete checkpoint to resume from.
+there is always one complete checkpoint to resume from. A checkpoint damaged on disk (a JSON that does not parse
+or lacks its fields, a tensor file missing, of another digest or unparsable) is refused with one line naming the
+file, never resumed from: a resumed run must continue the interrupted one exactly, or not at all.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from safetensors.torch import load_file
 
 from headstart.errors import CheckpointError
 from headstart.backbones.weights import save_state_dict
-from headstart.paths import atomic_write_bytes, file_sha256
+from headstart.paths import atomic_write_bytes, disk_space, file_sha256
 
 META = "state.json"
 
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    with disk_space(directory / META):
+        directory.mkdir(parents=True, exist_ok=True)
     path, digest = save_state_dict(tensors, directory / "state.safetensors", content_named=True)
     name = path.name
     atomic_write_bytes(directory / META, json.dumps({**meta, "tensors": name, "tensors_sha256": digest}).encode())
@@ -36,12 +39,24 @@ def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     meta_path = directory / META
     if not meta_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
-    tensors_path = directory / Path(str(meta.get("tensors", ""))).name  # never a path outside the folder
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(meta_path, f"unreadable ({' '.join(str(exc).split())})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), str):
+        raise _damaged(meta_path, "not a checkpoint record")
+    tensors_path = directory / Path(meta["tensors"]).name  # never a path outside the folder
     if not tensors_path.is_file() or meta.get("tensors_sha256") != file_sha256(tensors_path):
         raise CheckpointError(f"{directory}: checkpoint files do not belong together (killed while saving?); "
                               "rerun without --resume to start over")
-    return load_file(str(tensors_path)), meta
+    try:
+        return load_file(str(tensors_path)), meta
+    except Exception as exc:  # safetensors' own error types; the digest matched, so the writer wrote this
+        raise _damaged(tensors_path, f"unparsable ({' '.join(str(exc).split())})") from None
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged checkpoint, {why}; rerun without --resume to start over")
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
