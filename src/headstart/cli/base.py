@@ -79,4 +79,9 @@ def _root(
 
 def main() -> None:
     """Entry point of the `headstart` console script."""
+    # Names are escaped where they are written (render.shown); this is the last resort for a terminal whose
+    # encoding cannot carry a valid name (e.g. 'café' under an ASCII locale): an escape rather than a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     app(prog_name="headstart")

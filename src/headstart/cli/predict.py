@@ -13,7 +13,8 @@ from headstart.cli.base import app
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(exists=True, help="A saved model directory.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders (folders recurse).")],
+    # readable=False: click would refuse the whole command for one unreadable file; it is a row with an error.
+    images: Annotated[list[Path], typer.Argument(readable=False, help="Image files or folders (folders recurse).")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
     fmt: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:

@@ -5,7 +5,12 @@ Results go to stdout, everything else (progress, notes, skipped files, logs) to 
 reads COLUMNS, NO_COLOR and friends when a Console is constructed.
 
 User-controlled strings (paths, class names, error reasons) are wrapped in `Text` or printed with
-`typer.echo`: passed to rich as plain strings, a name like "[red]" would be read as markup.
+`typer.echo`: passed to rich as plain strings, a name like "[red]" would be read as markup. They also pass
+through `shown` first: a file name that is not valid UTF-8 reaches Python with its bad bytes as surrogate escapes,
+which a UTF-8 stdout refuses (a traceback, all output lost) or, under C.UTF-8, writes raw into a CSV. `shown`
+writes each such byte as a backslash, x and two hex digits instead (the name b"\\xff.jpg" is shown as `\\xff.jpg`),
+in the table, CSV and JSON alike. A name that really holds those four characters looks the same: rare, and
+readable, where the alternative is a crash or a byte that is not text.
 """
 
 from __future__ import annotations
@@ -50,7 +55,23 @@ def setup_logging(level: int) -> None:
 
 def note(message: str) -> None:
     """One plain line on stderr, for anything that is not a result."""
-    typer.echo(message, err=True)
+    typer.echo(shown(message), err=True)
+
+
+def shown(text: object) -> str:
+    """`text` as any UTF-8 output can carry it: the undecodable bytes of a file name (surrogate escapes, U+DC80 to
+    U+DCFF) as `\\xNN`, any other lone surrogate as `\\uXXXX`. Valid text is returned unchanged."""
+    s = str(text)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return "".join(_escape(ch) if "\ud800" <= ch <= "\udfff" else ch for ch in s)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 # --------------------------------------------------------------------------- shared bits
@@ -90,7 +111,7 @@ def write_confusion(evaluation: Evaluation, path: Path, title: str) -> Path | No
 
 def print_skipped(skipped: Sequence[tuple[Path, str]]) -> None:
     for path, reason in skipped[:MAX_SKIPPED_LISTED]:
-        note(f"skipped: {path}: {reason}")
+        note(f"skipped: {path}: {' '.join(str(reason).split())}")
     if len(skipped) > MAX_SKIPPED_LISTED:
         note(f"... and {len(skipped) - MAX_SKIPPED_LISTED} more")
 
@@ -100,7 +121,7 @@ def _key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in rows:
-        table.add_row(key, Text(value))
+        table.add_row(key, Text(shown(value)))
     return table
 
 
@@ -111,7 +132,7 @@ def train_summary(
     clf: ImageClassifier, data: Path, backbone: str, saved: Path, confusion_png: Path | None
 ) -> Table:
     classes = clf.classes_
-    shown = ", ".join(classes[:10]) + (f" ... (+{len(classes) - 10})" if len(classes) > 10 else "")
+    listed = ", ".join(classes[:10]) + (f" ... (+{len(classes) - 10})" if len(classes) > 10 else "")
     total = sum(sum(per_class.values()) for per_class in clf.counts_.values())
     history = clf.history_
     timings = clf.timings_
@@ -119,7 +140,7 @@ def train_summary(
     decision = clf.decision_
     rows = [
         ("data", str(data)),
-        ("classes", f"{len(classes)}: {shown}"),
+        ("classes", f"{len(classes)}: {listed}"),
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
         ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.native_input)),
@@ -204,7 +225,7 @@ def print_evaluation(ev: Evaluation) -> None:
         per_class.add_column(name, justify="right")
     for i, cls in enumerate(ev.classes):
         per_class.add_row(
-            Text(cls), f"{ev.precision[i]:.3f}", f"{ev.recall[i]:.3f}", f"{ev.f1[i]:.3f}", str(int(ev.support[i]))
+            Text(shown(cls)), f"{ev.precision[i]:.3f}", f"{ev.recall[i]:.3f}", f"{ev.f1[i]:.3f}", str(int(ev.support[i]))
         )
     console.print(per_class)
 
@@ -214,19 +235,20 @@ def print_evaluation(ev: Evaluation) -> None:
     confusion = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
     confusion.add_column("true \\ predicted")
     for cls in ev.classes:
-        confusion.add_column(Text(cls), justify="right")
+        confusion.add_column(Text(shown(cls)), justify="right")
     for i, cls in enumerate(ev.classes):
         cells = [
             Text(str(int(v)), style="bold green" if i == j else ("red" if v else "dim"))
             for j, v in enumerate(ev.confusion[i])
         ]
-        confusion.add_row(Text(cls), *cells)
+        confusion.add_row(Text(shown(cls)), *cells)
     console.print(confusion)
 
 
 def evaluation_json(ev: Evaluation, skipped: Sequence[tuple[Path, str]]) -> str:
     payload = ev.to_dict()
-    payload["skipped"] = [{"path": str(path), "reason": reason} for path, reason in skipped]
+    payload["classes"] = [shown(c) for c in payload.get("classes", [])]
+    payload["skipped"] = [{"path": shown(path), "reason": shown(reason)} for path, reason in skipped]
     return json.dumps(payload, indent=2)
 
 
@@ -235,14 +257,14 @@ def evaluation_json(ev: Evaluation, skipped: Sequence[tuple[Path, str]]) -> str:
 
 def _top_k_text(top_k: Sequence[tuple[str, float]]) -> str:
     # The CSV form from the brief: label:0.123;label2:0.045
-    return ";".join(f"{label}:{p:.4f}" for label, p in top_k)
+    return ";".join(f"{shown(label)}:{p:.4f}" for label, p in top_k)
 
 
 def predictions_table(preds: Sequence[Prediction], width: int = 200) -> RenderableType:
     """A table at most `width` wide in which no path is ever broken or cut: the top-k column goes first, then
     the table itself (one path per line, its label beneath)."""
-    paths = [str(p.path) for p in preds]
-    labels = [p.label or "-" for p in preds]
+    paths = [shown(p.path) for p in preds]
+    labels = [shown(p.label or "-") for p in preds]
     fixed = _widest("path", paths) + _widest("label", labels) + len("confidence")
     # top-k folds between its "label 0.123," pairs, so it needs room for the longest pair, never less.
     top_k_min = max([len("top-k"), *(len(label) + 7 for p in preds for label, _ in p.top_k)])
@@ -252,7 +274,7 @@ def predictions_table(preds: Sequence[Prediction], width: int = 200) -> Renderab
         return _predictions_grid(preds, with_top_k=False)
     lines: list[Text] = []
     for p in preds:
-        lines.append(Text(str(p.path), no_wrap=True, overflow="ignore"))  # whole, even past the edge
+        lines.append(Text(shown(p.path), no_wrap=True, overflow="ignore"))  # whole, even past the edge
         lines.append(Text("  ") + _prediction_detail(p))
     return Group(*lines)
 
@@ -266,24 +288,24 @@ def _predictions_grid(preds: Sequence[Prediction], with_top_k: bool) -> Table:
         table.add_column("top-k", overflow="fold")
     for p in preds:
         if p.error is not None:
-            error = Text(f"error: {p.error}", style="red")
+            error = Text(f"error: {shown(p.error)}", style="red")
             cells = [Text("-"), "", error] if with_top_k else [error, ""]
         else:
             confidence = _pct(p.confidence) if p.confidence is not None else ""
-            cells = [Text(p.label or ""), confidence] + ([Text(_top_k_words(p.top_k))] if with_top_k else [])
-        table.add_row(Text(str(p.path)), *cells)
+            cells = [Text(shown(p.label or "")), confidence] + ([Text(_top_k_words(p.top_k))] if with_top_k else [])
+        table.add_row(Text(shown(p.path)), *cells)
     return table
 
 
 def _top_k_words(top_k: Sequence[tuple[str, float]]) -> str:
-    return ", ".join(f"{label} {prob:.3f}" for label, prob in top_k)
+    return ", ".join(f"{shown(label)} {prob:.3f}" for label, prob in top_k)
 
 
 def _prediction_detail(p: Prediction) -> Text:
     if p.error is not None:
-        return Text(f"error: {p.error}", style="red")
+        return Text(f"error: {shown(p.error)}", style="red")
     confidence = f" {_pct(p.confidence)}" if p.confidence is not None else ""
-    return Text(f"{p.label or ''}{confidence}  (top-k: {_top_k_words(p.top_k)})")
+    return Text(f"{shown(p.label or '')}{confidence}  (top-k: {_top_k_words(p.top_k)})")
 
 
 def predictions_csv(preds: Sequence[Prediction]) -> str:
@@ -292,18 +314,18 @@ def predictions_csv(preds: Sequence[Prediction]) -> str:
     writer.writerow(["path", "label", "confidence", "top_k", "error"])
     for p in preds:
         confidence = f"{p.confidence:.4f}" if p.confidence is not None else ""
-        writer.writerow([str(p.path), p.label or "", confidence, _top_k_text(p.top_k), p.error or ""])
+        writer.writerow([shown(p.path), shown(p.label or ""), confidence, _top_k_text(p.top_k), shown(p.error or "")])
     return buf.getvalue()
 
 
 def predictions_json(preds: Sequence[Prediction]) -> str:
     rows: list[dict[str, Any]] = [
         {
-            "path": str(p.path),
-            "label": p.label,
+            "path": shown(p.path),
+            "label": None if p.label is None else shown(p.label),
             "confidence": p.confidence,
-            "top_k": [{"label": label, "confidence": prob} for label, prob in p.top_k],
-            "error": p.error,
+            "top_k": [{"label": shown(label), "confidence": prob} for label, prob in p.top_k],
+            "error": None if p.error is None else shown(p.error),
         }
         for p in preds
     ]
@@ -327,18 +349,18 @@ def backbones_table(specs: Sequence[BackboneSpec], offline: Sequence[bool], defa
         "offline": ["yes" if ok else "no" for ok in offline],
         "note": ["default" if s.name == default else "" for s in specs],
     }
-    shown = list(columns)
+    kept = list(columns)
     for name in _BACKBONE_COLUMNS_DROPPED:
-        if sum(_widest(c, columns[c]) for c in shown) + _table_frame(len(shown)) <= width:
+        if sum(_widest(c, columns[c]) for c in kept) + _table_frame(len(kept)) <= width:
             break
-        shown.remove(name)
-    title = "backbones" if "note" in shown else f"backbones (default: {default})"
+        kept.remove(name)
+    title = "backbones" if "note" in kept else f"backbones (default: {default})"
     table = Table(title=title, title_justify="left")
-    for name in shown:
+    for name in kept:
         # Names are never wrapped: a user copies them into --backbone.
         table.add_column(name, no_wrap=True, justify="right" if name in ("input", "params (M)") else "left")
     for i in range(len(specs)):
-        table.add_row(*(_offline_cell(columns[c][i]) if c == "offline" else columns[c][i] for c in shown))
+        table.add_row(*(_offline_cell(columns[c][i]) if c == "offline" else columns[c][i] for c in kept))
     return table
 
 

@@ -118,6 +118,7 @@ def train(
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
+    _check_output(out, resume)
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier(**settings)
@@ -129,3 +130,22 @@ def train(
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
     render.out_console().print(render.train_summary(clf, data, backbone, saved, png))
     render.print_skipped(clf.skipped_)
+
+
+def _check_output(out: Path, resume: Path | None) -> None:
+    """What would otherwise fail only after the training: an --out (or --resume, where checkpoints go) that is a
+    file, lies under one, or cannot be written. --resume naming nothing is refused too (a mistyped path would
+    silently cost a whole run); a folder without a checkpoint is only a warning, since a run killed before its
+    first checkpoint restarts from the start anyway (its features are cached)."""
+    from headstart.errors import DataError
+    from headstart.serve.artifact import check_writable
+
+    if resume is not None:
+        if not resume.is_dir():
+            raise DataError(f"--resume {resume}: no such folder, so there is no run to continue; give the --out "
+                            "folder of the interrupted run, or drop --resume to train from the start")
+        if not (resume / "checkpoint").exists():
+            render.note(f"warning: --resume {resume}: no checkpoint there (the run stopped before its first "
+                        "fine-tuning epoch, or finished); training from the start")
+        check_writable(resume)
+    check_writable(out)
