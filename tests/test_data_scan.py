@@ -281,3 +281,197 @@ def test_typical_short_side_reads_headers_and_ignores_unreadable_files(tmp_path:
     paths = sorted(root.rglob("*.jpg"))
     assert typical_short_side(paths) == 48  # 5 of 7 readable photos are 48 px on their short side
     assert typical_short_side([root / "a" / "broken.jpg"]) is None
+
+
+# --- hostile folders: links, permissions, DATA that is not a folder, surprises worth a warning (issue 12) ----------
+
+
+def test_root_is_a_file_says_so_and_what_to_pass(tmp_path):
+    root = make_image_folder(tmp_path / "photos", classes=("a", "b"), per_class=2)
+    with pytest.raises(DataError) as err:
+        scan_folder(root / "a" / "a_000.jpg")
+    msg = _assert_one_line(err, "is a file, not a folder", "one sub-folder per class", str(root))
+    assert "no such folder" not in msg
+
+
+def test_a_symlink_loop_as_data_is_named(tmp_path):
+    import os
+
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(DataError) as err:
+        scan_folder(tmp_path / "loop")
+    _assert_one_line(err, "symlink loop")
+
+
+def test_links_out_of_a_class_folder_are_skipped_and_named(tmp_path):
+    """A link from cats/ up to the data folder, or into dogs/, trained the dogs' photos as cats."""
+    import os
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=3)
+    os.symlink(root, root / "cat" / "everything")
+    os.symlink("../dog", root / "cat" / "dogs")
+    os.symlink(root / "dog" / "dog_000.jpg", root / "cat" / "borrowed.jpg")
+    os.symlink("cat_000.jpg", root / "cat" / "again.jpg")  # inside the class folder: fine
+    ds = scan_folder(root, val_split=0.0)
+    assert ds.class_counts() == {"cat": 4, "dog": 3}
+    skipped = dict(ds.skipped)
+    for name in ("everything", "dogs", "borrowed.jpg"):
+        assert skipped[root / "cat" / name].startswith("link leaves the class folder"), skipped
+    assert root / "cat" / "again.jpg" in ds.paths("train")
+
+
+def test_links_to_photos_outside_the_data_folder_are_followed(tmp_path):
+    """A data folder of links into a photo library (what acceptance.sh's split80 builds) trains as before."""
+    import os
+
+    library = make_image_folder(tmp_path / "library", classes=("cat", "dog"), per_class=3)
+    root = tmp_path / "links"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((library / cls).iterdir()):
+            os.symlink(f, root / cls / f.name)
+    os.symlink(library / "cat", root / "cat" / "more")  # a folder link out of the data folder, too
+    ds = scan_folder(root, val_split=0.0)
+    assert ds.class_counts() == {"cat": 6, "dog": 3} and ds.skipped == ()
+
+
+def test_folder_loops_inside_a_class_are_named(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=2)
+    (root / "cat" / "sub").mkdir()
+    os.symlink("..", root / "cat" / "sub" / "back")
+    os.symlink("pong.jpg", root / "cat" / "ping.jpg")
+    os.symlink("ping.jpg", root / "cat" / "pong.jpg")
+    ds = scan_folder(root, val_split=0.0)
+    skipped = dict(ds.skipped)
+    assert skipped[root / "cat" / "sub" / "back"].startswith("symlink loop")
+    assert skipped[root / "cat" / "ping.jpg"] == skipped[root / "cat" / "pong.jpg"] == "symlink loop"
+    assert ds.class_counts() == {"cat": 2, "dog": 2}
+
+
+def test_unreadable_files_are_skipped_as_permission_denied(tmp_path, monkeypatch):
+    """Root reads any file, so open() refuses this one path (the corpus also runs a real chmod 000 unprivileged)."""
+    import os
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=2)
+    locked = root / "cat" / "cat_001.jpg"
+    real_open = os.open
+
+    def refuse(p, *args, **kwargs):
+        if Path(p) == locked:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    ds = scan_folder(root, val_split=0.0)
+    assert dict(ds.skipped) == {locked: "permission denied"}
+    assert locked not in ds.paths("train")
+
+
+def test_named_pipes_are_skipped_without_being_read(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=2)
+    os.mkfifo(root / "cat" / "pipe.jpg")
+    assert dict(scan_folder(root).skipped) == {root / "cat" / "pipe.jpg": "not a regular file (named pipe)"}
+
+
+def test_system_files_and_folders_are_ignored(tmp_path):
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=2)
+    make_image_folder(root / "cat" / "@eaDir", classes=("thumbs",), per_class=2)
+    make_image_folder(root, classes=("__MACOSX",), per_class=1)
+    (root / "dog" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "dog" / "desktop.ini").write_text("[.ShellClassInfo]")
+    ds = scan_folder(root, val_split=0.0)
+    assert ds.classes == ("cat", "dog") and ds.class_counts() == {"cat": 2, "dog": 2} and ds.skipped == ()
+
+
+def test_an_unreadable_class_folder_says_why_it_is_empty(tmp_path, monkeypatch):
+    import os
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog", "eel"), per_class=2)
+    real_scandir = os.scandir
+
+    def refuse(p="."):
+        if Path(p) == root / "eel":
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_scandir(p)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(DataError) as err:
+        scan_folder(root)
+    _assert_one_line(err, "'eel'", "no usable images", "permission denied")
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_clean_folder_gives_no_warning(image_folder, tmp_path, caplog):
+    split = tmp_path / "split"
+    make_image_folder(split / "train", per_class=6, seed=1)
+    make_image_folder(split / "val", per_class=2, seed=2)
+    with caplog.at_level("WARNING", "headstart"):
+        scan_folder(image_folder)
+        scan_folder(split)
+    assert _warnings(caplog) == []
+
+
+def test_a_class_left_without_validation_images_is_warned_about(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=4)
+    make_image_folder(root, classes=("eel",), per_class=1, seed=1)
+    with caplog.at_level("WARNING", "headstart"):
+        scan_folder(root, val_split=0.2)
+    (msg,) = _warnings(caplog)
+    assert "'eel' has only 1 image" in msg and "add more images" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", "headstart"):
+        scan_folder(root, val_split=0.0)  # no validation asked for: nothing goes unmeasured by surprise
+    assert _warnings(caplog) == []
+
+
+def test_a_val_folder_missing_a_class_is_warned_about(tmp_path, caplog):
+    root = tmp_path / "p"
+    make_image_folder(root / "train", per_class=4)
+    make_image_folder(root / "val", classes=("cat", "dog"), per_class=1, seed=1)
+    with caplog.at_level("WARNING", "headstart"):
+        scan_folder(root)
+    (msg,) = _warnings(caplog)
+    assert "'fish'" in msg and str(root / "val" / "fish") in msg
+
+
+def test_loose_images_next_to_class_folders_are_warned_about(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=2)
+    (root / "stray.jpg").write_bytes((root / "cat" / "cat_000.jpg").read_bytes()[::-1])
+    with caplog.at_level("WARNING", "headstart"):
+        ds = scan_folder(root)
+    (msg,) = _warnings(caplog)
+    assert str(root) in msg and "stray.jpg" in msg and "ignored" in msg
+    assert ds.class_counts() == {"cat": 2, "dog": 2}
+
+
+def test_the_same_photo_in_two_classes_is_warned_about(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=3)
+    (root / "dog" / "copy.jpg").write_bytes((root / "cat" / "cat_002.jpg").read_bytes())
+    with caplog.at_level("WARNING", "headstart"):
+        scan_folder(root)
+    (msg,) = _warnings(caplog)
+    assert "same photo" in msg and str(root / "cat" / "cat_002.jpg") in msg and str(root / "dog" / "copy.jpg") in msg
+
+
+def test_duplicates_are_looked_for_only_among_files_of_equal_size(tmp_path, monkeypatch):
+    from headstart.data import surprises
+
+    root = make_image_folder(tmp_path / "p", classes=("cat", "dog"), per_class=5)
+    (root / "cat" / "odd.jpg").write_bytes(b"x" * 7)
+    (root / "dog" / "odd.jpg").write_bytes(b"y" * 7)  # same size, other bytes: read, and no warning
+    by_size: dict[int, set[str]] = {}
+    for p in root.rglob("*.jpg"):
+        by_size.setdefault(p.stat().st_size, set()).add(p.parent.name)
+    shared = {p for p in root.rglob("*.jpg") if len(by_size[p.stat().st_size]) > 1}
+    read = []
+    real_digest = surprises._digest
+    monkeypatch.setattr(surprises, "_digest", lambda p, limit: read.append(p) or real_digest(p, limit))
+    surprises.warn_duplicates({"train": {c: sorted((root / c).glob("*.jpg")) for c in ("cat", "dog")}})
+    assert set(read) == shared and len(read) == len(shared)  # prefixes differ: no full read
