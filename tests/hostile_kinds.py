@@ -304,7 +304,7 @@ KINDS: list[Kind] = [
          build=_image("pal.gif", _palette_transparent("gif"), transparency=0)),
     Kind("mode_CMYK", "CMYK JPEG", CONVERTED, build=_image("cmyk.jpg", lambda: Image.fromarray(_noise(c=4), "CMYK"))),
     Kind("mode_I16", "16-bit greyscale PNG", CONVERTED, build=_image(
-        "deep.png", lambda: Image.fromarray((_noise(c=1).astype(np.uint16) * 257)))),
+        "deep.png", lambda: Image.fromarray(_noise(c=1).astype(np.uint16) * 257))),
     Kind("mode_I", "32-bit integer TIFF", CONVERTED, build=_image(
         "int.tiff", lambda: Image.fromarray(_noise(c=1).astype(np.int32) * 1000, "I"))),
     Kind("mode_F", "32-bit float TIFF", CONVERTED, build=_image(

@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from headstart.data.imageio import ImageDecodeError, load_rgb  # noqa: E402
-from headstart.vision.preprocess import PreprocessConfig, eval_transform  # noqa: E402
+from headstart.data.imageio import ImageDecodeError, load_rgb
+from headstart.vision.preprocess import PreprocessConfig, eval_transform
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

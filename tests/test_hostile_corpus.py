@@ -23,13 +23,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_BACKBONE, make_image_folder
+from hostile_kinds import (
+    BY_NAME,
+    CONVERTED,
+    ERROR,
+    FILE,
+    IGNORED,
+    KINDS,
+    SKIPPED,
+    Kind,
+    make,
+)
+
 from headstart.data.imageio import ImageDecodeError
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.vision.preprocess import PreprocessConfig, load_views
-from hostile_kinds import BY_NAME, CONVERTED, ERROR, FILE, IGNORED, KINDS, SKIPPED, Kind, make
 
 CFG = PreprocessConfig(input_size=32)
 TIME_LIMIT_S = 30  # per kind; the slowest takes well under a second
