@@ -248,6 +248,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
     out = tmp_path / "out"
+    (tmp_path / "earlier").mkdir()  # --resume must name a folder that exists (a typo is refused before any work)
     args = [
         "train", str(image_folder), "--out", str(out), "--backbone", "efficientnet_lite1", "--weights", str(weights),
         "--val-split", "0.25", "--test-split", "0.1", "--epochs", "5", "--lr", "0.01", "--weight-decay", "0",
@@ -360,6 +361,46 @@ def test_predict_exits_1_when_every_image_failed(model_dir: Path, images: list[P
     result = runner.invoke(cli.app, ["predict", str(model_dir), str(images[1]), "--format", "csv"])
     assert result.exit_code == 1
     assert len(list(csv.reader(io.StringIO(result.stdout)))) == 2  # the header and the failed row still print
+
+
+def test_predict_makes_an_unreadable_file_a_row(model_dir: Path, images: list[Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """click's Path(readable=True) asks os.access, which says yes to root whatever the mode: an unreadable file is
+    simulated there. It must reach the classifier (a row with an error), not refuse the whole command."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == images[0] else real_access(p, mode, **kw))
+    result = runner.invoke(cli.app, ["predict", str(model_dir), *map(str, images), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert [row["path"] for row in csv.DictReader(io.StringIO(result.stdout))] == [str(p) for p in images]
+
+
+def test_train_warns_when_resume_has_no_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    result = runner.invoke(cli.app, ["train", str(image_folder), "--out", str(tmp_path / "m"), "--resume",
+                                     str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "warning: --resume" in result.stderr and "no checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "no such resume"])
+def test_train_refuses_an_unusable_out_or_resume_before_fitting(image_folder: Path, tmp_path: Path,
+                                                                where: str) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    flags = {"a file": ["--out", str(taken)], "under a file": ["--out", str(taken / "m")],
+             "no such resume": ["--out", str(tmp_path / "m"), "--resume", str(tmp_path / "nowhere")]}[where]
+    line = _assert_one_error_line(runner.invoke(cli.app, ["train", str(image_folder), *flags]))
+    assert "taken" in line or "nowhere" in line
+    assert FakeClassifier.created == [] and taken.read_text() == "keep me"
+
+
+def test_names_that_are_not_utf8_are_written_escaped() -> None:
+    name = Path(os.fsdecode(b"/photos/caf\xe9-\xff.jpg"))
+    pred = FakePrediction(name, "cat", 0.9, [("cat", 0.9)], None)
+    for text in (cli_render.predictions_csv([pred]), cli_render.predictions_json([pred])):
+        text.encode("utf-8")  # strict
+        assert "caf\\xe9-\\xff.jpg" in text.replace("\\\\", "\\")
+    assert cli_render.shown("café") == "café" and cli_render.shown("plain") == "plain"
 
 
 def test_predict_top_k_must_be_positive(model_dir: Path, images: list[Path]) -> None:
