@@ -470,8 +470,10 @@ def test_duplicates_are_looked_for_only_among_files_of_equal_size(tmp_path, monk
     for p in root.rglob("*.jpg"):
         by_size.setdefault(p.stat().st_size, set()).add(p.parent.name)
     shared = {p for p in root.rglob("*.jpg") if len(by_size[p.stat().st_size]) > 1}
-    read = []
-    real_digest = surprises._digest
-    monkeypatch.setattr(surprises, "_digest", lambda p, limit: read.append(p) or real_digest(p, limit))
+    ends, whole = [], []
+    real_ends, real_whole = surprises._ends_digest, surprises._digest
+    monkeypatch.setattr(surprises, "_ends_digest", lambda p: ends.append(p) or real_ends(p))
+    monkeypatch.setattr(surprises, "_digest", lambda p: whole.append(p) or real_whole(p))
     surprises.warn_duplicates({"train": {c: sorted((root / c).glob("*.jpg")) for c in ("cat", "dog")}})
-    assert set(read) == shared and len(read) == len(shared)  # prefixes differ: no full read
+    assert set(ends) == shared and len(ends) == len(shared)
+    assert whole == []  # their ends differ: never read whole

@@ -66,7 +66,7 @@ def unreadable_reason(path: Path | str) -> str | None:
     Opens and closes the file without reading it: cheap enough for a folder scan, and it sees what a mere
     stat cannot (no read permission, a symlink loop)."""
     try:
-        os.close(_open_regular(Path(path)))
+        os.close(_open_regular(path))
     except ImageDecodeError as e:
         return e.reason
     return None
@@ -111,7 +111,7 @@ def read_size(path: Path | str) -> tuple[int, int]:
             raise ImageDecodeError(_reason(e, path), path) from e
 
 
-def _open_regular(path: Path) -> int:
+def _open_regular(path: Path | str) -> int:
     """A read-only descriptor on `path`, which must be a non-empty regular file.
 
     O_NONBLOCK makes opening a named pipe return at once instead of waiting for a writer; the fstat after
@@ -120,7 +120,7 @@ def _open_regular(path: Path) -> int:
     try:
         fd = os.open(path, flags)
     except OSError as e:
-        raise ImageDecodeError(describe_os_error(e, path), path) from None
+        raise ImageDecodeError(describe_os_error(e, path), Path(path)) from None
     try:
         st = os.fstat(fd)
         problem = _file_type_problem(st)
@@ -130,7 +130,7 @@ def _open_regular(path: Path) -> int:
         problem = describe_os_error(e, path)
     if problem is not None:
         os.close(fd)
-        raise ImageDecodeError(problem, path)
+        raise ImageDecodeError(problem, Path(path))
     return fd
 
 
