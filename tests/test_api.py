@@ -219,3 +219,27 @@ def test_bad_settings_fail_before_any_work(make_clf, image_folder, isolated_cach
         make_clf(**setting).fit(image_folder)
     assert_one_line(str(err.value), needle)
     assert not (isolated_cache / "features").exists()  # nothing was extracted
+
+
+# --- a diverged training is never a silently saved model ---------------------------------------------------------
+
+def test_a_diverged_head_is_a_clear_error_not_a_model(make_clf, image_folder, tmp_path):
+    from headstart.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        make_clf(lr=1e20, epochs=6).fit(image_folder)
+    assert_one_line(str(err.value), "diverged", "learning rate")
+
+
+def test_a_diverged_fine_tuning_keeps_the_last_finite_weights_and_warns(tiny_weights, ft_cache, image_folder,
+                                                                        caplog, one_torch_thread):
+    import logging
+
+    from helpers_finetune import finetune_classifier
+
+    with caplog.at_level(logging.WARNING):
+        clf = finetune_classifier(tiny_weights, finetune_lr=1e30, finetune_epochs=3).fit(image_folder)
+    assert any("fine-tuning diverged" in r.getMessage() for r in caplog.records), caplog.text
+    assert all(np.isfinite(v).all() for v in clf.head_state_.values())
+    proba = clf.predict_proba(_images(image_folder)[:3])
+    assert np.isfinite(proba).all()

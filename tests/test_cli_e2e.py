@@ -150,3 +150,11 @@ def test_a_bad_flag_is_one_error_line_and_exit_2(photos: Path, tmp_path: Path, e
 def test_a_missing_model_directory_is_exit_2(photos: Path, tmp_path: Path, env: dict[str, str]) -> None:
     for command in (["evaluate", tmp_path / "no-model", photos], ["predict", tmp_path / "no-model", photos]):
         _assert_one_error_line(_headstart(*command, env=env))
+
+
+def test_a_diverging_run_is_one_error_line_and_saves_nothing(photos: Path, tiny_weights: Path, tmp_path: Path,
+                                                             env: dict[str, str]) -> None:
+    proc = _headstart("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "6",
+                      "--lr", "1e20", "--device", "cpu", "--out", tmp_path / "m", env=env)
+    assert "diverged" in _assert_one_error_line(proc)
+    assert not (tmp_path / "m" / "headstart.json").exists()

@@ -5,6 +5,9 @@ runs here: its outputs come from the boundary cache (`boundary.py`), one stored 
 epoch. BatchNorm keeps its running statistics (inference mode) unless `train_bn`, the Keras guide's rule, so a
 small batch never overwrites ImageNet statistics. Each epoch ends with an atomic checkpoint; `resume` continues
 from the last one with the same RNG state, so an interrupted run finishes as an uninterrupted one would.
+
+Divergence: an epoch whose training or validation loss is not finite stops stage 2 with a warning, before any
+checkpoint of it; the weights kept are the best finite epoch's, or the stage-1 model's when none beat it.
 """
 
 from __future__ import annotations
@@ -156,6 +159,12 @@ def finetune(
         set_modes(net, head, units, cfg.train_bn)
         train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place)
         val_loss, val_acc = _validate(net, head, boundary, val, place)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            log.warning("fine-tuning diverged at epoch %d (training loss %s, validation loss %s) with learning rate "
+                        "%g: stopped, keeping the best weights before it; lower --finetune-lr", epoch + 1, train_loss,
+                        val_loss, cfg.lr)
+            loop.history.stopped_early = True
+            break
         loop.history.train_loss.append(train_loss)
         loop.history.val_loss.append(val_loss)
         loop.history.val_accuracy.append(val_acc)

@@ -2,6 +2,11 @@
 
 AdamW, a schedule (reduce-on-plateau or warmup + cosine), early stopping on validation loss with the best weights
 restored at the end (fastai/Keras `restore_best_weights`), optional class weights.
+
+Divergence: a training or validation loss that is not finite stops that head at once. Its weights are not kept
+(NaN losses never beat the best, so "the best" would silently be the untrained head): `fit_head` raises a
+ConfigError saying to lower the learning rate; `fit_best_head` drops the diverged candidates with a warning and
+raises only when every one diverged.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from headstart.errors import ConfigError
 from headstart.heads.config import CHUNK_ROWS, HeadConfig
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
@@ -39,9 +45,21 @@ def fit_head(
     head: Head | None = None,
 ) -> tuple[Head, History]:
     """Train a head on features: `head` if given (untrained, standardised for `x_train` already), else a fresh
-    one drawn from `cfg.seed`. Without validation data, trains for all epochs and keeps the last."""
+    one drawn from `cfg.seed`. Without validation data, trains for all epochs and keeps the last. A diverged
+    training (a loss that is not finite) is a ConfigError."""
     with one_thread():
-        return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)
+        try:
+            return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)
+        except _Diverged as diverged:
+            raise ConfigError(str(diverged)) from None
+
+
+class _Diverged(Exception):
+    """A head's loss stopped being finite; the message says where and what to do."""
+
+    def __init__(self, which: str, loss: float, epoch: int, cfg: TrainConfig) -> None:
+        super().__init__(f"training diverged: the head's {which} loss became {loss} at epoch {epoch + 1} with "
+                         f"learning rate {cfg.lr:g}; lower the learning rate (lr, --lr), e.g. to {cfg.lr / 10:g}")
 
 
 def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> tuple[Head, History]:
@@ -82,6 +100,8 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> 
             total += loss.item() * len(idx)
         history.train_loss.append(total / len(yt))
         progress.advance(1)
+        if not math.isfinite(history.train_loss[-1]):
+            raise _Diverged("training", history.train_loss[-1], epoch, cfg)
         if not has_val:
             continue
 
@@ -91,6 +111,8 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> 
             val_loss = F.cross_entropy(logits, yv).item()
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
+        if not math.isfinite(val_loss):
+            raise _Diverged("validation", val_loss, epoch, cfg)
         if cfg.schedule == "plateau":
             plateau.step(val_loss)
         if tracker.update(val_loss, lambda: copy.deepcopy(head.state_dict())):
@@ -170,14 +192,29 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
     with ThreadPoolExecutor(max_workers=min(len(candidates), cpu_threads())) as pool:
         jobs = [pool.submit(_fit_head, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
                 for (head_cfg, cfg), head in zip(candidates, heads)]
-        fits = [job.result() for job in jobs]
+        outcomes = [_outcome(job) for job in jobs]
     progress.finish()
+    diverged = [o for o in outcomes if isinstance(o, _Diverged)]
+    if len(diverged) == len(outcomes):
+        raise ConfigError(str(diverged[0]))
+    for (head_cfg, _), outcome in zip(candidates, outcomes):
+        if isinstance(outcome, _Diverged):
+            log.warning("head candidate (hidden %s) dropped: %s", list(head_cfg.hidden), outcome)
+    kept = [i for i, o in enumerate(outcomes) if not isinstance(o, _Diverged)]
+    candidates, fits = [candidates[i] for i in kept], [outcomes[i] for i in kept]
     losses = [min(history.val_loss, default=math.inf) for _, history in fits]
     best = min(range(len(fits)), key=lambda i: (losses[i], i))
     if len(fits) > 1:
         log.info("head candidates' validation losses %s: kept %s", [round(v, 4) for v in losses], candidates[best][0])
     described = tuple(HeadCandidate(c.hidden, c.dropout, loss) for (c, _), loss in zip(candidates, losses))
     return FittedHead(fits[best][0], fits[best][1], candidates[best][1], described)
+
+
+def _outcome(job) -> tuple[Head, History] | _Diverged:
+    try:
+        return job.result()
+    except _Diverged as diverged:
+        return diverged
 
 
 def _standardized_rows(head: Head, features: np.ndarray):
