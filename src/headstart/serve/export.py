@@ -1,0 +1,369 @@
+"""The whole classifier as one ONNX graph: 8-bit RGB pixels in, class probabilities out.
+
+The graph holds the input normalisation, the backbone with its multi-scale pooling (run once more on the native
+view where the model has one), the head with its standardisation, and the softmax; its metadata holds the class
+names, the resize-and-crop recipe of each input and the headstart version (`onnx_predictor.EXPORT_KEY`), so the
+file alone is enough for any ONNX Runtime user. An export is written only after it agrees with the PyTorch model
+on real or generated images; `quantize_int8` replaces it with a statically quantized copy only when the
+accuracy on validation photos holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from headstart import __version__
+from headstart.backbones.pooled import PooledFeatures
+from headstart.backbones.weights import create_model
+from headstart.data.imageio import ImageDecodeError, load_rgb
+from headstart.data.scan import scan_folder
+from headstart.errors import ArtifactError, DataError
+from headstart.heads.config import head_proba
+from headstart.paths import atomic_path, file_sha256
+from headstart.serve import artifact
+from headstart.serve.onnx_predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_KEY, OnnxPredictor, View
+from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
+
+log = logging.getLogger(__name__)
+
+PARITY_TOL = 1e-3  # max |Δprob| allowed between the exported graph and PyTorch
+PARITY_IMAGES = 32  # images the parity check runs on
+CALIBRATION_IMAGES = 128  # training photos int8 calibration sees (more moved accuracy by nothing, cost minutes)
+INT8_MAX_DROP = 1.0  # accuracy points int8 may lose on the validation photos before the float model is kept
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How the export agreed with PyTorch."""
+
+    n_images: int
+    source: str  # "validation photos" or "generated images"
+    max_dprob: float
+    top1_agreement: float
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    """The int8 decision: float and int8 side by side on the validation photos."""
+
+    accepted: bool
+    reason: str
+    n_val: int
+    n_calibration: int
+    float_accuracy: float
+    int8_accuracy: float
+    float_bytes: int
+    int8_bytes: int
+    float_images_per_s: float
+    int8_images_per_s: float
+    max_drop_points: float
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    bytes: int
+    parity: Parity
+    int8: Int8Report | None = None
+
+
+class _Classifier(nn.Module):
+    """uint8 NHWC views -> probabilities: normalise, pooled features per view (concatenated), head, softmax."""
+
+    def __init__(self, features: PooledFeatures, head: nn.Module, cfg: PreprocessConfig) -> None:
+        super().__init__()
+        self.features, self.head = features, head
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The same float32 operations, in the same order, as vision.preprocess.normalize.
+        x = (pixels.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - self.mean) / self.std
+        return self.features(x)
+
+    def forward(self, pixels: torch.Tensor, native: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self._pooled(pixels)
+        if native is not None:
+            feats = torch.cat([feats, self._pooled(native)], 1)
+        return torch.softmax(self.head(feats), 1)
+
+
+def views_of(cfg: PreprocessConfig) -> tuple[View, ...]:
+    """The graph's inputs: the standard centre crop, and the native view (the whole image at about its own
+    resolution, `vision.preprocess.eval_views`) where the model has one."""
+    views = [View("pixels", cfg.input_size, cfg.resize_size, cfg.interpolation, cfg.crop_pct)]
+    if cfg.native_size:
+        views.append(View("pixels_native", cfg.native_size, cfg.native_size, cfg.interpolation, 1.0))
+    return tuple(views)
+
+
+def export_model(model_dir: str | Path, data: str | Path | None = None, target: Path | None = None) -> ExportReport:
+    """Write `model_dir/model.onnx` (or `target`) and check it against PyTorch on the validation photos of `data`
+    (the training folder) when given, else on generated images; a mismatch raises and leaves no file."""
+    model_dir = Path(model_dir)
+    art = artifact.load(model_dir, with_backbone=False)
+    record = art.record
+    target = Path(target) if target else model_dir / EXPORT_FILE
+    features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
+    model = _Classifier(features.eval(), _head_module(art), record.backbone.preprocess).eval()
+    views = views_of(record.backbone.preprocess)
+    images, source = parity_images(record, data)
+    with atomic_path(target) as tmp:
+        _export_graph(model, views, tmp)
+        _write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE), "float32")
+        parity = check_parity(tmp, features, art, images, source)
+        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
+            raise ArtifactError(
+                f"the ONNX export disagrees with PyTorch on {parity.n_images} {source} (max |Δprob| "
+                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
+                "nothing was written: report this with the model's backbone"
+            )
+    log.info("exported %s (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
+    return ExportReport(target, target.stat().st_size, parity)
+
+
+def _head_module(art: artifact.Artifact) -> nn.Module:
+    from headstart.heads.module import Head
+
+    head = Head(art.record.head)
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in art.head_state.items()})
+    return head.eval()
+
+
+def _export_graph(model: nn.Module, views: tuple[View, ...], path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    examples = tuple(torch.randint(0, 256, (2, v.size, v.size, 3), dtype=torch.uint8, generator=gen) for v in views)
+    batch = torch.export.Dim("batch")
+    # The exporter prints its own progress; the library never prints.
+    with contextlib.redirect_stdout(io.StringIO()), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+        program = torch.onnx.export(
+            model, examples, dynamo=True, input_names=[v.name for v in views], output_names=["probabilities"],
+            dynamic_shapes=tuple({0: batch} for _ in views), verbose=False,
+        )
+    program.save(str(path))
+
+
+def _write_metadata(path: Path, record: artifact.ModelRecord, views: tuple[View, ...], weights_sha: str,
+                    quantization: str) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    pre = record.backbone.preprocess
+    meta = {
+        "format": EXPORT_FORMAT, "format_version": 1, "headstart_version": __version__,
+        "classes": list(record.classes), "backbone": record.backbone.name, "quantization": quantization,
+        "inputs": [v.to_dict() for v in views],
+        "input_layout": "uint8 RGB, N x H x W x 3: resize the short side to 'resize', centre-crop 'size' x 'size'",
+        "normalization": {"mean": list(pre.mean), "std": list(pre.std), "in_graph": True},
+        "output": "probabilities, N x len(classes)",
+        "weights_sha256": weights_sha, "model_created": record.created,
+        "metrics": _val_metrics(record),
+    }
+    del graph.metadata_props[:]
+    for key, value in ((EXPORT_KEY, json.dumps(meta)), ("classes", json.dumps(list(record.classes))),
+                       ("headstart_version", __version__)):
+        graph.metadata_props.add(key=key, value=value)
+    graph.doc_string = f"headstart {__version__} image classifier: {', '.join(record.classes)}"
+    onnx.save(graph, str(path))
+
+
+def _val_metrics(record: artifact.ModelRecord) -> dict:
+    ev = record.fit.val_metrics if record.fit else None
+    return {"val_accuracy": ev.accuracy, "val_n": ev.n} if ev is not None else {}
+
+
+# --- checks ------------------------------------------------------------------------------------------------------
+
+def parity_images(record: artifact.ModelRecord, data: str | Path | None,
+                  n: int = PARITY_IMAGES) -> tuple[list[Image.Image], str]:
+    """Decoded images to check an export on: the validation split of `data` as training made it, else seeded
+    generated ones of several sizes and aspect ratios (smooth gradients and noise, so both views see detail)."""
+    if data is not None:
+        paths = _spread(validation_paths(record, data), n)
+        images = []
+        for p in paths:
+            try:
+                images.append(load_rgb(p, record.backbone.preprocess.resize_size))
+            except ImageDecodeError:
+                continue
+        if images:
+            return images, "validation photos"
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(min(n, 12)):
+        w, h = int(rng.integers(96, 400)), int(rng.integers(96, 400))
+        yy, xx = np.mgrid[:h, :w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, ((xx + yy) * 2) % 256], -1).astype(np.float32)
+        arr = np.clip(base * rng.uniform(0.3, 1.0) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr, "RGB"))
+    return out, "generated images"
+
+
+def validation_paths(record: artifact.ModelRecord, data: str | Path) -> list[Path]:
+    """The validation photos of the training folder `data`, split as training split it (same fraction and seed)."""
+    val_split = float(record.params.get("val_split", 0.2) or 0.0)
+    dataset = scan_folder(data, val_split=val_split, test_split=float(record.params.get("test_split", 0.0) or 0.0),
+                          seed=int(record.params.get("seed", 0)))
+    return dataset.paths("val")
+
+
+def _spread(paths: list[Path], n: int) -> list[Path]:
+    """At most n of `paths`, evenly spaced (the paths are grouped by class: every class gets its share)."""
+    if len(paths) <= n:
+        return list(paths)
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, n)]
+
+
+def check_parity(path: Path, features: PooledFeatures, art: artifact.Artifact, images: list[Image.Image],
+                 source: str) -> Parity:
+    """Probabilities from the exported file against PyTorch's features with the saved head's numpy forward (what
+    the cached-graph predictor computes) on the same decoded images."""
+    cfg = art.record.backbone.preprocess
+    onnx_proba = OnnxPredictor(path).proba_images(images)
+    views = [cfg] + ([replace(cfg, input_size=cfg.native_size, crop_pct=1.0)] if cfg.native_size else [])
+    with torch.no_grad():
+        feats = np.concatenate([
+            features(torch.from_numpy(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))).numpy()
+            for v in views], 1)
+    ref = head_proba(art.record.head, art.head_state, feats)
+    top = np.sort(ref, 1)
+    decided = top[:, -1] - top[:, -2] > 2 * PARITY_TOL  # near-ties may flip by rounding alone
+    agree = float((onnx_proba.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 1.0
+    return Parity(len(images), source, float(np.abs(onnx_proba - ref).max()), agree)
+
+
+# --- int8 ----------------------------------------------------------------------------------------------------------
+
+def quantize_int8(model_dir: str | Path, data: str | Path, max_drop: float = INT8_MAX_DROP,
+                  val: str | Path | None = None, float_path: Path | None = None,
+                  target: Path | None = None) -> Int8Report:
+    """Statically quantize the float export (QDQ, per-channel int8 weights) calibrated on training photos of
+    `data`. The int8 file replaces `target` (default: the float export itself) only when accuracy on the
+    validation photos (`val`, else the validation split of `data`) drops by at most `max_drop` points; else the
+    report says why and nothing changes."""
+    model_dir = Path(model_dir)
+    float_path = Path(float_path) if float_path else model_dir / EXPORT_FILE
+    target = Path(target) if target else float_path
+    record = artifact.load(model_dir).record
+    calib = _calibration_paths(record, data)  # before any work: a folder without photos costs nothing
+    val_folder = Path(val) if val else None
+    if val_folder is None and not validation_paths(record, data):
+        raise DataError(f"{data}: no validation photos to check int8 against; pass --val FOLDER")
+    float_bytes = float_path.stat().st_size
+    float_acc, float_ips, n_val = _accuracy(float_path, val_folder, record, data)
+    try:
+        with atomic_path(target) as tmp:
+            _quantize(float_path, tmp, calib)
+            int8_acc, int8_ips, _ = _accuracy(tmp, val_folder, record, data)
+            drop = (float_acc - int8_acc) * 100
+            report = Int8Report(
+                drop <= max_drop, f"accuracy {float_acc:.2%} -> {int8_acc:.2%} ({-drop:+.1f} points; at most "
+                f"-{max_drop:g} allowed)", n_val, len(calib), float_acc, int8_acc, float_bytes, tmp.stat().st_size,
+                float_ips, int8_ips, max_drop)
+            if not report.accepted:
+                raise _Refused  # inside the block: the int8 file is discarded, the float one stays
+    except _Refused:
+        log.warning("int8 refused: %s; the float model is kept", report.reason)
+    return report
+
+
+class _Refused(Exception):
+    """Leaves the atomic write so that the refused int8 file is removed."""
+
+
+def _calibration_paths(record: artifact.ModelRecord, data: str | Path) -> list[Path]:
+    val_split = float(record.params.get("val_split", 0.2) or 0.0)
+    dataset = scan_folder(data, val_split=val_split, seed=int(record.params.get("seed", 0)))
+    paths = _spread(dataset.paths("train"), CALIBRATION_IMAGES)
+    if not paths:
+        raise DataError(f"{data}: no training photos to calibrate int8 on")
+    return paths
+
+
+def _accuracy(path: Path, val: Path | None, record: artifact.ModelRecord, data: str | Path
+              ) -> tuple[float, float, int]:
+    """(accuracy, images/s with decoding, images) of the export at `path` on the validation photos."""
+    predictor = OnnxPredictor(path)
+    t0 = time.perf_counter()
+    if val is not None:
+        ev, _ = predictor.evaluate(val)
+        return ev.accuracy, ev.n / (time.perf_counter() - t0), ev.n
+    paths = validation_paths(record, data)
+    labels = [record.classes.index(p.parent.name) if p.parent.name in record.classes else -1 for p in paths]
+    proba, ok = predictor.proba_paths(paths)
+    secs = time.perf_counter() - t0
+    y = np.array(labels)[ok]
+    return float((proba.argmax(1) == y).mean()) if len(y) else 0.0, len(paths) / secs, int(len(y))
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over decoded training photos, a batch at a time."""
+
+    def __init__(self, predictor: OnnxPredictor, paths: list[Path], batch: int = 16) -> None:
+        self.predictor, self.paths, self.batch, self.start = predictor, paths, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        while self.start < len(self.paths):
+            chunk = self.paths[self.start:self.start + self.batch]
+            self.start += self.batch
+            feeds = self.predictor.feeds_paths(chunk)
+            if feeds is not None:
+                return feeds
+        return None
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def _quantize(src: Path, dst: Path, calibration: list[Path]) -> None:
+    """QDQ static quantization of the convolutions, per channel, with 7-bit weights (`reduce_range`: without
+    VNNI, ONNX Runtime's u8 x s8 products saturate 16-bit sums; on hymenoptera val full-range weights lost 3.9
+    points, reduced 2.6). The stem convolution stays float: it sees the normalised pixels, whose int8 rounding
+    cost another 2 points. The pooled features and the head stay float too: the concatenated stage outputs differ
+    in scale by orders of magnitude, which one int8 scale cannot hold."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    source = onnx.load(str(src), load_external_data=False)
+    meta = {p.key: p.value for p in source.metadata_props}
+    stem = [next(n.name for n in source.graph.node if n.op_type == "Conv")]  # nodes are in topological order
+    with _quiet("", level=logging.ERROR):  # quantize_static logs advice and progress through the root logger
+        quantize_static(
+            str(src), str(dst), _Calibration(OnnxPredictor(src), calibration), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"], nodes_to_exclude=stem, reduce_range=True,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    graph = onnx.load(str(dst))
+    info = json.loads(meta[EXPORT_KEY])
+    info["quantization"] = "int8 (static QDQ, per-channel, convolutions)"
+    del graph.metadata_props[:]
+    for key, value in {**meta, EXPORT_KEY: json.dumps(info)}.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(dst))
+
+
+@contextlib.contextmanager
+def _quiet(*names: str, level: int = logging.WARNING):
+    """These loggers at `level` or above (the root logger: "") inside the block."""
+    loggers = [logging.getLogger(n or None) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
