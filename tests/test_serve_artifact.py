@@ -394,3 +394,56 @@ def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_model(tiny_weights
     assert "old" in outcomes and outcomes.count("new") >= 3, outcomes
     assert len(outcomes) >= 16, outcomes
     print("kill points survived:", len(outcomes), outcomes)
+
+
+# --- --weights: safetensors, or a torch file read only with weights_only=True --------------------------------
+
+def test_a_model_directory_with_pickles_beside_it_never_runs_them(quick_dir, tiny_cache, tmp_path, image_folder):
+    marker = tmp_path / "pwned"
+    _write_pickles(quick_dir, marker)
+    clf = ImageClassifier.load(quick_dir, device="cpu")  # the pickles are not part of the model: never opened
+    clf.predict(_images(image_folder)[:1])
+    assert not marker.exists()
+
+
+def test_a_torch_zip_disguised_as_safetensors_is_refused_without_running(quick_dir, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    torch.save({"head.mean": _Payload(marker)}, quick_dir / WEIGHTS_FILE)
+    _expect_refusal(quick_dir, WEIGHTS_FILE)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_torch_weights_with_a_payload_are_refused_without_running(tmp_path, suffix):
+    import torch
+
+    from headstart.backbones.weights import as_safetensors, read_state_dict
+    from headstart.errors import WeightsError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"weights{suffix}"
+    torch.save({"state_dict": {"conv_stem.weight": _Payload(marker)}}, path)
+    for read in (read_state_dict, as_safetensors):
+        with pytest.raises(WeightsError) as err:
+            read(path)
+        assert_one_line(str(err.value), str(path))
+    assert not marker.exists()
+
+
+def test_torch_weights_of_plain_tensors_are_read_and_converted_once(tiny_weights, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from headstart.backbones.weights import as_safetensors, read_state_dict
+
+    original = load_file(str(tiny_weights))
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": original, "epoch": 3}, path)  # a typical training checkpoint
+    assert read_state_dict(path).keys() == original.keys()
+    converted = as_safetensors(path)
+    assert converted.suffix == ".safetensors" and as_safetensors(path) == converted
+    again = load_file(str(converted))
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+    assert as_safetensors(tiny_weights) == tiny_weights

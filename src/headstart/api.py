@@ -6,6 +6,7 @@ torch is imported only by `fit`; a saved model predicts with ONNX Runtime and nu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -97,6 +98,11 @@ class ImageClassifier:
         `resume` continues from it."""
         settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
         from headstart.train import pipeline
+
+        if settings.weights is not None:  # a torch file is read with weights_only=True, once, into safetensors
+            from headstart.backbones.weights import as_safetensors
+
+            settings = dataclasses.replace(settings, weights=as_safetensors(Path(settings.weights)))
 
         fitted = pipeline.fit(settings, data, progress or NoProgress(),
                               Path(checkpoint_dir) if checkpoint_dir else None, resume)

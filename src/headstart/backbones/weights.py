@@ -1,6 +1,11 @@
 """Backbone weights as local safetensors files: the bundled Lite packages converted once, hub weights saved once,
 fingerprints for cache keys, and building a timm model from a file. torch and timm are imported only inside the
-functions that need them; nothing here ever unpickles a user's file.
+functions that need them.
+
+A user's weights file is data, never code: `.safetensors` is read as it is; a torch file (`.pt`, `.pth`, `.bin`,
+`.ckpt`) only through `torch.load(weights_only=True)`, whose unpickler builds tensors and plain containers and
+refuses every other object (a crafted pickle is an error, its payload never runs), and then converted once to a
+safetensors file in the cache (`as_safetensors`), which is what everything downstream reads.
 """
 
 from __future__ import annotations
@@ -132,13 +137,60 @@ def load_weights_file(model: "torch.nn.Module", path: Path, prefix: str = "") ->
     model.load_state_dict(state, strict=False)
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
 def read_state_dict(path: Path) -> dict:
-    """safetensors files only: a pickle-based checkpoint from a user is never unpickled."""
+    """The tensors of a weights file: safetensors as it is, a torch file only with `weights_only=True` (never a
+    full unpickle). A torch checkpoint's tensors may sit under "state_dict" or "model"."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: weights file not found")
-    if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: only .safetensors weights are loaded (pickle files can run code); convert it first")
-    from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-    return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc}); re-download or convert it") from None
+    if path.suffix.lower() not in TORCH_SUFFIXES:
+        raise WeightsError(f"{path}: weights must be .safetensors (or a torch file: {', '.join(TORCH_SUFFIXES)})")
+    return _torch_tensors(path)
+
+
+def _torch_tensors(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        # weights_only=True: torch's restricted unpickler, which refuses any global but tensors and containers.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, OSError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise WeightsError(f"{path}: refused: not a plain tensor file ({type(exc).__name__}: {reason}); "
+                           "pass weights as .safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(obj, dict) else {}
+    if not tensors:
+        raise WeightsError(f"{path}: holds no named tensors (a state dict); pass the backbone's weights")
+    return tensors
+
+
+def as_safetensors(path: Path) -> Path:
+    """`path` if it is a safetensors file; a torch file converted once (tensors only, see `read_state_dict`) into
+    the cache, named by the source's content, so that fingerprints, exports and saved models read one format."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    target = cache_root() / "weights" / f"user-{path.stem}-{file_sha256(path)[:16]}.safetensors"
+    if not target.exists():
+        save_state_dict(read_state_dict(path), target)
+        log.info("converted %s -> %s (tensors only)", path, target)
+    return target
