@@ -4,6 +4,7 @@ reports unreadable images, survives a crash mid-extraction, and gathers shards (
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -379,3 +380,54 @@ def test_features_of_the_torch_fallback_are_kept_apart_from_onnx_ones(frozen, ph
     onnx_cache = FeatureCache(frozen)
     assert onnx_cache.engine_kind == "onnxruntime-cpu-fp32"
     assert onnx_cache.features_for(photos, lambda: frozen.engine("cpu")).hits == 0
+
+
+_KEYED_WITHOUT_PERMISSION = """
+import json, sys
+from pathlib import Path
+from headstart.backbones.registry import resolve
+from headstart.cache.features import FeatureCache
+from headstart.runtime.frozen import FrozenBackbone
+weights, *paths = sys.argv[1:]
+frozen = FrozenBackbone.pretrained(resolve("test_efficientnet"), Path(weights))
+got = FeatureCache(frozen).features_for([Path(p) for p in paths], lambda: frozen.engine("cpu"))
+print(json.dumps({"readable": got.readable, "failures": [[str(p), r] for p, r in got.failures]}))
+"""
+
+
+def _without_read_override() -> list[str]:
+    """A command prefix under which file modes are obeyed: none for a user, setpriv dropping root's
+    capabilities (CAP_DAC_OVERRIDE reads any file) for root."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv: file modes cannot be made to deny a read here")
+    prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"setpriv cannot drop capabilities here: {probe.stderr.decode().strip()}")
+    return prefix
+
+
+def test_a_file_without_read_permission_is_a_failure_row_for_a_real_user(frozen, photos, tmp_path, tiny_weights):
+    """The same as the test above, with a real mode 000 file, in a process that obeys file modes."""
+    import subprocess
+    import sys
+
+    prefix = _without_read_override()
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(photos[0].read_bytes())
+    locked.chmod(0)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", _KEYED_WITHOUT_PERMISSION, str(tiny_weights),
+                               str(photos[1]), str(locked), str(photos[2])],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        locked.chmod(0o644)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"readable": [0, 2], "failures": [[str(locked),
+                                                                                           "permission denied"]]}

@@ -24,6 +24,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -122,21 +124,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 # What a write that ran out of room fails with, and how the message says it.
 _FULL_DISK = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _errno_of(exc: BaseException | None) -> int | None:
+    """The errno of a failed write: an OSError's, or one a library wrapped in its own type, as the cause or in
+    the message (safetensors, written in Rust, says "... No space left on device (os error 28)")."""
+    for _ in range(4):  # a short chain of causes, never a loop
+        if exc is None:
+            return None
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        if (found := _RUST_OS_ERROR.search(str(exc))) is not None:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free < (1 << 20)
+    except (OSError, StopIteration):
+        return False
 
 
 def disk_full_error(exc: BaseException | None, path: Path) -> UserError | None:
     """The one-line error for a write to `path` that failed for want of room, or None when `exc` is another
     failure. Inside the cache the way out is another cache folder; elsewhere (a model's --out), another folder."""
-    if not isinstance(exc, OSError) or exc.errno not in _FULL_DISK:
-        return None
     folder = Path(path).parent
+    code = None if isinstance(exc, UserError) else _errno_of(exc)
+    if code is None and isinstance(exc, OSError) and _nearly_full(folder):
+        code = errno.ENOSPC  # a short write reported without an errno (numpy's "4800 requested and 4064 written")
+    if code not in _FULL_DISK:
+        return None
     try:
         in_cache = Path(os.path.abspath(folder)).is_relative_to(os.path.abspath(cache_root()))
     except (OSError, ValueError):
         in_cache = False
     way_out = ("set HEADSTART_CACHE to a folder on a disk with room" if in_cache
                else "choose a folder on a disk with room")
-    return UserError(f"{_FULL_DISK[exc.errno]} on the device holding {folder} (writing {Path(path).name}): "
+    return UserError(f"{_FULL_DISK[code]} on the device holding {folder} (writing {Path(path).name}): "
                      f"free some space there or {way_out}")
 
 
@@ -145,7 +172,7 @@ def disk_space(path: Path) -> Iterator[None]:
     """Inside the block, a write to (or beside) `path` that runs out of room raises `disk_full_error`'s one line."""
     try:
         yield
-    except OSError as exc:
+    except Exception as exc:  # not only OSError: libraries wrap it (see `_errno_of`)
         if (full := disk_full_error(exc, path)) is not None:
             raise full from exc
         raise

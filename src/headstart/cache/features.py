@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -137,8 +138,10 @@ class FeatureCache:
         feats_path, keys_path = self.dir / f"{name}.feats.npy", self.dir / f"{name}.keys.npy"
         key_rows = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, KEY_BYTES)
         for path, arr in ((feats_path, feats.astype(np.float32)), (keys_path, key_rows)):
+            encoded = io.BytesIO()  # np.save into a file reports a short write without its errno (a full disk)
+            np.save(encoded, arr)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:  # features first, keys last: keys make it visible
-                np.save(f, arr)
+                f.write(encoded.getbuffer())
 
     def features_for(
         self, paths: Sequence[Path], engine_factory: Callable[[], Engine], progress: Advance | None = None,
