@@ -8,6 +8,8 @@ onnxruntime, so every command imports `headstart.api` inside its body.
 from headstart.cli import train, evaluate, predict, backbones  # noqa: F401  isort: skip
 from headstart.cli import export  # noqa: F401  isort: skip
 from headstart.cli import serve  # noqa: F401  isort: skip
+from headstart.cli import report  # noqa: F401  isort: skip
+from headstart.cli import check  # noqa: F401  isort: skip
 from headstart.cli.base import app, main
 
 __all__ = ["app", "main"]

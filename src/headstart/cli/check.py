@@ -1,0 +1,87 @@
+"""`headstart check DATA`: data problems before training, as a table (or --json); --strict exits 1 on blocking ones.
+
+Exit codes: 0 the check ran (findings or not), 1 with --strict when a finding blocks, 2 a user error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from headstart import options
+from headstart.cli import render
+from headstart.cli.base import app
+from headstart.cli.progress import ProgressBars
+
+if TYPE_CHECKING:
+    from headstart.data.check import CheckReport
+
+D = options.DEFAULTS
+MAX_FILES_SHOWN = 6  # files per finding in the terminal; --json lists every one
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a finding blocks (unreadable files, one "
+                                         "photo under two labels, duplicates across splits).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Extract the backbone's features if not cached, for "
+                                       "near-duplicates and likely label errors.")] = False,
+    backbone: Annotated[str, typer.Option(help="Backbone whose features find near-duplicates and label errors.")]
+    = D["backbone"],
+    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Backbone weights file.")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction carved off, as for train (for leakage).")]
+    = D["val_split"],
+    seed: Annotated[int, typer.Option(help="Seed of the split, as for train.")] = D["seed"],
+    device: Annotated[str, typer.Option(help="Where features are extracted (auto, cpu, cuda).")] = D["device"],
+) -> None:
+    """Find data problems: unreadable files, duplicates and leakage, imbalance, odd images, likely label errors."""
+    options.check({"val_split": val_split, "seed": seed, "device": device, "backbone": backbone},
+                  spell=lambda n: "--" + n.replace("_", "-"))
+    from headstart.data.check import check_folder
+
+    with ProgressBars() as bars:
+        report = check_folder(data, val_split=val_split, seed=seed, backbone=backbone, weights=weights,
+                              device=device, deep=deep, progress=bars)
+    if as_json:
+        typer.echo(render.shown(json.dumps(report.to_dict(), indent=2)))
+    else:
+        print_report(report)
+    if strict and report.blocking:
+        raise typer.Exit(1)
+
+
+def print_report(report: CheckReport) -> None:
+    console = render.out_console()
+    counts = ", ".join(f"{split} {sum(per.values())}" for split, per in report.counts.items())
+    console.print(Text(render.shown(f"headstart check {report.root}: {len(report.classes)} classes, {counts}")))
+    if report.findings:
+        console.print(findings_table(report))
+    blocking = len(report.blocking)
+    console.print(Text(f"{len(report.findings)} findings, {blocking} blocking"
+                       + (f"; near-duplicates and label errors from {report.backbone}'s features"
+                          f" (cosine >= {report.near_duplicate_cosine})" if report.backbone else "")))
+    for line in report.notes:
+        render.note(f"note: {line}")
+
+
+def findings_table(report: CheckReport) -> Table:
+    """One row per finding; paths fold onto further lines rather than being cut."""
+    table = Table(title="Findings", title_justify="left", show_lines=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("finding", overflow="fold", ratio=1)
+    table.add_column("files", overflow="fold", ratio=2)
+    for f in report.findings:
+        files = [render.shown(p) for p in f.files[:MAX_FILES_SHOWN]]
+        if len(f.files) > MAX_FILES_SHOWN:
+            files.append(f"... and {len(f.files) - MAX_FILES_SHOWN} more (--json lists them)")
+        table.add_row(Text(f.severity, style="bold red" if f.severity == "error" else "yellow"), f.kind,
+                      Text(render.shown(f.message)), Text("\n".join(files)))
+    return table
