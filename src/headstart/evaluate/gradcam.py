@@ -1,0 +1,118 @@
+"""Where the model looks: Grad-CAM (Selvaraju et al., 2017) for a few images, with torch hooks.
+
+A few lines of hooks rather than the `grad-cam` package: that package pulls in OpenCV, scikit-learn and ttach
+for what is here ~30 lines, and its one-target-layer-per-forward model does not fit ours as it is. Our features
+are *several* stages pooled and concatenated (`PooledFeatures`), and a native-view model runs the backbone twice
+per image; the class score's gradient reaches every tapped stage, so the map here is the mean of each tapped
+stage's Grad-CAM on the standard view, each normalised to [0, 1] and upsampled to the input crop.
+
+torch is imported inside the functions: a report without heat maps, and predicting, never pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headstart.vision.preprocess import load_views
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HeatMap", "heat_maps", "overlay"]
+
+
+@dataclass(frozen=True, eq=False)
+class HeatMap:
+    """One image's Grad-CAM for one class: `heat` [input_size, input_size] in [0, 1] over the model's centre
+    crop, and the class score (logit) it explains."""
+
+    path: Path
+    target: int
+    heat: np.ndarray
+    logit: float
+
+
+def _model(clf: Any) -> tuple[Any, Any, list[Any]]:
+    """(features network, head, layers whose outputs are tapped) as torch modules in eval mode, on the CPU."""
+    import torch
+
+    from headstart.heads.module import Head
+
+    feats = clf.frozen_.build_torch()
+    head = Head(clf.head_config_)
+    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in clf.head_state_.items()})
+    head.eval()
+    if feats.multi_scale:
+        b = feats.backbone
+        layers = [b.blocks[i] for i in range(feats._first_tap(), feats.n_stages)] + [b.bn2]
+    else:  # a backbone without EfficientNet's layout: its last module with a 4-D output is found by the hook
+        layers = [m for m in feats.backbone.modules() if isinstance(m, torch.nn.Conv2d)][-1:]
+    return feats, head, layers
+
+
+def heat_maps(clf: Any, paths: list[Path], targets: list[int] | None = None) -> list[HeatMap]:
+    """Grad-CAM of each path for its target class (by default, the predicted class). A fitted ImageClassifier
+    (or anything with its `frozen_`, `head_config_`, `head_state_` attributes); a few images, one at a time."""
+    import torch
+
+    feats, head, layers = _model(clf)
+    cfg = clf.frozen_.spec.preprocess
+    for p in list(feats.parameters()) + list(head.parameters()):
+        p.requires_grad_(False)  # gradients are needed for the activations only
+    out: list[HeatMap] = []
+    for n, path in enumerate(paths):
+        views = [torch.from_numpy(v)[None] for v in load_views(path, cfg)]
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            # Only the standard view's pass (the first len(layers) calls): the map is drawn over that crop.
+            if len(captured) < len(layers) and output.ndim == 4:
+                output.retain_grad()
+                captured.append(output)
+
+        hooks = [layer.register_forward_hook(keep) for layer in layers]
+        try:
+            with torch.enable_grad():
+                x = views[0].requires_grad_(True)  # makes every activation part of the graph
+                pooled = torch.cat([feats(x)] + [feats(v) for v in views[1:]], 1)
+                logits = head(pooled)[0]
+                target = int(logits.argmax()) if targets is None else int(targets[n])
+                logits[target].backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append(HeatMap(Path(path), target, _combine(captured, cfg.input_size), float(logits[target].detach())))
+    return out
+
+
+def _combine(acts: list[Any], size: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    maps = []
+    for a in acts:
+        weights = a.grad.mean((2, 3), keepdim=True)  # the class score's sensitivity to each channel
+        cam = F.relu((weights * a).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        top = cam.max()
+        maps.append(cam / top if top > 0 else cam)  # a stage with no positive evidence adds nothing
+    heat = torch.stack(maps).mean(0) if maps else torch.zeros(size, size)
+    top = heat.max()
+    return (heat / top if top > 0 else heat).detach().numpy().astype(np.float32)
+
+
+def overlay(path: Path, heat: np.ndarray, cfg: Any, alpha: float = 0.45) -> "Any":
+    """The model's centre crop of `path` with the heat map blended over it (matplotlib's 'jet'), as a PIL image."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from headstart.data.imageio import load_rgb
+    from headstart.vision.preprocess import resize_and_crop
+
+    crop = np.asarray(resize_and_crop(load_rgb(path, cfg.resize_size), cfg), dtype=np.float32) / 255.0
+    colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
+    return Image.fromarray(np.uint8(255 * ((1 - alpha) * crop + alpha * colour)))
