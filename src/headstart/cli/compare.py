@@ -1,0 +1,77 @@
+"""`headstart compare DATA --backbones a,b,c [--pick --out model/]`: backbones side by side as a table; --pick
+trains the best one (its features are cached by then, so that costs the head alone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from headstart import options
+from headstart.cli import render
+from headstart.cli.base import app
+from headstart.cli.progress import ProgressBars
+
+if TYPE_CHECKING:
+    from headstart.evaluate.compare import BackboneResult
+
+D = options.DEFAULTS
+
+
+@app.command()
+def compare(
+    data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
+    backbones: Annotated[str, typer.Option(help="Comma list of backbones, e.g. efficientnet_lite0,efficientnet_lite1.")]
+    = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+    pick: Annotated[bool, typer.Option("--pick", help="Train the best backbone and save it in --out.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where --pick saves the model.")] = Path("model"),
+    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                 help="Weights file (one backbone only).")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction for --pick's training.")] = D["val_split"],
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the split.")] = D["seed"],
+    device: Annotated[str, typer.Option(help="Where features are extracted (auto, cpu, cuda).")] = D["device"],
+) -> None:
+    """Compare backbones: extraction speed, 5-fold accuracy with its 95 % interval, size and latency."""
+    names = [b.strip() for b in backbones.split(",") if b.strip()]
+    options.check({"val_split": val_split, "seed": seed, "device": device}, spell=lambda n: "--" + n.replace("_", "-"))
+    if pick:
+        from headstart.serve.artifact import check_writable
+
+        check_writable(out)  # before the extractions, not after them
+    from headstart.evaluate.compare import best, compare_backbones
+
+    with ProgressBars() as bars:
+        results = compare_backbones(data, names, weights=weights, device=device, val_split=val_split, seed=seed,
+                                    progress=bars)
+    render.out_console().print(results_table(results))
+    chosen = best(results)
+    render.out_console().print(Text(f"best: {chosen.backbone} (5-fold accuracy {chosen.cv.accuracy:.1%})"))
+    if pick:
+        _train(data, chosen.backbone, weights, out, val_split, seed, device)
+
+
+def results_table(results: list[BackboneResult]) -> Table:
+    table = Table(title="Backbones (img/s: feature extraction; cv acc: k-fold head accuracy; ms/img: one image's "
+                        "features; new: images extracted by this run)", title_justify="left")
+    table.add_column("backbone", no_wrap=True)
+    for header in ("img/s", "cv acc", "95% interval", "folds", "params M", "MB", "ms/img", "new"):
+        table.add_column(header, justify="right", overflow="fold")
+    for r in results:
+        table.add_row(Text(render.shown(r.backbone)), f"{r.images_per_s:.1f}", f"{r.cv.accuracy:.1%}",
+                      f"{r.cv.low:.1%}-{r.cv.high:.1%}", str(r.cv.folds), f"{r.params_m:.2f}", f"{r.size_mb:.1f}",
+                      f"{r.latency_ms:.1f}", str(r.extracted))
+    return table
+
+
+def _train(data: Path, backbone: str, weights: Path | None, out: Path, val_split: float, seed: int,
+           device: str) -> None:
+    from headstart.api import ImageClassifier
+
+    clf = ImageClassifier(backbone=backbone, weights=weights, val_split=val_split, seed=seed, device=device)
+    with ProgressBars() as bars:
+        clf.fit(data, progress=bars)
+    saved = clf.save(out)
+    render.out_console().print(render.train_summary(clf, data, backbone, saved, None))
