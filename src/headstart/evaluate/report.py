@@ -25,6 +25,7 @@ import numpy as np
 
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
+from headstart.evaluate.crossval import wilson_interval
 from headstart.evaluate.calibration import Calibration, calibrate, reliability_bins, scaled_proba
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.progress import NoProgress, Progress
@@ -32,7 +33,7 @@ from headstart.records import History
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Report", "Scored", "build_report", "render_html", "score_folder", "wilson_interval", "write_report"]
+__all__ = ["Report", "Score", "Scored", "build_report", "render_html", "score_folder", "write_report"]
 
 PAGE = Path(__file__).with_name("report_page.html")
 MAX_THUMBS = 600  # images beyond this are listed by name only: 600 thumbnails are ~1.5 MB of page
@@ -74,7 +75,8 @@ class Score:
 
     @property
     def interval(self) -> tuple[float, float]:
-        return wilson_interval(self.accuracy, self.n)
+        lo, hi = wilson_interval(round(self.accuracy * self.n), self.n)
+        return max(0.0, lo), min(1.0, hi)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,15 +93,6 @@ class Report:
     stage2: History | None
     extra: list[tuple[str, list[Any]]] = field(default_factory=list)  # (title, records) from optional modules
     left_out: list[str] = field(default_factory=list)  # sections not drawn, and why
-
-
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion p measured on n trials (sound at p = 0 or 1, unlike p +- z*se)."""
-    if n <= 0:
-        return 0.0, 1.0
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None) -> Scored:
