@@ -1,0 +1,63 @@
+"""k-fold cross-validation of the head: folds, intervals, and accuracy that tracks how separable the data is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import blobs
+from headstart.errors import DataError
+from headstart.evaluate.crossval import (
+    cross_validate, fold_count, out_of_fold_proba, stratified_folds, summarise, t_interval, wilson_interval,
+)
+
+
+def test_stratified_folds_deal_every_class_evenly() -> None:
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    folds = stratified_folds(labels, 5, seed=1)
+    assert set(folds.tolist()) == set(range(5))
+    for cls in range(3):
+        sizes = np.bincount(folds[labels == cls], minlength=5)
+        assert sizes.max() - sizes.min() <= 1
+
+
+def test_fold_count_shrinks_for_tiny_sets_and_refuses_too_few() -> None:
+    assert fold_count(np.zeros(100, int)) == 5
+    assert fold_count(np.zeros(6, int)) == 3
+    with pytest.raises(DataError, match="at least 4"):
+        fold_count(np.zeros(3, int))
+
+
+def test_intervals_are_known_values() -> None:
+    low, high = wilson_interval(90, 100)  # textbook: 0.826 to 0.945
+    assert low == pytest.approx(0.8256, abs=1e-3) and high == pytest.approx(0.9448, abs=1e-3)
+    low, high = t_interval([0.8, 0.9, 1.0, 0.9, 0.9])  # mean 0.9, sd 0.0707, t(4) = 2.776
+    assert low == pytest.approx(0.9 - 2.776 * 0.0707 / 5 ** 0.5, abs=1e-3)
+
+
+def test_summarise_never_collapses_to_a_point_when_every_fold_is_perfect() -> None:
+    cv = summarise(np.ones(50, bool), np.arange(50) % 5)
+    assert cv.accuracy == 1.0 and cv.high == 1.0 and cv.low < 0.95  # Wilson: 50 photos cannot prove 100 %
+
+
+def test_out_of_fold_rows_come_from_heads_that_never_saw_them() -> None:
+    # Random labels on random features: a head that had seen a row would fit it; out of fold it is chance.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 16)).astype(np.float32)
+    y = rng.integers(0, 2, 80)
+    proba, fold_of = out_of_fold_proba(x, y, 2, folds=4)
+    assert proba.shape == (80, 2) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert set(fold_of.tolist()) == {0, 1, 2, 3}
+    assert 0.25 < (proba.argmax(1) == y).mean() < 0.75
+
+
+def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
+    x, y = blobs(30, spread=0.5)
+    easy = cross_validate(x, y, 3)
+    x, y = blobs(30, spread=6.0)
+    hard = cross_validate(x, y, 3)
+    assert easy.accuracy > 0.85 and easy.folds == 5 and easy.n == 90
+    assert hard.accuracy < easy.accuracy
+    for cv in (easy, hard):
+        assert cv.low <= cv.accuracy <= cv.high and cv.contains(cv.accuracy)
+        assert len(cv.fold_accuracies) == 5
