@@ -28,6 +28,15 @@ def test_recovers_the_temperature_that_distorted_calibrated_logits(t_true: float
     assert t == pytest.approx(t_true, rel=0.08)
 
 
+def test_a_set_without_a_mistake_leaves_the_scores_alone() -> None:
+    z, y = _sampled(300, 3, seed=8)
+    y = z.argmax(1)  # every sample right: the NLL falls towards T -> 0, which would only overfit
+    assert fit_temperature(z, y) == 1.0
+    held_z, held_y = _sampled(300, 3, seed=9)
+    cal = calibrate(held_z, held_y, fit_logits=z, fit_labels=y)
+    assert cal.temperature == 1.0 and cal.ece_after == cal.ece_before
+
+
 def test_the_search_finds_the_grid_minimum_of_the_nll() -> None:
     z, y = _sampled(500, 3, seed=2)
     z = z * 2.2

@@ -51,11 +51,16 @@ def _check(logits: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np
 
 
 def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
-    """The T in [T_MIN, T_MAX] minimising the mean NLL of softmax(logits / T).
+    """The T in [T_MIN, T_MAX] minimising the mean NLL of softmax(logits / T); 1.0 (no scaling) when every
+    sample is classified right, since the NLL then falls all the way to T -> 0 and the fit says nothing about
+    other images. Measured: hymenoptera's 49-image validation split is all right, and the bound T_MIN fitted on
+    it took held-out ECE from 0.027 to 0.039 and log loss from 0.12 to 0.55.
 
     The NLL is convex in beta = 1/T (a log-sum-exp of functions linear in beta, minus a linear term), so it is
     unimodal in log beta too, and a golden-section search over log beta finds its minimum without a gradient."""
     z, y = _check(logits, labels)
+    if (z.argmax(1) == y).all():
+        return 1.0
     lo, hi = np.log(1.0 / T_MAX), np.log(1.0 / T_MIN)
     g = (np.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
