@@ -17,6 +17,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest request body, in MiB.")] = 20,
     max_images: Annotated[int, typer.Option(min=1, help="Most images one request may carry.")] = 16,
+    max_batch: Annotated[int, typer.Option(
+        min=1, help="Most images of waiting requests run as one inference call (1: each request alone).")] = 32,
 ) -> None:
     """Serve POST /predict, GET /health, GET /model and a page at / until interrupted."""
     from headstart.errors import ConfigError
@@ -29,4 +31,5 @@ def serve(
     from headstart.serve.app import Limits, serve as run
 
     render.note(f"serving {model} at http://{host}:{port}/ (Ctrl+C to stop)")
-    run(model, host, port, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_images=max_images))
+    run(model, host, port, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_images=max_images,
+                                  max_batch=max_batch))

@@ -28,13 +28,14 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -56,6 +57,7 @@ class Limits:
     max_pixels: int = 50_000_000  # per image, read from its header before decoding (a 50 kB PNG can hold 1 GP)
     max_batch: int = 32  # images one inference call may gather from waiting requests
     max_top_k: int = 20
+    decoders: int = 4  # uploads decoded at once, across requests: bounds the memory a burst of large images takes
 
 
 class Refusal(Exception):
@@ -105,6 +107,8 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits()) -> FastAPI:
     """The service around an already loaded predictor."""
     app = FastAPI(title="headstart", version=predictor.info.headstart_version, docs_url=None, redoc_url=None)
     batcher = Batcher(predictor, limits.max_batch)
+    # Decoding threads, for all requests together: a decoded photo can take max_pixels x 3 bytes while resized.
+    decoders = anyio.CapacityLimiter(limits.decoders)
     scratch = tempfile.TemporaryDirectory(prefix="headstart-serve-")
     app.state.scratch = scratch  # removed with the app
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -132,7 +136,8 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits()) -> FastAPI:
     async def predict(request: Request, top_k: int = 3) -> JSONResponse:
         k = max(1, min(top_k, limits.max_top_k, len(predictor.classes)))
         uploads = await _read_uploads(request, limits)
-        decoded = await asyncio.gather(*(run_in_threadpool(_decode, data, predictor, limits, Path(scratch.name))
+        decoded = await asyncio.gather(*(anyio.to_thread.run_sync(_decode, data, predictor, limits,
+                                                                  Path(scratch.name), limiter=decoders)
                                          for _, data in uploads))
         bad = [{"file": name, "error": reason} for (name, _), (_, reason) in zip(uploads, decoded) if reason]
         if bad:

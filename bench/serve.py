@@ -1,0 +1,211 @@
+"""Numbers of issue 13 (export, int8, serving), every one measured in this run:
+
+    .venv/bin/python bench/serve.py [--data ../shared/data] [--load-s 30] [--work DIR]
+
+- `predict` images/s with decoding on flowers (all of it) from model.onnx float and int8, against the cached-graph
+  path (`serve.predictor.Predictor`: the backbone's cached ONNX export, the head in numpy), on a flowers model;
+- int8 accuracy change on hymenoptera val (model trained on hymenoptera/train) and on the flowers 80/20 split,
+  and whether the default tolerance would keep it; model sizes;
+- `headstart serve` on 127.0.0.1: POST /predict latency for one image (p50, p95, sequential), then 8 concurrent
+  clients for --load-s seconds (each client bounded to --max-requests): errors, p95, requests/s, server RSS
+  before and after; once with batching of waiting requests (default) and once without (--max-batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HS = [str(ROOT / ".venv" / "bin" / "headstart")]
+sys.path.insert(0, str(ROOT / "bench"))
+from core import split80  # noqa: E402
+
+
+def sh(args: list[str], env: dict) -> str:
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"failed: {' '.join(args)}\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def trained(data: Path, out: Path, env: dict) -> Path:
+    if not (out / "headstart.json").is_file():
+        sh([*HS, "train", str(data), "--out", str(out)], env)
+    return out
+
+
+def exports(model: Path, train: Path, val: Path) -> dict:
+    """float and int8 exports of `model` side by side (float.onnx, int8.onnx), int8 written whatever its drop."""
+    from headstart.serve.export import INT8_MAX_DROP, export_model, quantize_int8
+
+    t0 = time.perf_counter()
+    report = export_model(model, train)
+    export_s = time.perf_counter() - t0
+    shutil.copy2(model / "model.onnx", model / "float.onnx")
+    q = quantize_int8(model, train, max_drop=100.0, val=val, float_path=model / "float.onnx",
+                      target=model / "int8.onnx")
+    drop = (q.float_accuracy - q.int8_accuracy) * 100
+    return dict(parity=report.parity, export_s=export_s, q=q, drop=drop, kept=drop <= INT8_MAX_DROP)
+
+
+def images_per_s(kind: str, model: Path, folder: Path) -> tuple[float, int]:
+    """One predict pass over `folder` (decoding included), after a warm-up on a few images."""
+    from headstart.data.inputs import list_images
+
+    paths, _ = list_images([folder])
+    if kind == "cached graph":
+        from headstart.runtime.frozen import FrozenBackbone
+        from headstart.serve import artifact
+        from headstart.serve.predictor import Predictor
+
+        art = artifact.load(model)
+        r = art.record
+        frozen = FrozenBackbone(r.backbone, model / artifact.WEIGHTS_FILE, r.backbone_weights_id, "backbone.")
+        predictor = Predictor(r.classes, frozen, r.head, art.head_state, "cpu")
+    else:
+        from headstart.serve.onnx_predictor import OnnxPredictor
+
+        predictor = OnnxPredictor(model / f"{kind}.onnx")
+    predictor.predict_table(paths[:16])
+    t0 = time.perf_counter()
+    rows = predictor.predict_table(paths)
+    return len(rows) / (time.perf_counter() - t0), sum(r.error is None for r in rows)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def serve_numbers(model: Path, photo: Path, env: dict, load_s: float, max_requests: int, max_batch: int) -> dict:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*HS, "serve", str(model), "--port", str(port), "--max-batch", str(max_batch)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = photo.read_bytes()
+        files = {"file": (photo.name, body, "image/jpeg")}
+        with httpx.Client(timeout=30) as c:
+            for _ in range(5):
+                c.post(f"{url}/predict", files=files)  # warm-up
+            single = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                assert c.post(f"{url}/predict", files=files).status_code == 200
+                single.append(time.perf_counter() - t0)
+        rss_before = rss_mib(proc.pid)
+        lat: list[float] = []
+        errors = [0]
+        stop = time.monotonic() + load_s
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as c:
+                for _ in range(max_requests):
+                    if time.monotonic() > stop:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        ok = c.post(f"{url}/predict", files=files).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    lat.append(time.perf_counter() - t0)
+                    errors[0] += not ok
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        return dict(p50=pct(single, 50) * 1000, p95=pct(single, 95) * 1000, n=len(lat), errors=errors[0],
+                    load_p95=pct(lat, 95) * 1000, rps=len(lat) / wall, rss_before=rss_before,
+                    rss_after=rss_mib(proc.pid), wall=wall)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/headstart-bench-serve"))
+    ap.add_argument("--load-s", type=float, default=30.0)
+    ap.add_argument("--max-requests", type=int, default=5000, help="bound on each load client's requests")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HEADSTART_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
+    os.environ.update(HEADSTART_CACHE=env["HEADSTART_CACHE"], HF_HUB_OFFLINE="1")
+    hym, flowers = args.data / "hymenoptera", args.data / "flowers"
+    split = work / "flowers-split"
+    if not (split / "train").is_dir():
+        split80(flowers, split)
+    hym_model = trained(hym / "train", work / "hym", env)
+    fl_model = trained(split / "train", work / "flowers", env)
+    rows = []
+    ex = {}
+    for name, model, train, val in (("hymenoptera", hym_model, hym / "train", hym / "val"),
+                                    ("flowers 80/20", fl_model, split / "train", split / "val")):
+        e = ex[name] = exports(model, train, val)
+        q = e["q"]
+        rows += [
+            (f"{name}: export parity", f"max |Δprob| {e['parity'].max_dprob:.1e}, top-1 agreement "
+             f"{e['parity'].top1_agreement:.0%} on {e['parity'].n_images} {e['parity'].source}"),
+            (f"{name}: int8 accuracy (val, n={q.n_val})", f"{q.float_accuracy:.4f} -> {q.int8_accuracy:.4f} "
+             f"({-e['drop']:+.2f} points; default tolerance {'keeps' if e['kept'] else 'refuses'} it)"),
+            (f"{name}: model size", f"float {q.float_bytes / 2**20:.1f} MiB, int8 {q.int8_bytes / 2**20:.1f} MiB"),
+        ]
+    native = ex["flowers 80/20"]["parity"]
+    from headstart.serve.onnx_predictor import OnnxPredictor
+
+    views = ", ".join(f"{v.size} px" for v in OnnxPredictor(fl_model / "float.onnx").info.views)
+    speeds = {kind: images_per_s(kind, fl_model, flowers) for kind in ("cached graph", "float", "int8")}
+    for kind, (ips, n) in speeds.items():
+        rows.append((f"predict flowers ({n} images, views {views}): {kind}", f"{ips:.1f} images/s"))
+    photo = sorted((hym / "val" / "bees").glob("*.jpg"))[0]
+    shutil.copy2(hym_model / "float.onnx", hym_model / "model.onnx")
+    for max_batch in (32, 1):
+        s = serve_numbers(hym_model, photo, env, args.load_s if max_batch > 1 else args.load_s / 2,
+                          args.max_requests, max_batch)
+        tag = "batched" if max_batch > 1 else "unbatched (--max-batch 1)"
+        if max_batch > 1:
+            rows.append(("POST /predict, 1 image, sequential", f"p50 {s['p50']:.1f} ms, p95 {s['p95']:.1f} ms"))
+        rows.append((f"load 8 clients x {s['wall']:.0f} s, {tag}",
+                     f"{s['n']} requests, {s['errors']} errors, p95 {s['load_p95']:.0f} ms, {s['rps']:.1f} req/s, "
+                     f"server RSS {s['rss_before']:.0f} -> {s['rss_after']:.0f} MiB"))
+    del native
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measure'.ljust(width)}  value")
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()
