@@ -114,6 +114,14 @@ def test_without_a_folder_the_report_shows_what_training_recorded(tiny) -> None:
     assert _external(page) == []
 
 
+def test_the_training_folders_validation_split_is_the_one_training_scored(tiny) -> None:
+    clf, model, held_out = tiny
+    report = rep.build_report(clf, model, held_out.parent / "photos", heat_maps=False, split="val")
+    assert report.evaluation.n == clf.val_metrics_.n
+    np.testing.assert_array_equal(report.evaluation.confusion, clf.val_metrics_.confusion)
+    assert [s.name for s in report.scores] == ["validation"] and "(val split)" in report.evaluated_on
+
+
 def test_a_folder_with_a_class_the_model_lacks_is_refused(tiny, tmp_path: Path) -> None:
     from headstart.errors import DataError
 

@@ -95,12 +95,18 @@ class Report:
     left_out: list[str] = field(default_factory=list)  # sections not drawn, and why
 
 
-def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None) -> Scored:
-    """The model's logits on every image of a class-folder set (features from the cache where they are)."""
+def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None, split: str | None = None) -> Scored:
+    """The model's logits on every image of a class-folder set (features from the cache where they are). With
+    `split` ("val", "test"), only that split of the *training* folder, carved as `train` carved it (the model's
+    fractions and seed): what `train` reports on right after fitting."""
     from headstart.cache.dataset import dataset_features
     from headstart.heads.config import head_logits_numpy
 
-    dataset = scan_folder(folder, val_split=0.0, seed=clf.seed)
+    if split is None:
+        dataset = scan_folder(folder, val_split=0.0, seed=clf.seed)
+    else:
+        whole = scan_folder(folder, val_split=clf.val_split, test_split=clf.test_split, seed=clf.seed)
+        dataset = dataclasses.replace(whole, samples=whole.subset(split))
     unknown = [c for c in dataset.classes if c not in clf.classes_]
     if unknown:
         raise DataError(f"{folder}: classes {unknown} are not among the model's {list(clf.classes_)}; "
@@ -130,7 +136,7 @@ def _summary(clf: Any, model_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None) -> list[Score]:
+def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None, split: str | None) -> list[Score]:
     d, out = clf.decision_, []
     chose = "the head, its stopping epoch" + (" and the strategy" if d.strategy != "head" or d.stage2 else "")
     if clf.val_metrics_ is not None:
@@ -139,7 +145,7 @@ def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None) -> list[Scor
     if clf.test_metrics_ is not None:
         out.append(Score("test", "split held out of the training folder", clf.test_metrics_.n,
                          clf.test_metrics_.accuracy, "nothing"))
-    if scored is not None and ev is not None:
+    if scored is not None and ev is not None and not split:
         out.append(Score("this folder", str(scored.folder), ev.n, ev.accuracy,
                          "nothing, unless it overlaps the training folder"))
     return out
@@ -157,7 +163,7 @@ def _optional(spec: tuple[str, str, str]) -> Any:
     return getattr(module, function)
 
 
-def _extra(clf: Any, scored: Scored, left_out: list[str]) -> list[tuple[str, list[Any]]]:
+def _extra(clf: Any, scored: Scored, left_out: list[str], split: str | None) -> list[tuple[str, list[Any]]]:
     """Likely label errors among this folder's images (out-of-fold on its features) and the data check's
     findings about the folder, from the other modules when they are there."""
     out = []
@@ -170,21 +176,24 @@ def _extra(clf: Any, scored: Scored, left_out: list[str]) -> list[tuple[str, lis
     if isinstance(check, str):
         left_out.append(check)
     else:  # features are not looked at here: the label errors above come from this folder's own
-        out.append((CHECK_MODULE[2], list(check(scored.folder, val_split=0.0, backbone=None).findings)))
+        out.append((CHECK_MODULE[2], list(check(scored.folder, val_split=clf.val_split if split else 0.0,
+                                                        test_split=clf.test_split if split else 0.0,
+                                                        backbone=None).findings)))
     return out
 
 
 def build_report(clf: Any, model_dir: str | Path, data: str | Path | None = None, heat_maps: bool = True,
-                 progress: Progress | None = None) -> Report:
+                 progress: Progress | None = None, split: str | None = None) -> Report:
     """Everything the page shows. With `data` (a labelled folder), per-image results: the confusion matrix's
     images, the top-loss gallery with Grad-CAM, calibration; without it, what the training run recorded."""
     model_dir = Path(model_dir)
-    scored = score_folder(clf, data, progress) if data is not None else None
+    scored = score_folder(clf, data, progress, split) if data is not None else None
     left_out: list[str] = []
     if scored is not None and len(scored.labels) == 0:
         raise DataError(f"{data}: no readable images to report on")
     if scored is not None:
-        ev, on = evaluate(scored.labels, scored.proba, clf.classes_), f"{data} (n={len(scored.labels)})"
+        ev = evaluate(scored.labels, scored.proba, clf.classes_)
+        on = f"{data}{f' ({split} split)' if split else ''} (n={len(scored.labels)})"
     else:
         ev, on = clf.val_metrics_, "the training run's validation split (no folder given: no per-image results)"
         left_out.append("Top-loss gallery, heat maps, calibration: need a labelled folder (headstart report MODEL DATA)")
@@ -201,9 +210,9 @@ def build_report(clf: Any, model_dir: str | Path, data: str | Path | None = None
         heat = grad_cam(clf, [scored.paths[i] for i in top], [int(scored.proba[i].argmax()) for i in top])
     elif scored is not None:
         left_out.append("Heat maps: turned off (--no-heatmaps)")
-    extra = _extra(clf, scored, left_out) if scored is not None else []
+    extra = _extra(clf, scored, left_out, split) if scored is not None else []
     stage2 = clf.decision_.stage2.history if clf.decision_.stage2 else None
-    return Report(model_dir.name, _summary(clf, model_dir), _scores(clf, scored, ev), ev, on, scored, cal, heat,
+    return Report(model_dir.name, _summary(clf, model_dir), _scores(clf, scored, ev, split), ev, on, scored, cal, heat,
                   clf.history_, stage2, extra, left_out)
 
 
@@ -401,11 +410,11 @@ def render_html(report: Report, cfg: Any) -> str:
 
 
 def write_report(clf: Any, model_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
-                 heat_maps: bool = True, progress: Progress | None = None) -> Path:
+                 heat_maps: bool = True, progress: Progress | None = None, split: str | None = None) -> Path:
     """Build and write the report (atomically: a failed run leaves any previous report whole); its path."""
     from headstart.paths import atomic_write_bytes
 
-    report = build_report(clf, model_dir, data, heat_maps, progress)
+    report = build_report(clf, model_dir, data, heat_maps, progress, split)
     path = Path(out) if out is not None else Path(model_dir) / "report.html"
     atomic_write_bytes(path, render_html(report, clf.frozen_.spec.preprocess).encode("utf-8"))
     return path
