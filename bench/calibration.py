@@ -1,6 +1,6 @@
 """ECE before and after temperature scaling (issue 14, part 5), measured in this run.
 
-    .venv/bin/python bench/calibration.py [--data ../shared/data]
+    .venv/bin/python bench/calibration.py [--data ../shared/data] [--sets hymenoptera,flowers]
 
 For hymenoptera (train -> val) and flowers (the acceptance check's 80/20 split): train with the defaults, fit
 the temperature on the training run's own validation split (carved from the training folder exactly as `train`
@@ -22,15 +22,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from core import split80  # noqa: E402
+from core import split80
 
-from headstart import ImageClassifier  # noqa: E402
-from headstart.cache.dataset import dataset_features  # noqa: E402
-from headstart.data.scan import scan_folder  # noqa: E402
-from headstart.evaluate.calibration import calibrate  # noqa: E402
-from headstart.evaluate.report import score_folder  # noqa: E402
-from headstart.heads.config import head_logits_numpy  # noqa: E402
-from headstart.progress import NoProgress  # noqa: E402
+from headstart import ImageClassifier
+from headstart.cache.dataset import dataset_features
+from headstart.data.scan import scan_folder
+from headstart.evaluate.calibration import calibrate
+from headstart.evaluate.report import score_folder
+from headstart.heads.config import head_logits_numpy
+from headstart.progress import NoProgress
 
 
 def validation_logits(clf: ImageClassifier, train_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +60,13 @@ def measure(name: str, train_dir: Path, held_out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--sets", default="hymenoptera,flowers", help="comma-separated: hymenoptera, flowers")
     args = ap.parse_args()
-    measure("hymenoptera", args.data / "hymenoptera" / "train", args.data / "hymenoptera" / "val")
+    sets = args.sets.split(",")
+    if "hymenoptera" in sets:
+        measure("hymenoptera", args.data / "hymenoptera" / "train", args.data / "hymenoptera" / "val")
+    if "flowers" not in sets:
+        return
     with tempfile.TemporaryDirectory(prefix="headstart-calib-") as work:
         split = Path(work) / "flowers"
         split80(args.data / "flowers", split)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from headstart.evaluate.calibration import (
-    T_MAX, T_MIN, calibrate, fit_temperature, reliability_bins, scaled_proba, _nll,
+    T_MAX,
+    T_MIN,
+    _nll,
+    calibrate,
+    fit_temperature,
+    reliability_bins,
+    scaled_proba,
 )
 from headstart.evaluate.metrics import expected_calibration_error
 

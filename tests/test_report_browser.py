@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_evaluate_report import tiny_report_model
 
 RECORD_COPY = Path("/tmp/report-page.png")

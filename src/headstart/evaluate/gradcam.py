@@ -68,13 +68,7 @@ def heat_maps(clf: Any, paths: list[Path], targets: list[int] | None = None) -> 
         views = [torch.from_numpy(v)[None] for v in load_views(path, cfg)]
         captured: list[torch.Tensor] = []
 
-        def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            # Only the standard view's pass (the first len(layers) calls): the map is drawn over that crop.
-            if len(captured) < len(layers) and output.ndim == 4:
-                output.retain_grad()
-                captured.append(output)
-
-        hooks = [layer.register_forward_hook(keep) for layer in layers]
+        hooks = [layer.register_forward_hook(_keeper(captured, len(layers))) for layer in layers]
         try:
             with torch.enable_grad():
                 x = views[0].requires_grad_(True)  # makes every activation part of the graph
@@ -87,6 +81,18 @@ def heat_maps(clf: Any, paths: list[Path], targets: list[int] | None = None) -> 
                 h.remove()
         out.append(HeatMap(Path(path), target, _combine(captured, cfg.input_size), float(logits[target].detach())))
     return out
+
+
+def _keeper(captured: list[Any], n: int) -> Any:
+    """A forward hook keeping the first `n` 4-D outputs: the standard view's pass (a native view's second pass
+    comes after it), over whose crop the map is drawn."""
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        if len(captured) < n and output.ndim == 4:
+            output.retain_grad()
+            captured.append(output)
+
+    return keep
 
 
 def _combine(acts: list[Any], size: int) -> np.ndarray:
@@ -105,7 +111,7 @@ def _combine(acts: list[Any], size: int) -> np.ndarray:
     return (heat / top if top > 0 else heat).detach().numpy().astype(np.float32)
 
 
-def overlay(path: Path, heat: np.ndarray, cfg: Any, alpha: float = 0.45) -> "Any":
+def overlay(path: Path, heat: np.ndarray, cfg: Any, alpha: float = 0.45) -> Any:
     """The model's centre crop of `path` with the heat map blended over it (matplotlib's 'jet'), as a PIL image."""
     from matplotlib import colormaps
     from PIL import Image

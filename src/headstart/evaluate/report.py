@@ -25,8 +25,13 @@ import numpy as np
 
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
+from headstart.evaluate.calibration import (
+    Calibration,
+    calibrate,
+    reliability_bins,
+    scaled_proba,
+)
 from headstart.evaluate.crossval import wilson_interval
-from headstart.evaluate.calibration import Calibration, calibrate, reliability_bins, scaled_proba
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.progress import NoProgress, Progress
 from headstart.records import History
