@@ -33,8 +33,8 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
     deep: Annotated[bool, typer.Option("--deep", help="Extract the backbone's features if not cached, for "
                                        "near-duplicates and likely label errors.")] = False,
-    backbone: Annotated[str, typer.Option(help="Backbone whose features find near-duplicates and label errors.")]
-    = D["backbone"],
+    backbone: Annotated[str, typer.Option(
+        help="Backbone whose features find near-duplicates and label errors (empty: none).")] = D["backbone"],
     weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Backbone weights file.")] = None,
     val_split: Annotated[float, typer.Option(help="Validation fraction carved off, as for train (for leakage).")]
     = D["val_split"],

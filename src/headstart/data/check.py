@@ -139,7 +139,7 @@ def check_folder(data: str | Path, val_split: float = 0.2, test_split: float = 0
     notes: list[str] = []
     used = None
     if backbone:
-        feats = _features(dataset, backbone, weights, device, deep, progress, notes)
+        feats = _features(dataset, keys, backbone, weights, device, deep, progress, notes)
         if feats is not None:
             used = backbone
             findings += near_duplicate_findings(feats.paths, feats.features, feats.splits, _by_key(paths, keys))
@@ -295,11 +295,11 @@ def label_findings(feats, classes: Sequence[str]) -> list[Finding]:
             for i in issues]
 
 
-def _features(dataset: Dataset, backbone: str, weights: Path | None, device: str, deep: bool, progress,
-              notes: list[str]):
+def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, weights: Path | None, device: str,
+              deep: bool, progress, notes: list[str]):
     """The dataset's features when cached (or, `deep`, extracted now), else None with a note saying why."""
     from headstart.cache.dataset import dataset_features
-    from headstart.cache.features import FeatureCache, content_keys
+    from headstart.cache.features import FeatureCache
     from headstart.errors import WeightsError
     from headstart.runtime.frozen import FrozenBackbone
 
@@ -312,7 +312,6 @@ def _features(dataset: Dataset, backbone: str, weights: Path | None, device: str
         return None
     if not deep:
         index, _ = FeatureCache(frozen, engine_kind=frozen.engine_kind(device)).index()
-        keys, _ = content_keys([s.path for s in dataset.samples])
         if not all(k in index for k in keys if k is not None):
             notes.append(f"near-duplicates and label errors not looked for: {backbone}'s features are not cached "
                          "(run `headstart train` first, or check --deep to extract them now)")
