@@ -46,7 +46,8 @@ def compare_backbones(data: str | Path, backbones: list[str], weights: Path | No
                       progress: Progress | None = None) -> list[BackboneResult]:
     """One `BackboneResult` per backbone, in the order given."""
     if not backbones:
-        raise ConfigError("--backbones names no backbone; give a comma list, e.g. efficientnet_lite0,efficientnet_lite1")
+        raise ConfigError("--backbones names no backbone; give a comma list, e.g. "
+                          "efficientnet_lite0,efficientnet_lite1")
     if weights is not None and len(backbones) > 1:
         raise ConfigError("--weights is one backbone's file: compare one backbone with it, or drop --weights")
     dataset = scan_folder(data, val_split=val_split, seed=seed)
