@@ -244,6 +244,16 @@ def test_bugs_are_not_swallowed(image_folder: Path, monkeypatch: pytest.MonkeyPa
 # --------------------------------------------------------------------------- train
 
 
+def test_resume_without_out_finishes_the_run_in_its_own_folder(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    result = runner.invoke(cli.app, ["train", str(image_folder), "--resume", str(run)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    (clf,) = FakeClassifier.created
+    assert clf.fit_args == {"checkpoint_dir": run / "checkpoint", "resume": True}
+    assert (run / "headstart.json").exists() and not Path("model").exists()
+
+
 def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")

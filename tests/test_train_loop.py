@@ -36,3 +36,13 @@ def test_plateau_matches_torch_reduce_on_plateau():
         ref.step(loss)
         assert ours.lr == pytest.approx(opt.param_groups[0]["lr"])
     assert ours.lr < 1e-3 * 0.3 * 0.9  # it did reduce, twice
+
+
+def test_an_absurd_rate_makes_the_step_non_finite_instead_of_overflowing():
+    """lr=1e38 over a first step's bias correction (0.1) is beyond float32: the step clamps, the weights go
+    non-finite, and the loop reports the divergence (train.fit_head) rather than a RuntimeError here."""
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 0.5)
+    opt = train.HeadAdamW([w], weight_decay=0.0)
+    opt.step(1e38)
+    assert not torch.isfinite(w).all() or w.abs().max() > 1e37

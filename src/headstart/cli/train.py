@@ -82,8 +82,9 @@ def _parse_hidden(text: str) -> tuple[int, ...] | str:
 @app.command()
 def train(
     data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to save the model in.",
-                                      rich_help_panel=OUTPUT)] = Path("model"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Directory to save the model in [default: model, or the --resume folder].",
+        show_default=False, rich_help_panel=OUTPUT)] = None,
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue the interrupted run saved in this model directory.",
         rich_help_panel=OUTPUT)] = None,
@@ -118,6 +119,7 @@ def train(
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
+    out = out or resume or Path("model")  # resuming a run finishes it where it was going
     _check_output(out, resume)
     from headstart.api import ImageClassifier
 

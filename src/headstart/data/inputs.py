@@ -33,10 +33,8 @@ def expand_inputs(inputs: Iterable[str | Path] | str | Path) -> list[InputImage]
         p = Path(os.fsdecode(raw)).expanduser()
         if p.is_dir():
             out += _folder_images(p)
-        elif p.exists():
+        elif os.path.lexists(p):  # links that loop or dangle too: decoding names what is wrong with them
             out.append(InputImage(p))
-        elif p.is_symlink():
-            out.append(InputImage(p, "broken link"))
         else:
             out.append(InputImage(p, "no such file"))
     return out

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 
 
 class BestTracker:
@@ -63,7 +65,10 @@ class HeadAdamW:
             p.mul_(1 - lr * self.weight_decay)
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            p.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(self.eps), value=-lr / bias1)
+            # Clamped to float32's range: an absurd rate (1e38) must diverge, and be reported as such by the
+            # loop, not overflow the scalar here.
+            step = max(-_FLOAT32_MAX, min(_FLOAT32_MAX, -lr / bias1))
+            p.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(self.eps), value=step)
 
 
 class Plateau:
