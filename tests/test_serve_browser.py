@@ -53,7 +53,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_weights, tiny_onnx):
+def browser_paths() -> tuple[str, str]:
+    """Checked before the service starts: without a browser nothing else is worth building."""
+    return _browser_paths()
+
+
+@pytest.fixture(scope="module")
+def served(browser_paths, tmp_path_factory, tiny_weights, tiny_onnx):
     """(base URL, model directory, whether it is a real hymenoptera model) of a running `headstart serve`."""
     import httpx
 
@@ -90,8 +96,8 @@ def served(tmp_path_factory, tiny_weights, tiny_onnx):
 
 
 @pytest.fixture
-def browser():
-    browser_path, driver_path = _browser_paths()
+def browser(browser_paths):
+    browser_path, driver_path = browser_paths
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
@@ -110,7 +116,7 @@ def browser():
     driver.quit()
 
 
-def test_page_shows_the_label_of_a_real_photo(served, browser, tmp_path: Path) -> None:
+def test_page_shows_the_label_of_a_real_photo(browser, served, tmp_path: Path) -> None:
     import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -152,7 +158,7 @@ def test_page_shows_the_label_of_a_real_photo(served, browser, tmp_path: Path) -
         pass
 
 
-def test_page_names_an_unreadable_file(served, browser, tmp_path: Path) -> None:
+def test_page_names_an_unreadable_file(browser, served, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -18,7 +18,7 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest request body, in MiB.")] = 20,
     max_images: Annotated[int, typer.Option(min=1, help="Most images one request may carry.")] = 16,
     max_batch: Annotated[int, typer.Option(
-        min=1, help="Most images of waiting requests run as one inference call (1: each request alone).")] = 32,
+        min=1, help="Most images of waiting requests run as one inference call (1: each request alone).")] = 1,
 ) -> None:
     """Serve POST /predict, GET /health, GET /model and a page at / until interrupted."""
     from headstart.errors import ConfigError

@@ -11,8 +11,9 @@ that is not a readable image (the error names each such file; a request is answe
 No request names a path the server reads or writes: uploads are decoded from a private temporary folder under
 names the server picks, and the page is served from the package's own folder.
 
-Inference runs on one worker thread, off the event loop: requests that arrive while it is busy wait in a queue and
-run together as one batch, so a burst costs one inference call instead of many competing ones.
+Inference runs on one worker thread, off the event loop, one call at a time (calls competing for two cores only
+slow each other). With `max_batch` > 1, requests that queued up while it was busy run together as one batch; on
+this 2-core CPU that measured slower (bench/serve.py: 7.4 against 12.0 requests/s, 8 clients), so it is off.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Limits:
     max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
     max_images: int = 16  # files per request
     max_pixels: int = 50_000_000  # per image, read from its header before decoding (a 50 kB PNG can hold 1 GP)
-    max_batch: int = 32  # images one inference call may gather from waiting requests
+    max_batch: int = 1  # images one inference call may gather from waiting requests (see --max-batch)
     max_top_k: int = 20
     decoders: int = 4  # uploads decoded at once, across requests: bounds the memory a burst of large images takes
 
