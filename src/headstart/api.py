@@ -21,6 +21,8 @@ from headstart.progress import NoProgress, Progress
 from headstart.records import Decision, FitReport, History
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.serve import artifact
+from headstart.runtime.device import pick_device
+from headstart.serve.onnx_predictor import OnnxPredictor, load_export
 from headstart.serve.predictor import Prediction, Predictor
 from headstart.train.config import TrainConfig
 
@@ -116,6 +118,7 @@ class ImageClassifier:
         self.head_config_ = head_config
         self.head_state_ = head_state
         self.report_ = report
+        self._export: OnnxPredictor | None = None  # set by `load` when the model directory holds model.onnx
 
     # The run's record, attribute by attribute (read-only views of `report_`).
     decision_: Decision = property(lambda self: self.report_.decision)  # type: ignore[assignment]
@@ -130,9 +133,13 @@ class ImageClassifier:
 
     # --- inference ---------------------------------------------------------------------------------------------
 
-    def _predictor(self) -> Predictor:
+    def _predictor(self) -> Predictor | OnnxPredictor:
+        """The exported model.onnx of a loaded model when it is up to date and the model runs on the CPU (no torch,
+        no cache needed), else the backbone through the feature engine and the head in numpy."""
         if not hasattr(self, "classes_"):
             raise DataError("this ImageClassifier is not fitted yet: call fit(folder) or ImageClassifier.load(dir)")
+        if self._export is not None and pick_device(self.device) == "cpu":
+            return self._export
         return Predictor(tuple(self.classes_), self.frozen_, self.head_config_, self.head_state_, self.device)
 
     def predict_table(
@@ -182,6 +189,7 @@ class ImageClassifier:
                                 weights_prefix="backbone.")
         report = record.fit or FitReport(Decision(), History(), TrainConfig(), {})
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
+        clf._export = load_export(model_dir)
         return clf
 
 

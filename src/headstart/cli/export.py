@@ -30,13 +30,9 @@ def export(
     if quantize and data is None:
         raise ConfigError("--quantize int8 calibrates on the training photos: pass --data FOLDER (the folder the "
                           "model was trained on)")
-    from headstart.serve.export import export_model, quantize_int8
+    from headstart.serve.export import quantize_int8
 
-    report = export_model(model, data)
-    p = report.parity
-    typer.echo(f"wrote {report.path} ({_mib(report.bytes)}, float32)")
-    typer.echo(f"parity with PyTorch on {p.n_images} {p.source}: max |Δprob| {p.max_dprob:.1e}, "
-               f"top-1 agreement {p.top1_agreement:.1%}")
+    write_export(model, data)
     if quantize:
         q = quantize_int8(model, data, max_drop=max_drop, val=val)
         verdict = "kept int8" if q.accepted else "refused: model.onnx stays float32"
@@ -46,6 +42,17 @@ def export(
                    f"{q.float_images_per_s:.0f} -> {q.int8_images_per_s:.0f} images/s with decoding: {verdict}")
         if not q.accepted:
             render.note(f"int8 refused: accuracy dropped more than {max_drop:g} points (see --max-drop)")
+
+
+def write_export(model: Path, data: Path | None) -> None:
+    """Export and say how the file agrees with PyTorch (shared by `export` and `train --export`)."""
+    from headstart.serve.export import export_model
+
+    report = export_model(model, data)
+    p = report.parity
+    typer.echo(f"wrote {report.path} ({_mib(report.bytes)}, float32)")
+    typer.echo(f"parity with PyTorch on {p.n_images} {p.source}: max |Δprob| {p.max_dprob:.1e}, "
+               f"top-1 agreement {p.top1_agreement:.1%}")
 
 
 def _mib(n: int) -> str:

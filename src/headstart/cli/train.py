@@ -85,6 +85,8 @@ def train(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Directory to save the model in [default: model, or the --resume folder].",
         show_default=False, rich_help_panel=OUTPUT)] = None,
+    export: Annotated[bool, typer.Option(
+        "--export", help="Also write model.onnx (see `headstart export`).", rich_help_panel=OUTPUT)] = False,
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue the interrupted run saved in this model directory.",
         rich_help_panel=OUTPUT)] = None,
@@ -132,6 +134,10 @@ def train(
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
     render.out_console().print(render.train_summary(clf, data, backbone, saved, png))
     render.print_skipped(clf.skipped_)
+    if export:
+        from headstart.cli.export import write_export
+
+        write_export(saved, data)
 
 
 def _check_output(out: Path, resume: Path | None) -> None:
