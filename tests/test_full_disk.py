@@ -147,6 +147,30 @@ def test_a_feature_cache_on_a_full_disk_keeps_its_shards_and_says_so(full_tmpfs,
     np.testing.assert_array_equal(got.features[:6], first)
 
 
+def test_an_export_failing_on_a_full_disk_is_that_line_not_a_remembered_export_failure(full_tmpfs, tiny_weights,
+                                                                                        monkeypatch):
+    """The exporter says it in words of its own; taken for a network it cannot export, the run would fall back to
+    torch and remember never to export again."""
+    from headstart.backbones.registry import resolve
+    from headstart.runtime.export import known_failure, onnx_path_for
+    from headstart.runtime.frozen import FrozenBackbone
+
+    monkeypatch.setenv("HEADSTART_CACHE", str(full_tmpfs.root))
+
+    def exporter_out_of_room(*args, **kwargs):
+        raise RuntimeError("Failed to export the model: could not write the serialized program")
+
+    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", exporter_out_of_room)
+    frozen = FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
+    (full_tmpfs.root / "onnx").mkdir()
+    full_tmpfs.fill()
+    with pytest.raises(UserError) as err:
+        frozen.engine("cpu")
+    assert_one_line(str(err.value), "no space left", "HEADSTART_CACHE")
+    full_tmpfs.free()
+    assert known_failure(onnx_path_for(frozen.spec, frozen.weights_id)) is None
+
+
 _FILL_STORE = textwrap.dedent("""
     import sys
     from pathlib import Path

@@ -141,6 +141,13 @@ def _errno_of(exc: BaseException | None) -> int | None:
     return None
 
 
+def short_of_room(path: Path) -> UserError | None:
+    """`disk_full_error`'s line when the disk that would hold `path` has (nearly) no room left, else None: for
+    failures a library reports in words of its own, which must not be taken for another problem."""
+    folder = Path(path).parent
+    return disk_full_error(OSError(errno.ENOSPC, "no space left"), path) if _nearly_full(folder) else None
+
+
 def _nearly_full(folder: Path) -> bool:
     try:
         return shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free < (1 << 20)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.backbones.weights import create_model, pretrained_weights_path, weights_fingerprint
-from headstart.paths import store_key
+from headstart.paths import disk_full_error, short_of_room, store_key
 from headstart.runtime.device import pick_device
 from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path, torch_kind
 from headstart.runtime.export import export_onnx, known_failure, onnx_path_for, open_cached, remember_failure
@@ -66,6 +66,8 @@ class FrozenBackbone:
             export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
                         other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else ())
         except RuntimeError as exc:
+            if (full := disk_full_error(exc, path) or short_of_room(path)) is not None:
+                raise full from exc  # not the network's fault: neither remembered nor worked around
             remember_failure(path, str(exc))
             raise
 
