@@ -134,7 +134,7 @@ def fault_tests() -> list[tuple[str, int, int, int, str]]:
         failed = len(re.findall(rf"^(?:FAILED|ERROR) tests/{re.escape(f)}::", out, re.M))
         skipped = len(re.findall(rf"^SKIPPED \[\d+\] tests/{re.escape(f)}", out, re.M))
         section = out.split(f"tests/{f}::")
-        examples = sum(int(n) for chunk in section[1:] for n in re.findall(r"(\d+) passing examples", chunk.split(
+        examples = sum(int(n) for chunk in section[1:] for n in re.findall(r"(\d+) passing", chunk.split(
             "tests/", 1)[0]))
         results.append((f, passed, failed, skipped, str(examples) if examples else "-"))
     return results

@@ -81,7 +81,7 @@ def _parse_hidden(text: str) -> tuple[int, ...] | str:
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
+    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally train/val/test).")],
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Directory to save the model in [default: model, or the --resume folder].",
         show_default=False, rich_help_panel=OUTPUT)] = None,
