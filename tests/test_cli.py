@@ -244,7 +244,9 @@ def test_bugs_are_not_swallowed(image_folder: Path, monkeypatch: pytest.MonkeyPa
 # --------------------------------------------------------------------------- train
 
 
-def test_resume_without_out_finishes_the_run_in_its_own_folder(image_folder: Path, tmp_path: Path) -> None:
+def test_resume_without_out_finishes_the_run_in_its_own_folder(image_folder: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where a default --out would land
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     result = runner.invoke(cli.app, ["train", str(image_folder), "--resume", str(run)], env={"COLUMNS": "160"})
@@ -501,7 +503,7 @@ def test_train_flags_are_the_options_with_their_defaults() -> None:
     from headstart import options
 
     params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume"}
+    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export"}
     defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
     defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
     defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])

@@ -122,6 +122,9 @@ def train(
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
     out = out or resume or Path("model")  # resuming a run finishes it where it was going
+    from headstart.data.scan import check_root
+
+    check_root(data)
     _check_output(out, resume)
     from headstart.api import ImageClassifier
 

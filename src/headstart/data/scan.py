@@ -95,7 +95,7 @@ def scan_folder(
     val_split/test_split and one np.random.default_rng(seed) for the whole call.
     """
     root = Path(root).expanduser()
-    _check_root(root)
+    check_root(root)
     _check_fractions(val_split, test_split)
 
     skipped: list[tuple[Path, str]] = []
@@ -176,7 +176,7 @@ def _check_fractions(val_split: float, test_split: float) -> None:
         )
 
 
-def _check_root(root: Path) -> None:
+def check_root(root: Path) -> None:
     """One line saying what DATA is when it is not a folder, and what to pass instead."""
     hint = "point headstart at a folder of class sub-folders (photos/<class>/*.jpg)"
     try:
