@@ -3,6 +3,7 @@ reports unreadable images, survives a crash mid-extraction, and gathers shards (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -295,101 +296,17 @@ def test_a_named_pipe_is_a_failure_row_and_never_waits_for_a_writer(frozen, phot
     assert got.readable == [1] and got.failures == [(pipe, "not a regular file (named pipe)")]
 
 
-# --- the engine that computed the features is part of the key (issue 12) --------------------------------------
-
-
-def test_cpu_onnx_features_keep_the_key_they_had_before_engines_were_told_apart(frozen):
-    """ONNX Runtime's entries are not invalidated: their key is the one written before the engine was a part."""
-    from headstart.paths import store_path
-
-    before = dict(timm=frozen.spec.timm_name, w=frozen.weights_id, pre=frozen.spec.preprocess.to_dict())
-    assert FeatureCache(frozen).dir == store_path("features", before)
-    assert frozen.engine_kind("cpu") == "onnxruntime-cpu-fp32"
-    assert frozen.cache_key("torch-cuda-bf16") != frozen.cache_key() != frozen.cache_key("torch-cpu-fp32")
-
-
-class _DriftedTorchEngine:
-    """Stands in for TorchEngine on CUDA (no GPU here): ONNX Runtime's features moved by 2%, as bfloat16's are."""
-
-    def __init__(self, model, device: str) -> None:
-        from headstart.runtime.engines import torch_kind
-
-        self.kind = torch_kind(device)
-        self.model = model
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.from_numpy(batch)).numpy() * 1.02
-
-
-def test_features_from_a_cuda_engine_are_never_read_back_for_an_onnx_run(frozen, photos, monkeypatch):
-    from headstart.cache.dataset import path_features
-    from headstart.progress import NoProgress
-    from headstart.runtime import frozen as frozen_module
-
-    labels, splits = np.zeros(len(photos), np.int64), np.array(["train"] * len(photos))
-    exact = _direct_features(frozen, photos)
-    with monkeypatch.context() as mp:
-        mp.setattr(frozen_module, "pick_device", lambda requested="auto": "cuda")
-        mp.setattr(frozen_module, "TorchEngine", _DriftedTorchEngine)
-        on_gpu = path_features(photos, labels, splits, frozen, "auto", NoProgress(), "features")
-    assert on_gpu.cached == 0
-    np.testing.assert_allclose(on_gpu.features, exact * 1.02, atol=1e-3, rtol=0)
-
-    on_cpu = path_features(photos, labels, splits, frozen, "cpu", NoProgress(), "features")
-    assert on_cpu.cached == 0  # the GPU's entries are not this engine's
-    np.testing.assert_allclose(on_cpu.features, exact, atol=1e-3, rtol=0)
-    again = path_features(photos, labels, splits, frozen, "cpu", NoProgress(), "features")
-    assert again.cached == len(photos)
-
-    with monkeypatch.context() as mp:  # and the GPU's entries are still its own
-        mp.setattr(frozen_module, "pick_device", lambda requested="auto": "cuda")
-        mp.setattr(frozen_module, "TorchEngine", _DriftedTorchEngine)
-        back_on_gpu = path_features(photos, labels, splits, frozen, "auto", NoProgress(), "features")
-    assert back_on_gpu.cached == len(photos)
-    np.testing.assert_array_equal(back_on_gpu.features, on_gpu.features)
-
-
-def test_features_of_the_torch_fallback_are_kept_apart_from_onnx_ones(frozen, photos, tiny_cache, monkeypatch):
-    """A failed export falls back to float32 torch: its features go under that engine's key, found there by
-    the next run (the failure is remembered, so that run knows its engine before making it)."""
-    import shutil
-
-    from headstart.runtime.export import onnx_path_for
-
-    export = onnx_path_for(frozen.spec, frozen.weights_id)
-    good = export.read_bytes()
-    shutil.rmtree(tiny_cache / "onnx")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("ONNX export differs from torch by 5.36e+00 (> 0.001)")
-
-    monkeypatch.setattr("headstart.runtime.frozen.export_onnx", refuse)
-    cache = FeatureCache(frozen)
-    assert cache.engine_kind == "onnxruntime-cpu-fp32"  # nothing tried yet
-    got = cache.features_for(photos, lambda: frozen.engine("cpu"))
-    assert cache.engine_kind == "torch-cpu-fp32" and got.hits == 0
-    np.testing.assert_allclose(got.features, _direct_features(frozen, photos), atol=1e-5, rtol=0)
-    assert FeatureCache(frozen).engine_kind == "torch-cpu-fp32"  # the next run knows, before any engine
-    assert FeatureCache(frozen).features_for(photos, lambda: frozen.engine("cpu")).hits == len(photos)
-
-    export.parent.mkdir(parents=True, exist_ok=True)
-    export.write_bytes(good)  # an export that works (another toolchain, say): ONNX Runtime's own entries
-    onnx_cache = FeatureCache(frozen)
-    assert onnx_cache.engine_kind == "onnxruntime-cpu-fp32"
-    assert onnx_cache.features_for(photos, lambda: frozen.engine("cpu")).hits == 0
-
-
 _KEYED_WITHOUT_PERMISSION = """
 import json, sys
 from pathlib import Path
-from headstart.backbones.registry import resolve
+from headstart.backbones.registry import BackboneSpec
 from headstart.cache.features import FeatureCache
 from headstart.runtime.frozen import FrozenBackbone
-weights, *paths = sys.argv[1:]
-frozen = FrozenBackbone.pretrained(resolve("test_efficientnet"), Path(weights))
+from headstart.vision.preprocess import PreprocessConfig
+spec, weights, *paths = sys.argv[1:]
+spec = json.loads(spec)  # whole from the parent: resolving a timm name would import timm, seconds
+spec = BackboneSpec(**{**spec, "preprocess": PreprocessConfig.from_dict(spec["preprocess"])})
+frozen = FrozenBackbone.pretrained(spec, Path(weights))
 got = FeatureCache(frozen).features_for([Path(p) for p in paths], lambda: frozen.engine("cpu"))
 print(json.dumps({"readable": got.readable, "failures": [[str(p), r] for p, r in got.failures]}))
 """
@@ -423,7 +340,8 @@ def test_a_file_without_read_permission_is_a_failure_row_for_a_real_user(frozen,
     locked.write_bytes(photos[0].read_bytes())
     locked.chmod(0)
     try:
-        proc = subprocess.run([*prefix, sys.executable, "-c", _KEYED_WITHOUT_PERMISSION, str(tiny_weights),
+        spec = json.dumps(dataclasses.asdict(frozen.spec))
+        proc = subprocess.run([*prefix, sys.executable, "-c", _KEYED_WITHOUT_PERMISSION, spec, str(tiny_weights),
                                str(photos[1]), str(locked), str(photos[2])],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
