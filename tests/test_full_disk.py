@@ -250,9 +250,6 @@ def test_train_with_its_cache_on_a_full_disk_says_so_in_one_line(small_disk, tin
     assert not (tmp_path / "model").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="serve/artifact.save (not this change's file) catches OSError only: "
-                   "safetensors' SafetensorError '... (os error 28)' escapes as a traceback; wrapping its writes in "
-                   "headstart.paths.disk_space(out / WEIGHTS_FILE) gives this line. Remove this mark then.")
 def test_train_with_out_on_a_full_disk_keeps_the_previous_model(small_disk, tiny_onnx, tiny_weights, tmp_path):
     data = make_image_folder(tmp_path / "photos", per_class=6)
     cache = tmp_path / "cache"

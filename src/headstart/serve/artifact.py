@@ -36,6 +36,7 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.errors import ArtifactError
+from headstart.paths import disk_space
 from headstart.heads.config import HeadConfig
 from headstart.records import FitReport
 from headstart.vision.preprocess import PreprocessConfig
@@ -111,8 +112,9 @@ def save(artifact: Artifact, out_dir: str | Path) -> Path:
         staging = out / STAGING_DIR
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_file(tensors, str(staging / WEIGHTS_FILE))
-        (staging / META_FILE).write_bytes(meta)
+        with disk_space(staging / WEIGHTS_FILE):  # a full disk is one line, whatever the writer's own words
+            save_file(tensors, str(staging / WEIGHTS_FILE))
+            (staging / META_FILE).write_bytes(meta)
         for path in (staging / WEIGHTS_FILE, staging / META_FILE, staging):
             _fsync(path)  # on disk before the commit, so that a power cut cannot commit a half-written file
         os.rename(staging, out / COMMITTED_DIR)  # the commit point
