@@ -129,8 +129,8 @@ def test_rows_line_up_with_inputs(exported, tmp_path: Path) -> None:
     (tmp_path / "text.jpg").write_text("not an image")
     inputs = [good[0], tmp_path / "text.jpg", good[1], tmp_path / "missing.jpg", good[2]]
     rows = load_export(model).predict_table(inputs, top_k=2)
-    assert [r.path for r in rows] == [tmp_path / "missing.jpg", good[0], tmp_path / "text.jpg", good[1], good[2]]
-    assert [r.error is None for r in rows] == [False, True, False, True, True]
+    assert [r.path for r in rows] == inputs  # one row per input, in input order (issue 12, defect 2)
+    assert [r.error is None for r in rows] == [True, False, True, False, True]
     assert all(len(r.top_k) == 2 and r.label == r.top_k[0][0] for r in rows if r.error is None)
 
 

@@ -19,14 +19,13 @@ from PIL import Image
 
 from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.data.imageio import load_rgb
-from headstart.data.inputs import list_images
 from headstart.data.scan import scan_folder
 from headstart.errors import ArtifactError, DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.paths import file_sha256
 from headstart.progress import NoProgress, Progress
 from headstart.runtime.device import cpu_threads
-from headstart.serve.predictor import Prediction
+from headstart.serve.predictor import AlignedOutputs
 from headstart.vision.preprocess import PreprocessConfig, resize_and_crop
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ class ExportInfo:
             raise ArtifactError(f"{where}: not a headstart ONNX export ({exc}); run `headstart export MODEL`") from None
 
 
-class OnnxPredictor:
+class OnnxPredictor(AlignedOutputs):
     """Labels and probabilities for images from one exported file; safe to share between threads."""
 
     def __init__(self, path: str | Path, threads: int | None = None, workers: int | None = None,
@@ -182,39 +181,9 @@ class OnnxPredictor:
             out[idx], ok[idx] = proba, True
         return out[ok], ok
 
-    def iter_table(self, images: Sequence[str | Path] | str | Path, top_k: int = 3,
-                   progress: Progress | None = None) -> Iterator[Prediction]:
-        """One Prediction per input, streamed in input order: inputs that yield no image first, then every image
-        (a failed decode as a row with its error)."""
-        progress = progress or NoProgress()
-        paths, problems = list_images([images] if isinstance(images, (str, Path)) else images)
-        yield from (Prediction(p, None, None, error=reason) for p, reason in problems)
-        if not paths:
-            return
-        k = max(1, min(top_k, len(self.classes)))
-        progress.start("predicting", len(paths))
-        for idx, proba, fails in self.batches(paths, progress.advance):
-            rows = {i: Prediction(paths[i], None, None, error=reason) for i, reason in fails}
-            for i, p in zip(idx, proba):
-                top = [(self.classes[j], float(p[j])) for j in np.argsort(-p)[:k]]
-                rows[i] = Prediction(paths[i], top[0][0], top[0][1], top)
-            yield from (rows[i] for i in sorted(rows))
-        progress.finish()
-
-    def predict_table(self, images: Sequence[str | Path] | str | Path, top_k: int = 3,
-                      progress: Progress | None = None) -> list[Prediction]:
-        return list(self.iter_table(images, top_k, progress))
-
-    def predict_proba(self, images: Sequence[str | Path]) -> np.ndarray:
-        """Class probabilities, one row per image in `images` (a folder expands to its images); an unreadable
-        image is an error, as in `serve.predictor.Predictor.predict_proba`."""
-        paths, _ = list_images(images)
-        out = np.zeros((len(paths), len(self.classes)), np.float32)
-        for idx, proba, fails in self.batches(paths):
-            if fails:
-                raise DataError(f"{paths[fails[0][0]]}: {fails[0][1]}; use predict_table to skip unreadable images")
-            out[idx] = proba
-        return out
+    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+                 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+        return self.batches(paths, progress)  # what `AlignedOutputs` lines results up from
 
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:

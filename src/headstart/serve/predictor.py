@@ -35,16 +35,16 @@ class Prediction:
     error: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class Predictor:
-    classes: tuple[str, ...]
-    frozen: FrozenBackbone
-    head_config: HeadConfig
-    head_state: dict[str, np.ndarray]
-    device: str = "auto"
+class AlignedOutputs:
+    """Results that line up with the inputs, for any predictor with `classes` and `_batches(paths, advance)`
+    yielding (indices, probabilities, failures): the backbone's engine + numpy head here, model.onnx in
+    `serve.onnx_predictor`."""
 
-    def proba(self, feats: np.ndarray) -> np.ndarray:
-        return head_proba(self.head_config, self.head_state, feats)
+    classes: tuple[str, ...]
+
+    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+                 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+        raise NotImplementedError
 
     def predict_table(self, images: Sequence[str | Path] | str | Path, top_k: int = 3,
                       progress: Progress | None = None) -> list[Prediction]:
@@ -94,6 +94,19 @@ class Predictor:
             results.update({unique[i]: p for i, p in zip(idx, proba)})
         progress.finish()
         return results
+
+
+
+@dataclass(frozen=True, eq=False)
+class Predictor(AlignedOutputs):
+    classes: tuple[str, ...]
+    frozen: FrozenBackbone
+    head_config: HeadConfig
+    head_state: dict[str, np.ndarray]
+    device: str = "auto"
+
+    def proba(self, feats: np.ndarray) -> np.ndarray:
+        return head_proba(self.head_config, self.head_state, feats)
 
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:
