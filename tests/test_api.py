@@ -243,3 +243,23 @@ def test_a_diverged_fine_tuning_keeps_the_last_finite_weights_and_warns(tiny_wei
     assert all(np.isfinite(v).all() for v in clf.head_state_.values())
     proba = clf.predict_proba(_images(image_folder)[:3])
     assert np.isfinite(proba).all()
+
+
+def test_iter_table_streams_rows_chunk_by_chunk_in_input_order(fitted, image_folder, tmp_path, monkeypatch):
+    """Rows come out STREAM_ROWS inputs at a time (memory flat for huge folders), the same rows as predict_table."""
+    from headstart.serve import predictor
+
+    monkeypatch.setattr(predictor, "STREAM_ROWS", 4)
+    files = _images(image_folder)[:9]
+    inputs = [*files[:5], tmp_path / "missing.jpg", *files[5:]]
+    calls = []
+    real = predictor.Predictor._batches
+    monkeypatch.setattr(predictor.Predictor, "_batches",
+                        lambda self, paths, advance=None: (calls.append(len(paths)), real(self, paths, advance))[1])
+    rows = fitted.iter_table(inputs, top_k=2)
+    first = next(rows)
+    assert calls == [4] and first.path == inputs[0] and first.label  # nothing beyond the first chunk yet
+    rest = [first, *rows]
+    assert calls == [4, 3, 2]  # the missing file takes a row, not a prediction
+    assert [r.path for r in rest] == inputs and rest[5].error == "no such file"
+    assert [(r.path, r.label) for r in rest] == [(r.path, r.label) for r in fitted.predict_table(inputs, top_k=2)]

@@ -110,6 +110,9 @@ class FakeClassifier:
         clf.classes_ = list(CLASSES)
         return clf
 
+    def iter_table(self, images: list[Path], top_k: int = 3, progress: Any = None) -> Iterator[FakePrediction]:
+        return iter(self.predict_table(images, top_k, progress))
+
     def predict_table(self, images: list[Path], top_k: int = 3, progress: Any = None) -> list[FakePrediction]:
         progress.start("predicting", len(images))
         rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import numpy as np
@@ -148,6 +149,12 @@ class ImageClassifier:
         """One row per input file, in input order (a folder expands in place, sorted, to its images); a file that
         cannot be read, or an input with no image, is a row with `error` set, where it was given."""
         return self._predictor().predict_table(images, top_k, progress)
+
+    def iter_table(
+        self, images: Sequence[str | Path] | str | Path, top_k: int = 3, progress: Progress | None = None
+    ) -> Iterator[Prediction]:
+        """`predict_table`'s rows, streamed in input order (for folders too large to hold every row)."""
+        return self._predictor().iter_table(images, top_k, progress)
 
     def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
         """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its

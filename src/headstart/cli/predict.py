@@ -22,11 +22,21 @@ def predict(
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier.load(model)
+    if fmt == "csv":  # streamed: a row per input as soon as its chunk is predicted, memory flat
+        with ProgressBars() as bars:
+            preds = []
+            typer.echo(render.CSV_HEADER)
+            for row in clf.iter_table(images, top_k=top_k, progress=bars):
+                typer.echo(render.prediction_csv_row(row), nl=False)
+                preds.append(row.error is None)
+        if not preds:
+            render.note("no images found in the given paths")
+        if not any(preds):
+            raise typer.Exit(1)
+        return
     with ProgressBars() as bars:
         preds = clf.predict_table(images, top_k=top_k, progress=bars)
-    if fmt == "csv":
-        typer.echo(render.predictions_csv(preds), nl=False)
-    elif fmt == "json":
+    if fmt == "json":
         typer.echo(render.predictions_json(preds))
     else:
         console = render.out_console()

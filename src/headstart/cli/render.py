@@ -308,13 +308,19 @@ def _prediction_detail(p: Prediction) -> Text:
     return Text(f"{shown(p.label or '')}{confidence}  (top-k: {_top_k_words(p.top_k)})")
 
 
+CSV_HEADER = "path,label,confidence,top_k,error"
+
+
 def predictions_csv(preds: Sequence[Prediction]) -> str:
+    return CSV_HEADER + "\n" + "".join(prediction_csv_row(p) for p in preds)
+
+
+def prediction_csv_row(p: Prediction) -> str:
+    """One CSV line (with its newline), quoted as the csv module quotes."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "confidence", "top_k", "error"])
-    for p in preds:
-        confidence = f"{p.confidence:.4f}" if p.confidence is not None else ""
-        writer.writerow([shown(p.path), shown(p.label or ""), confidence, _top_k_text(p.top_k), shown(p.error or "")])
+    confidence = f"{p.confidence:.4f}" if p.confidence is not None else ""
+    csv.writer(buf, lineterminator="\n").writerow(
+        [shown(p.path), shown(p.label or ""), confidence, _top_k_text(p.top_k), shown(p.error or "")])
     return buf.getvalue()
 
 

@@ -35,6 +35,9 @@ class Prediction:
     error: str | None = None
 
 
+STREAM_ROWS = 4096  # inputs predicted before their rows are handed on
+
+
 class AlignedOutputs:
     """Results that line up with the inputs, for any predictor with `classes` and `_batches(paths, advance)`
     yielding (indices, probabilities, failures): the backbone's engine + numpy head here, model.onnx in
@@ -50,18 +53,27 @@ class AlignedOutputs:
                       progress: Progress | None = None) -> list[Prediction]:
         """One row per input file, in input order (a folder expands in place, sorted, to its images); inputs that
         yield no image (missing, unreadable, an empty folder) are rows with an error, where they were given."""
+        return list(self.iter_table(images, top_k, progress))
+
+    def iter_table(self, images: Sequence[str | Path] | str | Path, top_k: int = 3,
+                   progress: Progress | None = None) -> Iterator[Prediction]:
+        """`predict_table`'s rows as they are ready, `STREAM_ROWS` inputs at a time: memory stays flat and the
+        first rows of a 100,000-file folder come out within seconds."""
         items = expand_inputs(images)
         k = max(1, min(top_k, len(self.classes)))
-        results = self._by_path([i.path for i in items if i.problem is None], progress)
-        rows = []
-        for item in items:
-            result = item.problem if item.problem is not None else results[item.path]
-            if isinstance(result, str):
-                rows.append(Prediction(item.path, None, None, error=result))
-                continue
-            top = [(self.classes[j], float(result[j])) for j in np.argsort(-result)[:k]]
-            rows.append(Prediction(item.path, top[0][0], top[0][1], top))
-        return rows
+        progress = progress or NoProgress()
+        progress.start("predicting", sum(i.problem is None for i in items))
+        for start in range(0, len(items), STREAM_ROWS):
+            chunk = items[start:start + STREAM_ROWS]
+            results = self._by_path([i.path for i in chunk if i.problem is None], progress.advance)
+            for item in chunk:
+                result = item.problem if item.problem is not None else results[item.path]
+                if isinstance(result, str):
+                    yield Prediction(item.path, None, None, error=result)
+                    continue
+                top = [(self.classes[j], float(result[j])) for j in np.argsort(-result)[:k]]
+                yield Prediction(item.path, top[0][0], top[0][1], top)
+        progress.finish()
 
     def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
         """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its
@@ -77,22 +89,19 @@ class AlignedOutputs:
             out[n] = results[item.path]
         return out
 
-    def _by_path(self, paths: list[Path], progress: Progress | None, stop_at_failure: bool = False
+    def _by_path(self, paths: list[Path], advance: Callable[[int], None] | None, stop_at_failure: bool = False
                  ) -> dict[Path, np.ndarray | str]:
         """Each distinct path's probabilities, or the reason it could not be read. A path given twice is read once."""
         unique = list(dict.fromkeys(paths))
         results: dict[Path, np.ndarray | str] = {}
         if not unique:
             return results
-        progress = progress or NoProgress()
-        progress.start("predicting", len(unique))
-        for idx, proba, fails in self._batches(unique, progress.advance):
+        for idx, proba, fails in self._batches(unique, advance):
             if fails and stop_at_failure:
                 path, reason = unique[fails[0][0]], fails[0][1]
                 raise DataError(f"{path}: {reason}; {_USE_TABLE}")
             results.update({unique[i]: reason for i, reason in fails})
             results.update({unique[i]: p for i, p in zip(idx, proba)})
-        progress.finish()
         return results
 
 
