@@ -19,7 +19,6 @@ from PIL import Image
 
 from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.data.imageio import load_rgb
-from headstart.data.scan import scan_folder
 from headstart.errors import ArtifactError, DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.paths import file_sha256
@@ -188,12 +187,7 @@ class OnnxPredictor(AlignedOutputs):
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:
         """Metrics on a class-folder set (all its images), and the files skipped."""
-        dataset = scan_folder(folder, val_split=0.0, seed=seed)
-        unknown = [c for c in dataset.classes if c not in self.classes]
-        if unknown:
-            raise DataError(f"{folder}: classes {unknown} are not among the model's {list(self.classes)}; "
-                            "evaluate on folders named like the training classes")
-        to_model = np.array([self.classes.index(c) for c in dataset.classes])
+        dataset, to_model = self._labelled(folder, seed)
         paths = [s.path for s in dataset.samples]
         labels = np.array([s.label for s in dataset.samples])
         progress = progress or NoProgress()

@@ -15,7 +15,7 @@ import numpy as np
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
 from headstart.data.inputs import expand_inputs
-from headstart.data.scan import scan_folder
+from headstart.data.scan import Dataset, scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.heads.config import HeadConfig, head_proba
@@ -89,6 +89,16 @@ class AlignedOutputs:
             out[n] = results[item.path]
         return out
 
+    def _labelled(self, folder: str | Path, seed: int) -> tuple[Dataset, np.ndarray]:
+        """A class-folder set to evaluate on (all its images, whatever split folders it has), and the model's
+        index of each of its classes; a class the model does not know is one line."""
+        dataset = scan_folder(folder, val_split=0.0, seed=seed)
+        unknown = [c for c in dataset.classes if c not in self.classes]
+        if unknown:
+            raise DataError(f"{folder}: classes {unknown} are not among the model's {list(self.classes)}; "
+                            "evaluate on folders named like the training classes")
+        return dataset, np.array([self.classes.index(c) for c in dataset.classes])
+
     def _by_path(self, paths: list[Path], advance: Callable[[int], None] | None, stop_at_failure: bool = False
                  ) -> dict[Path, np.ndarray | str]:
         """Each distinct path's probabilities, or the reason it could not be read. A path given twice is read once."""
@@ -120,12 +130,7 @@ class Predictor(AlignedOutputs):
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:
         """Metrics on a class-folder set (all its images, whatever split folders it has), and the files skipped."""
-        dataset = scan_folder(folder, val_split=0.0, seed=seed)
-        unknown = [c for c in dataset.classes if c not in self.classes]
-        if unknown:
-            raise DataError(f"{folder}: classes {unknown} are not among the model's {list(self.classes)}; "
-                            "evaluate on folders named like the training classes")
-        to_model = np.array([self.classes.index(c) for c in dataset.classes])
+        dataset, to_model = self._labelled(folder, seed)
         feats = dataset_features(dataset, self.frozen, self.device, progress or NoProgress())
         ev = evaluate(to_model[feats.labels], self.proba(feats.features), self.classes)
         return ev, list(dataset.skipped) + list(feats.failures)
