@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,21 @@ def make(kind: Kind, folder: Path) -> Path:
     path that train and predict should report (the file, link or folder made)."""
     assert kind.build is not None
     return kind.build(Path(folder))
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """A hang becomes a failure: SIGALRM interrupts even a blocking open() of a pipe."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- building blocks ---------------------------------------------------------------------------------------

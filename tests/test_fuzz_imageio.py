@@ -8,9 +8,7 @@ max_examples and an alarm, so the whole file runs in CI in well under 30 s. Torc
 from __future__ import annotations
 
 import io
-import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from hypothesis import strategies as st
 
 from headstart.data.imageio import ImageDecodeError, load_rgb
 from headstart.vision.preprocess import PreprocessConfig, eval_transform
+from hostile_kinds import time_limit
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -65,18 +64,7 @@ SEEDS: list[tuple[str, bytes]] = [
 MAGIC = [b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"II*\0", b"MM\0*"]
 
 
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    def expire(signum, frame):
-        raise TimeoutError(f"fuzzing still running after {seconds} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

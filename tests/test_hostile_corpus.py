@@ -40,6 +40,7 @@ from headstart.data.imageio import ImageDecodeError
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.vision.preprocess import PreprocessConfig, load_views
+from hostile_kinds import time_limit
 
 CFG = PreprocessConfig(input_size=32)
 TIME_LIMIT_S = 30  # per kind; the slowest takes well under a second
@@ -56,19 +57,7 @@ class Observed:
     predict: str | None = None
 
 
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """A hang becomes a failure: SIGALRM interrupts even a blocking open() of a pipe."""
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @contextmanager

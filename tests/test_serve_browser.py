@@ -21,29 +21,11 @@ from pathlib import Path
 import pytest
 
 from helpers_serve import tiny_model
+from helpers_browser import _browser_paths, _no_browser
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera" / "val"
 RECORD_COPY = Path("/tmp/serve-page.png")
 START_TIMEOUT_S = 90
-
-
-def _no_browser(reason: str) -> None:
-    message = f"BROWSER TEST NOT RUN: {reason}; install it with `apt-get install chromium chromium-driver`"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{message} (CI=true: CI must run the browser test)")
-    pytest.skip(message)
-
-
-def _browser_paths() -> tuple[str, str]:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        _no_browser("selenium is not installed (pip install -e '.[dev]')")
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver = shutil.which("chromedriver")
-    if not browser or not driver:
-        _no_browser(f"no {'chromium' if not browser else 'chromedriver'} on PATH")
-    return browser, driver
 
 
 def _free_port() -> int:
