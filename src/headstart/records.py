@@ -33,6 +33,24 @@ class History:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """Where a run's images came from: a folder of class folders, or a manifest file (its rows and the sha256 of
+    its bytes, so a changed manifest is told from the one the model was trained on)."""
+
+    kind: str  # "folder" | "manifest"
+    path: str
+    rows: int = 0
+    sha256: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSource":
+        return cls(str(d.get("kind", "")), str(d.get("path", "")), int(d.get("rows", 0)), str(d.get("sha256", "")))
+
+
+@dataclass(frozen=True)
 class HeadCandidate:
     """One head that was fitted to choose from, and its best validation loss."""
 
@@ -135,13 +153,15 @@ class FitReport:
     timings: dict[str, float] = field(default_factory=dict)
     val_metrics: Evaluation | None = None
     test_metrics: Evaluation | None = None
+    source: DataSource | None = None  # where the images came from (None: saved before this was recorded)
 
     def to_dict(self) -> dict:
         metrics = {name: m.to_dict() for name, m in (("val", self.val_metrics), ("test", self.test_metrics)) if m}
         return {"decision": self.decision.to_dict(), "history": self.history.to_dict(),
                 "train_config": self.train_config.to_dict(), "counts": self.counts,
                 "skipped": [[str(p), reason] for p, reason in self.skipped], "cached": self.cached,
-                "timings": dict(self.timings), "metrics": metrics}
+                "timings": dict(self.timings), "metrics": metrics,
+                **({"source": self.source.to_dict()} if self.source else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitReport":
@@ -154,6 +174,7 @@ class FitReport:
             timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
             val_metrics=Evaluation.from_dict(metrics["val"]) if "val" in metrics else None,
             test_metrics=Evaluation.from_dict(metrics["test"]) if "test" in metrics else None,
+            source=DataSource.from_dict(d["source"]) if d.get("source") else None,
         )
 
     @classmethod

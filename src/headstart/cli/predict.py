@@ -14,11 +14,16 @@ from headstart.cli.base import app
 def predict(
     model: Annotated[Path, typer.Argument(exists=True, help="A saved model directory.")],
     # readable=False: click would refuse the whole command for one unreadable file; it is a row with an error.
-    images: Annotated[list[Path], typer.Argument(readable=False, help="Image files or folders (folders recurse).")],
+    images: Annotated[list[Path] | None, typer.Argument(
+        readable=False, help="Image files or folders (folders recurse).", show_default=False)] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="A CSV (with a 'path' column) or JSON Lines file listing the images: one row out per row.",
+        show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
     fmt: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Label images with a saved model. Unreadable files become rows with an error."""
+    images = _images_or_manifest(images or [], manifest)  # a bad manifest row is one line before the model loads
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier.load(model)
@@ -46,3 +51,21 @@ def predict(
     # Exit 1 only when nothing at all could be labelled; a few bad files are reported in their rows.
     if all(p.error is not None for p in preds):
         raise typer.Exit(1)
+
+
+def _images_or_manifest(images: list[Path], manifest: Path | None) -> list[Path]:
+    """The inputs: IMAGES, or the paths --manifest lists in its order (relative to its folder), not both."""
+    from headstart.errors import DataError
+
+    if manifest is None:
+        if not images:
+            raise DataError("nothing to predict — give image files or folders, or --manifest inputs.csv")
+        return images
+    if images:
+        raise DataError(f"give image paths or --manifest ({manifest}), not both")
+    from headstart.data.manifest import MANIFEST_SUFFIXES, input_paths
+
+    if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise DataError(f"--manifest {manifest}: name it .csv (comma-separated, a header line first) or .jsonl (one "
+                        "JSON object per line) so headstart knows how to read it")
+    return input_paths(manifest)

@@ -81,7 +81,11 @@ def _parse_hidden(text: str) -> tuple[int, ...] | str:
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders (optionally train/val/test).")],
+    data: Annotated[Path | None, typer.Argument(
+        help="Folder of class sub-folders (optionally train/val/test), or a manifest file.", show_default=False)] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="A CSV or JSON Lines file of path,label[,split] rows, instead of DATA.",
+        show_default=False, rich_help_panel="Data")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Directory to save the model in [default: model, or the --resume folder].",
         show_default=False, rich_help_panel=OUTPUT)] = None,
@@ -124,6 +128,7 @@ def train(
     out = out or resume or Path("model")  # resuming a run finishes it where it was going
     from headstart.data.scan import check_root
 
+    data = _data_or_manifest(data, manifest)
     check_root(data)
     _check_output(out, resume)
     from headstart.api import ImageClassifier
@@ -141,6 +146,24 @@ def train(
         from headstart.cli.export import write_export
 
         write_export(saved, data)
+
+
+def _data_or_manifest(data: Path | None, manifest: Path | None, verb: str = "train") -> Path:
+    """What to train (or evaluate) on: DATA, or --manifest's file (one of them, not both)."""
+    from headstart.errors import DataError
+
+    if data is not None and manifest is not None:
+        raise DataError(f"give DATA ({data}) or --manifest ({manifest}), not both")
+    if data is None and manifest is None:
+        raise DataError(f"nothing to {verb} on — give a folder of class sub-folders ({verb} ... photos/) or "
+                        "--manifest labels.csv")
+    if manifest is not None and manifest.is_dir():
+        raise DataError(f"--manifest {manifest}: is a folder — give it as DATA ({verb} ... {manifest}), or give "
+                        "--manifest a CSV or JSON Lines file")
+    if manifest is not None and manifest.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+        raise DataError(f"--manifest {manifest}: name it .csv (comma-separated, a header line first) or .jsonl (one "
+                        "JSON object per line) so headstart knows how to read it")
+    return data if data is not None else manifest
 
 
 def _check_output(out: Path, resume: Path | None) -> None:

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from headstart.data.imageio import (
 )
 from headstart.data.walk import LEAVES_CLASS_FOLDER, ignored, inside, is_dir, walk_files
 from headstart.errors import DataError
+
+if TYPE_CHECKING:
+    from headstart.records import DataSource
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -65,6 +69,7 @@ class Dataset:
     classes: tuple[str, ...]
     samples: tuple[Sample, ...]
     skipped: tuple[tuple[Path, str], ...]
+    source: DataSource | None = None  # a folder, or the manifest the samples were listed in
 
     def subset(self, split: str) -> tuple[Sample, ...]:
         if split not in SPLITS:
@@ -89,7 +94,8 @@ class Dataset:
 def scan_folder(
     root: str | Path, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0
 ) -> Dataset:
-    """Index a folder of images laid out as root/<class>/** or root/train|val|test/<class>/**.
+    """Index a folder of images laid out as root/<class>/** or root/train|val|test/<class>/**, or the rows of a
+    manifest (a .csv/.jsonl file of path,label[,split]: `data.manifest`).
 
     Splits that have no folder of their own are carved out of train per class (stratified), using
     val_split/test_split and one np.random.default_rng(seed) for the whole call.
@@ -97,6 +103,11 @@ def scan_folder(
     root = Path(root).expanduser()
     check_root(root)
     _check_fractions(val_split, test_split)
+    from headstart.data import manifest
+    from headstart.records import DataSource
+
+    if manifest.is_manifest(root):
+        return manifest.scan_manifest(root, val_split, test_split, seed)
 
     skipped: list[tuple[Path, str]] = []
     split_dirs = _detect_split_dirs(root)
@@ -116,6 +127,18 @@ def scan_folder(
 
     carve_val = val_split if "val" not in found else 0.0
     carve_test = test_split if "test" not in found else 0.0
+    samples = assemble(found, classes, carve_val, carve_test, seed)
+    dataset = Dataset(root=root, classes=classes, samples=samples, skipped=tuple(sorted(skipped)),
+                      source=DataSource("folder", str(Path(os.path.abspath(root)))))
+    surprises.warn_all(dataset, found, [root] if split_dirs is None else [root, *split_dirs.values()],
+                       validating=carve_val > 0 or "val" in found)
+    return dataset
+
+
+def assemble(found: dict[str, dict[str, list[Path]]], classes: tuple[str, ...], carve_val: float,
+             carve_test: float, seed: int) -> tuple[Sample, ...]:
+    """The samples of {split: {class: sorted paths}}, with val/test carved out of train per class (stratified) by
+    one np.random.default_rng(seed), ordered by (split, label, path)."""
     rng = np.random.default_rng(seed)
     samples: list[Sample] = []
     for label, cls in enumerate(classes):
@@ -127,12 +150,8 @@ def scan_folder(
         samples += [Sample(p, label, "train") for p in train_files]
         for split in ("val", "test"):
             samples += [Sample(p, label, split) for p in found.get(split, {}).get(cls, [])]
-
     samples.sort(key=lambda s: (s.split, s.label, s.path))
-    dataset = Dataset(root=root, classes=classes, samples=tuple(samples), skipped=tuple(sorted(skipped)))
-    surprises.warn_all(dataset, found, [root] if split_dirs is None else [root, *split_dirs.values()],
-                       validating=carve_val > 0 or "val" in found)
-    return dataset
+    return tuple(samples)
 
 
 def split_rows(splits: np.ndarray) -> dict[str, slice]:
@@ -179,14 +198,20 @@ def _check_fractions(val_split: float, test_split: float) -> None:
 def check_root(root: Path) -> None:
     """One line saying what DATA is when it is not a folder, and what to pass instead."""
     hint = "point headstart at a folder of class sub-folders (photos/<class>/*.jpg)"
+    if root.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        hint = "give the path of a manifest (a CSV or JSON Lines file of path,label[,split] rows)"
     try:
         st = root.stat()
     except OSError as e:
+        if e.errno == errno.ENOENT and not os.path.islink(root) and root.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+            raise DataError(f"{root}: no such file — {hint}") from None
         if e.errno == errno.ENOENT and not os.path.islink(root):
             raise DataError(f"{root}: no such folder — {hint}") from None
         raise DataError(f"{root}: cannot open the folder ({describe_os_error(e, root)}) — {hint}") from None
     if stat.S_ISDIR(st.st_mode):
         return
+    if stat.S_ISREG(st.st_mode) and root.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        return  # a manifest (data.manifest)
     if stat.S_ISREG(st.st_mode):
         guess = f" (for this image probably {root.parent.parent})" if is_image_path(root) else ""
         raise DataError(

@@ -95,7 +95,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
                         head_candidates=fitted.candidates if len(candidates) > 1 else ())
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
-                       tuple(dataset.skipped) + tuple(feats.failures), feats.cached)
+                       tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source)
     out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report)
     return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
                                        test_metrics=out.evaluate(*feats.part("test"))))
