@@ -235,3 +235,26 @@ def test_generated_parity_images_are_seeded(exported) -> None:
     assert source == "generated images" and len(a) >= 8
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     assert len({im.size for im in a}) > 3  # several sizes and aspect ratios
+
+
+def test_the_graph_applies_the_stored_temperature(exported, tmp_path: Path, monkeypatch) -> None:
+    """A model whose head stores T = 3 exports a graph whose probabilities are softmax(logits / 3): the export's
+    own parity check (against head_proba, which divides by T) passes, and the scores soften, labels unchanged."""
+    from headstart.serve.export import export_model
+    from headstart.serve.onnx_predictor import OnnxPredictor
+    from headstart.evaluate.calibration import scaled_proba
+
+    model, photos, cache = exported
+    monkeypatch.setenv("HEADSTART_CACHE", str(cache))
+    warm = tmp_path / "warm"
+    shutil.copytree(model, warm)
+    meta = json.loads((warm / "headstart.json").read_text())
+    meta["head"]["temperature"] = 3.0
+    (warm / "headstart.json").write_text(json.dumps(meta))
+    report = export_model(warm, photos)
+    assert report.parity.max_dprob < 1e-3
+    paths = sorted(photos.rglob("*.jpg"))[:8]
+    plain = OnnxPredictor(model / "model.onnx").predict_proba(paths)
+    softened = OnnxPredictor(warm / "model.onnx").predict_proba(paths)
+    np.testing.assert_allclose(softened, scaled_proba(np.log(plain), 3.0), atol=1e-4)
+    assert (softened.argmax(1) == plain.argmax(1)).all() and softened.max(1).mean() < plain.max(1).mean()

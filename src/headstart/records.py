@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headstart.evaluate.calibration import Calibration
 from headstart.evaluate.metrics import Evaluation
 from headstart.train.config import FinetuneConfig, TrainConfig
 
@@ -48,6 +49,22 @@ class DataSource:
     @classmethod
     def from_dict(cls, d: dict) -> "DataSource":
         return cls(str(d.get("kind", "")), str(d.get("path", "")), int(d.get("rows", 0)), str(d.get("sha256", "")))
+
+
+@dataclass(frozen=True)
+class DistributedRun:
+    """How many processes trained the model together (torchrun's WORLD_SIZE) and the backend they talked over
+    ("gloo", "nccl"; "" for one process). headstart.json keeps it at the top level as "distributed"."""
+
+    world_size: int = 1
+    backend: str = ""
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.world_size, "backend": self.backend or None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistributedRun":
+        return cls(int(d.get("world_size") or 1), str(d.get("backend") or ""))
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,8 @@ class FitReport:
     val_metrics: Evaluation | None = None
     test_metrics: Evaluation | None = None
     source: DataSource | None = None  # where the images came from (None: saved before this was recorded)
+    calibration: Calibration | None = None  # the stored temperature's fit on validation; None: T = 1, none fitted
+    distributed: DistributedRun = field(default_factory=DistributedRun)  # stored beside "fit" (serve.artifact)
 
     def to_dict(self) -> dict:
         metrics = {name: m.to_dict() for name, m in (("val", self.val_metrics), ("test", self.test_metrics)) if m}
@@ -161,7 +180,8 @@ class FitReport:
                 "train_config": self.train_config.to_dict(), "counts": self.counts,
                 "skipped": [[str(p), reason] for p, reason in self.skipped], "cached": self.cached,
                 "timings": dict(self.timings), "metrics": metrics,
-                **({"source": self.source.to_dict()} if self.source else {})}
+                **({"source": self.source.to_dict()} if self.source else {}),
+                "calibration": self.calibration.to_dict() if self.calibration else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitReport":
@@ -175,6 +195,7 @@ class FitReport:
             val_metrics=Evaluation.from_dict(metrics["val"]) if "val" in metrics else None,
             test_metrics=Evaluation.from_dict(metrics["test"]) if "test" in metrics else None,
             source=DataSource.from_dict(d["source"]) if d.get("source") else None,
+            calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
         )
 
     @classmethod

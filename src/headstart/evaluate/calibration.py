@@ -14,10 +14,12 @@ import numpy.typing as npt
 
 from headstart.evaluate.metrics import expected_calibration_error, log_loss
 
-__all__ = ["Calibration", "ReliabilityBins", "calibrate", "fit_temperature", "reliability_bins", "scaled_proba"]
+__all__ = ["Calibration", "MIN_CALIBRATION", "ReliabilityBins", "calibrate", "fit_temperature", "reliability_bins",
+           "scaled_proba", "stored_temperature"]
 
 # 1/T is searched in [1/T_MAX, 1/T_MIN]: wider than any useful temperature, narrow enough that exp never overflows.
 T_MIN, T_MAX = 0.05, 20.0
+MIN_CALIBRATION = 20  # fewer validation images than this fit a temperature that says more about them than the model
 _SEARCH_STEPS = 80  # golden-section steps: the bracket shrinks by 0.618^80, far below float precision of log T
 
 
@@ -92,6 +94,14 @@ class Calibration:
     fitted_on: str
     n_bins: int = 15
 
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(float(d["temperature"]), float(d["ece_before"]), float(d["ece_after"]), float(d["nll_before"]),
+                   float(d["nll_after"]), int(d["n"]), str(d["fitted_on"]), int(d.get("n_bins", 15)))
+
 
 def calibrate(logits: npt.ArrayLike, labels: npt.ArrayLike, fit_logits: npt.ArrayLike | None = None,
               fit_labels: npt.ArrayLike | None = None, folds: int = 2, seed: int = 0, n_bins: int = 15
@@ -117,6 +127,21 @@ def calibrate(logits: npt.ArrayLike, labels: npt.ArrayLike, fit_logits: npt.Arra
         t, how = fit_temperature(z, y), "cross-fitted"
     return Calibration(t, expected_calibration_error(y, before, n_bins), expected_calibration_error(y, after, n_bins),
                        log_loss(y, before), log_loss(y, after), len(y), how, n_bins)
+
+
+def stored_temperature(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike, min_n: int = MIN_CALIBRATION
+                       ) -> Calibration | None:
+    """The temperature a trained model stores, fitted on its validation logits, with what it does to them
+    (ECE and NLL before and after, measured where it was fitted: an optimistic after-figure, labelled
+    "validation (fitted there)"); None, meaning T = 1, when there are fewer than `min_n` validation images."""
+    y = np.asarray(val_labels)
+    if len(y) < min_n:
+        return None
+    z, y = _check(val_logits, y)
+    t = fit_temperature(z, y)
+    before, after = scaled_proba(z), scaled_proba(z, t)
+    return Calibration(t, expected_calibration_error(y, before), expected_calibration_error(y, after),
+                       log_loss(y, before), log_loss(y, after), len(y), "validation (fitted there)")
 
 
 @dataclass(frozen=True, eq=False)

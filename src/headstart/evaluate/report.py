@@ -26,6 +26,7 @@ import numpy as np
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.calibration import (
+    MIN_CALIBRATION,
     Calibration,
     calibrate,
     reliability_bins,
@@ -44,7 +45,6 @@ PAGE = Path(__file__).with_name("report_page.html")
 MAX_THUMBS = 600  # images beyond this are listed by name only: 600 thumbnails are ~1.5 MB of page
 THUMB_PX = 96
 GALLERY = 8  # top-loss images shown, each with its heat map (a second of CPU each)
-MIN_CALIBRATION = 20  # fewer images than this cannot fit and measure a temperature by cross-fitting
 # The other engineers' modules, used when they are part of the build: (module, function, section title).
 LABELS_MODULE = ("headstart.evaluate.labels", "find_label_errors", "Likely label errors")
 CHECK_MODULE = ("headstart.data.check", "check_folder", "Data check")

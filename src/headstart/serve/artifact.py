@@ -15,7 +15,9 @@ always the old complete model or the new complete one, never a mix.
 Formats of headstart.json:
 - 1: the run's record spread over the top level (params, train, history, counts, metrics, skipped, decision as
   a flat dict); models saved before the native view have no `native_size` in their preprocessing.
-- 2: the run's record whole under "fit" (`FitReport.to_dict`), the settings under "params".
+- 2: the run's record whole under "fit" (`FitReport.to_dict`), the settings under "params". The head's
+  "temperature" (probabilities are softmax(logits / T)) came later within format 2: a record without one loads
+  with T = 1, the softmax it was saved with; older headstarts ignore it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from headstart.backbones.registry import BackboneSpec
 from headstart.errors import ArtifactError
 from headstart.paths import disk_space
 from headstart.heads.config import HeadConfig
-from headstart.records import FitReport
+from headstart.records import DistributedRun, FitReport
 from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class ModelRecord:
             "format": FORMAT, "format_version": FORMAT_VERSION, "classes": list(self.classes),
             "backbone": {**_spec_to_dict(self.backbone), "weights_id": self.backbone_weights_id},
             "head": self.head.to_dict(), "params": self.params, "fit": self.fit.to_dict() if self.fit else None,
+            "distributed": (self.fit.distributed if self.fit else DistributedRun()).to_dict(),
             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": self.versions or _versions(),
         }
 
@@ -81,6 +84,8 @@ class ModelRecord:
             weights_id = str(meta["backbone"]["weights_id"])
             fit = meta.get("fit") if version >= 2 else meta
             report = (FitReport.from_dict(fit) if version >= 2 else FitReport.from_v1(fit)) if fit else None
+            if report and isinstance(meta.get("distributed"), dict):  # older models have none: one process
+                report = replace(report, distributed=DistributedRun.from_dict(meta["distributed"]))
             params, versions = dict(meta.get("params") or {}), dict(meta.get("versions") or {})
         except _DAMAGED as exc:
             raise ArtifactError(f"{where}: damaged record ({_one_line(exc)}); re-train the model") from None
@@ -234,7 +239,8 @@ def _check_head_config(head: HeadConfig, n_classes: int, where: Path) -> None:
     if head.n_classes != n_classes:
         raise ArtifactError(f"{where}: the head has {head.n_classes} outputs for {n_classes} classes; the model "
                             "directory is damaged")
-    if head.in_features < 1 or any(h < 1 for h in head.hidden) or not 0.0 <= head.dropout < 1.0:
+    if head.in_features < 1 or any(h < 1 for h in head.hidden) or not 0.0 <= head.dropout < 1.0 \
+            or not 0.0 < head.temperature < float("inf"):
         raise ArtifactError(f"{where}: impossible head {head}; the model directory is damaged")
 
 

@@ -79,11 +79,14 @@ class ExportReport:
 
 
 class _Classifier(nn.Module):
-    """uint8 NHWC views -> probabilities: normalise, pooled features per view (concatenated), head, softmax."""
+    """uint8 NHWC views -> probabilities: normalise, pooled features per view (concatenated), head, softmax of the
+    logits over the head's stored temperature (what `heads.config.head_proba` computes)."""
 
-    def __init__(self, features: PooledFeatures, head: nn.Module, cfg: PreprocessConfig) -> None:
+    def __init__(self, features: PooledFeatures, head: nn.Module, cfg: PreprocessConfig,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.features, self.head = features, head
+        self.temperature = float(temperature)  # a constant of the graph
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -96,7 +99,8 @@ class _Classifier(nn.Module):
         feats = self._pooled(pixels)
         if native is not None:
             feats = torch.cat([feats, self._pooled(native)], 1)
-        return torch.softmax(self.head(feats), 1)
+        logits = self.head(feats)
+        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, 1)
 
 
 def views_of(cfg: PreprocessConfig) -> tuple[View, ...]:
@@ -116,7 +120,8 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     record = art.record
     target = Path(target) if target else model_dir / EXPORT_FILE
     features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
-    model = _Classifier(features.eval(), _head_module(art), record.backbone.preprocess).eval()
+    model = _Classifier(features.eval(), _head_module(art), record.backbone.preprocess,
+                        record.head.temperature).eval()
     views = views_of(record.backbone.preprocess)
     images, source = parity_images(record, data)
     with atomic_path(target) as tmp:

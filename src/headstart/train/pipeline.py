@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
-from headstart.cache.dataset import DatasetFeatures, dataset_features
+from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
 from headstart.data.scan import Dataset, scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
 from headstart.evaluate.metrics import Evaluation, evaluate
-from headstart.heads.config import HeadConfig, head_proba
-from headstart.progress import Progress
-from headstart.records import Decision, FitReport, RefitReport, Stage2Report
+from headstart.evaluate.calibration import MIN_CALIBRATION
+from headstart.heads.config import HeadConfig, head_logits_numpy, head_proba
+from headstart.progress import NoProgress, Progress
+from headstart.records import Decision, DistributedRun, FitReport, RefitReport, Stage2Report
+from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
@@ -52,13 +54,15 @@ class Fitted:
 
 def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
     """Train on a class-folder set with settings `s` (`options.Settings`, already checked)."""
+    distributed.start(s.device)  # under torchrun: joins the other ranks (after every check that needs no one)
     torch_loading = threading.Thread(target=importlib.import_module, args=("headstart.train.fit_head",), daemon=True)
     torch_loading.start()
     t0 = time.perf_counter()
     dataset = scan_folder(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
     standard = resolve(s.backbone)
     spec = _sized_for_photos(standard, dataset, s)
-    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None)
+    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
+        s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"))
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     t2 = time.perf_counter()
@@ -74,11 +78,12 @@ def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | Non
                                     head_acc)
     stage1 = replace(stage1, report=replace(report, decision=replace(report.decision, reason=reason,
                                                                       head_val_accuracy=head_acc)))
-    if not run:
-        if s.strategy == "auto":
-            log.info("auto: keeping the head alone (%s)", reason)
-        return stage1
-    return fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume)
+    if not run and s.strategy == "auto":
+        log.info("auto: keeping the head alone (%s)", reason)
+    kept = fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume) if run else stage1
+    # The temperature is fitted on the validation logits of the head validation chose; a head fitted after this
+    # point (a refit on more data) keeps it: replace(its_config, temperature=kept.head_config.temperature).
+    return with_temperature(kept, feats, stage1.frozen, s.device)
 
 
 def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress) -> Fitted:
@@ -95,7 +100,8 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
                         head_candidates=fitted.candidates if len(candidates) > 1 else ())
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
-                       tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source)
+                       tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
+                       distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
     out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report)
     return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
                                        test_metrics=out.evaluate(*feats.part("test"))))
@@ -144,6 +150,27 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
                      decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
     return replace(kept, report=report)
+
+
+def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: FrozenBackbone, device: str) -> Fitted:
+    """The kept head with its temperature (`evaluate.calibration.stored_temperature`) fitted on the kept model's
+    validation logits, and the test metrics rescored with it (the accuracy cannot move); T = 1 without enough
+    validation images. A fine-tuned backbone's features come from the cache (its refit extracted them)."""
+    from headstart.evaluate.calibration import stored_temperature
+
+    if fitted.frozen is not stage1_frozen:
+        rows = np.flatnonzero(feats.splits != "train")
+        feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
+                              device, NoProgress(), "features of the fine-tuned backbone")
+    x_va, y_va = feats.part("val")
+    cal = stored_temperature(head_logits_numpy(fitted.head_state, fitted.head_config, x_va), y_va)
+    if cal is None:
+        log.info("no temperature fitted (%d validation images, %d needed): probabilities are the plain softmax",
+                 len(y_va), MIN_CALIBRATION)
+        return fitted
+    out = replace(fitted, head_config=replace(fitted.head_config, temperature=cal.temperature))
+    test = out.evaluate(*feats.part("test"))
+    return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 
 
 def train_config(s: Any) -> TrainConfig:
