@@ -16,6 +16,7 @@ import numpy as np
 
 from headstart import options
 from headstart.errors import DataError
+from headstart.evaluate.crossval import CrossValidation
 from headstart.evaluate.metrics import Evaluation
 from headstart.heads.config import HeadConfig
 from headstart.progress import NoProgress, Progress
@@ -47,10 +48,11 @@ class ImageClassifier:
         hidden: Sequence[int] | str = _D["hidden"], dropout: float = _D["dropout"], epochs: int = _D["epochs"],
         lr: float = _D["lr"], weight_decay: float = _D["weight_decay"], batch_size: int = _D["batch_size"],
         patience: int = _D["patience"], schedule: str = _D["schedule"], balance: bool = _D["balance"],
+        refit: bool = _D["refit"], cv: int = _D["cv"],
         seed: int = _D["seed"], device: str = _D["device"], strategy: str = _D["strategy"],
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],
-        train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"],
+        train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"], engine: str = _D["engine"],
     ) -> None:
         # scikit-learn's rule: store the arguments as given; `fit` checks them (`options.check`).
         self.backbone = backbone
@@ -66,6 +68,8 @@ class ImageClassifier:
         self.patience = patience
         self.schedule = schedule
         self.balance = balance
+        self.refit = refit
+        self.cv = cv
         self.seed = seed
         self.device = device
         self.strategy = strategy
@@ -76,6 +80,7 @@ class ImageClassifier:
         self.views = views
         self.train_bn = train_bn
         self.native_view = native_view
+        self.engine = engine
 
     # --- settings ----------------------------------------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class ImageClassifier:
         fitted = pipeline.fit(settings, data, progress or NoProgress(),
                               Path(checkpoint_dir) if checkpoint_dir else None, resume)
         self._set_fitted(list(fitted.classes), fitted.frozen, fitted.head_config, fitted.head_state, fitted.report)
+        self.validation_ = fitted.validation  # per-image validation results, for the report `train` writes (not saved)
         return self
 
     def _set_fitted(self, classes: list[str], frozen: FrozenBackbone, head_config: HeadConfig,
@@ -131,6 +137,8 @@ class ImageClassifier:
     timings_: dict = property(lambda self: self.report_.timings)  # type: ignore[assignment]
     val_metrics_: Evaluation | None = property(lambda self: self.report_.val_metrics)  # type: ignore[assignment]
     test_metrics_: Evaluation | None = property(lambda self: self.report_.test_metrics)  # type: ignore[assignment]
+    # The k-fold accuracy of the kept head's settings on train + val, with its 95 % interval; None: not run.
+    cv_: CrossValidation | None = property(lambda self: self.report_.cv)  # type: ignore[assignment]
 
     # --- inference ---------------------------------------------------------------------------------------------
 
@@ -177,7 +185,12 @@ class ImageClassifier:
     # --- persistence -------------------------------------------------------------------------------------------
 
     def save(self, out_dir: str | Path) -> Path:
+        """Write the model directory; under torchrun rank 0 alone writes it (every rank holds the same model)."""
         self._predictor()  # fitted, or a clear refusal
+        from headstart.runtime import distributed
+
+        if not distributed.current().is_main:
+            return Path(out_dir)
         from safetensors.numpy import load_file
 
         prefix = self.frozen_.weights_prefix
@@ -194,6 +207,9 @@ class ImageClassifier:
         clf = cls(**{**{k: v for k, v in record.params.items() if k in options.OPTIONS}, "device": device})
         frozen = FrozenBackbone(record.backbone, art.weights_path, record.backbone_weights_id,
                                 weights_prefix="backbone.")
+        # The engine it was trained with (models saved before engines were a setting: float32); int8 finds its
+        # calibration in the cache, or predicts in float32 where that cache does not hold it.
+        frozen = frozen.with_engine(str(record.params.get("engine", "fp32")))
         report = record.fit or FitReport(Decision(), History(), TrainConfig(), {})
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.evaluate.calibration import Calibration
+from headstart.evaluate.crossval import CrossValidation
 from headstart.evaluate.metrics import Evaluation
 from headstart.train.config import FinetuneConfig, TrainConfig
 
@@ -134,6 +135,7 @@ class Decision:
     head_val_accuracy: float | None = None
     head_candidates: tuple[HeadCandidate, ...] = ()
     stage2: Stage2Report | None = None
+    refitted: int = 0  # images (train + val) the shipped head was refitted on after validation chose it; 0: not
 
     @property
     def kept_head_candidates(self) -> tuple[HeadCandidate, ...]:
@@ -146,7 +148,7 @@ class Decision:
         return {"strategy": self.strategy, "kept": self.kept, "reason": self.reason, "native_size": self.native_size,
                 "native_input": self.native_input, "head_val_accuracy": self.head_val_accuracy,
                 "head_candidates": [c.to_dict() for c in self.head_candidates],
-                "stage2": self.stage2.to_dict() if self.stage2 else None}
+                "stage2": self.stage2.to_dict() if self.stage2 else None, "refitted": self.refitted}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Decision":
@@ -154,7 +156,7 @@ class Decision:
         return cls(str(d.get("strategy", "head")), str(d.get("kept", "head")), str(d.get("reason", "")),
                    int(d.get("native_size", 0)), int(d.get("native_input", 0)), None if acc is None else float(acc),
                    tuple(HeadCandidate.from_dict(c) for c in d.get("head_candidates", [])),
-                   Stage2Report.from_dict(d["stage2"]) if d.get("stage2") else None)
+                   Stage2Report.from_dict(d["stage2"]) if d.get("stage2") else None, int(d.get("refitted", 0)))
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ class FitReport:
     source: DataSource | None = None  # where the images came from (None: saved before this was recorded)
     calibration: Calibration | None = None  # the stored temperature's fit on validation; None: T = 1, none fitted
     distributed: DistributedRun = field(default_factory=DistributedRun)  # stored beside "fit" (serve.artifact)
+    cv: CrossValidation | None = None  # k-fold accuracy of the kept head's settings on train + val; None: not run
 
     def to_dict(self) -> dict:
         metrics = {name: m.to_dict() for name, m in (("val", self.val_metrics), ("test", self.test_metrics)) if m}
@@ -181,7 +184,8 @@ class FitReport:
                 "skipped": [[str(p), reason] for p, reason in self.skipped], "cached": self.cached,
                 "timings": dict(self.timings), "metrics": metrics,
                 **({"source": self.source.to_dict()} if self.source else {}),
-                "calibration": self.calibration.to_dict() if self.calibration else None}
+                "calibration": self.calibration.to_dict() if self.calibration else None,
+                **({"cv": self.cv.to_dict()} if self.cv else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitReport":
@@ -196,6 +200,7 @@ class FitReport:
             test_metrics=Evaluation.from_dict(metrics["test"]) if "test" in metrics else None,
             source=DataSource.from_dict(d["source"]) if d.get("source") else None,
             calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
+            cv=CrossValidation.from_dict(d["cv"]) if d.get("cv") else None,
         )
 
     @classmethod

@@ -27,6 +27,8 @@ from headstart.data.imageio import load_rgb
 from headstart.runtime.engines import OnnxEngine
 from headstart.runtime.export import export_onnx, open_cached
 from headstart.cache.pipeline import decoded_batches, default_workers
+from headstart.errors import ConfigError
+from headstart.runtime import distributed
 from headstart.paths import allocate, atomic_write_bytes, disk_space, store_path
 from headstart.vision.preprocess import PreprocessConfig
 
@@ -68,8 +70,13 @@ class BoundaryStore:
         with disk_space(self.dir / "progress.json"):
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _progress(self) -> dict:
-        path = self.dir / "progress.json"
+    def _progress_file(self, name: str) -> Path:
+        """A split's progress lives in progress.json; a rank's part of one (`_part`) in a file of its own, so
+        that ranks filling their parts at once never overwrite each other's records."""
+        return self.dir / ("progress.json" if "@" not in name else f"progress.{name}.json")
+
+    def _progress(self, name: str = "") -> dict:
+        path = self._progress_file(name)
         try:
             state = json.loads(path.read_text())
         except FileNotFoundError:
@@ -121,8 +128,29 @@ class BoundaryStore:
         self, name: str, paths: Sequence[Path], views: int, augment: str, seed: int, cfg: PreprocessConfig,
         engine: OnnxEngine | PixelViews, progress: Callable[[int], None] | None = None, batch_images: int = 16,
     ) -> list[tuple[int, str]]:
-        """Compute what is missing of split `name`; return failures as (index, reason)."""
-        state = self._progress()
+        """Compute what is missing of split `name`; return failures as (index, reason). Under torchrun each rank
+        fills a contiguous block of the split as a part of its own, then rank 0 joins the parts into the split,
+        which is then the same complete store a one-process run makes (same views, same rows)."""
+        run = distributed.joined()
+        n = len(paths)
+        if not run.active or distributed.all_agree(self._is_complete(name, n, views)):
+            return self._fill(name, paths, 0, views, augment, seed, cfg, engine, progress, batch_images)
+        lo, hi = distributed.block(n)
+        self._fill(_part(name, lo, hi), paths[lo:hi], lo, views, augment, seed, cfg, engine, progress, batch_images)
+        distributed.barrier()
+        if run.is_main:
+            self._join(name, n, views, [(n * r // run.world_size, n * (r + 1) // run.world_size)
+                                        for r in range(run.world_size)])
+        distributed.barrier()
+        return [(i, "unreadable") for i, ok in enumerate(self._progress()[name]["ok"]) if not ok]
+
+    def _is_complete(self, name: str, n: int, views: int) -> bool:
+        return self._entry(self._progress(name), name, n, views)["done"] >= n
+
+    def _fill(self, name: str, paths: Sequence[Path], offset: int, views: int, augment: str, seed: int,
+              cfg: PreprocessConfig, engine, progress, batch_images: int) -> list[tuple[int, str]]:
+        """Fill `name` with `paths`, the rows from `offset` of their split (which seed their augmented views)."""
+        state = self._progress(name)
         entry = self._entry(state, name, len(paths), views)
         done = entry["done"]
         if progress and done:
@@ -132,7 +160,8 @@ class BoundaryStore:
 
         def load(i: int) -> np.ndarray:
             img = load_rgb(paths[done + i], cfg.resize_size if augment == "none" else None)
-            return np.stack([augmented_view(img, cfg, augment, view_seed(seed, done + i, v)) for v in range(views)])
+            return np.stack([augmented_view(img, cfg, augment, view_seed(seed, offset + done + i, v))
+                             for v in range(views)])
 
         acts = taps = None
         for idx, pixels, fails in decoded_batches(len(paths) - done, load, batch_images, default_workers()):
@@ -154,10 +183,42 @@ class BoundaryStore:
             if acts is not None or finished == len(paths):
                 entry["done"] = finished
                 state[name] = entry
-                atomic_write_bytes(self.dir / "progress.json", json.dumps(state).encode())
+                atomic_write_bytes(self._progress_file(name), json.dumps(state).encode())
             if progress:
                 progress(len(idx) + len(fails))
         return [(i, "unreadable") for i, ok in enumerate(entry["ok"]) if not ok]
+
+    def _join(self, name: str, n: int, views: int, blocks: list[tuple[int, int]]) -> None:
+        """The ranks' parts of split `name`, copied block by block into the split's arrays, its progress recorded
+        complete, the parts removed. A part missing here was filled in another machine's cache."""
+        ok: list[bool] = []
+        acts = taps = None
+        for lo, hi in blocks:
+            part = _part(name, lo, hi)
+            entry = self._progress(part).get(part) if hi > lo else {"done": 0, "ok": []}
+            if not isinstance(entry, dict) or entry.get("done") != hi - lo:
+                raise ConfigError(f"{self.dir}: rows {lo}-{hi} of the '{name}' split were not filled here; a "
+                                  "torchrun over several machines needs HEADSTART_CACHE on storage they all share")
+            ok += [bool(v) for v in entry["ok"]]
+            if not any(entry["ok"]):
+                continue  # nothing readable: no arrays were made for this part
+            p_acts = np.load(self.dir / f"{part}.acts.npy", mmap_mode="r")
+            p_taps = np.load(self.dir / f"{part}.taps.npy", mmap_mode="r")
+            if acts is None:
+                acts, taps = self._open(name, n, views, p_acts.shape[2:], p_taps.shape[2], create=True)
+            for s in range(0, hi - lo, 64):  # a chunk at a time: memory stays flat whatever the split's size
+                acts[lo + s:lo + min(s + 64, hi - lo)] = p_acts[s:s + 64]
+                taps[lo + s:lo + min(s + 64, hi - lo)] = p_taps[s:s + 64]
+        if acts is not None:
+            acts.flush()
+            taps.flush()
+        state = self._progress()
+        state[name] = {"done": n, "ok": ok}
+        atomic_write_bytes(self.dir / "progress.json", json.dumps(state).encode())
+        for lo, hi in blocks:
+            part = _part(name, lo, hi)
+            for file in (self._progress_file(part), self.dir / f"{part}.acts.npy", self.dir / f"{part}.taps.npy"):
+                file.unlink(missing_ok=True)
 
     def _open(self, name: str, n: int, views: int, act_shape: tuple, taps_dim: int, create: bool):
         acts_path, taps_path = self.dir / f"{name}.acts.npy", self.dir / f"{name}.taps.npy"
@@ -165,6 +226,11 @@ class BoundaryStore:
             return (_allocated(acts_path, np.float16, (n, views, *act_shape)),
                     _allocated(taps_path, np.float32, (n, views, taps_dim)))
         return np.load(acts_path, mmap_mode="r+"), np.load(taps_path, mmap_mode="r+")
+
+
+def _part(name: str, lo: int, hi: int) -> str:
+    """The name of rows [lo, hi) of split `name`, filled by one rank."""
+    return f"{name}@{lo}-{hi}"
 
 
 def _allocated(path: Path, dtype, shape: tuple) -> np.memmap:

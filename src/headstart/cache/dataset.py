@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from headstart.cache.features import FeatureCache
+from headstart.cache.features import CachedFeatures, FeatureCache
 from headstart.data.scan import SPLITS, Dataset, split_rows
 from headstart.progress import Progress
+from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 
 
@@ -50,10 +51,27 @@ def dataset_features(dataset: Dataset, frozen: FrozenBackbone, device: str, prog
 def path_features(paths: list[Path], labels: np.ndarray, splits: np.ndarray, frozen: FrozenBackbone, device: str,
                   progress: Progress, task: str) -> DatasetFeatures:
     """The features of `paths` (ordered split by split, with their labels and splits), the unreadable left out."""
-    progress.start(task, len(paths))
     cache = FeatureCache(frozen, engine_kind=frozen.engine_kind(device))  # CUDA's features are kept apart
-    got = cache.features_for(paths, lambda: frozen.engine(device), progress.advance)
-    progress.finish()
+    got = distributed_features(cache, paths, lambda: frozen.engine(device), progress, task)
     keep = np.asarray(got.readable, dtype=np.int64)
     return DatasetFeatures([paths[i] for i in got.readable], got.features, labels[keep], splits[keep], got.failures,
                            got.hits)
+
+
+def distributed_features(cache: FeatureCache, paths: list[Path], engine_factory, progress: Progress,
+                         task: str) -> CachedFeatures:
+    """`cache.features_for(paths)`; under torchrun each rank first fills its share of the cache (every
+    world_size-th image), then, once all have, reads the whole of it: no rank extracts another's images."""
+    if not distributed.joined().active:
+        progress.start(task, len(paths))
+        got = cache.features_for(paths, engine_factory, progress.advance)
+        progress.finish()
+        return got
+    mine = [paths[i] for i in distributed.share(len(paths))]
+    progress.start(task, len(mine))
+    own = cache.features_for(mine, engine_factory, progress.advance)
+    progress.finish()
+    distributed.barrier()
+    got = cache.features_for(paths, engine_factory)  # all cached now, but for the unreadable
+    hits = int(distributed.sum_over_ranks(own.hits)[0])
+    return replace(got, hits=hits)

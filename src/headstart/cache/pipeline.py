@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,4 +66,7 @@ def extract(
 
 
 def default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
+    """Decoding threads: this process's cores (its share of them under torchrun), at least two."""
+    from headstart.runtime.device import cpu_threads
+
+    return max(2, cpu_threads())

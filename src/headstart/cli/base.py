@@ -9,7 +9,9 @@ would be shadowed by it (or shadow it).
 """
 
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -27,12 +29,22 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            render.note(f"error: {' '.join(str(exc).split())}")
+            _report(f"error: {' '.join(str(exc).split())}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             # Caught here because typer would otherwise turn it into a silent exit 130.
-            render.note("interrupted")
+            _report("interrupted")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if not _several_ranks():
+                raise
+            from headstart.runtime import distributed
+
+            if not distributed.peer_lost(exc):
+                raise
+            _report(f"error: another process of this torchrun stopped ({' '.join(str(exc).split())[:200]}); "
+                    "see its message above")
+            raise typer.Exit(1) from None
 
     def main(
         self,
@@ -51,7 +63,7 @@ class _Group(TyperGroup):
             if type(exc).__name__ != "NoArgsIsHelpError":  # bare `headstart`: help was already printed
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                render.note(f"error: {exc.format_message()}{hint}")
+                _report(f"error: {exc.format_message()}{hint}")
             sys.exit(exc.exit_code)
         except typer.Abort:
             render.note("aborted")
@@ -74,7 +86,27 @@ def _root(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details (INFO) to stderr.")] = False,
 ) -> None:
     """Turn a folder of a few hundred photos into an image classifier by transfer learning."""
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # under torchrun rank 0 alone warns and logs
+        warnings.simplefilter("ignore")
+        render.setup_logging(logging.CRITICAL + 1)
+        return
     render.setup_logging(logging.INFO if verbose else logging.WARNING)
+
+
+def _several_ranks() -> bool:
+    """Whether torchrun started this process as one of several (read cheaply: no torch, no numpy)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def _report(line: str) -> None:
+    """Print a line that ends the run, once per run: under torchrun, only the first process to stop prints it
+    (the others stop for the same reason, or because it did)."""
+    if _several_ranks():
+        from headstart.runtime import distributed
+
+        if not distributed.claim_report():
+            return
+    render.note(line)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Every setting's default, choices, help line and help panel come from `headstart.
 `--unfreeze all`) and adds the flags that are its own (`--out`, `--resume`).
 """
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from rich.markup import escape
 from headstart import options
 from headstart.cli import render
 from headstart.cli.progress import ProgressBars
+from headstart.progress import NoProgress
 from headstart.cli.base import app
 
 D = options.DEFAULTS
@@ -48,6 +50,7 @@ def _one_of(name: str) -> Any:
 
 
 Schedule, Device, Strategy, Augment = (_one_of(n) for n in ("schedule", "device", "strategy", "augment"))
+Engine = _one_of("engine")
 
 
 def flag_name(setting: str) -> str:
@@ -91,6 +94,9 @@ def train(
         show_default=False, rich_help_panel=OUTPUT)] = None,
     export: Annotated[bool, typer.Option(
         "--export", help="Also write model.onnx (see `headstart export`).", rich_help_panel=OUTPUT)] = False,
+    report: Annotated[bool, typer.Option(
+        help="Write OUT/report.html from the validation split (heat maps: `headstart report`).",
+        rich_help_panel=OUTPUT)] = True,
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue the interrupted run saved in this model directory.",
         rich_help_panel=OUTPUT)] = None,
@@ -106,6 +112,8 @@ def train(
     patience: Annotated[int, _flag("patience")] = D["patience"],
     schedule: Annotated[Schedule, _flag("schedule")] = D["schedule"],
     balance: Annotated[bool, _flag("balance")] = D["balance"],
+    refit: Annotated[bool, _flag("refit")] = D["refit"],
+    cv: Annotated[int, _flag("cv", metavar="<folds>")] = D["cv"],
     strategy: Annotated[Strategy, _flag("strategy")] = D["strategy"],
     unfreeze: Annotated[str, _flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
     augment: Annotated[Augment, _flag("augment")] = D["augment"],
@@ -117,6 +125,7 @@ def train(
     weights: Annotated[Path | None, _flag("weights", exists=True, dir_okay=False)] = D["weights"],
     seed: Annotated[int, _flag("seed")] = D["seed"],
     device: Annotated[Device, _flag("device")] = D["device"],
+    engine: Annotated[Engine, _flag("engine")] = D["engine"],
 ) -> None:
     """Train a classifier on a folder of labelled photos and save it."""
     # Every parameter named like a setting is that setting: the ImageClassifier gets them one to one.
@@ -133,15 +142,24 @@ def train(
     _check_output(out, resume)
     from headstart.api import ImageClassifier
 
+    from headstart.runtime import distributed
+
     clf = ImageClassifier(**settings)
-    with ProgressBars() as bars:
+    main = distributed.current().is_main  # under torchrun rank 0 alone draws, saves and sums up
+    with ProgressBars() if main else contextlib.nullcontext(NoProgress()) as bars:
         clf.fit(data, progress=bars, checkpoint_dir=(resume or out) / "checkpoint", resume=resume is not None)
+    if not main:
+        return
     saved = clf.save(out)
     png = None
     if clf.val_metrics_ is not None:
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
     render.out_console().print(render.train_summary(clf, data, backbone, saved, png))
     render.print_skipped(clf.skipped_)
+    if report:  # from what the run holds in memory: a fraction of a second (evaluate.report_train)
+        from headstart.evaluate.report_train import write_train_report
+
+        render.note(f"report written to {write_train_report(clf, saved, data)}")
     if export:
         from headstart.cli.export import write_export
 

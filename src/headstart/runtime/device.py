@@ -10,7 +10,14 @@ from pathlib import Path
 
 
 def cpu_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """The cores this process may use: its share when torchrun runs several processes on this node, so that
+    two ranks on two cores run one thread each rather than four threads fighting over two cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        per_node = 1
+    return max(1, cores // per_node)
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -40,3 +47,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def int8_is_fast(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ONNX Runtime's int8 kernels beat its float32 ones on this CPU: they need x86's AVX2 (or VNNI) or
+    ARM's dot-product instructions. Unknown CPUs (no /proc/cpuinfo) get False, and with it float32."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx2", "avx512_vnni", "avx_vnni", "asimddp"})

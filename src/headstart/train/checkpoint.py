@@ -5,7 +5,8 @@ The tensor file is named by its digest and written first; the JSON, written atom
 any point leaves the previous JSON pointing at the previous tensor file, which is only deleted afterwards, so
 there is always one complete checkpoint to resume from. A checkpoint damaged on disk (a JSON that does not parse
 or lacks its fields, a tensor file missing, of another digest or unparsable) is refused with one line naming the
-file, never resumed from: a resumed run must continue the interrupted one exactly, or not at all.
+file, never resumed from: a resumed run must continue the interrupted one exactly, or not at all. Under torchrun,
+rank 0 alone writes checkpoints and every rank reads them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from safetensors.torch import load_file
 
 from headstart.errors import CheckpointError
 from headstart.backbones.weights import save_state_dict
+from headstart.runtime import distributed
 from headstart.paths import atomic_write_bytes, disk_space, file_sha256
 
 META = "state.json"
 
 
 def save(directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a checkpoint; under torchrun rank 0 alone writes (every rank holds the same state, and all read it
+    back on --resume)."""
+    if not distributed.joined().is_main:
+        return
     with disk_space(directory / META):
         directory.mkdir(parents=True, exist_ok=True)
     path, digest = save_state_dict(tensors, directory / "state.safetensors", content_named=True)

@@ -28,6 +28,7 @@ from headstart.errors import CheckpointError, FinetuneError
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
 from headstart.records import History
+from headstart.runtime import distributed
 from headstart.train import checkpoint
 from headstart.train.config import FinetuneConfig
 from headstart.train.loop import BestTracker, warmup_cosine
@@ -150,6 +151,7 @@ def finetune(
                  patience=BestTracker(patience=cfg.stop_after))
     if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
         _restore(loop, net, head, cfg, len(train.labels), *saved)
+    top = distributed.ddp(_Top(net, head, boundary), broadcast_buffers=cfg.train_bn)  # itself in one process
 
     progress.start("fine-tuning", cfg.epochs)
     progress.advance(loop.epoch)
@@ -157,8 +159,8 @@ def finetune(
         if loop.patience.should_stop:
             break
         set_modes(net, head, units, cfg.train_bn)
-        train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place)
-        val_loss, val_acc = _validate(net, head, boundary, val, place)
+        train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place, top)
+        val_loss, val_acc = distributed.same(*_validate(net, head, boundary, val, place))  # rank 0's decides
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             log.warning("fine-tuning diverged at epoch %d (training loss %s, validation loss %s) with learning rate "
                         "%g: stopped, keeping the best weights before it; lower --finetune-lr", epoch + 1, train_loss,
@@ -199,24 +201,27 @@ def _optimizer(net: PooledFeatures, head: Head, units: list[nn.Module], cfg: Fin
 
 
 def _train_epoch(net: PooledFeatures, head: Head, boundary: int, cfg: FinetuneConfig, train: StoredViews,
-                 view: int, loop: _Loop, place: _Placement) -> float:
-    """One pass over the training images, each seen in stored view `view`; the mean training loss."""
+                 view: int, loop: _Loop, place: _Placement, top: nn.Module | None = None) -> float:
+    """One pass over the training images, each seen in stored view `view`; the mean training loss. Under
+    torchrun each rank takes its share of every batch (`distributed.sampled`) and `top` is DDP's."""
     n_train = len(train.labels)
-    order = loop.rng.permutation(n_train)
+    top = top or _Top(net, head, boundary)
+    order = distributed.sampled(loop.rng.permutation(n_train))
+    batch = distributed.per_rank(cfg.batch_size)
     total = 0.0
-    for start in range(0, n_train, cfg.batch_size):
-        idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read the memmap sequentially
-        h, taps = _from_store(net, boundary, place.tensor(train.acts[idx, view]), place.tensor(train.taps[idx, view]))
+    for start in range(0, len(order), batch):
+        idx = np.sort(order[start:start + batch])  # sorted rows read the memmap sequentially
+        acts, taps = place.tensor(train.acts[idx, view]), place.tensor(train.taps[idx, view])
         y = torch.from_numpy(train.labels[idx]).to(place.device)
         with place.autocast():
-            logits = head(net.forward_top(h, taps, boundary))
+            logits = top(acts, taps)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         loop.opt.step()
         loop.sched.step()
         total += loss.item() * len(idx)
-    return total / n_train
+    return distributed.sum_over_ranks(total)[0] / n_train
 
 
 def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray,
@@ -230,6 +235,19 @@ def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.
             h, t = _from_store(net, boundary, place.tensor(acts[s:s + batch, 0]), place.tensor(taps[s:s + batch, 0]))
             out.append(net.forward_top(h, t, boundary))
     return torch.cat(out).float()
+
+
+class _Top(nn.Module):
+    """What trains, from the store's arrays to the logits, as one module (so DistributedDataParallel can wrap
+    it: the stem, when it trains, runs inside its forward)."""
+
+    def __init__(self, net: PooledFeatures, head: Head, boundary: int) -> None:
+        super().__init__()
+        self.net, self.head, self.boundary = net, head, boundary
+
+    def forward(self, acts: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        h, taps = _from_store(self.net, self.boundary, acts, taps)
+        return self.head(self.net.forward_top(h, taps, self.boundary))
 
 
 def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: torch.Tensor):

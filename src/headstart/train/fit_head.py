@@ -26,6 +26,7 @@ from headstart.heads.config import CHUNK_ROWS, HeadConfig
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
 from headstart.records import HeadCandidate, History
+from headstart.runtime import distributed
 from headstart.runtime.device import cpu_threads, one_thread
 from headstart.train.config import TrainConfig
 from headstart.train.loop import BestTracker, HeadAdamW, Plateau, warmup_cosine
@@ -49,7 +50,7 @@ def fit_head(
     training (a loss that is not finite) is a ConfigError."""
     with one_thread():
         try:
-            return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)
+            return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)[:2]
         except _Diverged as diverged:
             raise ConfigError(str(diverged)) from None
 
@@ -62,9 +63,13 @@ class _Diverged(Exception):
                          f"learning rate {cfg.lr:g}; lower the learning rate (lr, --lr), e.g. to {cfg.lr / 10:g}")
 
 
-def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> tuple[Head, History]:
-    """`fit_head` at whatever thread count the caller pinned. The loop reads top to bottom, nanoGPT-style: it is
-    longer than 60 lines because splitting the epoch from its validation would only pass their state around."""
+def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, stop_after: int | None = None,
+              replay_lrs: tuple[float, ...] = ()) -> tuple[Head, History, tuple[float, ...]]:
+    """`fit_head` at whatever thread count the caller pinned, and the plateau rate each epoch started at. The
+    schedule spans `cfg.epochs` whatever `stop_after` (epochs to run) says, and `replay_lrs` replaces the plateau's
+    own rates: a refit follows the rates of the run that chose its epoch count. The loop reads top to bottom,
+    nanoGPT-style: it is longer than 60 lines because splitting the epoch from its validation would only pass their
+    state around."""
     progress = progress or NoProgress()
     rng = np.random.default_rng(cfg.seed)
     if head is None:
@@ -85,20 +90,28 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> 
     history = History()
     tracker = BestTracker(patience=cfg.patience, state=copy.deepcopy(head.state_dict()))
 
-    progress.start("training head", cfg.epochs)
-    for epoch in range(cfg.epochs):
+    drop_rng = distributed.dropout_rng(rng, cfg.seed)  # `rng` itself in one process
+    epochs = min(stop_after or cfg.epochs, cfg.epochs)
+    lrs: list[float] = []
+    progress.start("training head", epochs)
+    for epoch in range(epochs):
+        if replay_lrs:
+            plateau.lr = replay_lrs[min(epoch, len(replay_lrs) - 1)]
+        lrs.append(plateau.lr)
         head.train()
         order = rng.permutation(len(yt))
         total = 0.0
         for start in range(0, len(yt), cfg.batch_size):
             idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read a memory map sequentially
-            logits = _train_forward(head, train_rows(idx), rng)
-            loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            mine, share = distributed.split_batch(idx, yt, weight)  # under torchrun: this rank's rows
+            logits = _train_forward(head, train_rows(mine), drop_rng)
+            loss = F.cross_entropy(logits, yt[mine], weight=weight, label_smoothing=cfg.label_smoothing) * share
             opt.zero_grad()
             loss.backward()
+            distributed.sum_grads(opt.params)
             opt.step(cfg.lr * cosine(opt.steps) if cfg.schedule == "cosine" else plateau.lr)
             total += loss.item() * len(idx)
-        history.train_loss.append(total / len(yt))
+        history.train_loss.append(distributed.sum_over_ranks(total)[0] / len(yt))
         progress.advance(1)
         if not math.isfinite(history.train_loss[-1]):
             raise _Diverged("training", history.train_loss[-1], epoch, cfg)
@@ -108,7 +121,7 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> 
         head.eval()
         with torch.no_grad():
             logits = torch.cat([head.layers(val_rows(slice(i, i + CHUNK_ROWS))) for i in range(0, len(yv), CHUNK_ROWS)])
-            val_loss = F.cross_entropy(logits, yv).item()
+            val_loss = distributed.same(F.cross_entropy(logits, yv).item())[0]
             history.val_loss.append(val_loss)
             history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
         if not math.isfinite(val_loss):
@@ -125,9 +138,9 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head) -> 
     if has_val:
         head.load_state_dict(tracker.state)
     else:
-        history.best_epoch = cfg.epochs - 1
+        history.best_epoch = epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
-    return head.eval(), history
+    return head.eval(), history, tuple(lrs)
 
 
 class _AdvanceOnly:
@@ -159,6 +172,7 @@ class FittedHead:
     history: History
     train_config: TrainConfig
     candidates: tuple[HeadCandidate, ...]
+    epoch_lrs: tuple[float, ...] = ()  # the plateau rate each epoch started at (what a refit replays)
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -189,7 +203,9 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
     progress.start("training head" if len(candidates) == 1 else f"training {len(candidates)} heads",
                    sum(cfg.epochs for _, cfg in candidates))
     shared = _AdvanceOnly(progress)
-    with ThreadPoolExecutor(max_workers=min(len(candidates), cpu_threads())) as pool:
+    # Under torchrun one at a time: each fit's collectives must come in the same order on every rank.
+    workers = 1 if distributed.joined().active else min(len(candidates), cpu_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = [pool.submit(_fit_head, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
                 for (head_cfg, cfg), head in zip(candidates, heads)]
         outcomes = [_outcome(job) for job in jobs]
@@ -202,15 +218,29 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
             log.warning("head candidate (hidden %s) dropped: %s", list(head_cfg.hidden), outcome)
     kept = [i for i, o in enumerate(outcomes) if not isinstance(o, _Diverged)]
     candidates, fits = [candidates[i] for i in kept], [outcomes[i] for i in kept]
-    losses = [min(history.val_loss, default=math.inf) for _, history in fits]
+    losses = [min(history.val_loss, default=math.inf) for _, history, _ in fits]
     best = min(range(len(fits)), key=lambda i: (losses[i], i))
     if len(fits) > 1:
         log.info("head candidates' validation losses %s: kept %s", [round(v, 4) for v in losses], candidates[best][0])
     described = tuple(HeadCandidate(c.hidden, c.dropout, loss) for (c, _), loss in zip(candidates, losses))
-    return FittedHead(fits[best][0], fits[best][1], candidates[best][1], described)
+    return FittedHead(fits[best][0], fits[best][1], candidates[best][1], described, fits[best][2])
 
 
-def _outcome(job) -> tuple[Head, History] | _Diverged:
+def refit_full(head_cfg: HeadConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndarray, epochs: int,
+               epoch_lrs: tuple[float, ...] = (), progress: Progress | None = None) -> tuple[Head, History]:
+    """scikit-learn's `refit` (AutoGluon's `refit_full`): a fresh head with the chosen settings, drawn from the same
+    seed, standardised for and trained on all of `x` (train + validation) for the `epochs` validation chose, with
+    the schedule of that run (cosine over `cfg.epochs`, or the plateau's recorded rates) and nothing to validate
+    on. A diverged refit is a ConfigError, as in `fit_head`."""
+    with one_thread():
+        try:
+            return _fit_head(head_cfg, cfg, x, y, None, None, progress, None, stop_after=epochs,
+                             replay_lrs=epoch_lrs if cfg.schedule == "plateau" else ())[:2]
+        except _Diverged as diverged:
+            raise ConfigError(str(diverged)) from None
+
+
+def _outcome(job) -> tuple[Head, History, tuple[float, ...]] | _Diverged:
     try:
         return job.result()
     except _Diverged as diverged:

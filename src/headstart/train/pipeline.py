@@ -46,6 +46,8 @@ class Fitted:
     head_config: HeadConfig
     head_state: dict[str, np.ndarray]
     report: FitReport
+    epoch_lrs: tuple[float, ...] = ()  # the head's plateau rate per epoch, for a refit to replay
+    validation: Any = None  # evaluate.report.Scored: the kept model on the validation split, for train's report
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
         return evaluate(labels, head_proba(self.head_config, self.head_state, feats), self.classes) if len(labels) \
@@ -83,7 +85,40 @@ def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | Non
     kept = fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume) if run else stage1
     # The temperature is fitted on the validation logits of the head validation chose; a head fitted after this
     # point (a refit on more data) keeps it: replace(its_config, temperature=kept.head_config.temperature).
-    return with_temperature(kept, feats, stage1.frozen, s.device)
+    return refit_and_cross_validate(s, with_temperature(kept, feats, stage1.frozen, s.device), feats, progress)
+
+
+def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, progress: Progress) -> Fitted:
+    """When the kept model is the stage-1 head: with `s.cv` folds, its k-fold accuracy at the settings validation
+    chose (`crossval.cross_validate_settings`, on train + validation); with `s.refit`, the shipped head refitted
+    on train + validation with those settings for the chosen epoch count (`fit_head.refit_full`), its temperature
+    kept (fitted on validation logits that the refitted head has trained on), its test figures rescored, its
+    validation figures those of the head validation chose. Both run side by side (they share nothing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from headstart.evaluate.crossval import cross_validate_settings
+    from headstart.train.fit_head import refit_full
+
+    report = fitted.report
+    rows = np.flatnonzero(feats.splits != "test")  # train then val: one block (`dataset_features`' order)
+    if report.decision.kept != "head" or not (feats.splits == "val").any():
+        return fitted
+    x, y = feats.features[rows[0]:rows[-1] + 1], feats.labels[rows]
+    epochs, cfg, t0 = report.history.best_epoch + 1, report.train_config, time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        refit = pool.submit(refit_full, replace(fitted.head_config, temperature=1.0), cfg, x, y, epochs,
+                            fitted.epoch_lrs, progress) if s.refit else None
+        cv = cross_validate_settings(x, y, fitted.head_config, cfg, epochs, fitted.epoch_lrs, s.cv, s.seed) \
+            if s.cv and len(y) >= 4 else None
+        head = refit.result()[0] if refit else None
+    timings = {**report.timings, "refit_s": time.perf_counter() - t0}
+    report = replace(report, cv=cv, timings=timings)
+    if head is None:
+        return replace(fitted, report=report)
+    state = {name: v.detach().cpu().numpy() for name, v in head.state_dict().items()}
+    out = replace(fitted, head_state=state)
+    test = out.evaluate(*feats.part("test"))
+    return replace(out, report=replace(report, test_metrics=test, decision=replace(report.decision, refitted=len(y))))
 
 
 def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress) -> Fitted:
@@ -102,7 +137,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
                        tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
-    out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report)
+    out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report, fitted.epoch_lrs)
     return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
                                        test_metrics=out.evaluate(*feats.part("test"))))
 
@@ -162,13 +197,18 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
         rows = np.flatnonzero(feats.splits != "train")
         feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
                               device, NoProgress(), "features of the fine-tuned backbone")
+    from headstart.evaluate.report import Scored
+
     x_va, y_va = feats.part("val")
-    cal = stored_temperature(head_logits_numpy(fitted.head_state, fitted.head_config, x_va), y_va)
+    logits = head_logits_numpy(fitted.head_state, fitted.head_config, x_va)
+    cal = stored_temperature(logits, y_va)
+    val_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "val"]
+    scored = Scored(Path(), val_paths, y_va, logits, x_va, [], cal.temperature if cal else 1.0) if len(y_va) else None
     if cal is None:
         log.info("no temperature fitted (%d validation images, %d needed): probabilities are the plain softmax",
                  len(y_va), MIN_CALIBRATION)
-        return fitted
-    out = replace(fitted, head_config=replace(fitted.head_config, temperature=cal.temperature))
+        return replace(fitted, validation=scored)
+    out = replace(fitted, head_config=replace(fitted.head_config, temperature=cal.temperature), validation=scored)
     test = out.evaluate(*feats.part("test"))
     return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 

@@ -18,6 +18,7 @@ from headstart.cache.features import content_key
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
+from headstart.runtime import distributed
 from headstart.records import HeadCandidate, History
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train.config import FinetuneConfig, TrainConfig
@@ -56,7 +57,8 @@ def run_finetune(
         pre=pre.to_dict(), train=[content_key(p).hex() for p in train_paths],
         val=[content_key(p).hex() for p in val_paths],
     ))
-    engine = bottom_engine(net, boundary, frozen.weights_id, pre)
+    with distributed.main_first():  # one rank exports the bottom, the others open its file
+        engine = bottom_engine(net, boundary, frozen.weights_id, pre)
     progress.start("caching frozen layers", len(train_paths) + len(val_paths))
     store.fill("train", train_paths, cfg.views, cfg.augment, cfg.seed, pre, engine, progress.advance)
     store.fill("val", val_paths, 1, "none", cfg.seed, pre, engine, progress.advance)
@@ -67,6 +69,8 @@ def run_finetune(
     head = Head(head_cfg)
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
     history = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress)
+    for module in (net, head):  # bit for bit rank 0's (BatchNorm statistics train apart): one weights file
+        distributed.broadcast_state(module)
 
     with torch.no_grad():
         val_proba = torch.softmax(head(top_features(net, boundary, val.acts, val.taps)), 1).numpy()
