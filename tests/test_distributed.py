@@ -205,3 +205,17 @@ def test_older_models_load_as_one_process_runs():
     assert DistributedRun.from_dict({}) == DistributedRun(1, "")
     assert DistributedRun.from_dict({"world_size": 2, "backend": "gloo"}).to_dict() == {"world_size": 2,
                                                                                           "backend": "gloo"}
+
+
+def test_cuda_without_a_gpu_is_one_line_before_any_work(monkeypatch):
+    from headstart.errors import ConfigError
+    from headstart.runtime.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for start in (pick_device, distributed.start):
+        with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU") as err:
+            start("cuda")
+        assert "\n" not in str(err.value)
+    assert pick_device("cpu") == "cpu"

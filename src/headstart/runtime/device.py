@@ -21,6 +21,10 @@ def cpu_threads() -> int:
 
 
 def pick_device(requested: str = "auto") -> str:
+    """"auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda" where none is visible is a ConfigError (one
+    line, before any work), not the driver's traceback from the first tensor moved there."""
+    if requested.startswith("cuda"):
+        _require_cuda(requested)
     if requested != "auto":
         return requested
     if "torch" not in sys.modules:
@@ -30,6 +34,20 @@ def pick_device(requested: str = "auto") -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _require_cuda(requested: str) -> None:
+    import torch
+
+    from headstart.errors import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: no CUDA GPU is visible here (torch {torch.__version__} found none "
+                          "with a working driver); use --device cpu, or auto to take a GPU when there is one")
+    index = requested.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), numbered "
+                          "from 0; use --device cuda")
 
 
 @contextlib.contextmanager

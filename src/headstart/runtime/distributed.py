@@ -116,14 +116,16 @@ def start(device: str) -> Launch:
     """Join the process group torchrun set up (once; later calls return the same). `device` is the run's
     setting: "cuda" (or "auto" finding a GPU) puts each rank on GPU LOCAL_RANK and talks NCCL."""
     global _joined
+    from headstart.runtime.device import pick_device
+
     launch = from_env()
+    if device.startswith("cuda"):
+        pick_device(device)  # no GPU: one line now, before the scan and the extraction
     if _joined is not None or not launch.active:
         return _joined or launch
     seconds = timeout_s()
     import torch
     import torch.distributed as dist
-
-    from headstart.runtime.device import pick_device
 
     on_gpu = pick_device(device).startswith("cuda")
     if on_gpu:
