@@ -30,8 +30,11 @@ def torch_kind(device: str) -> str:
 class OnnxEngine:
     kind = ONNX_CPU
 
-    def __init__(self, onnx_path: Path, threads: int | None = None, spinning: bool = True) -> None:
+    def __init__(self, onnx_path: Path, threads: int | None = None, spinning: bool = True,
+                 kind: str = ONNX_CPU) -> None:
         import onnxruntime as ort
+
+        self.kind = kind  # an int8 graph (see `runtime.quantize`) names its calibration
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -82,9 +85,10 @@ class ViewsEngine:
 
     kind = ONNX_CPU
 
-    def __init__(self, fixed: Path, size: int) -> None:
-        self.fixed = OnnxEngine(fixed, spinning=False)
-        self.any_size = OnnxEngine(any_size_path(fixed), spinning=False)
+    def __init__(self, fixed: Path, size: int, any_size: Path | None = None, kind: str = ONNX_CPU) -> None:
+        self.kind = kind
+        self.fixed = OnnxEngine(fixed, spinning=False, kind=kind)
+        self.any_size = OnnxEngine(any_size or any_size_path(fixed), spinning=False, kind=kind)
         self.size = size
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

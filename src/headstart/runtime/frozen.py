@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.backbones.weights import create_model, pretrained_weights_path, weights_fingerprint
+from headstart.errors import UserError
 from headstart.paths import disk_full_error, short_of_room, store_key
-from headstart.runtime.device import pick_device
+from headstart.runtime import quantize
+from headstart.runtime.device import int8_is_fast, pick_device
 from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path, torch_kind
 from headstart.runtime.export import export_onnx, known_failure, onnx_path_for, open_cached, remember_failure
 
 log = logging.getLogger(__name__)
 
 NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
+ENGINES = ("fp32", "int8")  # what the `engine` setting's `auto` chooses between (see `resolve_engine`)
+
+
+def resolve_engine(setting: str) -> str:
+    """The engine an `engine` setting means on this machine: `auto` is int8 where the CPU runs int8 faster than
+    float32 (`int8_is_fast`: 1.4x here end to end, bench/engine.py), float32 elsewhere."""
+    if setting == "auto":
+        return "int8" if int8_is_fast() else "fp32"
+    return setting
 
 
 @dataclass(frozen=True)
@@ -26,11 +37,18 @@ class FrozenBackbone:
     weights: Path  # timm-layout safetensors
     weights_id: str
     weights_prefix: str = ""  # key prefix inside the weights file (a saved model stores "backbone.")
+    engine_name: str = "fp32"  # on the CPU: "fp32" (float ONNX Runtime) or "int8" (`runtime.quantize`)
+    # Photos to calibrate int8 on when this backbone has no calibration yet (a training run's own).
+    calibration_photos: tuple[Path, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def pretrained(cls, spec: BackboneSpec, weights: Path | None = None) -> "FrozenBackbone":
         weights = Path(weights) if weights else pretrained_weights_path(spec)
         return cls(spec, weights, weights_fingerprint(weights))
+
+    def with_engine(self, setting: str, photos: tuple[Path, ...] = ()) -> "FrozenBackbone":
+        """This backbone run by the engine `setting` names (`resolve_engine`), calibrated on `photos` if need be."""
+        return replace(self, engine_name=resolve_engine(setting), calibration_photos=tuple(photos))
 
     def build_torch(self):
         """The feature network as torch: the backbone with its multi-scale pooling."""
@@ -46,6 +64,15 @@ class FrozenBackbone:
             return TorchEngine(self.build_torch(), device)
         path = onnx_path_for(self.spec, self.weights_id)
         twins = (any_size_path(path),) if self.spec.any_input_size else ()
+        exported = path.exists() and all(twin.exists() for twin in twins)
+        if self.engine_name == "int8" and exported and (int8 := self._int8_engine(path, twins)) is not None:
+            return int8
+        fp32 = self._fp32_engine(path, twins, device)
+        if self.engine_name == "int8" and not exported and not isinstance(fp32, TorchEngine):
+            return self._int8_engine(path, twins) or fp32  # exported just now
+        return fp32
+
+    def _fp32_engine(self, path: Path, twins: tuple[Path, ...], device: str) -> Engine:
         if self.spec.preprocess.native_size:
             def open_engine() -> Engine:
                 return ViewsEngine(path, self.spec.preprocess.input_size)
@@ -57,6 +84,18 @@ class FrozenBackbone:
         except RuntimeError as exc:  # a network the exporter cannot reproduce: slower, but right
             log.warning("%s: %s; extracting features with PyTorch instead of ONNX Runtime", self.spec.name, exc)
             return TorchEngine(self.build_torch(), device)
+
+    def _int8_engine(self, path: Path, twins: tuple[Path, ...]) -> Engine | None:
+        """The int8 engine of the float export at `path`; None (float32 then) when it cannot be made."""
+        try:
+            twin = twins[0] if twins and self.spec.preprocess.native_size else None
+            return quantize.int8_engine(path, twin, self.spec.preprocess, self.calibration_photos)
+        except UserError:
+            raise  # a full disk is the user's to fix, whichever engine
+        except Exception as exc:  # onnxruntime's quantizer raises its own types, or Exception itself
+            log.warning("%s: int8 quantization failed (%s); extracting features in float32",
+                        self.spec.name, " ".join(str(exc).split())[:200])
+            return None
 
     def _export(self, path: Path) -> None:
         if (reason := known_failure(path)) is not None:
@@ -81,6 +120,8 @@ class FrozenBackbone:
         path = onnx_path_for(self.spec, self.weights_id)
         if not path.exists() and known_failure(path) is not None:
             return torch_kind("cpu")
+        if self.engine_name == "int8":
+            return quantize.expected_kind(path, bool(self.calibration_photos))
         return ONNX_CPU
 
     def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:

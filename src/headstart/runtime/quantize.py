@@ -1,0 +1,179 @@
+"""Static int8 quantization of an exported backbone with ONNX Runtime: activation ranges calibrated on real photos
+(MinMax), QDQ format, per-channel int8 weights, uint8 activations.
+
+One calibration per exported backbone (architecture, weights, input size), measured on the training photos of
+the first run that asks for int8 and reused by later runs: calibrating and quantizing cost ~14 s of CPU for
+Lite0 (bench/engine.py), a third of what int8 saves on a 3,500-photo set, so per-set calibration would eat the
+gain; the ranges of photos of one set served another within the accuracy bench's margin.
+
+The ranges are a small JSON file (ONNX Runtime's calibration cache) beside the export; the quantized graph is a
+pure function of the float graph and those ranges, so it is cached under their digest (`quantized_path`), and
+the engine kind names the digest (`int8_kind`): features computed with other ranges never share a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from headstart.data.imageio import ImageDecodeError
+from headstart.paths import atomic_path
+from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, ViewsEngine
+from headstart.runtime.export import open_cached
+from headstart.vision.preprocess import PreprocessConfig, load_views
+
+log = logging.getLogger(__name__)
+
+INT8_PREFIX = "onnxruntime-cpu-int8"
+CALIBRATION_IMAGES = 64  # photos the ranges are measured on, spread over the training set
+MIN_CALIBRATION_IMAGES = 8  # fewer readable photos than this calibrate nothing: the run stays float32
+
+
+def calibration_path(fp32: Path) -> Path:
+    """Where the ranges of the float graph `fp32` are kept (one calibration per exported backbone)."""
+    return fp32.with_name(f"{fp32.stem}-int8-calibration.json")
+
+
+def int8_kind(calibration: Path) -> str:
+    """The engine kind of int8 graphs quantized with the ranges in `calibration`."""
+    return f"{INT8_PREFIX}-{calibration_digest(calibration)}"
+
+
+def calibration_digest(calibration: Path) -> str:
+    return hashlib.sha256(calibration.read_bytes()).hexdigest()[:12]
+
+
+def quantized_path(fp32: Path, calibration: Path) -> Path:
+    """Where the int8 twin of the float graph `fp32`, quantized with `calibration`'s ranges, is cached."""
+    return fp32.with_name(f"{fp32.stem}-int8-{calibration_digest(calibration)}.onnx")
+
+
+def expected_kind(fp32: Path, can_calibrate: bool) -> str:
+    """The kind `int8_engine` will give, known without making it: int8 with the cached ranges; int8 with ranges
+    still to be measured (a kind no cache holds: the features cache re-keys once the engine names them); or
+    float32 when there are neither ranges nor photos to measure them on."""
+    calibration = calibration_path(fp32)
+    if calibration.exists():
+        return int8_kind(calibration)
+    return INT8_PREFIX if can_calibrate else ONNX_CPU
+
+
+def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig, photos: tuple[Path, ...]) -> Engine | None:
+    """The int8 engine of the exported float graph `fp32` (and its any-size twin, for a native view): calibrated
+    on `photos` when this backbone has no ranges yet, quantized once per ranges. None when there are no ranges
+    and too few readable photos to measure them."""
+    calibration = calibration_path(fp32)
+    if not calibration.exists():
+        batches = _calibration_batches(photos, pre)
+        if batches is None:
+            log.info("%s: too few readable photos to calibrate int8 (%d needed); float32 instead",
+                     fp32.name, MIN_CALIBRATION_IMAGES)
+            return None
+        log.info("calibrating int8 on %d photos (once per backbone; kept in %s)", sum(map(len, batches)),
+                 calibration.parent)
+        calibrate(fp32, batches, calibration)
+    kind = int8_kind(calibration)
+    fixed = quantized_path(fp32, calibration)
+    # The twin is the fixed graph with symbolic sizes (or one traced at a native size, by the same exporter from
+    # the same modules): the same tensor names, so the same ranges. Should it fail, the caller falls back to fp32.
+    twin = quantized_path(any_size, calibration) if any_size is not None else None
+
+    def make() -> None:
+        for src, dst in ((fp32, fixed), (any_size, twin)):
+            if src is not None and dst is not None and not dst.exists():
+                quantize(src, calibration, dst)
+
+    def open_engine() -> Engine:
+        if twin is None:
+            return OnnxEngine(fixed, kind=kind)
+        return ViewsEngine(fixed, pre.input_size, any_size=twin, kind=kind)
+
+    return open_cached(fixed, open_engine, make, (twin,) if twin is not None else ())
+
+
+def _calibration_batches(photos: tuple[Path, ...], pre: PreprocessConfig, batch: int = 16) -> list[np.ndarray] | None:
+    """Standard views of up to CALIBRATION_IMAGES photos spread evenly over `photos`, in batches."""
+    step = max(1, len(photos) // CALIBRATION_IMAGES)
+    views = []
+    for path in photos[::step][:CALIBRATION_IMAGES]:
+        try:
+            views.append(load_views(path, pre)[0])
+        except (ImageDecodeError, OSError):
+            continue
+    if len(views) < MIN_CALIBRATION_IMAGES:
+        return None
+    return [np.stack(views[i:i + batch]) for i in range(0, len(views), batch)]
+
+
+def calibrate(fp32: Path, batches: Iterable[np.ndarray], target: Path) -> Path:
+    """Measure the activation ranges of the float graph `fp32` on `batches` of preprocessed pixels and write
+    them to `target` (JSON, written atomically)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    import onnxruntime as ort
+
+    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    with tempfile.TemporaryDirectory(prefix="headstart-calib-") as tmp:
+        calibrator = create_calibrator(fp32, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax,
+                                       providers=["CPUExecutionProvider"])
+        calibrator.collect_data(_Reader(name, batches))
+        ranges = calibrator.compute_data()
+    with atomic_path(target) as out:
+        save_tensors_data(ranges, out)
+    return target
+
+
+def quantize(fp32: Path, calibration: Path, target: Path) -> Path:
+    """The int8 graph of `fp32` with the ranges in `calibration`, written atomically to `target`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    with atomic_path(target) as out, _quiet("root"):
+        quantize_static(fp32, out, None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibration_cache_path=calibration)
+    log.info("quantized %s to int8 (%s)", fp32.name, target.name)
+    return target
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over an iterable of batches."""
+
+    def __init__(self, name: str, batches: Iterable[np.ndarray]) -> None:
+        self.name = name
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+class _quiet:
+    """ONNX Runtime's quantizer warns through the root logger about pre-processing; its advice does not apply."""
+
+    def __init__(self, *names: str) -> None:
+        self.loggers = [logging.getLogger(n if n != "root" else None) for n in names]
+
+    def __enter__(self) -> None:
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc) -> None:
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)

@@ -1,0 +1,176 @@
+"""The int8 engine (runtime.quantize) and the `engine` setting, on the tiny backbone: calibration on the run's own
+photos once per backbone, features close to float32's and cached apart from them, `auto`'s choice and its
+float32 fallback, a saved model predicting with the engine it was trained with, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_BACKBONE, make_image_folder
+from headstart.backbones.registry import resolve
+from headstart.runtime import device, frozen as frozen_mod, quantize
+from headstart.runtime.engines import ONNX_CPU, OnnxEngine, ViewsEngine
+from headstart.runtime.export import onnx_path_for
+from headstart.runtime.frozen import FrozenBackbone, resolve_engine
+
+
+def _photos(folder: Path) -> tuple[Path, ...]:
+    return tuple(sorted(folder.rglob("*.jpg")))
+
+
+def _backbone(tiny_weights: Path, engine: str = "int8", photos: tuple[Path, ...] = ()) -> FrozenBackbone:
+    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights).with_engine(engine, photos)
+
+
+def _features(backbone: FrozenBackbone, photos: tuple[Path, ...]) -> np.ndarray:
+    from headstart.cache.pipeline import extract
+
+    engine = backbone.engine("cpu")
+    return np.concatenate([f for _, f, _ in extract(list(photos), backbone.spec.preprocess, engine)])
+
+
+def test_int8_engine_is_calibrated_once_and_close_to_fp32(tiny_cache, tiny_weights, image_folder) -> None:
+    photos = _photos(image_folder)
+    int8 = _backbone(tiny_weights, "int8", photos)
+    assert int8.engine_kind("cpu") == quantize.INT8_PREFIX  # ranges still to be measured: no cache holds this kind
+    engine = int8.engine("cpu")
+    assert engine.kind.startswith(quantize.INT8_PREFIX + "-") and engine.kind == int8.engine_kind("cpu")
+    calibration = quantize.calibration_path(onnx_path_for(int8.spec, int8.weights_id))
+    stamp = calibration.stat().st_mtime_ns
+    # A later run, on other photos or none, reuses the backbone's ranges: same kind, no second calibration.
+    again = _backbone(tiny_weights, "int8").engine("cpu")
+    assert again.kind == engine.kind and calibration.stat().st_mtime_ns == stamp
+    got, ref = _features(int8, photos), _features(_backbone(tiny_weights, "fp32"), photos)
+    assert got.shape == ref.shape and not np.array_equal(got, ref)  # really another arithmetic
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.9, cos.min()
+
+
+def test_int8_features_are_cached_apart_from_fp32(tiny_cache, tiny_weights, image_folder) -> None:
+    from headstart.cache.features import FeatureCache
+
+    photos = list(_photos(image_folder))
+    int8, fp32 = _backbone(tiny_weights, "int8", tuple(photos)), _backbone(tiny_weights, "fp32")
+    cache8 = FeatureCache(int8, engine_kind=int8.engine_kind("cpu"))
+    first = cache8.features_for(photos, lambda: int8.engine("cpu"))
+    assert first.hits == 0 and cache8.engine_kind.startswith(quantize.INT8_PREFIX + "-")  # re-keyed once named
+    assert FeatureCache(int8, engine_kind=int8.engine_kind("cpu")).features_for(
+        photos, lambda: int8.engine("cpu")).hits == len(photos)
+    cache32 = FeatureCache(fp32, engine_kind=fp32.engine_kind("cpu"))
+    assert cache32.dir != cache8.dir and cache32.engine_kind == ONNX_CPU
+    assert cache32.features_for(photos, lambda: fp32.engine("cpu")).hits == 0
+    assert int8.cache_key(cache8.engine_kind) != fp32.cache_key(ONNX_CPU)
+    assert "engine" not in fp32.feature_key_parts(ONNX_CPU)  # float32 caches already on disk stay valid
+
+
+def test_auto_is_int8_only_where_the_cpu_runs_it_faster(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
+    assert (resolve_engine("auto"), resolve_engine("fp32"), resolve_engine("int8")) == ("int8", "fp32", "int8")
+    monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: False)
+    assert (resolve_engine("auto"), resolve_engine("int8")) == ("fp32", "int8")  # asked for by name: honoured
+    for flags, fast in (("fpu sse2 avx avx2 fma", True), ("fpu sse2 avx", False), ("fp asimd asimddp", True),
+                        ("fp asimd", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n" if "sse" in flags else f"Features\t: {flags}\n")
+        assert device.int8_is_fast(info) is fast, flags
+    assert device.int8_is_fast(tmp_path / "missing") is False  # an unknown CPU: float32
+
+
+def test_too_few_photos_or_a_broken_quantizer_fall_back_to_fp32(tiny_cache, tiny_weights, image_folder,
+                                                                monkeypatch) -> None:
+    none = _backbone(tiny_weights, "int8", ())
+    assert none.engine_kind("cpu") == ONNX_CPU and none.engine("cpu").kind == ONNX_CPU
+    few = _backbone(tiny_weights, "int8", _photos(image_folder)[:quantize.MIN_CALIBRATION_IMAGES - 1])
+    assert few.engine("cpu").kind == ONNX_CPU
+    assert not quantize.calibration_path(onnx_path_for(few.spec, few.weights_id)).exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(quantize, "quantize", broken)
+    assert _backbone(tiny_weights, "int8", _photos(image_folder)).engine("cpu").kind == ONNX_CPU
+
+
+def test_a_damaged_int8_graph_is_quantized_again(tiny_cache, tiny_weights, image_folder) -> None:
+    backbone = _backbone(tiny_weights, "int8", _photos(image_folder))
+    kind = backbone.engine("cpu").kind
+    fp32 = onnx_path_for(backbone.spec, backbone.weights_id)
+    graph = quantize.quantized_path(fp32, quantize.calibration_path(fp32))
+    graph.write_bytes(b"not a graph")
+    engine = backbone.engine("cpu")
+    assert isinstance(engine, OnnxEngine) and engine.kind == kind and graph.stat().st_size > 1000
+
+
+def test_native_view_runs_both_int8_graphs(tiny_cache, tiny_weights, image_folder) -> None:
+    from dataclasses import replace
+
+    spec = resolve(TINY_BACKBONE)
+    spec = replace(spec, any_input_size=True, preprocess=replace(spec.preprocess, native_size=96))
+    backbone = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8", _photos(image_folder))
+    engine = backbone.engine("cpu")
+    assert isinstance(engine, ViewsEngine) and engine.kind.startswith(quantize.INT8_PREFIX + "-")
+    assert engine.any_size.kind == engine.fixed.kind == engine.kind
+    feats = _features(backbone, _photos(image_folder)[:4])
+    assert feats.shape[0] == 4 and np.isfinite(feats).all()
+
+
+def test_a_saved_model_predicts_with_the_engine_it_was_trained_with(tiny_cache, tiny_weights, image_folder,
+                                                                     tmp_path, monkeypatch) -> None:
+    from headstart import ImageClassifier
+
+    monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
+    photos = list(_photos(image_folder))
+    clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu").fit(image_folder)
+    kind = clf.frozen_.engine_kind("cpu")
+    assert clf.engine == "auto" and kind.startswith(quantize.INT8_PREFIX + "-")
+    loaded = ImageClassifier.load(clf.save(tmp_path / "model"), device="cpu")
+    assert loaded.frozen_.engine_kind("cpu") == kind
+    np.testing.assert_allclose(loaded.predict_proba(photos), clf.predict_proba(photos), atol=1e-6)
+    fp32 = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu", engine="fp32")
+    assert fp32.fit(image_folder).frozen_.engine_kind("cpu") == ONNX_CPU
+    assert fp32.cached_ == 0  # int8's cached features were not taken for float32 ones
+    again = ImageClassifier.load(fp32.save(tmp_path / "fp32"), device="cpu")
+    assert again.frozen_.engine_kind("cpu") == ONNX_CPU
+
+
+def test_a_model_saved_before_engines_were_a_setting_predicts_in_fp32(tiny_cache, tiny_weights, image_folder,
+                                                                     tmp_path) -> None:
+    from headstart import ImageClassifier
+
+    clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu", engine="fp32").fit(image_folder)
+    out = clf.save(tmp_path / "old")
+    meta = json.loads((out / "headstart.json").read_text())
+    del meta["params"]["engine"]
+    (out / "headstart.json").write_text(json.dumps(meta))
+    assert ImageClassifier.load(out, device="cpu").frozen_.engine_name == "fp32"
+
+
+def _cli(*args, env) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
+                          env={**env, "COLUMNS": "200"}, timeout=180)
+
+
+def test_cli_engine_flag_end_to_end(tiny_cache, tiny_weights, tmp_path) -> None:
+    photos = make_image_folder(tmp_path / "photos", per_class=6)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = _cli("train", photos, "--engine", "int4", "--out", tmp_path / "bad", env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "int4" in bad.stderr
+    common = ("--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "2", "--device", "cpu")
+    got = _cli("train", photos, *common, "--engine", "int8", "--out", tmp_path / "m", env=env)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert json.loads((tmp_path / "m" / "headstart.json").read_text())["params"]["engine"] == "int8"
+    fp32 = onnx_path_for(resolve(TINY_BACKBONE), FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
+                         .weights_id)
+    assert quantize.calibration_path(fp32).exists()
+    pred = _cli("predict", tmp_path / "m", photos, "--format", "csv", env=env)
+    assert pred.returncode == 0, pred.stderr
+    assert len(pred.stdout.strip().splitlines()) == 1 + len(_photos(photos))
+    ev = _cli("evaluate", tmp_path / "m", photos, env=env)
+    assert ev.returncode == 0, ev.stderr
