@@ -157,14 +157,52 @@ def train_summary(
     ]
     if decision.strategy != "head":
         rows.append(("strategy", _decision_line(decision, timings)))
-    if clf.val_metrics_ is not None:
-        rows.append(("validation", _eval_line(clf.val_metrics_)))
-    if clf.test_metrics_ is not None:
-        rows.append(("test", _eval_line(clf.test_metrics_)))
+    rows += _honest_rows(clf)
+    rows.append(("calibration", _calibration_line(clf)))
     rows.append(("saved to", str(saved)))
     if confusion_png is not None:
         rows.append(("confusion (val)", str(confusion_png)))
     return _key_value_table("headstart train", rows)
+
+
+def _honest_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
+    """Each score with the split it comes from and what that split chose: validation chose the head, its stopping
+    epoch and (with --strategy auto) the strategy, so its score flatters; the test split chose nothing. Then the
+    k-fold accuracy of the kept settings, and whether the shipped head was refitted."""
+    decision, rows = clf.decision_, []
+    refitted = decision.refitted > 0
+    if clf.val_metrics_ is not None:
+        chose = (["the head"] if decision.kept_head_candidates else []) + ["its stopping epoch"] \
+            + (["the strategy"] if decision.strategy == "auto" else []) \
+            + (["the temperature"] if getattr(clf.report_, "calibration", None) else [])
+        before = "; of the head before its refit" if refitted else ""
+        rows.append(("validation", f"{_eval_line(clf.val_metrics_)}; this split chose {_listed(chose)}, so it "
+                                   f"flatters{before}"))
+    if clf.test_metrics_ is not None:
+        rows.append(("test", f"{_eval_line(clf.test_metrics_)}; this split chose nothing"
+                             + ("; of the shipped (refitted) head" if refitted else "")))
+    cv = clf.cv_
+    if cv is not None:
+        rows.append(("cross-validation", f"{cv.folds}-fold accuracy {_pct(cv.accuracy)}, 95% interval "
+                     f"{_pct(cv.low)}-{_pct(cv.high)} (n={cv.n}, {cv.rows.replace('+', ' + ')}; at the settings "
+                     "validation chose)"))
+    if refitted:
+        rows.append(("refit", f"the shipped head was refitted on train + val ({decision.refitted} images) for "
+                              f"{clf.history_.best_epoch + 1} epochs, the settings validation chose"))
+    return rows
+
+
+def _calibration_line(clf: ImageClassifier) -> str:
+    """The stored temperature and the validation ECE it took away (measured where it was fitted); or why none."""
+    cal = clf.report_.calibration
+    if cal is None:
+        n = clf.val_metrics_.n if clf.val_metrics_ is not None else 0
+        return f"none (T = 1): {n} validation images, 20 needed" if n else "none (T = 1): no validation split"
+    return f"T = {cal.temperature:.2f}: val ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f}"
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,8 +42,19 @@ class CrossValidation:
     low: float
     high: float
 
+    rows: str = "train"  # what was cross-validated: "train" (compare's folder), or "train+val" (train's)
+
     def contains(self, accuracy: float) -> bool:
         return self.low <= accuracy <= self.high
+
+    def to_dict(self) -> dict:
+        return {"folds": self.folds, "n": self.n, "fold_accuracies": list(self.fold_accuracies),
+                "accuracy": self.accuracy, "low": self.low, "high": self.high, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CrossValidation":
+        return cls(int(d["folds"]), int(d["n"]), tuple(float(a) for a in d.get("fold_accuracies", [])),
+                   float(d["accuracy"]), float(d["low"]), float(d["high"]), str(d.get("rows", "train")))
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -104,6 +115,39 @@ def cross_validate(features: np.ndarray, labels: np.ndarray, n_classes: int, fol
     """k-fold accuracy of the head on `features`, with its 95 % interval."""
     proba, fold_of = out_of_fold_proba(features, labels, n_classes, folds, seed, hidden, dropout, train_config)
     return summarise(proba.argmax(1) == labels, fold_of)
+
+
+def cross_validate_settings(features: np.ndarray, labels: np.ndarray, head_cfg: HeadConfig, train_config: TrainConfig,
+                            epochs: int, epoch_lrs: tuple[float, ...] = (), folds: int = FOLDS,
+                            seed: int = 0) -> CrossValidation:
+    """k-fold accuracy of one head at settings a validation split already chose (its config, its epoch count,
+    its plateau rates): each fold a fresh head `refit_full` trains on the other folds with no early stopping,
+    scored on its own fold. What `train` reports for the head it ships: the head is refitted the same way on all
+    of these rows. The settings were chosen on part of these rows, so the figure leans optimistic by what that
+    choice could overfit (two candidates and an epoch count); `cross_validate` re-chooses inside every fold
+    instead, at about five times the cost. Folds train side by side, one thread each, like `fit_best_head`'s
+    candidates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from headstart.runtime.device import cpu_threads
+    from headstart.train.fit_head import refit_full  # torch: only once there is something to fit
+
+    k = fold_count(labels, folds)
+    fold_of = stratified_folds(labels, k, seed)
+    untempered = replace(head_cfg, temperature=1.0)  # the argmax does not depend on it
+
+    def one(fold: int) -> np.ndarray:
+        train, test = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+        head, _ = refit_full(untempered, replace(train_config, seed=train_config.seed + fold),
+                             np.asarray(features[train], np.float32), labels[train], epochs, epoch_lrs)
+        state = {name: v.detach().numpy() for name, v in head.state_dict().items()}
+        return head_proba(untempered, state, np.asarray(features[test], np.float32)).argmax(1) == labels[test]
+
+    hits = np.zeros(len(labels), bool)
+    with ThreadPoolExecutor(max_workers=min(k, cpu_threads())) as pool:
+        for fold, fold_hits in enumerate(pool.map(one, range(k))):
+            hits[fold_of == fold] = fold_hits
+    return replace(summarise(hits, fold_of), rows="train+val")
 
 
 def summarise(hits: np.ndarray, fold_of: np.ndarray) -> CrossValidation:
