@@ -68,10 +68,12 @@ def distributed_features(cache: FeatureCache, paths: list[Path], engine_factory,
         progress.finish()
         return got
     mine = [paths[i] for i in distributed.share(len(paths))]
+    with distributed.main_first():  # rank 0 exports (and calibrates) the engine; the others open what it wrote
+        engine = engine_factory()
     progress.start(task, len(mine))
-    own = cache.features_for(mine, engine_factory, progress.advance)
+    own = cache.features_for(mine, lambda: engine, progress.advance)
     progress.finish()
     distributed.barrier()
-    got = cache.features_for(paths, engine_factory)  # all cached now, but for the unreadable
+    got = cache.features_for(paths, lambda: engine)  # all cached now, but for the unreadable
     hits = int(distributed.sum_over_ranks(own.hits)[0])
     return replace(got, hits=hits)
