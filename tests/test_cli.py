@@ -90,10 +90,14 @@ class FakeClassifier:
         )  # fmt: skip
         self.timings_ = {"scan_s": 0.01, "features_s": 1.5, "train_s": 0.25}
         self.cached_ = 2
-        self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(preprocess=PreprocessConfig(native_size=128)))
+        self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(
+            name="fake", preprocess=PreprocessConfig(native_size=128)))
         self.head_config_ = HeadConfig(16, 2, (64,), 0.6)
         self.decision_ = Decision(strategy="head", kept="head", head_candidates=(
             HeadCandidate((), 0.2, 0.62), HeadCandidate((64,), 0.6, 0.56)))
+        # What the report `train` writes reads: the run's record (no temperature fitted), no per-image results.
+        self.report_ = types.SimpleNamespace(counts=self.counts_, skipped=self.skipped_, calibration=None)
+        self.validation_ = None
         return self
 
     def save(self, out_dir: Path) -> Path:
@@ -506,7 +510,7 @@ def test_train_flags_are_the_options_with_their_defaults() -> None:
     from headstart import options
 
     params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export"}
+    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report"}
     defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
     defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
     defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])

@@ -194,10 +194,13 @@ def _honest_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
 
 def _calibration_line(clf: ImageClassifier) -> str:
     """The stored temperature and the validation ECE it took away (measured where it was fitted); or why none."""
+    from headstart.evaluate.calibration import MIN_CALIBRATION
+
     cal = clf.report_.calibration
     if cal is None:
         n = clf.val_metrics_.n if clf.val_metrics_ is not None else 0
-        return f"none (T = 1): {n} validation images, 20 needed" if n else "none (T = 1): no validation split"
+        return (f"none (T = 1): {n} validation images, {MIN_CALIBRATION} needed" if n
+                else "none (T = 1): no validation split")
     return f"T = {cal.temperature:.2f}: val ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f}"
 
 

@@ -16,7 +16,7 @@ from headstart import options
 from headstart.cli import render
 from headstart.cli.progress import ProgressBars
 from headstart.progress import NoProgress
-from headstart.cli.base import app
+from headstart.cli.base import app, main_rank
 
 D = options.DEFAULTS
 DEFAULT_BACKBONE = D["backbone"]  # equal to headstart.backbones.registry's (a test checks), without its numpy
@@ -196,7 +196,7 @@ def _check_output(out: Path, resume: Path | None) -> None:
         if not resume.is_dir():
             raise DataError(f"--resume {resume}: no such folder, so there is no run to continue; give the --out "
                             "folder of the interrupted run, or drop --resume to train from the start")
-        if not (resume / "checkpoint").exists():
+        if not (resume / "checkpoint").exists() and main_rank():  # under torchrun: said once, by rank 0
             render.note(f"warning: --resume {resume}: no checkpoint there (the run stopped before its first "
                         "fine-tuning epoch, or finished); training from the start")
         check_writable(resume)

@@ -14,8 +14,8 @@ import numpy.typing as npt
 
 from headstart.evaluate.metrics import expected_calibration_error, log_loss
 
-__all__ = ["Calibration", "MIN_CALIBRATION", "ReliabilityBins", "calibrate", "fit_temperature", "reliability_bins",
-           "scaled_proba", "stored_temperature"]
+__all__ = ["Calibration", "MIN_CALIBRATION", "ReliabilityBins", "calibrate", "fit_temperature", "measured",
+           "reliability_bins", "scaled_proba", "stored_temperature"]
 
 # 1/T is searched in [1/T_MAX, 1/T_MIN]: wider than any useful temperature, narrow enough that exp never overflows.
 T_MIN, T_MAX = 0.05, 20.0
@@ -137,11 +137,17 @@ def stored_temperature(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike, min
     y = np.asarray(val_labels)
     if len(y) < min_n:
         return None
-    z, y = _check(val_logits, y)
-    t = fit_temperature(z, y)
-    before, after = scaled_proba(z), scaled_proba(z, t)
-    return Calibration(t, expected_calibration_error(y, before), expected_calibration_error(y, after),
-                       log_loss(y, before), log_loss(y, after), len(y), "validation (fitted there)")
+    return measured(val_logits, y, fit_temperature(val_logits, y), "validation (fitted there)")
+
+
+def measured(logits: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, fitted_on: str,
+             n_bins: int = 15) -> Calibration:
+    """What a temperature fitted elsewhere (`fitted_on`, e.g. a model's stored one) does on these images."""
+    z, y = _check(logits, labels)
+    before, after = scaled_proba(z), scaled_proba(z, temperature)
+    return Calibration(float(temperature), expected_calibration_error(y, before, n_bins),
+                       expected_calibration_error(y, after, n_bins), log_loss(y, before), log_loss(y, after), len(y),
+                       fitted_on, n_bins)
 
 
 @dataclass(frozen=True, eq=False)

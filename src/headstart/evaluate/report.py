@@ -29,6 +29,7 @@ from headstart.evaluate.calibration import (
     MIN_CALIBRATION,
     Calibration,
     calibrate,
+    measured,
     reliability_bins,
     scaled_proba,
 )
@@ -48,6 +49,7 @@ GALLERY = 8  # top-loss images shown, each with its heat map (a second of CPU ea
 # The other engineers' modules, used when they are part of the build: (module, function, section title).
 LABELS_MODULE = ("headstart.evaluate.labels", "find_label_errors", "Likely label errors")
 CHECK_MODULE = ("headstart.data.check", "check_folder", "Data check")
+STORED = "the model's own, fitted on its validation split at training"
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,10 +62,11 @@ class Scored:
     logits: np.ndarray
     features: np.ndarray
     skipped: list[tuple[Path, str]]
+    temperature: float = 1.0  # the model's: `proba` is what it predicts
 
     @property
     def proba(self) -> np.ndarray:
-        return scaled_proba(self.logits)
+        return scaled_proba(self.logits, self.temperature)
 
     @property
     def losses(self) -> np.ndarray:
@@ -98,6 +101,7 @@ class Report:
     stage2: History | None
     extra: list[tuple[str, list[Any]]] = field(default_factory=list)  # (title, records) from optional modules
     left_out: list[str] = field(default_factory=list)  # sections not drawn, and why
+    max_thumbs: int = MAX_THUMBS
 
 
 def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None, split: str | None = None) -> Scored:
@@ -120,7 +124,7 @@ def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None,
     feats = dataset_features(dataset, clf.frozen_, clf.device, progress or NoProgress())
     logits = head_logits_numpy(clf.head_state_, clf.head_config_, np.asarray(feats.features))
     return Scored(Path(folder), list(feats.paths), to_model[feats.labels], logits, np.asarray(feats.features),
-                  list(dataset.skipped) + list(feats.failures))
+                  list(dataset.skipped) + list(feats.failures), clf.head_config_.temperature)
 
 
 def _summary(clf: Any, model_dir: Path) -> list[tuple[str, str]]:
@@ -134,11 +138,21 @@ def _summary(clf: Any, model_dir: Path) -> list[tuple[str, str]]:
             ("backbone", f"{clf.frozen_.spec.name}, {clf.frozen_.spec.preprocess.input_size} px"
                          + (f", native view {d.native_size} px" if d.native_size else "")),
             ("head", f"hidden {list(head.hidden) or 'none (linear)'}, dropout {head.dropout}"),
+            ("temperature", _temperature_line(rep.calibration)),
             ("strategy", f"asked {d.strategy}, kept {d.kept}" + (f": {d.reason}" if d.reason else ""))]
     if d.head_candidates:
         rows.append(("head candidates", "; ".join(f"hidden {list(c.hidden)}, dropout {c.dropout}: val loss "
                                                    f"{c.val_loss:.3f}" for c in d.kept_head_candidates)))
     return rows
+
+
+def _temperature_line(cal: Calibration | None) -> str:
+    if cal is None:
+        return (f"1 (none fitted: no validation split of at least {MIN_CALIBRATION} images); probabilities are the "
+                "plain softmax")
+    return (f"{cal.temperature:.3g}, fitted on {cal.n} validation images: their ECE {cal.ece_before:.3f} -> "
+            f"{cal.ece_after:.3f}, log loss {cal.nll_before:.3f} -> {cal.nll_after:.3f}; probabilities are "
+            "softmax(logits / T), labels unchanged")
 
 
 def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None, split: str | None) -> list[Score]:
@@ -203,7 +217,9 @@ def build_report(clf: Any, model_dir: str | Path, data: str | Path | None = None
         ev, on = clf.val_metrics_, "the training run's validation split (no folder given: no per-image results)"
         left_out.append("Top-loss gallery, heat maps, calibration: need a labelled folder (headstart report MODEL DATA)")
     cal = None
-    if scored is not None and len(scored.labels) >= MIN_CALIBRATION:
+    if scored is not None and len(scored.labels) >= MIN_CALIBRATION and scored.temperature != 1.0:
+        cal = measured(scored.logits, scored.labels, scored.temperature, STORED)
+    elif scored is not None and len(scored.labels) >= MIN_CALIBRATION:
         cal = calibrate(scored.logits, scored.labels, folds=2, seed=clf.seed)
     elif scored is not None:
         left_out.append(f"Calibration: fewer than {MIN_CALIBRATION} images")
@@ -252,7 +268,10 @@ def _curves_uri(stages: list[tuple[str, History]]) -> str:
         acc.plot(epochs[:len(h.val_accuracy)], h.val_accuracy, color="tab:green", label="val accuracy")
         acc.set_ylim(0, 1.02), acc.set_ylabel("val accuracy")
         ax.legend(loc="center right", fontsize=8)
-    fig.tight_layout()
+    # Fixed margins, not tight_layout: measuring every label's extent was a third of the page's cost, which
+    # `train` pays on every run (evaluate.report_train).
+    fig.subplots_adjust(left=0.6 / fig.get_figwidth() * len(stages), right=1 - 0.75 / fig.get_figwidth() * len(stages),
+                        bottom=0.15, top=0.9, wspace=0.45)
     return _png_uri(fig)
 
 
@@ -266,7 +285,7 @@ def _reliability_uri(scored: Scored, cal: Calibration) -> str:
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect")
     ax.set_xlabel("confidence (top class)"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
     ax.set_title(f"reliability ({cal.n_bins} bins of {width:.3f})"), ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.94, bottom=0.12, top=0.92)
     return _png_uri(fig)
 
 
@@ -297,7 +316,7 @@ def _images_data(report: Report) -> dict:
     conf = s.proba.max(1)
     # Thumbnails for the misclassified first, then the rest in order, up to MAX_THUMBS.
     order = sorted(range(len(pred)), key=lambda i: (bool(pred[i] == s.labels[i]), i))
-    thumbs = {i: _thumb(s.paths[i]) for i in order[:MAX_THUMBS]}
+    thumbs = {i: _thumb(s.paths[i]) for i in order[:report.max_thumbs]}
     images = [{"name": s.paths[i].name, "conf": round(float(conf[i]), 4), "thumb": thumbs.get(i)}
               for i in range(len(pred))]
     cells: dict[str, list[int]] = {}

@@ -47,6 +47,7 @@ class Fitted:
     head_state: dict[str, np.ndarray]
     report: FitReport
     epoch_lrs: tuple[float, ...] = ()  # the head's plateau rate per epoch, for a refit to replay
+    refit_state: dict[str, np.ndarray] | None = None  # the head refitted on train + val beside stage 1, if it was
     validation: Any = None  # evaluate.report.Scored: the kept model on the validation split, for train's report
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
@@ -107,15 +108,15 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     epochs, cfg, t0 = report.history.best_epoch + 1, report.train_config, time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         refit = pool.submit(refit_full, replace(fitted.head_config, temperature=1.0), cfg, x, y, epochs,
-                            fitted.epoch_lrs, progress) if s.refit else None
+                            fitted.epoch_lrs, progress) if s.refit and fitted.refit_state is None else None
         cv = cross_validate_settings(x, y, fitted.head_config, cfg, epochs, fitted.epoch_lrs, s.cv, s.seed) \
             if s.cv and len(y) >= 4 else None
-        head = refit.result()[0] if refit else None
+        state = {k: v.detach().cpu().numpy() for k, v in refit.result()[0].state_dict().items()} if refit \
+            else fitted.refit_state if s.refit else None
     timings = {**report.timings, "refit_s": time.perf_counter() - t0}
     report = replace(report, cv=cv, timings=timings)
-    if head is None:
+    if state is None:
         return replace(fitted, report=report)
-    state = {name: v.detach().cpu().numpy() for name, v in head.state_dict().items()}
     out = replace(fitted, head_state=state)
     test = out.evaluate(*feats.part("test"))
     return replace(out, report=replace(report, test_metrics=test, decision=replace(report.decision, refitted=len(y))))
@@ -131,13 +132,17 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     train_cfg = train_config(s)
     candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
                                         train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy != "head")
-    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress)
+    # The refit trains beside the candidates when it is sure to be wanted (`fit_best_head`); else after them.
+    full = feats.features[:len(y_tr) + len(y_va)] if s.refit and s.strategy == "head" and len(y_va) else None
+    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, full,
+                           None if full is None else feats.labels[:len(full)])
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
                         head_candidates=fitted.candidates if len(candidates) > 1 else ())
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
                        tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
-    out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report, fitted.epoch_lrs)
+    refit = fitted.refit and {k: v.detach().cpu().numpy() for k, v in fitted.refit.state_dict().items()}
+    out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report, fitted.epoch_lrs, refit)
     return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
                                        test_metrics=out.evaluate(*feats.part("test"))))
 
