@@ -178,6 +178,11 @@ class ImageClassifier:
         """Metrics on a class-folder set (all its images, whatever split folders it has), and the files skipped."""
         return self._predictor().evaluate(folder, self.seed, progress)
 
+    def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> tuple[Any, list]:
+        """`evaluate` with test-time augmentation: an `evaluate.tta.TTAEvaluation` (the metrics without and with
+        each image's mirror image averaged in), and the files skipped."""
+        return self._predictor().evaluate_tta(folder, self.seed, progress)
+
     def score(self, folder: str | Path) -> float:
         """Accuracy on a class-folder set, as scikit-learn's `score`."""
         return self.evaluate(folder)[0].accuracy

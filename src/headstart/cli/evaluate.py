@@ -1,5 +1,7 @@
-"""`headstart evaluate`: score a saved model on a labelled folder, as tables or JSON."""
+"""`headstart evaluate`: score a saved model on a labelled folder, as tables or JSON; `--tta` also scores each
+image averaged with its mirror image and says what that gained."""
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,30 +15,48 @@ from headstart.cli.base import app
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(exists=True, help="A saved model directory.")],
-    data: Annotated[Path | None, typer.Argument(
-        exists=True, help="Folder of class sub-folders named like the model's, or a manifest.", show_default=False)] = None,
-    manifest: Annotated[Path | None, typer.Option(
-        "--manifest", exists=True, dir_okay=False, help="A CSV or JSON Lines file of path,label rows, instead of DATA.",
-        show_default=False)] = None,
+    data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders named like the model's.")],
     fmt: Annotated[Literal["table", "json"], typer.Option("--format", help="table, or json on stdout.")] = "table",
     confusion: Annotated[
         Path | None, typer.Option(dir_okay=False, help="Where to write the confusion matrix PNG.")
     ] = None,
+    tta: Annotated[bool, typer.Option(
+        "--tta", help="Average each image with its mirror image; report accuracy and log loss with and without.")
+    ] = False,
 ) -> None:
     """Score a saved model on a labelled folder."""
-    from headstart.cli.train import _data_or_manifest
-
-    data = _data_or_manifest(data, manifest, "evaluate")
     from headstart.api import ImageClassifier
 
     clf = ImageClassifier.load(model)
     with ProgressBars() as bars:
-        evaluation, skipped = clf.evaluate(data, progress=bars)
+        if tta:
+            both, skipped = clf.evaluate_tta(data, progress=bars)
+            evaluation = both.tta
+        else:
+            evaluation, skipped = clf.evaluate(data, progress=bars)
     png = render.write_confusion(evaluation, confusion or model / "confusion.png", title=f"Confusion matrix: {data}")
     if fmt == "json":
-        typer.echo(render.evaluation_json(evaluation, skipped))
+        text = render.evaluation_json(evaluation, skipped)
+        if tta:  # the metrics above are with TTA; what it gained, against the plain ones, beside them
+            payload = json.loads(text)
+            payload["tta"] = {"views": ["as is", "mirrored left-right"], "without": both.plain.to_dict(),
+                              "accuracy_gain": both.accuracy_gain, "log_loss_gain": both.log_loss_gain}
+            text = json.dumps(payload, indent=2)
+        typer.echo(text)
     else:
         render.print_evaluation(evaluation)
+        if tta:
+            render.out_console().print(_tta_table(both))
     if png is not None:
         render.note(f"confusion matrix written to {png}")
     render.print_skipped(skipped)
+
+
+def _tta_table(both) -> object:
+    """Without and with TTA, side by side (the evaluation table above is the one with)."""
+    plain, with_tta = both.plain, both.tta
+    rows = [("views", "the image, and its mirror image (left-right), probabilities averaged"),
+            ("accuracy", f"{plain.accuracy:.2%} -> {with_tta.accuracy:.2%} ({both.accuracy_gain * 100:+.2f} points)"),
+            ("log loss", f"{plain.log_loss:.4f} -> {with_tta.log_loss:.4f} ({-both.log_loss_gain:+.4f})"),
+            ("ECE", f"{plain.ece:.4f} -> {with_tta.ece:.4f}")]
+    return render._key_value_table("test-time augmentation (without -> with)", rows)

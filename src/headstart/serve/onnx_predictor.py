@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,9 @@ from headstart.progress import NoProgress, Progress
 from headstart.runtime.device import cpu_threads
 from headstart.serve.predictor import AlignedOutputs
 from headstart.vision.preprocess import PreprocessConfig, resize_and_crop
+
+if TYPE_CHECKING:
+    from headstart.evaluate.tta import TTAEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,22 @@ class OnnxPredictor(AlignedOutputs):
     def evaluate(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                  ) -> tuple[Evaluation, list[tuple[Path, str]]]:
         """Metrics on a class-folder set (all its images), and the files skipped."""
+        y, proba, _, skipped = self._scored(folder, seed, progress, mirrored=False)
+        return evaluate(y, proba, self.classes), skipped
+
+    def evaluate_tta(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
+                     ) -> tuple["TTAEvaluation", list[tuple[Path, str]]]:
+        """`evaluate`, and again with each image's mirror image averaged in: the graph's uint8 NHWC inputs are
+        mirrored along their width, in the same decoded batch."""
+        from headstart.evaluate.tta import TTAEvaluation, averaged
+
+        y, proba, flipped, skipped = self._scored(folder, seed, progress, mirrored=True)
+        return TTAEvaluation(evaluate(y, proba, self.classes),
+                             evaluate(y, averaged(proba, flipped), self.classes)), skipped
+
+    def _scored(self, folder: str | Path, seed: int, progress: Progress | None, mirrored: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[tuple[Path, str]]]:
+        """(labels in the model's order, probabilities, those of the mirrored images or None, files skipped)."""
         dataset, to_model = self._labelled(folder, seed)
         paths = [s.path for s in dataset.samples]
         labels = np.array([s.label for s in dataset.samples])
@@ -194,15 +214,22 @@ class OnnxPredictor(AlignedOutputs):
         progress.start("evaluating", len(paths))
         ok = np.zeros(len(paths), bool)
         parts: list[np.ndarray] = []
+        flips: list[np.ndarray] = []
         failures: list[tuple[Path, str]] = []
-        for idx, p, fails in self.batches(paths, progress.advance):
-            parts.append(p)
+        load = lambda i: self.load(paths[i])  # noqa: E731
+        for idx, stacked, fails in decoded_batches(len(paths), load, self.batch_size, self.workers):
+            if idx:
+                parts.append(self.run(stacked))
+                if mirrored:
+                    flips.append(self.run([np.ascontiguousarray(v[:, :, ::-1]) for v in stacked]))
             ok[idx] = True
             failures += [(paths[i], reason) for i, reason in fails]
+            progress.advance(len(idx) + len(fails))
         progress.finish()
         if not ok.any():
             raise DataError(f"{folder}: none of the {len(paths)} images could be read")
-        return evaluate(to_model[labels[ok]], np.concatenate(parts), self.classes), list(dataset.skipped) + failures
+        return (to_model[labels[ok]], np.concatenate(parts), np.concatenate(flips) if mirrored else None,
+                list(dataset.skipped) + failures)
 
 
 def load_export(model_dir: str | Path, **kwargs) -> OnnxPredictor | None:

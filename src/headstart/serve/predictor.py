@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import NoProgress, Progress
 from headstart.runtime.frozen import FrozenBackbone
+
+if TYPE_CHECKING:
+    from headstart.evaluate.tta import TTAEvaluation
 
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
 _USE_TABLE = "use predict_table for one row per input, unreadable ones included"
@@ -134,6 +138,21 @@ class Predictor(AlignedOutputs):
         feats = dataset_features(dataset, self.frozen, self.device, progress or NoProgress())
         ev = evaluate(to_model[feats.labels], self.proba(feats.features), self.classes)
         return ev, list(dataset.skipped) + list(feats.failures)
+
+    def evaluate_tta(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
+                     ) -> tuple[TTAEvaluation, list[tuple[Path, str]]]:
+        """`evaluate`, and again with each image's mirror image averaged in (`evaluate.tta`)."""
+        from headstart.evaluate.tta import TTAEvaluation, averaged, flipped_features
+
+        progress = progress or NoProgress()
+        dataset, to_model = self._labelled(folder, seed)
+        feats = dataset_features(dataset, self.frozen, self.device, progress)
+        mirrored = flipped_features(feats.paths, self.frozen, self.device, progress)
+        keep = np.asarray(mirrored.readable, np.int64)  # a file gone since its first read is left out of both
+        y, proba = to_model[feats.labels[keep]], self.proba(np.asarray(feats.features)[keep])
+        both = TTAEvaluation(evaluate(y, proba, self.classes),
+                             evaluate(y, averaged(proba, self.proba(mirrored.features)), self.classes))
+        return both, list(dataset.skipped) + list(feats.failures) + list(mirrored.failures)
 
     def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
