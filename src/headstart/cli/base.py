@@ -86,11 +86,16 @@ def _root(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details (INFO) to stderr.")] = False,
 ) -> None:
     """Turn a folder of a few hundred photos into an image classifier by transfer learning."""
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # under torchrun rank 0 alone warns and logs
+    if not main_rank():  # under torchrun rank 0 alone warns and logs
         warnings.simplefilter("ignore")
         render.setup_logging(logging.CRITICAL + 1)
         return
     render.setup_logging(logging.INFO if verbose else logging.WARNING)
+
+
+def main_rank() -> bool:
+    """Whether this process prints: always, but under torchrun, where rank 0 alone does (read cheaply: no torch)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def _several_ranks() -> bool:

@@ -69,6 +69,16 @@ def _parse_unfreeze(text: str) -> int | str:
                                  param_hint="'--unfreeze'") from None
 
 
+def _parse_count_or_auto(text: str, flag: str) -> int | str:
+    """'auto' stays a word, anything else must be a whole number (its range is options' to check)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number or 'auto', e.g. {flag} 5", param_hint=f"'{flag}'") from None
+
+
 def _parse_hidden(text: str) -> tuple[int, ...] | str:
     """'512,256' -> (512, 256); '' -> () (no hidden layer); 'auto' stays 'auto'. Ranges are options' to check."""
     if text.strip() == "auto":
@@ -113,7 +123,7 @@ def train(
     schedule: Annotated[Schedule, _flag("schedule")] = D["schedule"],
     balance: Annotated[bool, _flag("balance")] = D["balance"],
     refit: Annotated[bool, _flag("refit")] = D["refit"],
-    cv: Annotated[int, _flag("cv", metavar="<folds>")] = D["cv"],
+    cv: Annotated[str, _flag("cv", metavar="<folds|auto>")] = D["cv"],
     strategy: Annotated[Strategy, _flag("strategy")] = D["strategy"],
     unfreeze: Annotated[str, _flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
     augment: Annotated[Augment, _flag("augment")] = D["augment"],
@@ -132,6 +142,7 @@ def train(
     settings = {name: value for name, value in locals().items() if name in options.OPTIONS}
     settings["hidden"] = _parse_hidden(hidden)
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
+    settings["cv"] = _parse_count_or_auto(cv, "--cv")
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
     out = out or resume or Path("model")  # resuming a run finishes it where it was going

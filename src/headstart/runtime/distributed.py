@@ -26,7 +26,9 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -97,8 +99,37 @@ def current() -> Launch:
 
 
 def joined() -> Launch:
-    """The run as `start` joined it; one process until then (collectives need the group, not just the variables)."""
-    return _joined or Launch()
+    """The run as `start` joined it, in the thread that joined it. One process until then (collectives need the
+    group, not just the variables), and in every other thread: work done in threads (folds side by side, say)
+    runs whole on every rank, identically, since collectives issued from several threads would pair up in a
+    different order on each rank."""
+    if _joined is None or threading.current_thread() is not threading.main_thread():
+        return Launch()
+    return _joined
+
+
+class _Inline:
+    """An executor that runs each job as it is submitted, in the caller's thread."""
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  handed over as a thread pool would, via result()
+            done.set_exception(exc)
+        return done
+
+
+def executor(workers: int):
+    """A thread pool of `workers`; under torchrun the jobs run one after another in this thread instead, so that
+    their collectives come in one order on every rank (and stay collectives: see `joined`)."""
+    return _Inline() if joined().active else ThreadPoolExecutor(max_workers=workers)
 
 
 def timeout_s() -> float:
