@@ -111,7 +111,7 @@ def joined() -> Launch:
 class _Inline:
     """An executor that runs each job as it is submitted, in the caller's thread."""
 
-    def __enter__(self) -> "_Inline":
+    def __enter__(self) -> _Inline:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,7 +121,7 @@ class _Inline:
         done: Future = Future()
         try:
             done.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001  handed over as a thread pool would, via result()
+        except BaseException as exc:  # handed over as a thread pool would, through result()
             done.set_exception(exc)
         return done
 
@@ -339,7 +339,7 @@ def claim_report() -> bool:
         key = f"headstart/error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
               f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         return store.add(key, 1) == 1
-    except Exception:  # noqa: BLE001  no store to ask (launched by hand, store gone): say it anyway
+    except Exception:  # no store to ask (launched by hand, or the store is gone): say it anyway
         return True
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from headstart.errors import CheckpointError
 from headstart.backbones.weights import save_state_dict
-from headstart.runtime import distributed
+from headstart.errors import CheckpointError
 from headstart.paths import atomic_write_bytes, disk_space, file_sha256
+from headstart.runtime import distributed
 
 META = "state.json"
 
