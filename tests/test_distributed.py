@@ -218,3 +218,32 @@ def test_cuda_without_a_gpu_is_one_line_before_any_work(monkeypatch):
             start("cuda")
         assert "\n" not in str(err.value)
     assert pick_device("cpu") == "cpu"
+
+
+# --- the boundary store's parts -----------------------------------------------------------------------------------
+
+
+def test_ranks_parts_of_the_boundary_store_join_into_the_one_process_store(tiny_weights, ft_cache, tmp_path):
+    from headstart.cache.boundary import BoundaryStore, _part, bottom_engine
+    from headstart.errors import ConfigError
+    from helpers_finetune import PRE, _frozen, _images
+
+    frozen = _frozen(tiny_weights)
+    engine = bottom_engine(frozen.build_torch(), 3, frozen.weights_id, PRE)
+    paths = _images(make_image_folder(tmp_path / "photos", per_class=3, size=(72, 56)))
+    args = (2, "light", 0, PRE, engine, None, 4)  # views, augment, seed, preprocessing, engine, progress, batch
+    reference = BoundaryStore(dict(test="parts"), tmp_path / "one")
+    reference.fill("train", paths, *args)
+
+    store = BoundaryStore(dict(test="parts"), tmp_path / "two")
+    n = len(paths)
+    blocks = [(0, n // 2), (n // 2, n)]
+    for lo, hi in reversed(blocks):  # each rank its block, with the views a one-process fill draws for those rows
+        store._fill(_part("train", lo, hi), paths[lo:hi], lo, *args)
+    with pytest.raises(ConfigError, match="HEADSTART_CACHE"):  # a part filled in another machine's cache
+        store._join("train", n, 2, [(0, 2), (2, n)])
+    store._join("train", n, 2, blocks)
+    assert sorted(p.name for p in store.dir.iterdir()) == sorted(p.name for p in reference.dir.iterdir())
+    for got, want in zip(store.arrays("train"), reference.arrays("train")):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert store._is_complete("train", n, 2)
