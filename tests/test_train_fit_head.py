@@ -4,6 +4,8 @@ validation loss."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -117,14 +119,13 @@ def test_class_weights_are_inverse_to_frequency():
 @pytest.mark.parametrize("balance", [True, False])
 def test_balance_weights_the_training_loss(balance, monkeypatch):
     weights_used = []
-    real_ce = F.cross_entropy
+    real_step = train._train_forward  # the training loss (by hand: F.cross_entropy's, see the gradient test)
 
-    def spy(*args, weight=None, **kwargs):
-        if torch.is_grad_enabled():  # training steps, not the validation loss
-            weights_used.append(weight)
-        return real_ce(*args, weight=weight, **kwargs)
+    def spy(head, x, y, weight, *args, **kwargs):
+        weights_used.append(weight)
+        return real_step(head, x, y, weight, *args, **kwargs)
 
-    monkeypatch.setattr(train.F, "cross_entropy", spy)
+    monkeypatch.setattr(train, "_train_forward", spy)
     x, y = blobs(10, seed=6)
     keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:4], np.flatnonzero(y == 2)[:2]])
     x, y = x[keep], y[keep]
@@ -254,3 +255,74 @@ def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
     alone, _ = fit_head(HeadConfig(6, 2, (32,), 0.0), cfg, xt, yt, xv, yv)
     for name, value in alone.state_dict().items():
         assert np.array_equal(value.numpy(), head.state_dict()[name].numpy()), name
+
+
+# --- the step by hand, the refit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hidden,dropout,balance", [((), 0.2, False), ((16, 8), 0.3, True), ((12,), 0.0, True)])
+def test_the_step_by_hand_is_what_autograd_computes(hidden, dropout, balance):
+    """_train_forward's loss and gradients against autograd through the same layers, the same dropout masks (the
+    same numpy stream), class weights, label smoothing and a distributed share."""
+    from headstart.heads.module import Head
+
+    torch.manual_seed(0)
+    head = Head(HeadConfig(20, 4, hidden, dropout))
+    x, y = torch.randn(33, 20), torch.randint(0, 4, (33,))
+    weight = class_weights(y.numpy(), 4) if balance else None
+    loss = train._train_forward(head, x, y, weight, 0.1, np.random.default_rng(5), 0.7)
+    ours = {name: p.grad.clone() for name, p in head.named_parameters()}
+    for p in head.parameters():
+        p.grad = None
+    rng, a = np.random.default_rng(5), x
+    for layer in head.layers:
+        a = train._dropout(a, layer.p, rng) if isinstance(layer, torch.nn.Dropout) else layer(a)
+    ref = F.cross_entropy(a, y, weight=weight, label_smoothing=0.1) * 0.7
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_refit_full_trains_a_fresh_head_on_every_row_for_the_epochs_given():
+    x, y = blobs(30, seed=2)
+    cfg = TrainConfig(epochs=12, seed=4)
+    head, history = train.refit_full(HeadConfig(x.shape[1], 3, (8,)), cfg, x, y, epochs=5)
+    assert len(history.train_loss) == 5 and history.best_epoch == 4 and not history.val_loss
+    np.testing.assert_allclose(head.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-5)  # standardised for all rows
+    # Not the head trained on part of the rows: the refit did something.
+    part, _ = fit_head(HeadConfig(x.shape[1], 3, (8,)), replace(cfg, epochs=5), x[:60], y[:60])
+    assert not torch.equal(part.layers[1].weight, head.layers[1].weight)
+    # The schedule is the chosen run's (cosine over cfg.epochs), not one squeezed into the 5 epochs.
+    squeezed, _ = fit_head(HeadConfig(x.shape[1], 3, (8,)), replace(cfg, epochs=5), x, y)
+    assert not torch.equal(squeezed.layers[1].weight, head.layers[1].weight)
+
+
+def test_the_shadow_refit_beside_the_candidates_is_refit_full_at_the_chosen_epoch():
+    """fit_best_head(x_full=...) refits each candidate beside the candidates (before their stopping epoch is
+    known): the kept one's refit is bit for bit what refit_full gives once the epoch count is known."""
+    x, y = blobs(40, seed=3)
+    xt, yt, xv, yv = x[::2], y[::2], x[1::2], y[1::2]
+    cfg = TrainConfig(epochs=30, patience=3, seed=2)
+    candidates = [(HeadConfig(x.shape[1], 3), cfg), (HeadConfig(x.shape[1], 3, (16,), 0.3), replace(cfg, epochs=10))]
+    fitted = train.fit_best_head(candidates, xt, yt, xv, yv, x_full=x, y_full=y)
+    assert fitted.refit is not None
+    want, _ = train.refit_full(fitted.head.cfg, fitted.train_config, x, y, fitted.history.best_epoch + 1)
+    for name, value in want.state_dict().items():
+        assert torch.equal(value, fitted.refit.state_dict()[name]), name
+    without = train.fit_best_head(candidates, xt, yt, xv, yv)
+    assert without.refit is None
+    for name, value in without.head.state_dict().items():  # the refit changes nothing about the choice
+        assert torch.equal(value, fitted.head.state_dict()[name]), name
+
+
+def test_a_plateau_refit_replays_the_rates_the_chosen_run_used():
+    x, y = blobs(30, seed=1)
+    cfg = TrainConfig(epochs=20, patience=6, schedule="plateau", lr=3e-2, seed=1)
+    fitted = train.fit_best_head([(HeadConfig(x.shape[1], 3), cfg)], x[::2], y[::2], x[1::2], y[1::2])
+    assert len(fitted.epoch_lrs) == len(fitted.history.train_loss)
+    epochs = fitted.history.best_epoch + 1
+    replayed, _ = train.refit_full(fitted.head.cfg, cfg, x, y, epochs, fitted.epoch_lrs)
+    constant, _ = train.refit_full(fitted.head.cfg, cfg, x, y, epochs, (cfg.lr,))
+    assert (not torch.equal(replayed.layers[1].weight, constant.layers[1].weight)) == (min(fitted.epoch_lrs[:epochs])
+                                                                                       < cfg.lr)

@@ -176,6 +176,7 @@ class FitReport:
     calibration: Calibration | None = None  # the stored temperature's fit on validation; None: T = 1, none fitted
     distributed: DistributedRun = field(default_factory=DistributedRun)  # stored beside "fit" (serve.artifact)
     cv: CrossValidation | None = None  # k-fold accuracy of the kept head's settings on train + val; None: not run
+    cv_skipped: str = ""  # why no k-fold accuracy was computed, when it was not ("" also: not a head, or older)
 
     def to_dict(self) -> dict:
         metrics = {name: m.to_dict() for name, m in (("val", self.val_metrics), ("test", self.test_metrics)) if m}
@@ -185,7 +186,8 @@ class FitReport:
                 "timings": dict(self.timings), "metrics": metrics,
                 **({"source": self.source.to_dict()} if self.source else {}),
                 "calibration": self.calibration.to_dict() if self.calibration else None,
-                **({"cv": self.cv.to_dict()} if self.cv else {})}
+                **({"cv": self.cv.to_dict()} if self.cv else {}),
+                **({"cv_skipped": self.cv_skipped} if self.cv_skipped else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitReport":
@@ -200,7 +202,7 @@ class FitReport:
             test_metrics=Evaluation.from_dict(metrics["test"]) if "test" in metrics else None,
             source=DataSource.from_dict(d["source"]) if d.get("source") else None,
             calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
-            cv=CrossValidation.from_dict(d["cv"]) if d.get("cv") else None,
+            cv=CrossValidation.from_dict(d["cv"]) if d.get("cv") else None, cv_skipped=str(d.get("cv_skipped", "")),
         )
 
     @classmethod

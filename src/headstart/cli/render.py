@@ -186,6 +186,8 @@ def _honest_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
         rows.append(("cross-validation", f"{cv.folds}-fold accuracy {_pct(cv.accuracy)}, 95% interval "
                      f"{_pct(cv.low)}-{_pct(cv.high)} (n={cv.n}, {cv.rows.replace('+', ' + ')}; at the settings "
                      "validation chose)"))
+    elif getattr(clf.report_, "cv_skipped", ""):
+        rows.append(("cross-validation", f"not run: {clf.report_.cv_skipped}"))
     if refitted:
         rows.append(("refit", f"the shipped head was refitted on train + val ({decision.refitted} images) for "
                               f"{clf.history_.best_epoch + 1} epochs, the settings validation chose"))

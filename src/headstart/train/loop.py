@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 _FLOAT32_MAX = 3.4028234663852886e38
+_FUSED = hasattr(torch, "_fused_adamw_")  # torch >= 2.4 on the CPU
 
 
 
@@ -59,6 +60,17 @@ class HeadAdamW:
         self.steps += 1
         beta1, beta2 = self.betas
         bias1, bias2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if _FUSED and live and all(self.params[i].device.type == "cpu" for i in live):
+            # torch's fused kernel (what AdamW(fused=True) calls, without torch.optim's import): one pass over
+            # each tensor instead of six, 0.15 ms against 0.5 for the hidden head's 64 x 3808 weight. The rate
+            # is clamped so that lr / bias1 stays within float32, as below.
+            pick = lambda ts: [ts[i] for i in live]  # noqa: E731
+            torch._fused_adamw_(pick(self.params), [self.params[i].grad for i in live], pick(self.exp_avg),
+                                pick(self.exp_avg_sq), [], [torch.tensor(float(self.steps))] * len(live),
+                                lr=min(lr, _FLOAT32_MAX * bias1), beta1=beta1, beta2=beta2,
+                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+            return
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue

@@ -63,7 +63,7 @@ def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | Non
     t0 = time.perf_counter()
     dataset = scan_folder(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
     standard = resolve(s.backbone)
-    spec = _sized_for_photos(standard, dataset, s)
+    spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy != "head")
     frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
         s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"))
     t1 = time.perf_counter()
@@ -109,12 +109,15 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     with ThreadPoolExecutor(max_workers=1) as pool:
         refit = pool.submit(refit_full, replace(fitted.head_config, temperature=1.0), cfg, x, y, epochs,
                             fitted.epoch_lrs, progress) if s.refit and fitted.refit_state is None else None
-        cv = cross_validate_settings(x, y, fitted.head_config, cfg, epochs, fitted.epoch_lrs, s.cv, s.seed) \
-            if s.cv and len(y) >= 4 else None
+        head_cfg = fitted.head_config
+        folds, skipped = policy.cv_folds(s.cv, len(y), x.shape[1], (head_cfg.hidden or (head_cfg.n_classes,))[0],
+                                         epochs)
+        folds, skipped = (folds, skipped) if len(y) >= 4 else (0, f"only {len(y)} images")
+        cv = cross_validate_settings(x, y, head_cfg, cfg, epochs, fitted.epoch_lrs, folds, s.seed) if folds else None
         state = {k: v.detach().cpu().numpy() for k, v in refit.result()[0].state_dict().items()} if refit \
             else fitted.refit_state if s.refit else None
     timings = {**report.timings, "refit_s": time.perf_counter() - t0}
-    report = replace(report, cv=cv, timings=timings)
+    report = replace(report, cv=cv, cv_skipped=skipped, timings=timings)
     if state is None:
         return replace(fitted, report=report)
     out = replace(fitted, head_state=state)
@@ -231,14 +234,16 @@ def finetune_config(s: Any, at_photos_size: bool) -> FinetuneConfig:
     )
 
 
-def _sized_for_photos(spec: BackboneSpec, dataset: Dataset, s: Any) -> BackboneSpec:
-    """The backbone's preprocessing fitted to training photos much smaller than its input (`for_small_photos`)."""
-    if not (s.native_view and spec.any_input_size):
+def sized_for_photos(spec: BackboneSpec, dataset: Dataset, native_view: bool = True, fine_tuning: bool = False
+                     ) -> BackboneSpec:
+    """The backbone's preprocessing fitted to training photos much smaller than its input (`for_small_photos`):
+    what `train` runs, and so what `check` must run to find the features `train` cached."""
+    if not (native_view and spec.any_input_size):
         return spec
     side = typical_short_side([sample.path for sample in dataset.samples if sample.split == "train"])
     if not side:
         return spec
-    pre = policy.for_small_photos(spec.preprocess, side, fine_tuning=s.strategy != "head")
+    pre = policy.for_small_photos(spec.preprocess, side, fine_tuning=fine_tuning)
     if pre != spec.preprocess:
         log.info("photos are %d px on the short side: the network sees them at %d px%s", side,
                  pre.native_size or pre.input_size, " beside the standard view" if pre.native_size else "")
