@@ -99,3 +99,20 @@ def test_features_are_used_only_when_cached_or_deep(image_folder: Path, tiny_wei
     again = check_folder(image_folder, backbone=TINY_BACKBONE, weights=tiny_weights, device="cpu")  # now cached
     assert again.backbone == TINY_BACKBONE
     assert all(f.severity in (ERROR, WARNING) for f in again.findings)
+
+
+def test_near_duplicates_are_the_same_whatever_the_chunk() -> None:
+    """Each chunk compares its rows with the rows from its own first one on (each pair once): groups spanning
+    chunk boundaries are found as with one chunk."""
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(40, 32)).astype(np.float32)
+    for a, b in ((0, 39), (7, 8), (8, 30), (15, 16)):
+        feats[b] = feats[a] + rng.normal(0, 0.05, 32)
+    paths = [Path(f"{i}.jpg") for i in range(40)]
+    splits = np.array(["train"] * 30 + ["val"] * 10)
+    keys = {p: bytes([i]) for i, p in enumerate(paths)}
+    whole = {(f.files, f.kind, round(f.score, 6)) for f in near_duplicate_findings(paths, feats, splits, keys, chunk=4096)}
+    for chunk in (1, 3, 7):
+        assert {(f.files, f.kind, round(f.score, 6))
+                for f in near_duplicate_findings(paths, feats, splits, keys, chunk=chunk)} == whole
+    assert (paths[7], paths[8], paths[30]) in {files for files, _, _ in whole}

@@ -262,15 +262,15 @@ def near_duplicate_findings(paths: Sequence[Path], features: np.ndarray, splits:
 
     best: dict[int, float] = {}  # each paired row's highest similarity to another
     for start in range(0, len(paths), chunk):
-        sims = unit[start:start + chunk] @ unit.T
+        sims = unit[start:start + chunk] @ unit[start:].T  # each pair once: columns from the chunk's first row on
         rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
+        for r, col in zip(rows.tolist(), cols.tolist()):
+            i, c = start + r, start + col
             if c <= i or (keys.get(paths[i]) is not None and keys.get(paths[i]) == keys.get(paths[c])):
                 continue
             parent[root(i)] = root(c)
             for j in (i, c):
-                best[j] = max(best.get(j, 0.0), float(sims[r, c]))
+                best[j] = max(best.get(j, 0.0), float(sims[r, col]))
     groups: dict[int, list[int]] = defaultdict(list)
     for i in best:
         groups[root(i)].append(i)
@@ -324,15 +324,7 @@ def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, wei
 def sized_spec(backbone: str, dataset: Dataset):
     """The backbone as `train` with the head strategy runs it on these photos (a native view for small ones), so
     that the features `train` cached are the ones found."""
-    from dataclasses import replace
-
     from headstart.backbones.registry import resolve
-    from headstart.data.scan import typical_short_side
-    from headstart.train import policy
+    from headstart.train.pipeline import sized_for_photos
 
-    spec = resolve(backbone)
-    if not spec.any_input_size:
-        return spec
-    side = typical_short_side(dataset.paths("train"))
-    return replace(spec, preprocess=policy.for_small_photos(spec.preprocess, side, fine_tuning=False)) if side \
-        else spec
+    return sized_for_photos(resolve(backbone), dataset, native_view=True, fine_tuning=False)
