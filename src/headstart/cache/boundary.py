@@ -142,7 +142,11 @@ class BoundaryStore:
             self._join(name, n, views, [(n * r // run.world_size, n * (r + 1) // run.world_size)
                                         for r in range(run.world_size)])
         distributed.barrier()
-        return [(i, "unreadable") for i, ok in enumerate(self._progress()[name]["ok"]) if not ok]
+        joined = self._progress().get(name)
+        if not isinstance(joined, dict) or joined.get("done") != n:  # rank 0 joined the parts in another cache
+            raise ConfigError(f"{self.dir}: the '{name}' split was joined in another machine's cache; a torchrun "
+                              "over several machines needs HEADSTART_CACHE on storage they all share")
+        return [(i, "unreadable") for i, ok in enumerate(joined["ok"]) if not ok]
 
     def _is_complete(self, name: str, n: int, views: int) -> bool:
         return self._entry(self._progress(name), name, n, views)["done"] >= n
