@@ -1,7 +1,7 @@
 """Issue 15's distributed figure: `headstart train --strategy finetune` on hymenoptera in one process against the
 same run under `torchrun --nproc-per-node 2` (gloo, one DDP run), each with cold feature and boundary caches:
 
-    .venv/bin/python bench/scale_ddp.py [--data ../shared/data] [--strategy finetune]
+    .venv/bin/python bench/scale_ddp.py [--data ../shared/data] [--strategy finetune] [--engine fp32]
 
 Prints, for both: validation accuracy on hymenoptera/val, wall seconds, CPU seconds (user + sys of every process
 of the run) and peak RSS of the largest process; and the accuracy gap, which the issue wants within 0.02. On 2 cores
@@ -59,10 +59,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--strategy", default="finetune")
+    ap.add_argument("--engine", default=None, help="passed on as --engine (default: the setting's default)")
     args = ap.parse_args()
     train, val = args.data / "hymenoptera" / "train", args.data / "hymenoptera" / "val"
     work = Path(tempfile.mkdtemp(prefix="headstart-ddp-bench-"))
-    flags = ["train", str(train), "--strategy", args.strategy]
+    flags = ["train", str(train), "--strategy", args.strategy, *(["--engine", args.engine] if args.engine else [])]
     runs = {
         "1 process": [str(VENV / "headstart"), *flags],
         "torchrun 2 (gloo)": [str(VENV / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "headstart",
