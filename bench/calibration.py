@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/calibration.py [--data ../shared/data] [--sets hymenoptera,flowers]
 
-For hymenoptera (train -> val) and flowers (the acceptance check's 80/20 split): train with the defaults, fit
-the temperature on the training run's own validation split (carved from the training folder exactly as `train`
+For hymenoptera (train -> val) and flowers (the acceptance check's 80/20 split): train with the defaults (which
+store the temperature in the model), re-fit the temperature on the training run's own validation split (checked
+equal to the stored one) (carved from the training folder exactly as `train`
 carved it: same fractions and seed), then measure ECE (15 bins) and log loss on the held-out folder before and
 after. The cross-fitted figure (T fitted on half the held-out folder, scored on the other half, both ways) is
 what `headstart report` shows; it is printed beside for comparison. Features come from the usual cache.
@@ -49,6 +50,9 @@ def measure(name: str, train_dir: Path, held_out: Path) -> None:
     val_z, val_y = validation_logits(clf, train_dir)
     test = score_folder(clf, held_out)
     on_val = calibrate(test.logits, test.labels, fit_logits=val_z, fit_labels=val_y)
+    # The model stores this very temperature (train fits it on the same validation logits).
+    assert abs(on_val.temperature - clf.head_config_.temperature) < 1e-6 * on_val.temperature, \
+        (on_val.temperature, clf.head_config_.temperature)
     crossed = calibrate(test.logits, test.labels, folds=2, seed=0)
     acc = float((test.logits.argmax(1) == test.labels).mean())
     print(f"{name:12s} held-out n={on_val.n:4d} acc {acc:.4f} | T fitted on validation (n={len(val_y)}): "
