@@ -128,3 +128,79 @@ def test_boundary_store_crash_before_any_chunk_claims_nothing(store_setup, tmp_p
         _fill(store, paths, CountingEngine(engine, fail_after=0))
     progress = store.dir / "progress.json"
     assert not progress.exists() or json.loads(progress.read_text()).get("train", {}).get("done", 0) == 0
+
+
+# --- 8-bit pixel views and the store's share of resident memory --------------------------------------------
+
+
+def _rss_file_kib() -> int:
+    """File-backed resident memory of this process (a memory-mapped store's touched pages count here)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_a_pixel_store_holds_8_bit_views_that_read_back_as_the_normalised_float_views(tmp_path):
+    from headstart.cache.boundary import PixelViews
+    from headstart.data.imageio import load_rgb
+    from headstart.vision.augment import augmented_view, view_seed
+
+    paths = _images(make_image_folder(tmp_path / "photos", per_class=2, size=(72, 56)))
+    store = BoundaryStore(dict(test="pixels"), tmp_path / "store")
+    assert store.fill("train", paths, 2, "light", 5, PRE, PixelViews(), batch_images=4) == []
+    raw = np.load(store.dir / "train.acts.npy", mmap_mode="r")
+    assert raw.dtype == np.uint8 and raw.shape == (len(paths), 2, 3, PRE.input_size, PRE.input_size)
+    acts, taps, ok = store.arrays("train", PRE)
+    assert ok.all() and acts.dtype == np.float32 and taps.shape == (len(paths), 2, 0)
+    for i in (0, len(paths) - 1):
+        for v in (0, 1):
+            want = augmented_view(load_rgb(paths[i]), PRE, "light", view_seed(5, i, v))
+            assert np.array_equal(acts[np.array([i]), v][0], want)  # as training indexes it: rows, then a view
+    with pytest.raises(ValueError, match="preprocessing config"):
+        store.arrays("train")  # 8-bit pixels are never handed out un-normalised
+
+
+def test_unreadable_rows_are_left_out_by_index_without_copying_the_store(tmp_path):
+    from headstart.cache.boundary import StoreArray
+
+    raw = np.lib.format.open_memmap(tmp_path / "a.npy", "w+", np.float16, (6, 2, 3))
+    raw[:] = np.arange(36, dtype=np.float16).reshape(6, 2, 3)
+    kept = StoreArray(raw).take(np.array([0, 2, 5]))
+    assert kept.shape == (3, 2, 3) and len(kept) == 3 and kept.raw is raw
+    assert np.array_equal(kept[np.array([1, 2]), 1], np.asarray(raw)[[2, 5], 1])
+    assert np.array_equal(kept[0:2, 0], np.asarray(raw)[[0, 2], 0])
+    assert np.array_equal(np.asarray(kept.take(np.array([2]))), np.asarray(raw)[[5]])
+
+
+class BigActivations:
+    """An engine whose outputs are large (2 MiB a view as float16), so a store's pages show in RSS."""
+
+    def run_all(self, batch):
+        return [np.full((len(batch), 1024, 32, 32), 0.5, np.float16), np.zeros((len(batch), 4), np.float32)]
+
+
+def test_filling_a_store_keeps_about_one_chunk_of_it_resident(tmp_path):
+    paths = _images(make_image_folder(tmp_path / "photos", per_class=6, size=(40, 40)))  # 18 images, 2 views
+    store = BoundaryStore(dict(test="rss"), tmp_path / "store")
+    start, peak = _rss_file_kib(), []
+    store.fill("train", paths, 2, "none", 0, PRE, BigActivations(), lambda _: peak.append(_rss_file_kib()),
+               batch_images=3)
+    size_kib = (store.dir / "train.acts.npy").stat().st_size // 1024  # 72 MiB
+    chunk_kib = size_kib * 3 // len(paths)  # 12 MiB
+    assert max(peak) - start < 2 * chunk_kib, (max(peak) - start, size_kib)
+
+
+def test_released_store_pages_leave_resident_memory(tmp_path):
+    from headstart.cache.boundary import StoreArray, release
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.ones((64, 1, 256, 1024), np.float16))  # 32 MiB
+    acts = StoreArray(np.load(path, mmap_mode="r"))
+    before = _rss_file_kib()
+    assert acts[np.arange(64), 0].sum(dtype=np.float64) == 64 * 256 * 1024  # every page read, as an epoch reads them
+    touched = _rss_file_kib()
+    release(acts)
+    after = _rss_file_kib()
+    assert touched - before > 24 * 1024 and after - before < 4 * 1024, (before, touched, after)
+    assert acts[np.arange(64), 0].sum(dtype=np.float64) == 64 * 256 * 1024  # still readable, mapped in again

@@ -1,5 +1,5 @@
 """vision.augment: augmented views are deterministic per seed, leave torch's RNG alone, "none" is the eval
-transform, and unknown levels are refused."""
+transform, unknown levels are refused, and the 8-bit views normalise to exactly the float views."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import make_image
 
 torch = pytest.importorskip("torch")
 
-from headstart.vision.augment import augmented_view  # noqa: E402
+from headstart.vision.augment import augmented_pixels, augmented_view, normalize_pixels  # noqa: E402
 from headstart.vision.preprocess import PreprocessConfig, eval_transform  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest: the tiny model's steps, one thread
@@ -48,3 +48,15 @@ def test_no_augmentation_is_the_eval_transform(photo):
 def test_unknown_augmentation_level_is_refused(photo, level):
     with pytest.raises(ValueError, match="augment must be one of"):
         augmented_view(photo, PreprocessConfig(input_size=48), level, 0)
+
+
+@pytest.mark.parametrize("level", ["none", "light", "strong"])
+def test_eight_bit_views_normalise_to_the_float_views_bit_for_bit(photo, level):
+    cfg = PreprocessConfig(input_size=48)
+    pixels = [augmented_pixels(photo, cfg, level, s) for s in (3, 4)]
+    assert all(p.dtype == np.uint8 and p.shape == (3, 48, 48) and p.flags.c_contiguous for p in pixels)
+    for seed, p in zip((3, 4), pixels):
+        assert np.array_equal(normalize_pixels(p, cfg), augmented_view(photo, cfg, level, seed))
+    # a batch of views [n, views, 3, H, W] normalises as each view alone does
+    batch = np.stack(pixels)[None]
+    assert np.array_equal(normalize_pixels(batch, cfg)[0, 1], augmented_view(photo, cfg, level, 4))

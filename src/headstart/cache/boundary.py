@@ -4,7 +4,15 @@ The frozen stem and stages run once (ONNX Runtime on CPU) over a fixed number of
 image and one eval view per validation image; their outputs are stored as memory-mapped float16 arrays on disk.
 Each epoch then trains the top on one stored view per image. When every stage trains, the stem trains with them
 and nothing below is frozen: the store holds the augmented pixels themselves (`PixelViews`), which are also
-smaller than the stem's output (32 channels at half the input's side). Arrays are filled in chunks and
+smaller than the stem's output (32 channels at half the input's side), as the 8-bit values they were before
+normalisation (`StoreArray` normalises each batch as it is read): half a float16 store, the same numbers.
+
+Pages of a memory-mapped file count in the process's resident memory once touched, and stay there while it is
+mapped: filling the flowers store (2,763 images x 8 views) and then reading every view put all of it in the
+peak RSS. The fill drops its pages after each chunk is flushed, and training after each pass (`release`), so the
+store's share of RSS is about one chunk or one view, whatever its size; the kernel's page cache keeps them.
+
+Arrays are filled in chunks and
 `progress.json`, rewritten atomically after each chunk is flushed, says how many images are complete: a killed
 run resumes from there and never trusts a half-written row. A `progress.json` that cannot be read, or arrays
 that do not hold what it claims (truncated, missing, of another shape), are dropped with a warning and the
@@ -16,23 +24,31 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from headstart.vision.augment import augmented_view, view_seed
+from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.data.imageio import load_rgb
+from headstart.errors import ConfigError
+from headstart.paths import allocate, atomic_write_bytes, disk_space, store_path
+from headstart.runtime import distributed
 from headstart.runtime.engines import OnnxEngine
 from headstart.runtime.export import export_onnx, open_cached
-from headstart.cache.pipeline import decoded_batches, default_workers
-from headstart.errors import ConfigError
-from headstart.runtime import distributed
-from headstart.paths import allocate, atomic_write_bytes, disk_space, store_path
+from headstart.vision.augment import (
+    augmented_pixels,
+    augmented_view,
+    normalize_pixels,
+    view_seed,
+)
 from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
+
+STORE_FORMAT = 2  # in the store's key: 2 holds pixel views as uint8 (1 held them as float16)
 
 
 class PixelViews:
@@ -44,6 +60,50 @@ class PixelViews:
 
 def stores_pixels(boundary: int) -> bool:
     return boundary == 0
+
+
+class StoreArray:
+    """A stored array as training reads it: rows picked by index (a subset of the stored rows when some images
+    were unreadable, without copying the rest), uint8 pixel views normalised to float32 as they are read."""
+
+    def __init__(self, raw: np.ndarray, pixels: PreprocessConfig | None = None, rows: np.ndarray | None = None):
+        self.raw, self.pixels, self.rows = raw, pixels, rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.raw.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.pixels else self.raw.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.raw)
+
+    def __getitem__(self, key) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if self.rows is not None:
+            first = self.rows[first]
+        out = self.raw[(first, *rest)]
+        return normalize_pixels(out, self.pixels) if self.pixels else np.asarray(out)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+    def take(self, keep: np.ndarray) -> StoreArray:
+        """The rows `keep` (indices into this array's rows), still read from the store."""
+        rows = np.asarray(keep) if self.rows is None else self.rows[keep]
+        return StoreArray(self.raw, self.pixels, rows)
+
+
+def release(arr) -> None:
+    """Drop a memory-mapped array's pages from this process's resident memory (see the module's docstring); the
+    data stays in the file and the page cache, and the next read maps it in again. Anything else: nothing."""
+    arr = getattr(arr, "raw", arr)
+    mapped = getattr(arr, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def bottom_engine(features_net, boundary: int, weights_id: str, cfg: PreprocessConfig) -> OnnxEngine | PixelViews:
@@ -66,7 +126,7 @@ class BoundaryStore:
     def __init__(self, key_parts: dict, root: Path | None = None) -> None:
         """A store in a folder named by everything its content depends on (`key_parts`) and the store's version;
         `root` replaces the boundary folder in `cache_root()`."""
-        self.dir = store_path("boundary", key_parts, root=root)
+        self.dir = store_path("boundary", {**key_parts, "format": STORE_FORMAT}, root=root)
         with disk_space(self.dir / "progress.json"):
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,12 +177,16 @@ class BoundaryStore:
                 return f"{path.name} holds {arr.shape[:2]} (images, views), not {(n, views)}"
         return None
 
-    def arrays(self, name: str) -> tuple[np.memmap, np.memmap, np.ndarray]:
-        """(activations [n, views, C, H, W] float16, taps [n, views, T] float32, readable mask [n])."""
+    def arrays(self, name: str, cfg: PreprocessConfig | None = None) -> tuple[StoreArray, StoreArray, np.ndarray]:
+        """(activations [n, views, C, H, W], taps [n, views, T] float32, readable mask [n]), memory-mapped. The
+        activations are float16, or uint8 pixels read as float32 normalised by `cfg` (which they need)."""
         meta = self._progress()[name]
         acts = np.load(self.dir / f"{name}.acts.npy", mmap_mode="r")
         taps = np.load(self.dir / f"{name}.taps.npy", mmap_mode="r")
-        return acts, taps, np.array(meta["ok"], dtype=bool)
+        if acts.dtype == np.uint8 and cfg is None:
+            raise ValueError("a store of pixel views is read with the preprocessing config that normalises them")
+        return (StoreArray(acts, cfg if acts.dtype == np.uint8 else None), StoreArray(taps),
+                np.array(meta["ok"], dtype=bool))
 
     def fill(
         self, name: str, paths: Sequence[Path], views: int, augment: str, seed: int, cfg: PreprocessConfig,
@@ -162,10 +226,11 @@ class BoundaryStore:
         if done >= len(paths):
             return [(i, "unreadable") for i, ok in enumerate(entry["ok"]) if not ok]
 
+        view = augmented_pixels if isinstance(engine, PixelViews) else augmented_view
+
         def load(i: int) -> np.ndarray:
             img = load_rgb(paths[done + i], cfg.resize_size if augment == "none" else None)
-            return np.stack([augmented_view(img, cfg, augment, view_seed(seed, offset + done + i, v))
-                             for v in range(views)])
+            return np.stack([view(img, cfg, augment, view_seed(seed, offset + done + i, v)) for v in range(views)])
 
         acts = taps = None
         for idx, pixels, fails in decoded_batches(len(paths) - done, load, batch_images, default_workers()):
@@ -173,9 +238,10 @@ class BoundaryStore:
                 out = engine.run_all(pixels.reshape(-1, *pixels.shape[2:]))
                 a, t = out[0], (out[1] if len(out) > 1 else np.zeros((len(out[0]), 0), np.float32))
                 if acts is None:
-                    acts, taps = self._open(name, len(paths), views, a.shape[1:], t.shape[1], create=done == 0)
+                    acts, taps = self._open(name, len(paths), views, a.shape[1:], t.shape[1], create=done == 0,
+                                            dtype=_stored_dtype(a))
                 rows = [done + i for i in idx]
-                acts[rows] = a.reshape(len(idx), views, *a.shape[1:]).astype(np.float16)
+                acts[rows] = a.reshape(len(idx), views, *a.shape[1:]).astype(acts.dtype)
                 taps[rows] = t.reshape(len(idx), views, -1)
             for i, _ in fails:
                 entry["ok"][done + i] = False
@@ -184,6 +250,7 @@ class BoundaryStore:
             if acts is not None:
                 acts.flush()
                 taps.flush()
+                release(acts)  # written and flushed: the page cache holds it, this process need not
             if acts is not None or finished == len(paths):
                 entry["done"] = finished
                 state[name] = entry
@@ -209,7 +276,8 @@ class BoundaryStore:
             p_acts = np.load(self.dir / f"{part}.acts.npy", mmap_mode="r")
             p_taps = np.load(self.dir / f"{part}.taps.npy", mmap_mode="r")
             if acts is None:
-                acts, taps = self._open(name, n, views, p_acts.shape[2:], p_taps.shape[2], create=True)
+                acts, taps = self._open(name, n, views, p_acts.shape[2:], p_taps.shape[2], create=True,
+                                        dtype=p_acts.dtype)
             for s in range(0, hi - lo, 64):  # a chunk at a time: memory stays flat whatever the split's size
                 acts[lo + s:lo + min(s + 64, hi - lo)] = p_acts[s:s + 64]
                 taps[lo + s:lo + min(s + 64, hi - lo)] = p_taps[s:s + 64]
@@ -224,12 +292,17 @@ class BoundaryStore:
             for file in (self._progress_file(part), self.dir / f"{part}.acts.npy", self.dir / f"{part}.taps.npy"):
                 file.unlink(missing_ok=True)
 
-    def _open(self, name: str, n: int, views: int, act_shape: tuple, taps_dim: int, create: bool):
+    def _open(self, name: str, n: int, views: int, act_shape: tuple, taps_dim: int, create: bool, dtype=np.float16):
         acts_path, taps_path = self.dir / f"{name}.acts.npy", self.dir / f"{name}.taps.npy"
         if create or not acts_path.exists():
-            return (_allocated(acts_path, np.float16, (n, views, *act_shape)),
+            return (_allocated(acts_path, dtype, (n, views, *act_shape)),
                     _allocated(taps_path, np.float32, (n, views, taps_dim)))
         return np.load(acts_path, mmap_mode="r+"), np.load(taps_path, mmap_mode="r+")
+
+
+def _stored_dtype(out: np.ndarray):
+    """uint8 pixel views stay 8-bit; activations are kept as float16."""
+    return np.uint8 if out.dtype == np.uint8 else np.float16
 
 
 def _part(name: str, lo: int, hi: int) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headstart.backbones.pooled import PooledFeatures
-from headstart.cache.boundary import stores_pixels
+from headstart.cache.boundary import release, stores_pixels
 from headstart.errors import CheckpointError, FinetuneError
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
@@ -221,6 +221,7 @@ def _train_epoch(net: PooledFeatures, head: Head, boundary: int, cfg: FinetuneCo
         loop.opt.step()
         loop.sched.step()
         total += loss.item() * len(idx)
+    release(train.acts)  # this view's pages leave the RSS (the store's docstring says why)
     return distributed.sum_over_ranks(total)[0] / n_train
 
 

@@ -18,8 +18,8 @@ from headstart.cache.features import content_key
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
-from headstart.runtime import distributed
 from headstart.records import HeadCandidate, History
+from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train.config import FinetuneConfig, TrainConfig
 
@@ -45,8 +45,8 @@ def run_finetune(
 ) -> FinetuneResult:
     import torch
 
-    from headstart.train.finetune import boundary_for, finetune, top_features
     from headstart.heads.module import Head
+    from headstart.train.finetune import boundary_for, finetune, top_features
 
     progress = progress or NoProgress()
     pre = frozen.spec.preprocess
@@ -63,8 +63,8 @@ def run_finetune(
     store.fill("train", train_paths, cfg.views, cfg.augment, cfg.seed, pre, engine, progress.advance)
     store.fill("val", val_paths, 1, "none", cfg.seed, pre, engine, progress.advance)
     progress.finish()
-    train = _split_arrays(store, "train", train_labels)
-    val = _split_arrays(store, "val", val_labels)
+    train = _split_arrays(store, "train", train_labels, pre)
+    val = _split_arrays(store, "val", val_labels, pre)
 
     head = Head(head_cfg)
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
@@ -113,14 +113,14 @@ def refit_head(
                  fitted.candidates)
 
 
-def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray) -> "StoredViews":
+def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray, pre) -> StoredViews:
     from headstart.train.finetune import StoredViews
 
-    acts, taps, ok = store.arrays(name)
+    acts, taps, ok = store.arrays(name, pre)
     if ok.all():
         return StoredViews(acts, taps, labels)
-    keep = np.flatnonzero(ok)
-    return StoredViews(acts[keep], taps[keep], labels[keep])
+    keep = np.flatnonzero(ok)  # the readable rows, still read from the store (not copied into memory)
+    return StoredViews(acts.take(keep), taps.take(keep), labels[keep])
 
 
 def _save_backbone(frozen: FrozenBackbone, state: dict) -> FrozenBackbone:

@@ -3,6 +3,10 @@ TrivialAugment. Built from a backbone's preprocessing config, like the eval tran
 
 Each view draws its parameters from its own seeded generator, so views decoded in parallel threads are
 reproducible, and a resumed run recomputes exactly the views an uninterrupted one would have.
+
+A view is 8-bit RGB until it is normalised: `augmented_pixels` returns it that way (CHW uint8), so a store of
+views can keep a byte per value instead of a float16's two, and `normalize_pixels` turns stored views into
+exactly the float32 arrays `augmented_view` returns.
 """
 
 from __future__ import annotations
@@ -25,12 +29,29 @@ def view_seed(seed: int, image_index: int, view: int) -> int:
 
 def augmented_view(img: Image.Image, cfg: PreprocessConfig, level: str, seed: int) -> np.ndarray:
     """One augmented, normalised CHW float32 view of `img`."""
+    return normalize(_augmented_image(img, cfg, level, seed), cfg)
+
+
+def augmented_pixels(img: Image.Image, cfg: PreprocessConfig, level: str, seed: int) -> np.ndarray:
+    """The same view as `augmented_view`, before normalisation: CHW uint8."""
+    return np.ascontiguousarray(np.asarray(_augmented_image(img, cfg, level, seed), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize_pixels(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 views [..., 3, H, W] -> float32, with `normalize`'s arithmetic in its order, so the result is the same
+    to the bit as normalising the image they came from."""
+    shape = (3, 1, 1)
+    arr = np.asarray(pixels, dtype=np.float32) * (1.0 / 255.0)
+    return (arr - np.asarray(cfg.mean, np.float32).reshape(shape)) / np.asarray(cfg.std, np.float32).reshape(shape)
+
+
+def _augmented_image(img: Image.Image, cfg: PreprocessConfig, level: str, seed: int) -> Image.Image:
     if level not in LEVELS:
         raise ValueError(f"augment must be one of {LEVELS}, not {level!r}")
     from torchvision.transforms.v2 import functional as F
 
     if level == "none":
-        return normalize(resize_and_crop(img, cfg), cfg)
+        return resize_and_crop(img, cfg)
     rng = np.random.default_rng(seed)
     size = cfg.input_size
 
@@ -46,7 +67,7 @@ def augmented_view(img: Image.Image, cfg: PreprocessConfig, level: str, seed: in
     out = F.adjust_hue(out, rng.uniform(-0.03, 0.03))
     if level == "strong":
         out = _trivial_augment(out, int(rng.integers(2**31)))
-    return normalize(out, cfg)
+    return out
 
 
 def _resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
