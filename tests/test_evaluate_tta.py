@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import TINY_BACKBONE
+
 from helpers_serve import tiny_model
 from headstart.evaluate.metrics import evaluate
 from headstart.evaluate.tta import TTAEvaluation, averaged

@@ -29,8 +29,8 @@ def build_train_report(clf: Any, model_dir: str | Path, data: str | Path) -> Rep
     model_dir = Path(model_dir)
     scored = getattr(clf, "validation_", None)
     more = f"headstart report {model_dir} {data}"
-    left_out = [f"Heat maps, likely label errors and data-check findings: left out by train to stay fast; `{more}` "
-                "adds them (and `headstart check DATA` lists the data problems)"]
+    left_out = [(f"Heat maps, likely label errors and data-check findings: left out by train to stay fast; "
+                 f"`{more}` adds them (and `headstart check DATA` lists the data problems)")]
     if scored is None:
         ev, on = clf.val_metrics_, "nothing: no validation split (no per-image results)"
         left_out.append("Confusion-matrix images, top-loss gallery, calibration: need a validation split "
