@@ -61,3 +61,23 @@ def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
     for cv in (easy, hard):
         assert cv.low <= cv.accuracy <= cv.high and cv.contains(cv.accuracy)
         assert len(cv.fold_accuracies) == 5
+
+
+def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_saw_it():
+    from conftest import blobs
+    from headstart.evaluate.crossval import CrossValidation, cross_validate_settings, stratified_folds
+    from headstart.heads.config import HeadConfig, head_proba
+    from headstart.train.config import TrainConfig
+    from headstart.train.fit_head import refit_full
+
+    x, y = blobs(12, seed=4, spread=2.5)
+    cfg = TrainConfig(epochs=6, seed=1)
+    cv = cross_validate_settings(x, y, HeadConfig(x.shape[1], 3), cfg, epochs=4, folds=3, seed=2)
+    assert cv.folds == 3 and cv.n == len(y) and cv.rows == "train+val" and cv.low <= cv.accuracy <= cv.high
+    # Fold 0 by hand: the head refitted on the other folds (its seed offset by the fold), scored on fold 0.
+    fold_of = stratified_folds(y, 3, 2)
+    head, _ = refit_full(HeadConfig(x.shape[1], 3), cfg, x[fold_of != 0], y[fold_of != 0], 4)
+    state = {k: v.numpy() for k, v in head.state_dict().items()}
+    hits = head_proba(HeadConfig(x.shape[1], 3), state, x[fold_of == 0]).argmax(1) == y[fold_of == 0]
+    assert cv.fold_accuracies[0] == pytest.approx(hits.mean())
+    assert CrossValidation.from_dict(cv.to_dict()) == cv
