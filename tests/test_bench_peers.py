@@ -129,3 +129,19 @@ def test_parse_refuses_unknown_sets_and_recipes():
     for argv in (["--sets", "cifar"], ["--recipes", "keras"], ["--limit", "0"]):
         with pytest.raises(SystemExit):
             peers.parse(argv)
+
+
+def test_same_weights_refuses_a_backbone_that_is_not_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    ref = {"conv.weight": torch.arange(6.0).reshape(2, 3), "bn.running_mean": torch.zeros(2),
+           "classifier.weight": torch.ones(4, 2)}  # the classifier is in the file, never in fastai's body
+    save_file(ref, str(tmp_path / "w.safetensors"))
+    body = {k: v.clone() for k, v in ref.items() if not k.startswith("classifier")}
+    assert peers.same_weights(body, str(tmp_path / "w.safetensors")) == 2
+    body["conv.weight"][0, 0] += 1e-3
+    with pytest.raises(SystemExit, match="1 of 2 tensors differ"):
+        peers.same_weights(body, str(tmp_path / "w.safetensors"))
+    with pytest.raises(SystemExit, match="1 of 2"):
+        peers.same_weights({"conv.weight": ref["conv.weight"], "extra": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
