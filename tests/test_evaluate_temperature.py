@@ -140,3 +140,23 @@ def test_an_impossible_saved_temperature_is_refused(noisy, tmp_path, bad) -> Non
     (model / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="impossible head"):
         artifact.load(model)
+
+
+def test_a_temperature_that_raises_the_validation_ece_is_refused() -> None:
+    """hymenoptera's case: a few confident mistakes among well-calibrated right answers drive the NLL's optimum to
+    a near-uniform softmax (T at its bound), which ruins the ECE; the stored temperature stays 1 and says so."""
+    rng = np.random.default_rng(0)
+    n = 49
+    y = rng.integers(0, 2, n)
+    z = np.zeros((n, 2))
+    z[np.arange(n), y] = rng.uniform(3.0, 6.0, n)  # right and about as sure as they are right
+    wrong = np.arange(4)
+    z[wrong] = 0.0
+    z[wrong, 1 - y[wrong]] = 12.0  # four confident mistakes
+    assert fit_temperature(z, y) > 2.0
+    cal = stored_temperature(z, y)
+    assert cal.temperature == 1.0 and cal.refused == pytest.approx(fit_temperature(z, y))
+    assert cal.ece_after == cal.ece_before
+    from headstart.evaluate.calibration import Calibration
+
+    assert Calibration.from_dict(cal.to_dict()) == cal

@@ -203,6 +203,8 @@ def _calibration_line(clf: ImageClassifier) -> str:
         n = clf.val_metrics_.n if clf.val_metrics_ is not None else 0
         return (f"none (T = 1): {n} validation images, {MIN_CALIBRATION} needed" if n
                 else "none (T = 1): no validation split")
+    if cal.refused:
+        return f"T = 1: the fitted {cal.refused:.3g} raised val ECE, so none is kept"
     return f"T = {cal.temperature:.2f}: val ECE {cal.ece_before:.3f} -> {cal.ece_after:.3f}"
 
 

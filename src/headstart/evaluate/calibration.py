@@ -7,12 +7,15 @@ sharpens timid ones (a head trained with label smoothing is often timid); the pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
 from headstart.evaluate.metrics import expected_calibration_error, log_loss
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Calibration", "MIN_CALIBRATION", "ReliabilityBins", "calibrate", "fit_temperature", "measured",
            "reliability_bins", "scaled_proba", "stored_temperature"]
@@ -93,6 +96,7 @@ class Calibration:
     n: int
     fitted_on: str
     n_bins: int = 15
+    refused: float = 0.0  # a fitted temperature not kept (it raised the ECE where it was fitted); 0: none
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -100,7 +104,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(float(d["temperature"]), float(d["ece_before"]), float(d["ece_after"]), float(d["nll_before"]),
-                   float(d["nll_after"]), int(d["n"]), str(d["fitted_on"]), int(d.get("n_bins", 15)))
+                   float(d["nll_after"]), int(d["n"]), str(d["fitted_on"]), int(d.get("n_bins", 15)),
+                   float(d.get("refused", 0.0)))
 
 
 def calibrate(logits: npt.ArrayLike, labels: npt.ArrayLike, fit_logits: npt.ArrayLike | None = None,
@@ -137,7 +142,15 @@ def stored_temperature(val_logits: npt.ArrayLike, val_labels: npt.ArrayLike, min
     y = np.asarray(val_labels)
     if len(y) < min_n:
         return None
-    return measured(val_logits, y, fit_temperature(val_logits, y), "validation (fitted there)")
+    fitted = measured(val_logits, y, fit_temperature(val_logits, y), "validation (fitted there)")
+    if fitted.ece_after <= fitted.ece_before:
+        return fitted
+    # The NLL alone can prefer a near-uniform softmax when a few mistakes are confident. Measured: hymenoptera's
+    # 49 validation images (4 wrong) fitted T = 20 (the bound), their ECE 0.045 -> 0.405, and on the held-out
+    # val/ folder log loss 0.18 -> 0.63. A temperature that worsens the ECE it was fitted to improve is refused.
+    log.info("temperature %.3g refused: it raised the validation ECE %.3f -> %.3f", fitted.temperature,
+             fitted.ece_before, fitted.ece_after)
+    return replace(measured(val_logits, y, 1.0, "validation (fitted there)"), refused=fitted.temperature)
 
 
 def measured(logits: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, fitted_on: str,

@@ -150,6 +150,9 @@ def _temperature_line(cal: Calibration | None) -> str:
     if cal is None:
         return (f"1 (none fitted: no validation split of at least {MIN_CALIBRATION} images); probabilities are the "
                 "plain softmax")
+    if cal.refused:
+        return (f"1: the temperature fitted on {cal.n} validation images ({cal.refused:.3g}) raised their ECE, so "
+                "none is kept; probabilities are the plain softmax")
     return (f"{cal.temperature:.3g}, fitted on {cal.n} validation images: their ECE {cal.ece_before:.3f} -> "
             f"{cal.ece_after:.3f}, log loss {cal.nll_before:.3f} -> {cal.nll_after:.3f}; probabilities are "
             "softmax(logits / T), labels unchanged")
