@@ -28,7 +28,7 @@ from core import split80
 from headstart import ImageClassifier
 from headstart.cache.dataset import dataset_features
 from headstart.data.scan import scan_folder
-from headstart.evaluate.calibration import calibrate
+from headstart.evaluate.calibration import calibrate, measured
 from headstart.evaluate.report import score_folder
 from headstart.heads.config import head_logits_numpy
 from headstart.progress import NoProgress
@@ -50,9 +50,14 @@ def measure(name: str, train_dir: Path, held_out: Path) -> None:
     val_z, val_y = validation_logits(clf, train_dir)
     test = score_folder(clf, held_out)
     on_val = calibrate(test.logits, test.labels, fit_logits=val_z, fit_labels=val_y)
-    # The model stores this very temperature (train fits it on the same validation logits).
-    assert abs(on_val.temperature - clf.head_config_.temperature) < 1e-6 * on_val.temperature, \
-        (on_val.temperature, clf.head_config_.temperature)
+    # train fits this very temperature on the same validation logits; it stores it unless it raised their ECE.
+    cal = clf.report_.calibration
+    fitted = (cal.refused or cal.temperature) if cal else 1.0
+    assert abs(on_val.temperature - fitted) < 1e-6 * on_val.temperature, (on_val.temperature, fitted)
+    held = measured(test.logits, test.labels, clf.head_config_.temperature, "stored")
+    refused = " (the fitted T raised validation ECE: refused)" if cal and cal.refused else ""
+    print(f"{name:12s} stored T={held.temperature:.3f}{refused}: held-out ECE {held.ece_before:.4f} -> "
+          f"{held.ece_after:.4f}, log loss {held.nll_before:.4f} -> {held.nll_after:.4f}", flush=True)
     crossed = calibrate(test.logits, test.labels, folds=2, seed=0)
     acc = float((test.logits.argmax(1) == test.labels).mean())
     print(f"{name:12s} held-out n={on_val.n:4d} acc {acc:.4f} | T fitted on validation (n={len(val_y)}): "
