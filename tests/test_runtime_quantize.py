@@ -70,9 +70,11 @@ def test_int8_features_are_cached_apart_from_fp32(tiny_cache, tiny_weights, imag
     assert "engine" not in fp32.feature_key_parts(ONNX_CPU)  # float32 caches already on disk stay valid
 
 
-def test_auto_is_int8_only_where_the_cpu_runs_it_faster(monkeypatch, tmp_path) -> None:
+def test_auto_is_int8_only_where_allowed_and_the_cpu_runs_it_faster(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
-    assert (resolve_engine("auto"), resolve_engine("fp32"), resolve_engine("int8")) == ("int8", "fp32", "int8")
+    assert (resolve_engine("auto"), resolve_engine("fp32"), resolve_engine("int8")) == ("fp32", "fp32", "int8")
+    monkeypatch.setattr(frozen_mod, "AUTO_INT8", True)
+    assert resolve_engine("auto") == "int8"
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: False)
     assert (resolve_engine("auto"), resolve_engine("int8")) == ("fp32", "int8")  # asked for by name: honoured
     for flags, fast in (("fpu sse2 avx avx2 fma", True), ("fpu sse2 avx", False), ("fp asimd asimddp", True),
@@ -127,10 +129,13 @@ def test_a_saved_model_predicts_with_the_engine_it_was_trained_with(tiny_cache, 
 
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
     photos = list(_photos(image_folder))
+    monkeypatch.setattr(frozen_mod, "AUTO_INT8", True)
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu").fit(image_folder)
     kind = clf.frozen_.engine_kind("cpu")
     assert clf.engine == "auto" and kind.startswith(quantize.INT8_PREFIX + "-")
-    loaded = ImageClassifier.load(clf.save(tmp_path / "model"), device="cpu")
+    saved = clf.save(tmp_path / "model")
+    assert json.loads((saved / "headstart.json").read_text())["params"]["engine"] == "int8"  # what ran, not auto
+    loaded = ImageClassifier.load(saved, device="cpu")
     assert loaded.frozen_.engine_kind("cpu") == kind
     np.testing.assert_allclose(loaded.predict_proba(photos), clf.predict_proba(photos), atol=1e-6)
     fp32 = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu", engine="fp32")

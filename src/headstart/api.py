@@ -201,8 +201,10 @@ class ImageClassifier:
         prefix = self.frozen_.weights_prefix
         backbone = {k[len(prefix):]: v for k, v in load_file(str(self.frozen_.weights)).items()
                     if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")}
+        # The engine that computed the head's features ("int8", "fp32"), not "auto": a fine-tuned backbone is float32.
+        params = {**_jsonable_params(self.get_params()), "engine": self.frozen_.engine_name}
         record = artifact.ModelRecord(tuple(self.classes_), self.frozen_.spec, self.frozen_.weights_id,
-                                      self.head_config_, _jsonable_params(self.get_params()), self.report_)
+                                      self.head_config_, params, self.report_)
         return artifact.save(artifact.Artifact(record, self.head_state_, backbone), out_dir)
 
     @classmethod
