@@ -96,7 +96,9 @@ class FakeClassifier:
         self.decision_ = Decision(strategy="head", kept="head", head_candidates=(
             HeadCandidate((), 0.2, 0.62), HeadCandidate((64,), 0.6, 0.56)))
         # What the report `train` writes reads: the run's record (no temperature fitted), no per-image results.
-        self.report_ = types.SimpleNamespace(counts=self.counts_, skipped=self.skipped_, calibration=None)
+        self.report_ = types.SimpleNamespace(counts=self.counts_, skipped=self.skipped_, calibration=None,
+                                             cv_skipped="")
+        self.cv_ = None
         self.validation_ = None
         return self
 
@@ -284,6 +286,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
         balance=True, seed=7, device="cpu", strategy="finetune", unfreeze="all", augment="strong",
         finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True, native_view=False,
+        cv="auto", engine="auto", refit=False,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "earlier" / "checkpoint", "resume": True}
     assert (out / "headstart.json").exists()
@@ -322,7 +325,7 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance=False,
         seed=0, device="auto", strategy="head", unfreeze="auto", augment="light", finetune_epochs=8, finetune_lr=5e-4,
-        views=8, train_bn=False, native_view=True,
+        views=8, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
 
@@ -333,7 +336,8 @@ def test_train_lists_at_most_50_skipped(image_folder: Path, tmp_path: Path, monk
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
     assert sum(line.startswith("skipped: ") for line in lines) == 50
-    assert lines[-1] == "... and 10 more"
+    last_skipped = max(i for i, line in enumerate(lines) if line.startswith("skipped: "))
+    assert lines[last_skipped + 1] == "... and 10 more"
 
 
 # --------------------------------------------------------------------------- predict
@@ -510,7 +514,7 @@ def test_train_flags_are_the_options_with_their_defaults() -> None:
     from headstart import options
 
     params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report"}
+    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report", "manifest"}
     defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
     defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
     defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])
