@@ -18,15 +18,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core import HS, ROOT, score, split80  # noqa: E402  (bench/ is not a package)
+from core import HS, ROOT, measured, score, split80  # noqa: E402  (bench/ is not a package)
 
 
 @dataclass
@@ -43,13 +41,8 @@ class Runs:
 def train(data: Path, out: Path, engine: str, env: dict) -> tuple[float, float, dict]:
     """Wall and CPU seconds of one `headstart train`, and the saved model's record."""
     args = [*HS, "train", str(data), "--engine", engine, "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, json.loads((out / "headstart.json").read_text())
+    wall, cpu, _ = measured(args, env)
+    return wall, cpu, json.loads((out / "headstart.json").read_text())
 
 
 def main() -> None:

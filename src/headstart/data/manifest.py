@@ -12,7 +12,6 @@ Rows are read one at a time (`iter_rows`): memory holds the per-image index the 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from headstart.data import surprises
 from headstart.data.imageio import describe_os_error, unreadable_reason
 from headstart.data.scan import Dataset, assemble
 from headstart.errors import DataError
+from headstart.paths import file_sha256
 from headstart.records import DataSource
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def scan_manifest(manifest: str | Path, val_split: float = 0.2, test_split: floa
     _check_labels(manifest, found, classes, skipped)
     carve_val, carve_test = (0.0 if found["val"] else val_split), (0.0 if found["test"] else test_split)
     samples = assemble({s: c for s, c in found.items() if c}, classes, carve_val, carve_test, seed)
-    source = DataSource("manifest", str(Path(os.path.abspath(manifest))), n_rows, _sha256(manifest))
+    source = DataSource("manifest", str(Path(os.path.abspath(manifest))), n_rows, file_sha256(manifest))
     dataset = Dataset(root=manifest, classes=classes, samples=samples, skipped=tuple(sorted(skipped)), source=source)
     _warn_unvalidated(dataset, validating=carve_val > 0 or bool(found["val"]))
     surprises.warn_duplicates({s: c for s, c in found.items() if c})
@@ -238,11 +238,3 @@ def _warn_unvalidated(dataset: Dataset, validating: bool) -> None:
         if n == 0:
             log.warning("%s: label %r has no validation image, so its accuracy is not measured — add val rows for "
                         "it, or more rows to split from", dataset.root, cls)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
