@@ -13,7 +13,7 @@ from conftest import TINY_BACKBONE
 from headstart import paths
 from headstart.backbones.registry import resolve
 from headstart.cache import boundary
-from headstart.cache.boundary import BoundaryStore, bottom_engine
+from headstart.cache.boundary import STORE_FORMAT, BoundaryStore, bottom_engine
 from headstart.cache.features import FeatureCache
 from headstart.paths import VERSIONS, atomic_path, atomic_write_bytes, cache_root, store_key, store_path
 from headstart.runtime.export import onnx_path_for
@@ -109,7 +109,9 @@ def test_keys_are_the_ones_caches_already_on_disk_were_written_under():
     pre = frozen.spec.preprocess.to_dict()
     assert frozen.cache_key() == legacy(dict(v=2, timm=frozen.spec.timm_name, w=frozen.weights_id, pre=pre))
     parts = dict(weights="w", boundary=3, views=2, augment="light", seed=0, pre=pre, train=["ab"], val=[])
-    assert BoundaryStore(parts).dir.name == legacy(dict(parts, store_version=2))
+    # Boundary stores carry their layout's format since pixel views became 8-bit (format 2): float16 pixel stores
+    # written before must not be read as bytes, so those folders are left behind once, by design.
+    assert BoundaryStore(parts).dir.name == legacy(dict(parts, format=STORE_FORMAT, store_version=2))
 
 
 # --- what is named by it -------------------------------------------------------------------------------------
@@ -123,9 +125,10 @@ def test_feature_cache_and_boundary_store_folders_come_from_the_store(tmp_path):
     assert FeatureCache(_frozen("fedcba9876543210")).dir != cache.dir
 
     parts = dict(weights="w", boundary=3)
+    keyed = {**parts, "format": STORE_FORMAT}
     store = BoundaryStore(parts)
-    assert store.dir == cache_root() / "boundary" / store_key("boundary", parts) and store.dir.is_dir()
-    assert BoundaryStore(parts, root=tmp_path / "b").dir == tmp_path / "b" / store_key("boundary", parts)
+    assert store.dir == cache_root() / "boundary" / store_key("boundary", keyed) and store.dir.is_dir()
+    assert BoundaryStore(parts, root=tmp_path / "b").dir == tmp_path / "b" / store_key("boundary", keyed)
 
 
 def test_onnx_exports_are_named_by_the_store_and_move_with_the_export_version(monkeypatch):

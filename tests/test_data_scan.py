@@ -477,3 +477,20 @@ def test_duplicates_are_looked_for_only_among_files_of_equal_size(tmp_path, monk
     surprises.warn_duplicates({"train": {c: sorted((root / c).glob("*.jpg")) for c in ("cat", "dog")}})
     assert set(ends) == shared and len(ends) == len(shared)
     assert whole == []  # their ends differ: never read whole
+
+
+def test_a_photo_copied_thousands_of_times_is_one_short_warning(tmp_path, caplog):
+    """A blank frame exported 400 times into two classes: one warning naming ten copies and counting the rest,
+    not one line of every path (with 100,000 placeholders that line was megabytes)."""
+    from headstart.data import surprises
+
+    root = tmp_path / "p"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(200):
+            (root / c / f"{i:03d}.jpg").write_bytes(b"blank")
+    with caplog.at_level("WARNING", "headstart"):
+        surprises.warn_duplicates({"train": {c: sorted((root / c).glob("*.jpg")) for c in ("cat", "dog")}})
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "same photo is in classes 'cat', 'dog'" in msg and "and 390 more" in msg
+    assert msg.count(".jpg") == surprises.MAX_LISTED_COPIES

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("headstart.data.scan")  # the warnings are the scan's, wherever they are worked out
 
 MAX_LISTED = 5  # duplicate groups named one by one; the rest are counted
+MAX_LISTED_COPIES = 10  # files named in one duplicate group; the rest are counted
 _ENDS_BYTES = 4096  # of each end: the opening bytes of photos from one camera are often identical, not the last
 _CHUNK = 1 << 20
 
@@ -88,7 +89,9 @@ def warn_duplicates(found: dict[str, dict[str, list[Path]]]) -> None:
                               for cls, files in per_class.items() for p in files)
     for group in groups[:MAX_LISTED]:
         classes = sorted({cls for _, (_, cls) in group})
-        listed = ", ".join(str(p) for p, _ in group)
+        # A group is two or three copies as a rule; thousands of identical files (placeholders, a blank frame
+        # exported again and again) made one warning of megabytes.
+        listed = _sample([str(p) for p, _ in group], most=MAX_LISTED_COPIES)
         if len(classes) > 1:
             logger.warning("the same photo is in classes %s: %s — keep it only in the class it belongs to",
                            _quote(classes), listed)
@@ -157,9 +160,9 @@ def _is_file(entry: os.DirEntry) -> bool:
         return False
 
 
-def _sample(names: list[str]) -> str:
-    shown = ", ".join(names[:3])
-    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def _sample(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _quote(names: Iterable[str]) -> str:
