@@ -130,16 +130,19 @@ def cross_validate_settings(features: np.ndarray, labels: np.ndarray, head_cfg: 
     from concurrent.futures import ThreadPoolExecutor
 
     from headstart.runtime.device import cpu_threads
-    from headstart.train.fit_head import refit_full  # torch: only once there is something to fit
+    from headstart.train.fit_head import fresh_head, refit_full  # torch: only once there is something to fit
 
     k = fold_count(labels, folds)
     fold_of = stratified_folds(labels, k, seed)
     untempered = replace(head_cfg, temperature=1.0)  # the argmax does not depend on it
+    configs = [replace(train_config, seed=train_config.seed + fold) for fold in range(k)]
+    # Drawn here, in one thread: seeding torch from the fold threads raced (a fold's accuracy changed run to run).
+    drawn = [fresh_head(untempered, cfg.seed) for cfg in configs]
 
     def one(fold: int) -> np.ndarray:
         train, test = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-        head, _ = refit_full(untempered, replace(train_config, seed=train_config.seed + fold),
-                             np.asarray(features[train], np.float32), labels[train], epochs, epoch_lrs)
+        head, _ = refit_full(untempered, configs[fold], np.asarray(features[train], np.float32), labels[train],
+                             epochs, epoch_lrs, head=drawn[fold])
         state = {name: v.detach().numpy() for name, v in head.state_dict().items()}
         return head_proba(untempered, state, np.asarray(features[test], np.float32)).argmax(1) == labels[test]
 

@@ -73,7 +73,7 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
     progress = progress or NoProgress()
     rng = np.random.default_rng(cfg.seed)
     if head is None:
-        head = _fresh_head(head_cfg, cfg.seed)
+        head = fresh_head(head_cfg, cfg.seed)
         head.set_standardization(x_train)
     train_rows = _standardized_rows(head, x_train)
     yt = torch.from_numpy(y_train.astype(np.int64))
@@ -161,7 +161,9 @@ class _AdvanceOnly:
         pass
 
 
-def _fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
+def fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
+    """An untrained head drawn from `seed`. It seeds torch's global generator, which is not safe from two threads
+    at once: make the heads first, in one thread, then train them side by side."""
     torch.manual_seed(seed)
     return Head(head_cfg)
 
@@ -252,7 +254,7 @@ def _candidate(shadow: _Shadow | None, *args) -> tuple[Head, History, tuple[floa
 
 def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progress, x_full=None,
                     y_full=None) -> FittedHead:
-    heads = [_fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
+    heads = [fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
     heads[0].set_standardization(x_train)  # two passes over the features: once, since they are the same for all
     for head in heads[1:]:
         head.mean.copy_(heads[0].mean)
@@ -262,7 +264,7 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
     shared = _AdvanceOnly(progress)
     refitting = x_full is not None and all(cfg.schedule == "cosine" for _, cfg in candidates)
     shadows = [_Shadow() if refitting else None for _ in candidates]
-    twins = [_fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates] if refitting else []
+    twins = [fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates] if refitting else []
     # Under torchrun, one after another in this thread: each fit's collectives in one order on every rank.
     with distributed.executor(min(len(candidates), cpu_threads())) as pool:
         jobs = [pool.submit(_candidate, shadow, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)
@@ -297,14 +299,18 @@ def _width(head_cfg: HeadConfig) -> int:
 
 
 def refit_full(head_cfg: HeadConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndarray, epochs: int,
-               epoch_lrs: tuple[float, ...] = (), progress: Progress | None = None) -> tuple[Head, History]:
+               epoch_lrs: tuple[float, ...] = (), progress: Progress | None = None,
+               head: Head | None = None) -> tuple[Head, History]:
     """scikit-learn's `refit` (AutoGluon's `refit_full`): a fresh head with the chosen settings, drawn from the same
     seed, standardised for and trained on all of `x` (train + validation) for the `epochs` validation chose, with
     the schedule of that run (cosine over `cfg.epochs`, or the plateau's recorded rates) and nothing to validate
-    on. A diverged refit is a ConfigError, as in `fit_head`."""
+    on. A diverged refit is a ConfigError, as in `fit_head`. `head`: one `fresh_head` drew beforehand (from
+    `cfg.seed`), for refits that run in threads side by side."""
+    if head is not None:
+        head.set_standardization(x)
     with one_thread():
         try:
-            return _fit_head(head_cfg, cfg, x, y, None, None, progress, None, stop_after=epochs,
+            return _fit_head(head_cfg, cfg, x, y, None, None, progress, head, stop_after=epochs,
                              replay_lrs=epoch_lrs if cfg.schedule == "plateau" else ())[:2]
         except _Diverged as diverged:
             raise ConfigError(str(diverged)) from None
