@@ -128,10 +128,16 @@ def tiny_onnx(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def tiny_cache(isolated_cache: Path, tiny_onnx: tuple[Path, Path]) -> Path:
     """This test's own cache, seeded only with the tiny backbone's ONNX export (an immutable file keyed by the
     weights' fingerprint) so each test does not pay for an export; features and everything else start empty."""
+    return seed_tiny_export(tiny_onnx, isolated_cache)
+
+
+def seed_tiny_export(tiny_onnx: tuple[Path, Path], cache: Path) -> Path:
+    """`cache` with the tiny backbone's ONNX export copied in (what `tiny_onnx` made once), so a module's or a
+    test's own cache starts without paying for an export; returns `cache`."""
     root, rel = tiny_onnx
-    (isolated_cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, isolated_cache / rel)
-    return isolated_cache
+    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / rel, cache / rel)
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,13 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 
 TIMEOUT_S = 180
 
@@ -34,10 +33,7 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root, rel = tiny_onnx
-    cache = tmp_path_factory.mktemp("manifest-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("manifest-cache"))
     return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 

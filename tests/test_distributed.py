@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 
 torch = pytest.importorskip("torch")
 
@@ -31,10 +30,7 @@ RUN = ["--backbone", TINY_BACKBONE, "--strategy", "finetune", "--finetune-epochs
 @pytest.fixture(scope="module")
 def env(tiny_onnx, tmp_path_factory) -> dict[str, str]:
     """A cache seeded with the tiny backbone's export, two torch threads at most, no GPU."""
-    root, rel = tiny_onnx
-    cache = tmp_path_factory.mktemp("ddp-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("ddp-cache"))
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return {**clean, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
             "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HEADSTART_DIST_TIMEOUT_S": "60"}

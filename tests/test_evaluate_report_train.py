@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 from test_evaluate_temperature import _noisy_folder
 
 
@@ -57,10 +56,7 @@ def test_without_a_validation_split_the_page_says_what_it_lacks(tmp_path, tiny_w
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx, tmp_path_factory) -> dict[str, str]:
-    root, rel = tiny_onnx
-    cache = tmp_path_factory.mktemp("report-train-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("report-train-cache"))
     return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 

@@ -5,13 +5,12 @@ and read as 1 from records saved before it existed."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 from headstart import ImageClassifier
 from headstart.errors import ArtifactError
 from headstart.evaluate.calibration import MIN_CALIBRATION, fit_temperature, scaled_proba, stored_temperature
@@ -38,10 +37,7 @@ def _noisy_folder(root: Path) -> Path:
 def noisy(tmp_path_factory, tiny_weights, tiny_onnx):
     """(classifier fitted on the noisy folder, the folder), with the module's own feature cache."""
     base = tmp_path_factory.mktemp("temperature")
-    root, rel = tiny_onnx
-    cache = base / "cache"
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    cache = seed_tiny_export(tiny_onnx, base / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HEADSTART_CACHE", str(cache))
         data = _noisy_folder(base / "photos")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 from headstart import ImageClassifier
 from headstart.evaluate.crossval import CrossValidation
 from headstart.records import Decision, FitReport
@@ -25,10 +24,7 @@ FORMAT1 = Path(__file__).parent / "data" / "format1-headstart.json"
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx, tmp_path_factory) -> dict[str, str]:
-    root, rel = tiny_onnx
-    cache = tmp_path_factory.mktemp("refit-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("refit-cache"))
     return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 
