@@ -172,6 +172,10 @@ class FeatureCache:
         return CachedFeatures(_gather([keys[i] for i in readable], index, files),
                               readable, [(paths[i], failures[i]) for i in sorted(failures)], hits)
 
+    def _views_of(self):
+        """How a photo becomes the network's inputs, if not as `load_views` makes them (a subclass's own view)."""
+        return None
+
     def _extract(self, paths: Sequence[Path], keys: list[bytes | None], missing: list[int], engine: Engine,
                  batch_size: int, progress: Advance | None) -> dict[int, str]:
         """Extract and store the features of `paths[missing]`, a shard at a time; the unreadable as {index: reason}."""
@@ -179,7 +183,7 @@ class FeatureCache:
         buf_keys: list[bytes] = []
         buf_feats: list[np.ndarray] = []
         for idx, feats, fails in extract([paths[i] for i in missing], self.backbone.spec.preprocess, engine,
-                                         batch_size, progress=progress):
+                                         batch_size, progress=progress, views_of=self._views_of()):
             failures.update({missing[i]: reason for i, reason in fails})
             if not idx:
                 continue  # a batch of unreadable files only: nothing to store

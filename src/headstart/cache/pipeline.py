@@ -53,12 +53,14 @@ def _stack(items: list):
 def extract(
     paths: Sequence[Path], cfg: PreprocessConfig, engine: Engine, batch_size: int = 32,
     workers: int | None = None, progress: Advance | None = None,
+    views_of: Callable[[Path], tuple[np.ndarray, ...]] | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
     """Features for `paths`, batch by batch: (indices, features, failures). With several views, each view's
-    features are computed apart and concatenated."""
+    features are computed apart and concatenated. `views_of`: a photo's input arrays, if not `load_views`' (the
+    mirrored ones for test-time augmentation)."""
     workers = workers or default_workers()
-    load = lambda i: load_views(paths[i], cfg)  # noqa: E731
-    for indices, views, failures in decoded_batches(len(paths), load, batch_size, workers):
+    views_of = views_of or (lambda path: load_views(path, cfg))
+    for indices, views, failures in decoded_batches(len(paths), lambda i: views_of(paths[i]), batch_size, workers):
         feats = np.concatenate([engine(v) for v in views], 1) if indices else np.empty((0, 0), np.float32)
         if progress:
             progress(len(indices) + len(failures))

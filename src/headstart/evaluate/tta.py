@@ -8,14 +8,12 @@ a second `evaluate --tta` costs no extraction. torch-free, like predicting.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from headstart.cache.features import SHARD_ROWS, CachedFeatures, FeatureCache
-from headstart.cache.pipeline import decoded_batches, default_workers
+from headstart.cache.features import CachedFeatures, FeatureCache
 from headstart.evaluate.metrics import Evaluation
 from headstart.paths import store_path
 from headstart.progress import Progress
@@ -65,26 +63,9 @@ class FlippedFeatureCache(FeatureCache):
         parts = {**self.backbone.feature_key_parts(engine_kind), "view": FLIP_VIEW}
         self.dir = store_path("features", parts, root=self.root)
 
-    def _extract(self, paths: Sequence[Path], keys: list[bytes | None], missing: list[int], engine, batch_size: int,
-                 progress) -> dict[int, str]:
+    def _views_of(self):
         cfg = self.backbone.spec.preprocess
-        failures: dict[int, str] = {}
-        done_keys: list[bytes] = []
-        done: list[np.ndarray] = []
-        load = lambda i: _mirrored(load_views(paths[missing[i]], cfg))  # noqa: E731
-        for idx, views, fails in decoded_batches(len(missing), load, batch_size, default_workers()):
-            failures.update({missing[i]: reason for i, reason in fails})
-            if progress:
-                progress(len(idx) + len(fails))
-            if idx:
-                done.append(np.concatenate([engine(v) for v in views], 1))
-                done_keys += [keys[missing[i]] for i in idx]  # type: ignore[misc]
-            if len(done_keys) >= SHARD_ROWS:
-                self.write_shard(done_keys, np.concatenate(done))
-                done_keys, done = [], []
-        if done_keys:
-            self.write_shard(done_keys, np.concatenate(done))
-        return failures
+        return lambda path: _mirrored(load_views(path, cfg))
 
 
 def flipped_features(paths: list[Path], frozen: FrozenBackbone, device: str, progress: Progress) -> CachedFeatures:
