@@ -204,3 +204,20 @@ def test_released_store_pages_leave_resident_memory(tmp_path):
     after = _rss_file_kib()
     assert touched - before > 24 * 1024 and after - before < 4 * 1024, (before, touched, after)
     assert acts[np.arange(64), 0].sum(dtype=np.float64) == 64 * 256 * 1024  # still readable, mapped in again
+
+
+def test_views_read_from_the_file_equal_the_mapped_reads(tmp_path):
+    from headstart.cache.boundary import StoreArray, read_view
+
+    raw = np.lib.format.open_memmap(tmp_path / "a.npy", "w+", np.uint8, (7, 3, 3, 4, 4))
+    raw[:] = np.random.default_rng(0).integers(0, 256, raw.shape, dtype=np.uint8)
+    raw.flush()
+    for arr in (StoreArray(np.load(tmp_path / "a.npy", mmap_mode="r"), PRE),
+                StoreArray(np.load(tmp_path / "a.npy", mmap_mode="r"), PRE).take(np.array([6, 1, 3, 4])),
+                StoreArray(np.load(tmp_path / "a.npy", mmap_mode="r"))):
+        for rows in (np.array([0, 2, 3]), slice(1, 4), slice(0, 0), np.array([], int)):
+            for v in range(3):
+                got = read_view(arr, rows, v)
+                assert got.dtype == arr.dtype and np.array_equal(got, arr[rows, v]), (rows, v)
+    plain = np.arange(24, dtype=np.float16).reshape(4, 2, 3)  # an array in memory is indexed as it is
+    assert np.array_equal(read_view(plain, np.array([1, 3]), 1), plain[[1, 3], 1])

@@ -91,10 +91,43 @@ class StoreArray:
         out = self[:]
         return out.astype(dtype) if dtype is not None else out
 
+    def view_rows(self, rows: np.ndarray | slice, view: int) -> np.ndarray:
+        """`self[rows, view]`, read from the file with plain reads when the store is a file on disk: unlike a
+        read through the mapping, that maps no page of the file into this process (see `read_view`)."""
+        picked = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        stored = self.rows[picked] if self.rows is not None else picked
+        raw = self.raw
+        if not (isinstance(raw, np.memmap) and isinstance(raw.base, mmap.mmap) and raw.flags.c_contiguous
+                and raw.ndim >= 2):
+            return self[rows, view]
+        out = np.empty((len(stored), *raw.shape[2:]), raw.dtype)
+        size = out[0].nbytes if len(out) else 0
+        fd = os.open(raw.filename, os.O_RDONLY)
+        try:
+            for i, row in enumerate(stored.tolist()):
+                start = raw.offset + (row * raw.shape[1] + view) * size
+                if size and os.preadv(fd, [memoryview(out[i]).cast("B")], start) != size:
+                    raise OSError(f"{raw.filename}: shorter than its header says")
+        finally:
+            os.close(fd)
+        return normalize_pixels(out, self.pixels) if self.pixels else out
+
     def take(self, keep: np.ndarray) -> StoreArray:
         """The rows `keep` (indices into this array's rows), still read from the store."""
         rows = np.asarray(keep) if self.rows is None else self.rows[keep]
         return StoreArray(self.raw, self.pixels, rows)
+
+
+def read_view(arr, rows: np.ndarray | slice, view: int) -> np.ndarray:
+    """Rows `rows` of stored view `view`, as float32 or float16, from a store's array or any in-memory array.
+
+    Reading a memory-mapped file maps its pages into the process, and the kernel maps the cached pages around
+    each one touched too (fault-around), so an epoch reading one view of each image had most of the store's file
+    resident, every view of it: about 1 GB of the flowers run's peak RSS with 8 views. Plain reads copy the view
+    alone into memory this process owns, and map nothing."""
+    if isinstance(arr, StoreArray):
+        return arr.view_rows(rows, view)
+    return np.asarray(arr[rows, view])
 
 
 def release(arr) -> None:
