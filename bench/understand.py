@@ -69,8 +69,7 @@ def label_bench(name: str, folder: Path, flipped: set[Path]) -> None:
     from headstart.cache.dataset import dataset_features
     from headstart.data.check import sized_spec
     from headstart.data.scan import scan_folder
-    from headstart.evaluate.crossval import out_of_fold_proba
-    from headstart.evaluate.labels import suspect_ranking
+    from headstart.evaluate.labels import out_of_fold_linear, suspect_ranking
     from headstart.progress import NoProgress
     from headstart.runtime.frozen import FrozenBackbone
 
@@ -78,8 +77,8 @@ def label_bench(name: str, folder: Path, flipped: set[Path]) -> None:
     dataset = scan_folder(folder)
     feats = dataset_features(dataset, FrozenBackbone.pretrained(sized_spec("efficientnet_lite0", dataset)), "auto",
                              NoProgress())
-    # The linear head `check` ranks with (`evaluate.labels.find_label_errors`), so these are check's figures.
-    proba, _ = out_of_fold_proba(np.asarray(feats.features), feats.labels, len(dataset.classes), hidden=())
+    # The linear heads `check` ranks with (`evaluate.labels.find_label_errors`), so these are check's figures.
+    proba, _ = out_of_fold_linear(np.asarray(feats.features), feats.labels, len(dataset.classes))
     order, n_flagged = suspect_ranking(feats.labels, proba)
     is_flipped = np.array([p in flipped for p in feats.paths])
     top10, top15 = order[:round(0.10 * len(order))], order[:round(0.15 * len(order))]

@@ -1,5 +1,5 @@
-"""k-fold cross-validation of the head on cached features: an accuracy with an honest interval, and the
-out-of-fold probabilities that `labels` ranks label errors by.
+"""k-fold cross-validation of the head on cached features: an accuracy with an honest interval, and each row's
+out-of-fold probabilities (`labels` ranks label errors by cheaper ones of its own, on the same folds).
 
 Each fold is trained the way `train` trains the head: `policy.head_candidates` and `fit_best_head`, with a
 stratified 20 % of the fold's training rows held out for early stopping and the choice between candidates, so
