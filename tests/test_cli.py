@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from headstart import cli
 from headstart.cli import render as cli_render
+from headstart.cli import render_predictions
 from headstart.cli.progress import ProgressBars
 from headstart.cli import train as cli_train
 from headstart.errors import WeightsError
@@ -420,7 +421,7 @@ def test_train_refuses_an_unusable_out_or_resume_before_fitting(image_folder: Pa
 def test_names_that_are_not_utf8_are_written_escaped() -> None:
     name = Path(os.fsdecode(b"/photos/caf\xe9-\xff.jpg"))
     pred = FakePrediction(name, "cat", 0.9, [("cat", 0.9)], None)
-    for text in (cli_render.predictions_csv([pred]), cli_render.predictions_json([pred])):
+    for text in (render_predictions.predictions_csv([pred]), render_predictions.predictions_json([pred])):
         text.encode("utf-8")  # strict
         assert "caf\\xe9-\\xff.jpg" in text.replace("\\\\", "\\")
     assert cli_render.shown("café") == "café" and cli_render.shown("plain") == "plain"
@@ -585,7 +586,7 @@ def _long_predictions(tmp_path: Path) -> list[FakePrediction]:
 @pytest.mark.parametrize("width", [200, 80, 60])
 def test_predictions_table_never_breaks_a_path(tmp_path: Path, width: int) -> None:
     preds = _long_predictions(tmp_path)
-    lines = _render(cli_render.predictions_table(preds, width), width)
+    lines = _render(render_predictions.predictions_table(preds, width), width)
     for p in preds:
         assert any(str(p.path) in line for line in lines), (str(p.path), lines)
     words = " ".join(lines).split()  # the error may fold across lines, the path may not
@@ -594,6 +595,6 @@ def test_predictions_table_never_breaks_a_path(tmp_path: Path, width: int) -> No
 
 def test_predictions_table_drops_top_k_before_paths(tmp_path: Path) -> None:
     preds = [FakePrediction(Path("photos") / ("x" * 40 + ".jpg"), "cat", 0.9, [("cat", 0.9), ("dog", 0.1)], None)]
-    wide, narrow = (_render(cli_render.predictions_table(preds, w), w) for w in (120, 80))
+    wide, narrow = (_render(render_predictions.predictions_table(preds, w), w) for w in (120, 80))
     assert any("top-k" in line for line in wide) and not any("top-k" in line for line in narrow)
     assert any(str(preds[0].path) in line and "90.0%" in line for line in narrow)  # still one table row

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from headstart.cli import render
+from headstart.cli import render, render_predictions
 from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
 
@@ -30,9 +30,9 @@ def predict(
     if fmt == "csv":  # streamed: a row per input as soon as its chunk is predicted, memory flat
         with ProgressBars() as bars:
             preds = []
-            typer.echo(render.CSV_HEADER)
+            typer.echo(render_predictions.CSV_HEADER)
             for row in clf.iter_table(images, top_k=top_k, progress=bars):
-                typer.echo(render.prediction_csv_row(row), nl=False)
+                typer.echo(render_predictions.prediction_csv_row(row), nl=False)
                 preds.append(row.error is None)
         if not preds:
             render.note("no images found in the given paths")
@@ -42,10 +42,10 @@ def predict(
     with ProgressBars() as bars:
         preds = clf.predict_table(images, top_k=top_k, progress=bars)
     if fmt == "json":
-        typer.echo(render.predictions_json(preds))
+        typer.echo(render_predictions.predictions_json(preds))
     else:
         console = render.out_console()
-        console.print(render.predictions_table(preds, console.width), crop=False)
+        console.print(render_predictions.predictions_table(preds, console.width), crop=False)
     if not preds:
         render.note("no images found in the given paths")
     # Exit 1 only when nothing at all could be labelled; a few bad files are reported in their rows.
