@@ -110,6 +110,20 @@ def test_a_damaged_int8_graph_is_quantized_again(tiny_cache, tiny_weights, image
     assert isinstance(engine, OnnxEngine) and engine.kind == kind and graph.stat().st_size > 1000
 
 
+def test_ranges_without_their_means_are_calibrated_again(tiny_cache, tiny_weights, image_folder) -> None:
+    # A cache from before the bias correction holds the ranges alone: the next int8 run measures both again,
+    # under a kind no earlier feature shares.
+    backbone = _backbone(tiny_weights, "int8", _photos(image_folder))
+    kind = backbone.engine("cpu").kind
+    fp32 = onnx_path_for(backbone.spec, backbone.weights_id)
+    calibration = quantize.calibration_path(fp32)
+    quantize.means_path(calibration).unlink()
+    assert backbone.engine_kind("cpu") == quantize.INT8_PREFIX
+    again = _backbone(tiny_weights, "int8", _photos(image_folder)).engine("cpu")
+    assert again.kind.startswith(quantize.INT8_PREFIX + "-") and quantize.means_path(calibration).exists()
+    assert again.kind == kind  # the same photos measure the same calibration
+
+
 def test_native_view_runs_both_int8_graphs(tiny_cache, tiny_weights, image_folder) -> None:
     from dataclasses import replace
 

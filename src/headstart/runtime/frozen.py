@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
 ENGINES = ("fp32", "int8")  # what the `engine` setting's `auto` chooses between (see `resolve_engine`)
-# Whether `auto` may choose int8 where the CPU runs it faster. Not yet: measured on flowers (acceptance split,
-# 2-core AVX2 EPYC, shared), int8 extracted 1.54x faster (474 s against 729 s wall) but its head scored 0.7512
-# against float32's 0.7733 on the held-out 20 %, outside the 0.5-point bar; `--engine int8` asks for it.
+# Whether `auto` may choose int8 where the CPU runs it faster. Not on this project's 2-core AVX2 EPYC (no VNNI):
+# Lite0 model-only at 224 px, batch 32, quiet: float32 150 images/s, int8 163 (1.09x); a cold flowers train
+# (bench/engine.py, shared machine) 1.14x faster, its head 0.7686 against float32's 0.7733 and 0.9542 against
+# 0.9608 on hymenoptera (one photo of 153). Too little for the default; `--engine int8` asks for it.
 AUTO_INT8 = False
 
 
