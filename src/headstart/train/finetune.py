@@ -243,8 +243,10 @@ def _no_sync(top: nn.Module):
 
 
 def top_features(net: PooledFeatures, boundary: int, acts: np.ndarray, taps: np.ndarray,
-                 place: _Placement | None = None, batch: int = 64) -> torch.Tensor:
-    """Pooled features from the boundary store's view 0, in eval mode."""
+                 place: _Placement | None = None, batch: int = MICRO_BATCH) -> torch.Tensor:
+    """Pooled features from the boundary store's view 0, in eval mode, `batch` images at a time: at 128 px with
+    every stage, batches of 16 ran faster than of 64 here (470-550 ms against 570-650 per 64 images) and kept
+    ~220 MB less resident (a validation pass of 64 was the fine-tune's peak RSS, 1.84 GB on flowers)."""
     place = place or _Placement(FinetuneConfig())
     net.eval()
     out = []
