@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 
 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tiny_onnx: tuple[Path, Path],
@@ -24,9 +23,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tin
     if (model / "model.onnx").is_file():
         return model, photos, cache
     shutil.rmtree(base, ignore_errors=True)
-    root, rel = tiny_onnx
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    seed_tiny_export(tiny_onnx, cache)
     make_image_folder(photos, per_class=8, size=(40, 32) if native else (96, 80), seed=3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HEADSTART_CACHE", str(cache))

@@ -11,14 +11,12 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 
 TIMEOUT_S = 180
 
@@ -43,10 +41,8 @@ def _assert_one_error_line(proc: subprocess.CompletedProcess[str], code: int = 2
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One cache for the module (seeded with the tiny backbone's ONNX export, like conftest's tiny_cache), so
     the model trained once below is read back without a second export; never the user's cache, never the hub."""
-    root, rel = tiny_onnx
     cache = tmp_path_factory.mktemp("e2e-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    seed_tiny_export(tiny_onnx, cache)
     return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 

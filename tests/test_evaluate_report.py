@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 
 from headstart.evaluate import report as rep
 
@@ -23,15 +23,12 @@ CLASSES = ("cat", "dog", "fish")
 
 def tiny_report_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tiny_onnx) -> tuple[Path, Path, Path]:
     """(model directory, a labelled folder it did not train on, the cache), built once per test run."""
-    import shutil
 
     base = tmp_path_factory.getbasetemp() / "report-tiny"
     model, held_out, cache = base / "model", base / "held-out", base / "cache"
     if (model / "headstart.json").is_file():
         return model, held_out, cache
-    root, rel = tiny_onnx
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    seed_tiny_export(tiny_onnx, cache)
     make_image_folder(base / "photos", per_class=10, size=(96, 80), seed=3)
     make_image_folder(held_out, per_class=8, size=(96, 80), seed=4)
     with pytest.MonkeyPatch.context() as mp:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_BACKBONE, assert_one_line, make_image_folder, seed_tiny_export
 
-from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
 from headstart.errors import UserError
 from headstart.paths import atomic_write_bytes
 
@@ -127,10 +127,8 @@ def test_a_feature_cache_on_a_full_disk_keeps_its_shards_and_says_so(full_tmpfs,
     from headstart.cache.features import FeatureCache
     from headstart.runtime.frozen import FrozenBackbone
 
-    root, rel = tiny_onnx
     monkeypatch.setenv("HEADSTART_CACHE", str(full_tmpfs.root))
-    (full_tmpfs.root / rel).parent.mkdir(parents=True)
-    shutil.copy2(root / rel, full_tmpfs.root / rel)
+    seed_tiny_export(tiny_onnx, full_tmpfs.root)
     frozen = FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
     first = FeatureCache(frozen).features_for(photos[:6], lambda: frozen.engine("cpu")).features
     before = _snapshot(full_tmpfs.root / "features")
@@ -221,9 +219,7 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _seed_cache(cache: Path, tiny_onnx: tuple[Path, Path]) -> None:
-    root, rel = tiny_onnx
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    seed_tiny_export(tiny_onnx, cache)
 
 
 def test_train_with_its_cache_on_a_full_disk_says_so_in_one_line(small_disk, tiny_onnx, tiny_weights, tmp_path):

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import TINY_BACKBONE, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 from test_serve_artifact import synthetic_artifact
 
 from headstart.serve import artifact
@@ -47,10 +46,8 @@ def _one_error_line(proc: subprocess.CompletedProcess[bytes], code: int = 2) -> 
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root, rel = tiny_onnx
     cache = tmp_path_factory.mktemp("hostile-cache")
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
+    seed_tiny_export(tiny_onnx, cache)
     return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
 
