@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
 ENGINES = ("fp32", "int8")  # what the `engine` setting's `auto` chooses between (see `resolve_engine`)
 # Whether `auto` may choose int8 where the CPU runs it faster. Not on this project's 2-core AVX2 EPYC (no VNNI):
-# Lite0 model-only at 224 px, batch 32, quiet: float32 150 images/s, int8 163 (1.09x); a cold flowers train
-# (bench/engine.py, shared machine) 1.14x faster, its head 0.7686 against float32's 0.7733 and 0.9542 against
-# 0.9608 on hymenoptera (one photo of 153). Too little for the default; `--engine int8` asks for it.
+# bench/engine.py on a quiet machine timed Lite0 alone at 151.6 images/s in int8 against 130.8 in float32, but a
+# cold flowers train only 1.03x faster (extraction 84 images/s either way), its head 0.7686 against float32's
+# 0.7733 and 0.9542 against 0.9608 on hymenoptera (one photo of 153). `--engine int8` asks for it.
 AUTO_INT8 = False
 
 
