@@ -48,21 +48,13 @@ def float_weights(fp32: Path, min_fraction: float = 0.5) -> set[str]:
     return keep
 
 
-def conv_inputs(fp32: Path) -> list[str]:
-    """The input tensor of every convolution of the float graph, in order, once each."""
-    import onnx
-
-    names = [n.input[0] for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
-    return list(dict.fromkeys(names))
-
-
 def input_means(fp32: Path, batches: list[np.ndarray]) -> dict[str, list[float]]:
     """The float graph's mean of each convolution's input, per channel, over `batches`."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(fp32))
-    names = conv_inputs(fp32)
+    names = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "Conv"))  # in order, once each
     outputs = {o.name for o in model.graph.output}
     for name in names:
         if name not in outputs:
@@ -87,8 +79,9 @@ def requantize(quantized: Path, fp32: Path, means: dict[str, list[float]], targe
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    floats = {node.name: node for node in onnx.load(str(fp32)).graph.node if node.op_type == "Conv"}
-    values = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32)).graph.initializer}
+    source_graph = onnx.load(str(fp32)).graph
+    floats = {node.name: node for node in source_graph.node if node.op_type == "Conv"}
+    values = {i.name: numpy_helper.to_array(i) for i in source_graph.initializer}
 
     def get(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
