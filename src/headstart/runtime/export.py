@@ -98,22 +98,43 @@ def known_failure(target: Path) -> str | None:
 
 def export_onnx(
     model, input_size: int, target: Path, output_names: tuple[str, ...] = ("features",),
-    other_sizes: tuple[int, ...] = (),
+    other_sizes: tuple[int, ...] = (), like: Sequence[Path] = (),
 ) -> Path:
     """Export a model with a dynamic batch, and refuse an export whose outputs disagree with torch.
 
     With `other_sizes`, a twin graph that takes other square inputs (for native views) is written beside it
-    (`any_size_path`): its height and width are symbolic, and it must agree with torch at each of those sizes."""
+    (`any_size_path`): its height and width are symbolic, and it must agree with torch at each of those sizes.
+    `like`: any-size exports of the same network (other weights or sizes), tried first (`reweight`)."""
     model = model.eval()
     with atomic_path(target) as tmp:  # renamed after the twin is written: the fixed graph marks both done
-        _export_program(model, input_size, output_names, tmp)
-        err = _parity_error(model, OnnxEngine(tmp), input_size)
+        err = _derived_parity(model, like, input_size, output_names, tmp)
+        if err is None:
+            _export_program(model, input_size, output_names, tmp)
+            err = _parity_error(model, OnnxEngine(tmp), input_size)
         if err > PARITY_ATOL:
             raise RuntimeError(f"ONNX export differs from torch by {err:.2e} (> {PARITY_ATOL})")
         if other_sizes:
             _write_any_size_twin(model, tmp, any_size_path(target), input_size, other_sizes, output_names)
     log.info("exported backbone to %s (max abs diff vs torch %.1e)", target, err)
     return target
+
+
+def _derived_parity(model, like: Sequence[Path], input_size: int, output_names: tuple[str, ...],
+                    path: Path) -> float | None:
+    """The parity error of a graph `reweight` made at `path` from one of `like`; None when none agrees with torch
+    (the caller exports afresh)."""
+    from headstart.runtime.reweight import reweighted
+
+    for source in like:
+        try:
+            if reweighted(source, model, input_size, path, output_names):
+                err = _parity_error(model, OnnxEngine(path), input_size)
+                if err <= PARITY_ATOL:
+                    return err
+                log.info("%s with new weights differs from torch by %.2e: exporting afresh", source.name, err)
+        except Exception as exc:  # onnx's or onnxruntime's own types: a graph this cannot reuse
+            log.info("could not reuse %s (%s): exporting afresh", source.name, " ".join(str(exc).split())[:200])
+    return None
 
 
 def _export_program(model, size: int, output_names: tuple[str, ...], path: Path) -> None:

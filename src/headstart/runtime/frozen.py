@@ -108,12 +108,21 @@ class FrozenBackbone:
         log.info("exporting %s to ONNX once (cached in %s)", self.spec.name, path.parent)
         try:
             export_onnx(self.build_torch(), self.spec.preprocess.input_size, path,
-                        other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else ())
+                        other_sizes=NATIVE_SIZE_PROBES if self.spec.any_input_size else (), like=self._like(path))
         except RuntimeError as exc:
             if (full := disk_full_error(exc, path) or short_of_room(path)) is not None:
                 raise full from exc  # not the network's fault: neither remembered nor worked around
             remember_failure(path, str(exc))
             raise
+
+    def _like(self, path: Path) -> list[Path]:
+        """Cached exports of this architecture to make this one from (`runtime.reweight`): any-size graphs, then
+        fixed ones at this size, the newest first; two at most, as each costs a parity check when it fails."""
+        name, size = self.spec.timm_name, self.spec.preprocess.input_size
+        found = [*path.parent.glob(f"{name}-*-any.onnx"),
+                 *(p for p in path.parent.glob(f"{name}-*-{size}px-*.onnx") if not p.stem.endswith("-any"))]
+        return sorted((p for p in found if p.is_file()), key=lambda p: (not p.stem.endswith("-any"),
+                                                                       -p.stat().st_mtime))[:2]
 
     def engine_kind(self, device: str = "auto") -> str:
         """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it: a
