@@ -92,9 +92,9 @@ def _always_improving(monkeypatch) -> None:
     real, calls = ft._validate, [0]
 
     def validate(*args, **kwargs):
-        _, acc = real(*args, **kwargs)
+        _, acc, logits = real(*args, **kwargs)
         calls[0] += 1
-        return 1.0 / calls[0], acc
+        return 0.01 * 0.5 ** calls[0], acc, logits  # below any real model's loss (a fit starts from stage 1's)
 
     monkeypatch.setattr(ft, "_validate", validate)
 
@@ -108,8 +108,9 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _interrupt_at_validation(monkeypatch, call: int) -> list[int]:
-    """Make `_validate`'s `call`-th call raise KeyboardInterrupt (call 1 is the pre-training baseline, call k+1 ends
-    epoch k, before its checkpoint); returns the call counter."""
+    """Make `_validate`'s `call`-th call raise KeyboardInterrupt (called directly, `finetune`'s call 1 is the
+    pre-training baseline and call k+1 ends epoch k, before its checkpoint; through a fit, which gives it the
+    stage-1 loss, call k ends epoch k); returns the call counter."""
     calls = [0]
     real = ft._validate
 

@@ -41,7 +41,7 @@ def test_frozen_stages_never_change_and_bn_statistics_follow_train_bn(tiny_weigh
     before = _state(net)
     cfg = ft.FinetuneConfig(unfreeze=2, epochs=3, views=1, lr=1e-2, head_lr=1e-2, batch_size=4, patience=10,
                             train_bn=train_bn)
-    history = ft.finetune(net, head, cfg, data, data)
+    history = ft.finetune(net, head, cfg, data, data).history
     assert history.best_epoch == 2  # the kept weights are the last epoch's, not the start's
     after = net.state_dict()
     assert set(after) == set(before)
@@ -99,7 +99,7 @@ def test_unfreeze_all_trains_every_layer_the_stem_too_and_keeps_batchnorm_statis
     data = _synthetic_split(net, 0, 9, seed=0)
     before = _state(net)
     cfg = ft.FinetuneConfig(unfreeze="all", epochs=2, views=1, lr=1e-2, head_lr=1e-2, batch_size=4, patience=10)
-    assert ft.finetune(net, _head_for(net), cfg, data, data).best_epoch == 1
+    assert ft.finetune(net, _head_for(net), cfg, data, data).history.best_epoch == 1
     after = net.state_dict()
     assert "backbone.conv_stem.weight" in before
     for k in before:
@@ -157,8 +157,8 @@ def _scripted_validation(monkeypatch, sink: EpochCounter, losses: dict) -> None:
     real = ft._validate
 
     def validate(*args, **kwargs):
-        _, acc = real(*args, **kwargs)
-        return losses[sink.epoch if sink.started else "base"], acc
+        _, acc, logits = real(*args, **kwargs)
+        return losses[sink.epoch if sink.started else "base"], acc, logits
 
     monkeypatch.setattr(ft, "_validate", validate)
 
@@ -199,7 +199,8 @@ def _scripted_run(tiny_weights, monkeypatch, losses: dict, epochs: int):
     data = _synthetic_split(net, N_STAGES - 2, 6, seed=0)
     sink = EpochCounter()
     _scripted_validation(monkeypatch, sink, losses)
-    return net, ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False, progress=sink)
+    return net, ft.finetune(net, _head_for(net), cfg, data, data, checkpoint_dir=None, resume=False,
+                            progress=sink).history
 
 
 def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp_path, monkeypatch):
@@ -217,7 +218,8 @@ def test_resume_restores_best_weights_and_early_stopping_state(tiny_weights, tmp
         head = _head_for(net)
         with monkeypatch.context() as mp:
             _scripted_validation(mp, sink, losses)
-            history = ft.finetune(net, head, cfg, data, data, checkpoint_dir=ckpt, resume=resume, progress=sink)
+            history = ft.finetune(net, head, cfg, data, data, checkpoint_dir=ckpt, resume=resume,
+                                  progress=sink).history
         return history, {**net.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}}
 
     whole_history, whole = run(EpochCounter(), tmp_path / "A")

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # for 16), and on this 2-core CPU two passes of 16 took no longer than one of 32 (980-1030 ms against 1060-1110
 # for a forward and backward of 32 images). The optimiser still steps once per batch, on the same mean loss.
 MICRO_BATCH = 16
+VAL_LOGITS = "val.logits"  # beside the kept weights in the tracker's state (and so in checkpoints)
 
 
 def boundary_for(net: PooledFeatures, unfreeze: int | str) -> int:
@@ -139,11 +140,22 @@ class _Loop:
     epoch: int = 0  # the next epoch to run
 
 
+@dataclass(frozen=True)
+class Finetuned:
+    history: History
+    # The kept weights' validation logits, from the epoch that chose them; None when they are the stage-1 model's
+    # (their logits were not computed here when the caller gave `start_loss`) or came from before a resume.
+    val_logits: np.ndarray | None
+
+
 def finetune(
     net: PooledFeatures, head: Head, cfg: FinetuneConfig, train: StoredViews, val: StoredViews,
     checkpoint_dir: Path | None = None, resume: bool = False, progress: Progress | None = None,
-) -> History:
-    """Train the top of `net` and `head` in place, from the boundary store's views; keep the best epoch's weights."""
+    start_loss: float | None = None,
+) -> Finetuned:
+    """Train the top of `net` and `head` in place, from the boundary store's views; keep the best epoch's weights.
+    `start_loss`: the stage-1 model's validation loss, when the caller knows it (a validation pass saved: ~4 s on
+    flowers); it is what an epoch must beat for its weights to be kept."""
     progress = progress or NoProgress()
     place = _Placement(cfg)
     place.module(net)
@@ -152,7 +164,8 @@ def finetune(
     units = set_trainable(net, boundary)
     trained = _trained_state_names(net, units)
     torch.manual_seed(cfg.seed)
-    start_loss, _ = _validate(net, head, boundary, val, place)
+    if start_loss is None:
+        start_loss = _validate(net, head, boundary, val, place)[0]
     loop = _Loop(*_optimizer(net, head, units, cfg, len(train.labels)), np.random.default_rng(cfg.seed),
                  keep=BestTracker(best=start_loss, state=_snapshot(net, head, trained)),
                  patience=BestTracker(patience=cfg.stop_after))
@@ -167,7 +180,8 @@ def finetune(
             break
         set_modes(net, head, units, cfg.train_bn)
         train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place, top)
-        val_loss, val_acc = distributed.same(*_validate(net, head, boundary, val, place))  # rank 0's decides
+        val_loss, val_acc, logits = _validate(net, head, boundary, val, place)
+        val_loss, val_acc = distributed.same(val_loss, val_acc)  # rank 0's decides
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             log.warning("fine-tuning diverged at epoch %d (training loss %s, validation loss %s) with learning rate "
                         "%g: stopped, keeping the best weights before it; lower --finetune-lr", epoch + 1, train_loss,
@@ -177,7 +191,7 @@ def finetune(
         loop.history.train_loss.append(train_loss)
         loop.history.val_loss.append(val_loss)
         loop.history.val_accuracy.append(val_acc)
-        if loop.keep.update(val_loss, lambda: _snapshot(net, head, trained)):
+        if loop.keep.update(val_loss, lambda: {**_snapshot(net, head, trained), VAL_LOGITS: logits}):
             loop.history.best_epoch = epoch
         if not loop.patience.update(val_loss):
             loop.history.stopped_early = loop.patience.should_stop
@@ -191,7 +205,8 @@ def finetune(
     _load_trained(net, head, loop.keep.state, "")  # the best epoch's weights, not the last
     net.cpu().to(memory_format=torch.contiguous_format).eval()
     head.cpu().eval()
-    return loop.history
+    logits = loop.keep.state.get(VAL_LOGITS)
+    return Finetuned(loop.history, None if logits is None else logits.cpu().numpy())
 
 
 def _optimizer(net: PooledFeatures, head: Head, units: list[nn.Module], cfg: FinetuneConfig, n_train: int):
@@ -280,13 +295,14 @@ def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: to
     return net.forward_bottom(acts, 0)
 
 
-def _validate(net, head, boundary: int, val: StoredViews, place: _Placement) -> tuple[float, float]:
+def _validate(net, head, boundary: int, val: StoredViews, place: _Placement) -> tuple[float, float, torch.Tensor]:
+    """Validation loss, accuracy and logits."""
     head.eval()
     feats = top_features(net, boundary, val.acts, val.taps, place)
     with torch.no_grad():
         logits = head(feats)
         y = torch.from_numpy(val.labels).to(logits.device)
-        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
 
 
 def _trained_state_names(net: PooledFeatures, units: list[nn.Module]) -> list[str]:

@@ -165,7 +165,7 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     try:
         result = run_finetune(stage1.frozen, stage1.head_config, stage1.head_state, cfg, in_split["train"],
                               feats.part("train")[1], in_split["val"], feats.part("val")[1], checkpoint_dir, resume,
-                              progress)
+                              progress, stage1.report.val_metrics.log_loss)
     except FinetuneError as exc:
         if s.strategy == "finetune":
             raise

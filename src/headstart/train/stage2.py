@@ -41,8 +41,9 @@ class FinetuneResult:
 def run_finetune(
     frozen: FrozenBackbone, head_cfg: HeadConfig, head_state: dict[str, np.ndarray], cfg: FinetuneConfig,
     train_paths: list[Path], train_labels: np.ndarray, val_paths: list[Path], val_labels: np.ndarray,
-    checkpoint_dir: Path | None, resume: bool, progress: Progress | None = None,
+    checkpoint_dir: Path | None, resume: bool, progress: Progress | None = None, start_loss: float | None = None,
 ) -> FinetuneResult:
+    """`start_loss`: the stage-1 model's validation loss (`finetune.finetune`)."""
     import torch
 
     from headstart.heads.module import Head
@@ -68,12 +69,16 @@ def run_finetune(
 
     head = Head(head_cfg)
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
-    history = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress)
+    run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss)
     for module in (net, head):  # bit for bit rank 0's (BatchNorm statistics train apart): one weights file
         distributed.broadcast_state(module)
 
-    with torch.no_grad():
-        val_proba = torch.softmax(head(top_features(net, boundary, val.acts, val.taps)), 1).numpy()
+    logits = run.val_logits  # the kept epoch's; another rank's differ from rank 0's, as its weights did
+    if logits is None or distributed.joined().world_size > 1:
+        with torch.no_grad():
+            logits = head(top_features(net, boundary, val.acts, val.taps)).numpy()
+    val_proba = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    history = run.history
     tuned = _save_backbone(frozen, net.backbone.state_dict())
     return FinetuneResult(tuned, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba,
                           val.labels)
