@@ -93,3 +93,21 @@ def test_a_graph_of_another_network_is_not_reused(tiny_features, tmp_path: Path,
     path = export_onnx(tiny_features, 96, tmp_path / "b.onnx", like=[source, tmp_path / "missing-any.onnx"])
     assert calls[0] == 1  # exported afresh
     _agrees(tiny_features, OnnxEngine(path), 96)
+
+
+def test_the_exports_tried_are_this_architectures_any_size_ones_first(tmp_path: Path) -> None:
+    import os
+
+    from headstart.backbones.registry import resolve
+    from headstart.runtime.frozen import FrozenBackbone
+
+    spec = resolve(TINY_BACKBONE)
+    name, size = spec.timm_name, spec.preprocess.input_size
+    files = {f"{name}-aaa-{size}px-k1.onnx": 1, f"{name}-bbb-160px-k2-any.onnx": 2, f"{name}-ccc-96px-k3-any.onnx": 3,
+             f"other_net-ddd-{size}px-k4-any.onnx": 4, f"{name}-eee-{size}px-k5.onnx.failed.json": 5}
+    for file, mtime in files.items():
+        (tmp_path / file).write_bytes(b"")
+        os.utime(tmp_path / file, (mtime, mtime))
+    frozen = FrozenBackbone(spec, tmp_path / "w.safetensors", "w")
+    like = frozen._like(tmp_path / f"{name}-new-{size}px-k6.onnx")
+    assert [p.name for p in like] == [f"{name}-ccc-96px-k3-any.onnx", f"{name}-bbb-160px-k2-any.onnx"]
