@@ -95,7 +95,7 @@ def test_a_graph_of_another_network_is_not_reused(tiny_features, tmp_path: Path,
     _agrees(tiny_features, OnnxEngine(path), 96)
 
 
-def test_the_exports_tried_are_this_architectures_any_size_ones_first(tmp_path: Path) -> None:
+def test_the_exports_tried_are_this_architectures_any_size_ones_newest_first(tmp_path: Path) -> None:
     import os
 
     from headstart.backbones.registry import resolve
@@ -104,10 +104,11 @@ def test_the_exports_tried_are_this_architectures_any_size_ones_first(tmp_path: 
     spec = resolve(TINY_BACKBONE)
     name, size = spec.timm_name, spec.preprocess.input_size
     files = {f"{name}-aaa-{size}px-k1.onnx": 1, f"{name}-bbb-160px-k2-any.onnx": 2, f"{name}-ccc-96px-k3-any.onnx": 3,
-             f"other_net-ddd-{size}px-k4-any.onnx": 4, f"{name}-eee-{size}px-k5.onnx.failed.json": 5}
+             f"other_net-ddd-{size}px-k4-any.onnx": 4, f"{name}-eee-{size}px-k5.onnx.failed.json": 5,
+             f"{name}-fff-{size}px-k6-any-int8-d1.onnx": 6, f"{name}-ggg-{size}px-k7.onnx": 7}  # int8, fixed: newest
     for file, mtime in files.items():
         (tmp_path / file).write_bytes(b"")
         os.utime(tmp_path / file, (mtime, mtime))
     frozen = FrozenBackbone(spec, tmp_path / "w.safetensors", "w")
-    like = frozen._like(tmp_path / f"{name}-new-{size}px-k6.onnx")
+    like = frozen._like(tmp_path / f"{name}-new-{size}px-k8.onnx")
     assert [p.name for p in like] == [f"{name}-ccc-96px-k3-any.onnx", f"{name}-bbb-160px-k2-any.onnx"]

@@ -123,11 +123,12 @@ def _derived_parity(model, like: Sequence[Path], input_size: int, output_names: 
                     path: Path) -> float | None:
     """The parity error of a graph `reweight` made at `path` from one of `like`; None when none agrees with torch
     (the caller exports afresh)."""
-    from headstart.runtime.reweight import reweighted
+    from headstart.runtime.reweight import graph_values, reweighted
 
+    values = graph_values(model, input_size) if like else {}  # once, whichever graph takes them
     for source in like:
         try:
-            if reweighted(source, model, input_size, path, output_names):
+            if reweighted(source, values, input_size, path, output_names):
                 err = _parity_error(model, OnnxEngine(path), input_size)
                 if err <= PARITY_ATOL:
                     return err

@@ -116,13 +116,11 @@ class FrozenBackbone:
             raise
 
     def _like(self, path: Path) -> list[Path]:
-        """Cached exports of this architecture to make this one from (`runtime.reweight`): any-size graphs, then
-        fixed ones at this size, the newest first; two at most, as each costs a parity check when it fails."""
-        name, size = self.spec.timm_name, self.spec.preprocess.input_size
-        found = [*path.parent.glob(f"{name}-*-any.onnx"),
-                 *(p for p in path.parent.glob(f"{name}-*-{size}px-*.onnx") if not p.stem.endswith("-any"))]
-        return sorted((p for p in found if p.is_file()), key=lambda p: (not p.stem.endswith("-any"),
-                                                                       -p.stat().st_mtime))[:2]
+        """Cached float exports of this architecture to make this one from (`runtime.reweight`): its any-size
+        graphs (every backbone that fine-tunes has them; int8 variants are named otherwise), the newest first, two
+        at most, as each costs a parity check when it fails."""
+        found = [p for p in path.parent.glob(f"{self.spec.timm_name}-*-any.onnx") if p.is_file()]
+        return sorted(found, key=lambda p: -p.stat().st_mtime)[:2]
 
     def engine_kind(self, device: str = "auto") -> str:
         """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it: a

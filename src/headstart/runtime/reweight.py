@@ -69,16 +69,16 @@ def graph_values(model, size: int) -> dict[str, np.ndarray]:
     return values
 
 
-def reweighted(source: Path, model, size: int, target: Path, output_names: tuple[str, ...]) -> bool:
-    """Write to `target` the graph at `source` (an any-size export) with `model`'s weights and a fixed `size` px
-    input; False, writing nothing, when the graph's outputs or initializers do not match `model`'s."""
+def reweighted(source: Path, values: dict[str, np.ndarray], size: int, target: Path,
+               output_names: tuple[str, ...]) -> bool:
+    """Write to `target` the graph at `source` (an any-size export) with the initializer `values` (`graph_values`)
+    and a fixed `size` px input; False, writing nothing, when the graph's outputs or initializers do not match."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(source))
     if tuple(o.name for o in graph.graph.output) != tuple(output_names):
         return False
-    values = graph_values(model, size)
     nodes = [n for n in graph.graph.node if n.op_type == "Conv" and len(n.input) > 1]
     if any(len(n.input) < 3 and f"{n.input[1]}_bias" in values for n in nodes):
         return False  # the exporter dropped a folded bias that was zero (freshly initialised statistics)
