@@ -8,7 +8,7 @@ from __future__ import annotations
 import colorsys
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,19 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HEADSTART_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float32_by_default() -> Iterator[None]:
+    """`--engine auto` means float32 in every test in this process, whatever this machine's CPU: it means int8 only
+    where the CPU has VNNI (`device.int8_is_fast`), and tests whose figures were set with float32 features must not
+    change with the machine CI draws. Session-wide, so that module-scoped fixtures train under it too; the int8
+    tests (test_runtime_quantize.py) set it themselves."""
+    from headstart.runtime import frozen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frozen, "int8_is_fast", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

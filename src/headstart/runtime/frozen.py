@@ -19,18 +19,18 @@ log = logging.getLogger(__name__)
 
 NATIVE_SIZE_PROBES = (64, 160)  # input sizes a graph that takes any size must also agree with torch at
 ENGINES = ("fp32", "int8")  # what the `engine` setting's `auto` chooses between (see `resolve_engine`)
-# Whether `auto` may choose int8 where the CPU runs it faster. Not on this project's 2-core AVX2 EPYC (no VNNI):
-# bench/engine.py on a quiet machine timed Lite0 alone at 151.6 images/s in int8 against 130.8 in float32, but a
-# cold flowers train only 1.03x faster (extraction 84 images/s either way), its head 0.7686 against float32's
-# 0.7733 and 0.9542 against 0.9608 on hymenoptera (one photo of 153). `--engine int8` asks for it.
-AUTO_INT8 = False
+# `auto` chooses int8 where the CPU has VNNI (`int8_is_fast`), float32 elsewhere. Measured by bench/engine.py
+# (cold flowers trains, medians of 2): on a 2-core EPYC with AVX-512 VNNI, int8 trained 1.56x faster in wall time
+# (1.66x in CPU; extraction 251 against 145 images/s), its head 0.7686 against float32's 0.7733 on flowers and
+# 0.9542 against 0.9608 on hymenoptera (one photo of 153). On a 2-core AVX2-only EPYC it was 1.03x: not worth it.
+# `--engine int8` asks for it anywhere, `--engine fp32` keeps float32.
 
 
 def resolve_engine(setting: str) -> str:
-    """The engine an `engine` setting means on this machine: `auto` is float32 (see AUTO_INT8), int8 only where
-    allowed and the CPU runs int8 faster (`int8_is_fast`)."""
+    """The engine an `engine` setting means on this machine: `auto` is int8 where the CPU runs it clearly faster
+    (`int8_is_fast`), else float32."""
     if setting == "auto":
-        return "int8" if AUTO_INT8 and int8_is_fast() else "fp32"
+        return "int8" if int8_is_fast() else "fp32"
     return setting
 
 
