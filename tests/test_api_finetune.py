@@ -166,7 +166,8 @@ _KILLED_RUN = textwrap.dedent("""
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(make_clf, tiny_weights, image_folder, tmp_path):
-    settings = dict(finetune_epochs=4, views=2, batch_size=8)
+    # engine by name: the child process resolves "auto" by its CPU, outside conftest's float32 pin
+    settings = dict(finetune_epochs=4, views=2, batch_size=8, engine="fp32")
     params = make_clf(**settings).get_params()
     params.pop("backbone"), params.pop("weights")
     ckpt = tmp_path / "killed" / "checkpoint"

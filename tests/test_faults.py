@@ -203,6 +203,7 @@ def test_a_boundary_fill_killed_anywhere_resumes_to_what_an_uninterrupted_fill_s
 def test_a_fit_killed_in_stage_2_resumes_to_what_an_uninterrupted_fit_gives(tiny_weights, ft_cache, image_folder,
                                                                            tmp_path, monkeypatch):
     settings = dict(finetune_epochs=3, views=2, batch_size=8)  # several batches per epoch: the RNG state matters
+    settings["engine"] = "fp32"  # by name: the child resolves "auto" by its CPU, outside conftest's pin
     params = finetune_classifier(tiny_weights, **settings).get_params()
     params.pop("backbone"), params.pop("weights")
     files = _images(image_folder)
