@@ -130,7 +130,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("seed", 0, (Interval(int),), "Random seed for splits and training.", RUN),
     Option("device", "auto", (OneOf(("auto", "cpu", "cuda")),), "Where to run.", RUN),
     Option("engine", "auto", (OneOf(("auto", "fp32", "int8")),),
-           "CPU feature engine; auto: fp32 (int8 is faster, less accurate).", RUN),
+           "CPU feature engine; auto: int8 where the CPU has VNNI, else fp32.", RUN),
     Option("strategy", "head", (OneOf(("head", "finetune", "auto")),),
            "head; finetune: then adapt the backbone; auto: if it pays.", FINETUNE),
     Option("unfreeze", "auto", (OneOf(("all", "auto")), _COUNT),
