@@ -10,6 +10,7 @@ from headstart.errors import DataError
 from headstart.evaluate.crossval import (
     cross_validate, fold_count, out_of_fold_proba, stratified_folds, summarise, t_interval, wilson_interval,
 )
+from headstart.train.config import TrainConfig
 
 
 def test_stratified_folds_deal_every_class_evenly() -> None:
@@ -52,10 +53,13 @@ def test_out_of_fold_rows_come_from_heads_that_never_saw_them() -> None:
 
 
 def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
+    # Batches of 16: with the default 64, a fold's 57 rows take one step an epoch, and whether 60 steps reach the
+    # blobs depends on the initial draw (seeds 1, 3 and 7 of 8 stayed under 0.85 that way).
+    cfg = TrainConfig(batch_size=16)
     x, y = blobs(30, spread=0.5)
-    easy = cross_validate(x, y, 3)
+    easy = cross_validate(x, y, 3, train_config=cfg)
     x, y = blobs(30, spread=6.0)
-    hard = cross_validate(x, y, 3)
+    hard = cross_validate(x, y, 3, train_config=cfg)
     assert easy.accuracy > 0.85 and easy.folds == 5 and easy.n == 90
     assert hard.accuracy < easy.accuracy
     for cv in (easy, hard):
@@ -77,7 +81,7 @@ def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_s
     # Fold 0 by hand: the head refitted on the other folds (its seed offset by the fold), scored on fold 0.
     fold_of = stratified_folds(y, 3, 2)
     head, _ = refit_full(HeadConfig(x.shape[1], 3), cfg, x[fold_of != 0], y[fold_of != 0], 4)
-    state = {k: v.numpy() for k, v in head.state_dict().items()}
+    state = head.state_dict()
     hits = head_proba(HeadConfig(x.shape[1], 3), state, x[fold_of == 0]).argmax(1) == y[fold_of == 0]
     assert cv.fold_accuracies[0] == pytest.approx(hits.mean())
     assert CrossValidation.from_dict(cv.to_dict()) == cv

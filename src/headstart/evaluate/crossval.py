@@ -97,7 +97,7 @@ def out_of_fold_proba(features: np.ndarray, labels: np.ndarray, n_classes: int, 
 def _fold_proba(features, labels, n_classes, train, test, hidden, dropout, cfg: TrainConfig, seed: int):
     """One fold: the head fitted as `train` fits it on the training rows, applied to the test rows."""
     from headstart.train import policy
-    from headstart.train.fit_head import fit_best_head  # torch: only once there is something to fit
+    from headstart.train.fit_head import fit_best_head
 
     inner = stratified_folds(labels[train], max(2, round(1 / INNER_VAL)), seed) == 0
     fit_rows, val_rows = np.sort(train[~inner]), np.sort(train[inner])
@@ -130,20 +130,19 @@ def cross_validate_settings(features: np.ndarray, labels: np.ndarray, head_cfg: 
     from concurrent.futures import ThreadPoolExecutor
 
     from headstart.runtime.device import cpu_threads
-    from headstart.train.fit_head import fresh_head, refit_full  # torch: only once there is something to fit
+    from headstart.train.fit_head import fresh_head, refit_full
 
     k = fold_count(labels, folds)
     fold_of = stratified_folds(labels, k, seed)
     untempered = replace(head_cfg, temperature=1.0)  # the argmax does not depend on it
     configs = [replace(train_config, seed=train_config.seed + fold) for fold in range(k)]
-    # Drawn here, in one thread: seeding torch from the fold threads raced (a fold's accuracy changed run to run).
     drawn = [fresh_head(untempered, cfg.seed) for cfg in configs]
 
     def one(fold: int) -> np.ndarray:
         train, test = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
         head, _ = refit_full(untempered, configs[fold], np.asarray(features[train], np.float32), labels[train],
                              epochs, epoch_lrs, head=drawn[fold])
-        state = {name: v.detach().numpy() for name, v in head.state_dict().items()}
+        state = head.state_dict()
         return head_proba(untempered, state, np.asarray(features[test], np.float32)).argmax(1) == labels[test]
 
     hits = np.zeros(len(labels), bool)

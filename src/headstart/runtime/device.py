@@ -51,20 +51,17 @@ def _require_cuda(requested: str) -> None:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch with one intra-op thread inside the block, the count before restored after it. The head's matrices
-    are tiny, so a second thread only adds synchronisation; and while another process holds a core, OpenMP's
-    waiting makes every step tens of times slower (60 epochs on 300 x 1500 features, 2 cores, one busy: 30 s with
-    2 threads, 0.5 s with 1). A block, not a decorator: a decorated function pinned only its own body, and the
-    pin was lost once when a helper was inserted between the decorator and the fits."""
-    import torch
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS with one thread inside the block (threadpoolctl; the count before restored after it), for the
+    head's fits, which run one per core side by side. The head's matrices are small, so a second thread only adds
+    synchronisation; and while another process holds a core, a BLAS thread's waiting makes every step tens of
+    times slower (torch's OpenMP, when the head trained in torch: 60 epochs on 300 x 1500 features, 2 cores, one
+    busy: 30 s with 2 threads, 0.5 s with 1). A block, not a decorator: a decorated function pinned only its own
+    body, and the pin was lost once when a helper was inserted between the decorator and the fits."""
+    from threadpoolctl import threadpool_limits
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threadpool_limits(1, user_api="blas"):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def int8_is_fast(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -276,6 +276,21 @@ def sum_grads(params: Iterable) -> None:
         offset += g.numel()
 
 
+def sum_arrays(arrays: list[np.ndarray]) -> None:
+    """Add up numpy arrays (the head's gradients) over the ranks, in place, in one flat all-reduce."""
+    if not joined().active:
+        return
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+    dist.all_reduce(flat)
+    offset = 0
+    for a in arrays:
+        a.reshape(-1)[:] = flat[offset:offset + a.size].numpy()
+        offset += a.size
+
+
 def broadcast_state(module) -> None:
     """Rank 0's parameters and buffers on every rank (BatchNorm statistics trained per rank included)."""
     if not joined().active:

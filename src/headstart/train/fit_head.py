@@ -7,47 +7,41 @@ Divergence: a training or validation loss that is not finite stops that head at 
 (NaN losses never beat the best, so "the best" would silently be the untrained head): `fit_head` raises a
 ConfigError saying to lower the learning rate; `fit_best_head` drops the diverged candidates with a warning and
 raises only when every one diverged.
+
+numpy, not torch (`heads.params`, `train.head_step`): a CPU training run never imports torch.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from headstart.errors import ConfigError
 from headstart.heads.config import CHUNK_ROWS, HeadConfig
-from headstart.heads.module import Head
+from headstart.heads.params import HeadParams
 from headstart.progress import NoProgress, Progress
 from headstart.records import HeadCandidate, History
 from headstart.runtime import distributed
-from headstart.runtime.device import cpu_threads, one_thread
+from headstart.runtime.device import cpu_threads, one_blas_thread
 from headstart.train.config import TrainConfig
-from headstart.train.loop import BestTracker, HeadAdamW, Plateau, warmup_cosine
+from headstart.train.head_step import AdamW, class_weights, train_step
+from headstart.train.loop import BestTracker, Plateau, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 def fit_head(
     head_cfg: HeadConfig, cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, progress: Progress | None = None,
-    head: Head | None = None,
-) -> tuple[Head, History]:
+    head: HeadParams | None = None,
+) -> tuple[HeadParams, History]:
     """Train a head on features: `head` if given (untrained, standardised for `x_train` already), else a fresh
     one drawn from `cfg.seed`. Without validation data, trains for all epochs and keeps the last. A diverged
     training (a loss that is not finite) is a ConfigError."""
-    with one_thread():
+    with one_blas_thread():
         try:
             return _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head)[:2]
         except _Diverged as diverged:
@@ -63,7 +57,7 @@ class _Diverged(Exception):
 
 
 def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, stop_after: int | None = None,
-              replay_lrs: tuple[float, ...] = (), after_epoch=None) -> tuple[Head, History, tuple[float, ...]]:
+              replay_lrs: tuple[float, ...] = (), after_epoch=None) -> tuple[HeadParams, History, tuple[float, ...]]:
     """`fit_head` at whatever thread count the caller pinned, and the plateau rate each epoch started at. The
     schedule spans `cfg.epochs` whatever `stop_after` (epochs to run) says, and `replay_lrs` replaces the plateau's
     own rates: a refit follows the rates of the run that chose its epoch count; `after_epoch(epoch, head, history)`
@@ -76,19 +70,19 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
         head = fresh_head(head_cfg, cfg.seed)
         head.set_standardization(x_train)
     train_rows = _standardized_rows(head, x_train)
-    yt = torch.from_numpy(y_train.astype(np.int64))
+    yt = np.asarray(y_train, np.int64)
     has_val = x_val is not None and len(x_val) > 0
     if has_val:
         val_rows = _standardized_rows(head, x_val)
-        yv = torch.from_numpy(y_val.astype(np.int64))
+        yv = np.asarray(y_val, np.int64)
 
-    weight = class_weights(y_train, head_cfg.n_classes) if cfg.balance else None
-    opt = HeadAdamW(head.parameters(), weight_decay=cfg.weight_decay)
+    weight = class_weights(yt, head_cfg.n_classes) if cfg.balance else None
+    opt = AdamW(head.tensors, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))
     plateau = Plateau(cfg.lr, factor=0.3, patience=max(1, cfg.patience // 3))
     history = History()
-    tracker = BestTracker(patience=cfg.patience, state=copy.deepcopy(head.state_dict()))
+    tracker = BestTracker(patience=cfg.patience, state=head.state_dict())
 
     drop_rng = distributed.dropout_rng(rng, cfg.seed)  # `rng` itself in one process
     epochs = min(stop_after or cfg.epochs, cfg.epochs)
@@ -98,16 +92,15 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
         if replay_lrs:
             plateau.lr = replay_lrs[min(epoch, len(replay_lrs) - 1)]
         lrs.append(plateau.lr)
-        head.train()
+        head.training = True
         order = rng.permutation(len(yt))
         total = 0.0
         for start in range(0, len(yt), cfg.batch_size):
             idx = np.sort(order[start:start + cfg.batch_size])  # sorted rows read a memory map sequentially
             mine, share = distributed.split_batch(idx, yt, weight)  # under torchrun: this rank's rows
-            opt.zero_grad()
-            loss = _train_forward(head, train_rows(mine), yt[mine], weight, cfg.label_smoothing, drop_rng, share)
-            distributed.sum_grads(opt.params)
-            opt.step(cfg.lr * cosine(opt.steps) if cfg.schedule == "cosine" else plateau.lr)
+            loss, grads = train_step(head, train_rows(mine), yt[mine], weight, cfg.label_smoothing, drop_rng, share)
+            distributed.sum_arrays(grads)
+            opt.step(grads, cfg.lr * cosine(opt.steps) if cfg.schedule == "cosine" else plateau.lr)
             total += loss * len(idx)
         history.train_loss.append(distributed.sum_over_ranks(total)[0] / len(yt))
         progress.advance(1)
@@ -118,17 +111,18 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
                 break
             continue
 
-        head.eval()
-        with torch.no_grad():
-            logits = torch.cat([head.layers(val_rows(slice(i, i + CHUNK_ROWS))) for i in range(0, len(yv), CHUNK_ROWS)])
-            val_loss = distributed.same(F.cross_entropy(logits, yv).item())[0]
-            history.val_loss.append(val_loss)
-            history.val_accuracy.append((logits.argmax(1) == yv).float().mean().item())
+        head.training = False
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged head's logits: reported just below
+            logits = np.concatenate([head.logits(val_rows(slice(i, i + CHUNK_ROWS)))
+                                     for i in range(0, len(yv), CHUNK_ROWS)])
+            val_loss = distributed.same(_cross_entropy(logits, yv))[0]
+        history.val_loss.append(val_loss)
+        history.val_accuracy.append(float((logits.argmax(1) == yv).mean()))
         if not math.isfinite(val_loss):
             raise _Diverged("validation", val_loss, epoch, cfg)
         if cfg.schedule == "plateau":
             plateau.step(val_loss)
-        if tracker.update(val_loss, lambda: copy.deepcopy(head.state_dict())):
+        if tracker.update(val_loss, head.state_dict):
             history.best_epoch = epoch
         if after_epoch is not None:
             after_epoch(epoch, head, history)
@@ -142,7 +136,16 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
     else:
         history.best_epoch = epochs - 1
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
-    return head.eval(), history, tuple(lrs)
+    head.training = False
+    return head, history, tuple(lrs)
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """torch's `F.cross_entropy(logits, y)`: the mean negative log-softmax of the labels, in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(1, keepdims=True)
+    logp = z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))
+    return float(-logp.mean())
 
 
 class _AdvanceOnly:
@@ -161,27 +164,25 @@ class _AdvanceOnly:
         pass
 
 
-def fresh_head(head_cfg: HeadConfig, seed: int) -> Head:
-    """An untrained head drawn from `seed`. It seeds torch's global generator, which is not safe from two threads
-    at once: make the heads first, in one thread, then train them side by side."""
-    torch.manual_seed(seed)
-    return Head(head_cfg)
+def fresh_head(head_cfg: HeadConfig, seed: int) -> HeadParams:
+    """An untrained head drawn from `seed` (its own generator: safe from any thread)."""
+    return HeadParams.fresh(head_cfg, seed)
 
 
 @dataclass(frozen=True)
 class FittedHead:
     """The head `fit_best_head` kept, with its history and training config, and every candidate it chose among."""
 
-    head: Head
+    head: HeadParams
     history: History
     train_config: TrainConfig
     candidates: tuple[HeadCandidate, ...]
     epoch_lrs: tuple[float, ...] = ()  # the plateau rate each epoch started at (what a refit replays)
-    refit: Head | None = None  # the kept candidate refitted on train + val (`fit_best_head`'s x_full), if asked
+    refit: HeadParams | None = None  # the kept candidate refitted on train + val (`fit_best_head`'s x_full), if asked
 
     @property
     def state(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy() for k, v in self.head.state_dict().items()}
+        return self.head.state_dict()
 
 
 def fit_best_head(
@@ -192,16 +193,15 @@ def fit_best_head(
     """Fit each candidate head and keep the one with the lowest best validation loss (the first, when there is
     no validation data), with its history and training config and each candidate's best validation loss.
 
-    Candidates train at once, one thread each: torch releases the GIL in its kernels, so two single-threaded
-    fits on two cores take about as long as the slower one. Their initial weights are drawn first, in order,
-    because torch's global generator is not safe to seed from two threads; their standardisation too, which
-    depends on the features alone.
+    Candidates train at once, one thread each: numpy's BLAS releases the GIL in its matrix products, so two
+    single-threaded fits on two cores take about as long as the slower one. Their standardisation is computed
+    once: it depends on the features alone.
 
     With `x_full` (train + validation rows), each candidate is also refitted on them (`refit_full`) by a shadow
     that starts at once rather than when the candidate's stopping epoch is known (`_Shadow`): on two cores the
     refit of the slower candidate then runs beside it on the core the faster one leaves idle (flowers: 5.0 s of
     stage 1 where a refit after it takes 7). Cosine schedules only: a plateau's rates are known at the end."""
-    with one_thread():  # for all of them: the workers run `_fit_head`, which leaves the count as it is
+    with one_blas_thread():  # for all of them: the workers run `_fit_head`, which leaves the count as it is
         return _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress or NoProgress(), x_full, y_full)
 
 
@@ -213,21 +213,21 @@ class _Shadow:
     def __init__(self) -> None:
         self.best_so_far = 0  # the candidate's best epoch so far (epochs before it can no longer be chosen)
         self.epochs: int | None = None  # the candidate's best epoch + 1 once it has finished; 0: it diverged
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.states: dict[int, dict[str, np.ndarray]] = {}
 
-    def watch(self, epoch: int, head: Head, history: History) -> bool:  # the candidate's after_epoch
+    def watch(self, epoch: int, head: HeadParams, history: History) -> bool:  # the candidate's after_epoch
         self.best_so_far = max(self.best_so_far, history.best_epoch)
         return False
 
-    def after_epoch(self, epoch: int, head: Head, history: History) -> bool:  # the shadow's own
+    def after_epoch(self, epoch: int, head: HeadParams, history: History) -> bool:  # the shadow's own
         target, floor = self.epochs, self.best_so_far
         if target is None or epoch + 1 <= target:
-            self.states[epoch] = {k: v.clone() for k, v in head.state_dict().items()}
+            self.states[epoch] = head.state_dict()
         for old in [e for e in self.states if e < floor]:
             del self.states[old]
         return target is not None and epoch + 1 >= target
 
-    def run(self, head_cfg, cfg, x, y, head: Head) -> Head | None:
+    def run(self, head_cfg, cfg, x, y, head: HeadParams) -> HeadParams | None:
         """The refitted head at the candidate's epoch count, or None (the candidate or the refit diverged)."""
         head.set_standardization(x)
         try:
@@ -238,10 +238,10 @@ class _Shadow:
         if not self.epochs or self.epochs - 1 not in self.states:
             return None
         head.load_state_dict(self.states[self.epochs - 1])
-        return head.eval()
+        return head
 
 
-def _candidate(shadow: _Shadow | None, *args) -> tuple[Head, History, tuple[float, ...]] | _Diverged:
+def _candidate(shadow: _Shadow | None, *args) -> tuple[HeadParams, History, tuple[float, ...]] | _Diverged:
     """One candidate's fit, telling its shadow how it went."""
     try:
         out = _fit_head(*args, after_epoch=shadow.watch if shadow else None)
@@ -257,8 +257,7 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
     heads = [fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates]
     heads[0].set_standardization(x_train)  # two passes over the features: once, since they are the same for all
     for head in heads[1:]:
-        head.mean.copy_(heads[0].mean)
-        head.std.copy_(heads[0].std)
+        head.mean, head.std = heads[0].mean, heads[0].std
     progress.start("training head" if len(candidates) == 1 else f"training {len(candidates)} heads",
                    sum(cfg.epochs for _, cfg in candidates))
     shared = _AdvanceOnly(progress)
@@ -300,7 +299,7 @@ def _width(head_cfg: HeadConfig) -> int:
 
 def refit_full(head_cfg: HeadConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndarray, epochs: int,
                epoch_lrs: tuple[float, ...] = (), progress: Progress | None = None,
-               head: Head | None = None) -> tuple[Head, History]:
+               head: HeadParams | None = None) -> tuple[HeadParams, History]:
     """scikit-learn's `refit` (AutoGluon's `refit_full`): a fresh head with the chosen settings, drawn from the same
     seed, standardised for and trained on all of `x` (train + validation) for the `epochs` validation chose, with
     the schedule of that run (cosine over `cfg.epochs`, or the plateau's recorded rates) and nothing to validate
@@ -308,7 +307,7 @@ def refit_full(head_cfg: HeadConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndar
     `cfg.seed`), for refits that run in threads side by side."""
     if head is not None:
         head.set_standardization(x)
-    with one_thread():
+    with one_blas_thread():
         try:
             return _fit_head(head_cfg, cfg, x, y, None, None, progress, head, stop_after=epochs,
                              replay_lrs=epoch_lrs if cfg.schedule == "plateau" else ())[:2]
@@ -316,72 +315,11 @@ def refit_full(head_cfg: HeadConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndar
             raise ConfigError(str(diverged)) from None
 
 
-def _standardized_rows(head: Head, features: np.ndarray):
-    """A function from row indices (an array or a slice) to standardised rows as a tensor. Features in memory
-    are standardised once, the fastest; a memory map is read and standardised batch by batch, so that memory does
-    not grow with the data set."""
+def _standardized_rows(head: HeadParams, features: np.ndarray):
+    """A function from row indices (an array or a slice) to standardised float32 rows. Features in memory are
+    standardised once, the fastest; a memory map is read and standardised batch by batch, so that memory does not
+    grow with the data set."""
     if isinstance(features, np.memmap):
-        # Indexing by an array copies already; a slice of a (possibly read-only) map is copied here.
-        return lambda which: head.standardize(torch.from_numpy(np.array(features[which], np.float32)))
-    whole = head.standardize(torch.from_numpy(np.asarray(features, np.float32)))
-    return lambda which: whole[torch.from_numpy(which) if isinstance(which, np.ndarray) else which]
-
-
-@torch.no_grad()
-def _train_forward(head: Head, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float,
-                   rng: np.random.Generator, scale: float = 1.0) -> float:
-    """One training batch through the head (dropout -> [linear -> ReLU -> dropout]* -> linear) and back, by hand:
-    sets each parameter's `.grad` to the gradient of `scale` x `F.cross_entropy(logits, y, weight=weight,
-    label_smoothing=smoothing)` and returns that loss. What autograd computes (a test compares them), in half the
-    time for the hidden head on flowers (64 x 3808 rows: 2.2 ms against 4.0): autograd's bookkeeping cost as much
-    as the two matrix products that matter. Dropout masks are drawn from numpy, one byte per element, in layer
-    order (torch's CPU dropout costs more than the products), and the inverted-dropout scale is applied to each
-    linear layer's (narrow) output rather than to its (wide) input."""
-    linears = [m for m in head.layers if isinstance(m, torch.nn.Linear)]
-    drops = [m.p for m in head.layers if isinstance(m, torch.nn.Dropout)]  # one before each linear
-    inputs, masks, scales, pre = [], [], [], []
-    a = x
-    for i, lin in enumerate(linears):
-        keep, s = _keep_mask(a.shape, drops[i], rng)
-        a = a * keep if keep is not None else a
-        inputs.append(a), masks.append(keep), scales.append(s)
-        z = torch.addmm(lin.bias, a, lin.weight.T, alpha=s)
-        if i < len(linears) - 1:
-            pre.append(z)
-            a = z.clamp_min(0)
-    logp = torch.log_softmax(z, 1)
-    n_classes = z.shape[1]
-    w = weight if weight is not None else torch.ones(n_classes)
-    # cross_entropy with weights and smoothing is -sum(q * logp) for these targets q (torch's definition).
-    q = (smoothing / n_classes) * w.expand(len(y), n_classes).clone()
-    q[torch.arange(len(y)), y] += (1 - smoothing) * w[y]
-    q /= w[y].sum()
-    loss = -(q * logp).sum().item() * scale
-    dz = (logp.exp() * q.sum(1, keepdim=True) - q) * scale
-    for i in range(len(linears) - 1, -1, -1):
-        lin = linears[i]
-        lin.weight.grad = torch.mm(dz.T, inputs[i]).mul_(scales[i])
-        lin.bias.grad = dz.sum(0)
-        if i:
-            da = torch.mm(dz, lin.weight).mul_(scales[i])
-            da = da * masks[i] if masks[i] is not None else da
-            dz = da * (pre[i - 1] > 0)
-    return loss
-
-
-def _keep_mask(shape: torch.Size, p: float, rng: np.random.Generator) -> tuple[torch.Tensor | None, float]:
-    """`_dropout`'s mask, unscaled, and its scale: (None, 1.0) without dropout."""
-    drop_below = round(p * 256)
-    if drop_below <= 0:
-        return None, 1.0
-    keep = np.frombuffer(rng.bytes(int(np.prod(shape))), np.uint8).reshape(tuple(shape)) >= drop_below
-    return torch.from_numpy(keep), 256 / (256 - drop_below)
-
-
-def _dropout(x: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
-    """Inverted dropout with p quantised to 1/256, from one random byte per element."""
-    drop_below = round(p * 256)
-    if drop_below <= 0:
-        return x
-    keep = np.frombuffer(rng.bytes(x.numel()), np.uint8).reshape(x.shape) >= drop_below
-    return x * torch.from_numpy(keep) * (256 / (256 - drop_below))
+        return lambda which: head.standardize(features[which])
+    whole = head.standardize(features)
+    return lambda which: whole[which]

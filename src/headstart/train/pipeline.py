@@ -2,16 +2,13 @@
 model and its `FitReport`. fastai's `fine_tune` in spirit: each step is a call, the rules deciding between them
 are `policy`'s, and what the run found travels as records.
 
-Importing this module does not import torch: stage 1 needs it only once the features are ready, so `fit` loads it
-in a thread meanwhile (it takes ~3 s).
+Neither importing this module nor a CPU run of stage 1 imports torch (the head trains in numpy); fine-tuning does.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,8 +55,6 @@ class Fitted:
 def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
     """Train on a class-folder set with settings `s` (`options.Settings`, already checked)."""
     distributed.start(s.device)  # under torchrun: joins the other ranks (after every check that needs no one)
-    torch_loading = threading.Thread(target=importlib.import_module, args=("headstart.train.fit_head",), daemon=True)
-    torch_loading.start()
     t0 = time.perf_counter()
     dataset = scan_folder(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
     standard = resolve(s.backbone)
@@ -69,7 +64,6 @@ def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | Non
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     t2 = time.perf_counter()
-    torch_loading.join()
     stage1 = fit_stage1(s, dataset, frozen, feats, progress)
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
@@ -114,8 +108,7 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
                                          epochs)
         folds, skipped = (folds, skipped) if len(y) >= 4 else (0, f"only {len(y)} images")
         cv = cross_validate_settings(x, y, head_cfg, cfg, epochs, fitted.epoch_lrs, folds, s.seed) if folds else None
-        state = {k: v.detach().cpu().numpy() for k, v in refit.result()[0].state_dict().items()} if refit \
-            else fitted.refit_state if s.refit else None
+        state = refit.result()[0].state_dict() if refit else fitted.refit_state if s.refit else None
     timings = {**report.timings, "refit_s": time.perf_counter() - t0}
     report = replace(report, cv=cv, cv_skipped=skipped, timings=timings)
     if state is None:
@@ -144,7 +137,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
                        tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
-    refit = fitted.refit and {k: v.detach().cpu().numpy() for k, v in fitted.refit.state_dict().items()}
+    refit = fitted.refit and fitted.refit.state_dict()
     out = Fitted(tuple(dataset.classes), frozen, fitted.head.cfg, fitted.state, report, fitted.epoch_lrs, refit)
     return replace(out, report=replace(report, val_metrics=out.evaluate(x_va, y_va),
                                        test_metrics=out.evaluate(*feats.part("test"))))

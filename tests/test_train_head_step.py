@@ -1,0 +1,82 @@
+"""train.head_step: the head's step by hand is what torch's autograd computes, its AdamW is torch.optim.AdamW, and
+its dropout keeps what it says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headstart.heads.config import HeadConfig
+from headstart.heads.module import Head
+from headstart.heads.params import HeadParams
+from headstart.train.head_step import AdamW, class_weights, dropout, keep_mask, train_step
+
+
+@pytest.mark.parametrize("hidden,p,balance", [((), 0.2, False), ((16, 8), 0.3, True), ((12,), 0.0, True)])
+def test_the_step_by_hand_is_what_autograd_computes(hidden, p, balance):
+    """train_step's loss and gradients against autograd through the torch Head's layers, with the same weights,
+    the same dropout masks (the same numpy stream), class weights, label smoothing and a distributed share."""
+    torch.manual_seed(0)
+    cfg = HeadConfig(20, 4, hidden, p)
+    head = Head(cfg)
+    ours = HeadParams.fresh(cfg, 0)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in head.state_dict().items()})
+    x, y = np.random.default_rng(1).normal(size=(33, 20)).astype(np.float32), np.arange(33) % 4
+    weight = class_weights(y, 4) if balance else None
+    loss, grads = train_step(ours, x, y, weight, 0.1, np.random.default_rng(5), 0.7)
+    rng, a = np.random.default_rng(5), torch.from_numpy(x)
+    for layer in head.layers:
+        if isinstance(layer, torch.nn.Dropout):
+            keep, scale = keep_mask(tuple(a.shape), layer.p, rng)
+            a = a if keep is None else a * torch.from_numpy(keep) * scale
+        else:
+            a = layer(a)
+    ref = F.cross_entropy(a, torch.from_numpy(y), weight=None if weight is None else torch.from_numpy(weight),
+                          label_smoothing=0.1) * 0.7
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    linears = [m for m in head.layers if isinstance(m, torch.nn.Linear)]
+    expected = [t.grad.numpy() for m in linears for t in (m.weight, m.bias)]
+    assert len(grads) == len(expected)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_matches_torch_adamw():
+    rng = np.random.default_rng(0)
+    ours = [rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    theirs = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in ours]
+    opt = AdamW(ours, weight_decay=0.05)
+    ref = torch.optim.AdamW(theirs, lr=1.0, weight_decay=0.05)
+    for lr in [1e-3, 3e-3, 2e-3, 5e-4, 1e-4]:
+        grads = [rng.normal(size=p.shape).astype(np.float32) for p in ours]
+        opt.step(grads, lr)
+        for q, g in zip(theirs, grads):
+            q.grad = torch.from_numpy(g.copy())
+        ref.param_groups[0]["lr"] = lr
+        ref.step()
+    for p, q in zip(ours, theirs):
+        np.testing.assert_allclose(p, q.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert opt.steps == 5
+
+
+def test_an_absurd_rate_makes_the_weights_non_finite_without_an_error_or_a_warning():
+    """lr=1e38 over a first step's bias correction (0.1) is beyond float32: the step clamps, the weights go
+    non-finite (or huge), and the loop reports the divergence (train.fit_head) rather than an error here."""
+    w = np.ones(3, np.float32)
+    opt = AdamW([w], weight_decay=0.0)
+    with np.errstate(all="raise"):  # an overflow warning would be an error here
+        opt.step([np.full(3, 0.5, np.float32)], 1e38)
+    assert not np.isfinite(w).all() or np.abs(w).max() > 1e37
+
+
+def test_dropout_keeps_the_expected_fraction_and_scale():
+    rng = np.random.default_rng(0)
+    x = np.ones((400, 500), np.float32)
+    out = dropout(x, 0.6, rng)
+    assert abs((out != 0).mean() - 0.4) < 0.01
+    assert abs(out.mean() - 1.0) < 0.03  # inverted dropout: the expectation is unchanged
+    assert out.dtype == np.float32
+    assert dropout(x, 0.0, rng) is x
