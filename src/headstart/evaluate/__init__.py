@@ -1,4 +1,5 @@
-"""Judging a model: metrics in numpy (`metrics`) and figures (`figures`, matplotlib on demand)."""
+"""Judging a model: metrics in numpy (`metrics`), the confusion-matrix PNG (`figures`, Pillow) and the report's
+charts (`svg_plot`)."""
 
 from headstart.evaluate.metrics import Evaluation, evaluate
 

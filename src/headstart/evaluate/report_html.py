@@ -1,6 +1,6 @@
 """The report page drawn from a `report.Report`: HTML tables, the clickable confusion matrix, the top-loss
-gallery with its heat maps, thumbnails and matplotlib figures as data: URIs, all filled into
-`report_page.html`. matplotlib is imported only when a plot is made, Grad-CAM's overlay only for the gallery.
+gallery with its heat maps, thumbnails and SVG charts (`svg_plot`) as data: URIs, all filled into
+`report_page.html`. Grad-CAM's overlay (and with it matplotlib's colour map) is imported only for the gallery.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from headstart.evaluate.calibration import Calibration, reliability_bins, scaled_proba
 from headstart.evaluate.metrics import Evaluation
+from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 from headstart.records import History
 
 if TYPE_CHECKING:
@@ -32,53 +33,30 @@ THUMB_PX = 96
 GALLERY = 8  # top-loss images shown, each with its heat map (a second of CPU each)
 
 
-def _png_uri(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(width: float, height: float, n: int = 1) -> tuple[Any, list[Any]]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
-
-
 def _curves_uri(stages: list[tuple[str, History]]) -> str:
-    fig, axes = _figure(5.2 * len(stages), 3.4, len(stages))
-    for ax, (name, h) in zip(axes, stages):
-        epochs = np.arange(1, len(h.train_loss) + 1)
-        ax.plot(epochs, h.train_loss, label="train loss")
-        ax.plot(epochs[:len(h.val_loss)], h.val_loss, label="val loss")
-        ax.set_xlabel("epoch"), ax.set_title(name)
+    panels = []
+    for name, h in stages:
+        epochs = list(range(1, len(h.train_loss) + 1))
+        panel = Panel(name, "epoch", "loss", right_label="val accuracy", right_range=(0.0, 1.02),
+                      lines=[Line(epochs, h.train_loss, "train loss", "blue"),
+                             Line(epochs[:len(h.val_loss)], h.val_loss, "val loss", "orange"),
+                             Line(epochs[:len(h.val_accuracy)], h.val_accuracy, "val accuracy", "green", right=True)])
         if h.best_epoch >= 0:
-            ax.axvline(h.best_epoch + 1, color="grey", ls=":", label="kept epoch")
-        acc = ax.twinx()
-        acc.plot(epochs[:len(h.val_accuracy)], h.val_accuracy, color="tab:green", label="val accuracy")
-        acc.set_ylim(0, 1.02), acc.set_ylabel("val accuracy")
-        ax.legend(loc="center right", fontsize=8)
-    # Fixed margins, not tight_layout: measuring every label's extent was a third of the page's cost, which
-    # `train` pays on every run (evaluate.report_train).
-    fig.subplots_adjust(left=0.6 / fig.get_figwidth() * len(stages), right=1 - 0.75 / fig.get_figwidth() * len(stages),
-                        bottom=0.15, top=0.9, wspace=0.45)
-    return _png_uri(fig)
+            panel.vlines.append((h.best_epoch + 1, "kept epoch"))
+        panels.append(panel)
+    return chart_uri(panels)
 
 
 def _reliability_uri(scored: Scored, cal: Calibration) -> str:
-    fig, (ax,) = _figure(4.6, 4.2)
     width = 1.0 / cal.n_bins
-    for name, t, colour in (("before", 1.0, "tab:red"), (f"T = {cal.temperature:.2f}", cal.temperature, "tab:blue")):
+    panel = Panel(f"reliability ({cal.n_bins} bins of {width:.3f})", "confidence (top class)", "accuracy",
+                  x_range=(0.0, 1.0), y_range=(0.0, 1.02))
+    for name, t, colour in (("before", 1.0, "red"), (f"T = {cal.temperature:.2f}", cal.temperature, "blue")):
         b = reliability_bins(scored.labels, scaled_proba(scored.logits, t), cal.n_bins)
         used = b.count > 0
-        ax.plot(b.confidence[used], b.accuracy[used], "o-", color=colour, label=name)
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect")
-    ax.set_xlabel("confidence (top class)"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
-    ax.set_title(f"reliability ({cal.n_bins} bins of {width:.3f})"), ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.15, right=0.94, bottom=0.12, top=0.92)
-    return _png_uri(fig)
+        panel.lines.append(Line(b.confidence[used].tolist(), b.accuracy[used].tolist(), name, colour, markers=True))
+    panel.lines.append(Line([0.0, 1.0], [0.0, 1.0], "perfect", "grey", dashed=True))
+    return chart_uri([panel], width=330, height=300)
 
 
 def _jpeg_uri(img: Any, px: int) -> str:
