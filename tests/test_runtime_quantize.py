@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY_BACKBONE, make_image_folder
 from headstart.backbones.registry import resolve
 from headstart.runtime import device, frozen as frozen_mod, quantize
-from headstart.runtime.engines import ONNX_CPU, OnnxEngine, ViewsEngine
+from headstart.runtime.engines import ONNX_CPU, OnnxEngine, ViewsEngine, any_size_path
 from headstart.runtime.export import onnx_path_for
 from headstart.runtime.frozen import FrozenBackbone, resolve_engine
 
@@ -133,6 +133,24 @@ def test_native_view_runs_both_int8_graphs(tiny_cache, tiny_weights, image_folde
     assert engine.any_size.kind == engine.fixed.kind == engine.kind
     feats = _features(backbone, _photos(image_folder)[:4])
     assert feats.shape[0] == 4 and np.isfinite(feats).all()
+
+
+def test_a_standard_size_int8_run_quantizes_the_any_size_twin_too(tiny_cache, tiny_weights, image_folder) -> None:
+    """Both int8 graphs are made once, by the first int8 run, as the float export makes both: a later run on small
+    photos (a native view) then opens them without quantizing anything."""
+    from dataclasses import replace
+
+    spec = replace(resolve(TINY_BACKBONE), any_input_size=True)
+    standard = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8", _photos(image_folder))
+    assert not isinstance(standard.engine("cpu"), ViewsEngine)
+    fp32 = onnx_path_for(standard.spec, standard.weights_id)
+    calibration = quantize.calibration_path(fp32)
+    twin = quantize.quantized_path(any_size_path(fp32), calibration)
+    assert twin.exists()
+    made = twin.stat().st_mtime_ns
+    native = replace(spec, preprocess=replace(spec.preprocess, native_size=96))
+    engine = FrozenBackbone.pretrained(native, tiny_weights).with_engine("int8", _photos(image_folder)).engine("cpu")
+    assert isinstance(engine, ViewsEngine) and twin.stat().st_mtime_ns == made
 
 
 def test_a_saved_model_predicts_with_the_engine_it_was_trained_with(tiny_cache, tiny_weights, image_folder,

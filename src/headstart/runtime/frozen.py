@@ -93,8 +93,8 @@ class FrozenBackbone:
     def _int8_engine(self, path: Path, twins: tuple[Path, ...]) -> Engine | None:
         """The int8 engine of the float export at `path`; None (float32 then) when it cannot be made."""
         try:
-            twin = twins[0] if twins and self.spec.preprocess.native_size else None
-            return quantize.int8_engine(path, twin, self.spec.preprocess, self.calibration_photos)
+            return quantize.int8_engine(path, twins[0] if twins else None, self.spec.preprocess,
+                                        self.calibration_photos)
         except UserError:
             raise  # a full disk is the user's to fix, whichever engine
         except Exception as exc:  # onnxruntime's quantizer raises its own types, or Exception itself

@@ -86,9 +86,11 @@ def expected_kind(fp32: Path, can_calibrate: bool) -> str:
 
 
 def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig, photos: tuple[Path, ...]) -> Engine | None:
-    """The int8 engine of the exported float graph `fp32` (and its any-size twin, for a native view): calibrated
-    on `photos` when this backbone has no ranges yet, quantized once per ranges. None when there are no ranges
-    and too few readable photos to measure them."""
+    """The int8 engine of the exported float graph `fp32` (and of its any-size twin when `pre` has a native
+    view): calibrated on `photos` when this backbone has no ranges yet, quantized once per ranges. Both graphs
+    are quantized at once, whichever this run needs, as the float export makes both at once: the twin took ~2 s
+    of the first cold train on small photos after a standard-size one had quantized the fixed graph alone. None
+    when there are no ranges and too few readable photos to measure them."""
     calibration = calibration_path(fp32)
     if not _calibrated(calibration):
         batches = _calibration_batches(photos, pre)
@@ -113,7 +115,7 @@ def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig, photos
                 quantize(src, calibration, dst, keep)
 
     def open_engine() -> Engine:
-        if twin is None:
+        if twin is None or not pre.native_size:
             return OnnxEngine(fixed, kind=kind)
         return ViewsEngine(fixed, pre.input_size, any_size=twin, kind=kind)
 
