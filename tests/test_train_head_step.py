@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from headstart.heads.config import HeadConfig
 from headstart.heads.module import Head
 from headstart.heads.params import HeadParams
-from headstart.train.head_step import AdamW, class_weights, dropout, keep_mask, train_step
+from headstart.train.head_step import AdamW, class_weights, keep_mask, train_step
 
 
 @pytest.mark.parametrize("hidden,p,balance", [((), 0.2, False), ((16, 8), 0.3, True), ((12,), 0.0, True)])
@@ -73,10 +73,12 @@ def test_an_absurd_rate_makes_the_weights_non_finite_without_an_error_or_a_warni
 
 
 def test_dropout_keeps_the_expected_fraction_and_scale():
+    """The mask and scale train_step applies: x * keep, its product with the weights times the scale."""
     rng = np.random.default_rng(0)
     x = np.ones((400, 500), np.float32)
-    out = dropout(x, 0.6, rng)
+    keep, scale = keep_mask(x.shape, 0.6, rng)
+    out = x * keep * np.float32(scale)
     assert abs((out != 0).mean() - 0.4) < 0.01
     assert abs(out.mean() - 1.0) < 0.03  # inverted dropout: the expectation is unchanged
     assert out.dtype == np.float32
-    assert dropout(x, 0.0, rng) is x
+    assert keep_mask(x.shape, 0.0, rng) == (None, 1.0)

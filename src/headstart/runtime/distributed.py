@@ -6,7 +6,7 @@ gloo on the CPU and NCCL for CUDA tensors (with gloo beside it for the CPU ones)
 - feature extraction and the boundary-store fill: each rank computes its share of the same content-keyed cache
   (`share`), then a `barrier`, then every rank reads the whole cache; no rank recomputes another's part;
 - the head: every rank holds every feature and the same head; each computes the gradient of its rows of every
-  batch (`split_batch`) and `sum_grads` adds them up, so each rank takes the step the one-process run takes;
+  batch (`split_batch`) and `sum_arrays` adds them up, so each rank takes the step the one-process run takes;
 - stage 2: DistributedDataParallel over the trained top, each rank reading its share of each batch through a
   DistributedSampler over the epoch's order (`ddp`, `sampled`);
 - validation is computed identically on every rank and rank 0's figures decide for all (`same`), so that no rank
@@ -257,23 +257,6 @@ def split_batch(idx: np.ndarray, labels, weight=None) -> tuple[np.ndarray, float
     if weight is None:
         return mine, len(mine) / len(idx)
     return mine, float(weight[labels[mine]].sum() / weight[labels[idx]].sum())
-
-
-def sum_grads(params: Iterable) -> None:
-    """Add up the parameters' gradients over the ranks, in one flat all-reduce (a missing gradient is zeros)."""
-    if not joined().active:
-        return
-    import torch
-    import torch.distributed as dist
-
-    params = [p for p in params if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
 
 
 def sum_arrays(arrays: list[np.ndarray]) -> None:

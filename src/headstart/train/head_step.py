@@ -27,12 +27,6 @@ def keep_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator) -> tup
     return keep, 256 / (256 - drop_below)
 
 
-def dropout(x: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
-    """Inverted dropout of `x` (what `train_step` applies before each linear layer)."""
-    keep, scale = keep_mask(x.shape, p, rng)
-    return x if keep is None else x * keep * np.float32(scale)
-
-
 def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Inverse class frequency, normalised so that a balanced set weighs 1 each; 0 for an absent class."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
