@@ -32,11 +32,16 @@ class HeadConfig:
 
 def head_logits_numpy(state: dict[str, np.ndarray], cfg: HeadConfig, features: np.ndarray) -> np.ndarray:
     """The head's eval-mode forward in numpy (dropout is the identity at inference)."""
-    x = (features - state["mean"]) / state["std"]
     linear_ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
-    for n, i in enumerate(linear_ids):
-        x = x @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
-        if n < len(linear_ids) - 1:
+    layers = [(state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]) for i in linear_ids]
+    return dense_logits((features - state["mean"]) / state["std"], layers)
+
+
+def dense_logits(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Standardised rows through the linear layers (weight [out, in], bias), a ReLU between each two."""
+    for n, (weight, bias) in enumerate(layers):
+        x = x @ weight.T + bias
+        if n < len(layers) - 1:
             x = np.maximum(x, 0)
     return x
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.heads.config import CHUNK_ROWS, HeadConfig
+from headstart.heads.config import CHUNK_ROWS, HeadConfig, dense_logits
 
 
 @dataclass(eq=False)
@@ -64,12 +64,7 @@ class HeadParams:
 
     def logits(self, standardized: np.ndarray) -> np.ndarray:
         """The eval-mode forward of standardised rows (dropout is the identity)."""
-        a = standardized
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            a = a @ w.T + b
-            if i < len(self.weights) - 1:
-                a = np.maximum(a, 0)
-        return a
+        return dense_logits(standardized, list(zip(self.weights, self.biases)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies, keyed as the torch Head's state dict (its linear layers sit at 1, 4, 7, ... of `layers`)."""
