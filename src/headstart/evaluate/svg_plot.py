@@ -102,13 +102,13 @@ def panel_svg(p: Panel, x0: float, width: float, height: float) -> str:
                    f'stroke-dasharray="2 3"/>')
     for line in p.lines:
         r = rr if line.right else yr
-        pts = " ".join(f"{sx(x):.1f},{sy(y, r):.1f}" for x, y in zip(line.xs, line.ys) if math.isfinite(y))
+        points = [(sx(x), sy(y, r)) for x, y in zip(line.xs, line.ys) if math.isfinite(y)]
         dash = ' stroke-dasharray="4 3"' if line.dashed else ""
         colour = COLOURS.get(line.colour, line.colour)
+        pts = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.6"{dash}/>')
         if line.markers:
-            out += [f'<circle cx="{pt.split(",")[0]}" cy="{pt.split(",")[1]}" r="3" fill="{colour}"/>'
-                    for pt in pts.split()]
+            out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>' for px, py in points]
     entries = [(line.label, COLOURS.get(line.colour, line.colour), line.dashed) for line in p.lines]
     entries += [(name, COLOURS["grey"], True) for _, name in p.vlines]
     out.append(f'<rect x="{left + width - 123}" y="{top + 3}" width="120" height="{15 * len(entries) + 4}" '
