@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -91,9 +91,7 @@ class atomic_path:
     def __enter__(self) -> Path:
         with disk_space(self.target):
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(tmp)
+            self.tmp = _new_file_beside(self.target)
         return self.tmp
 
     def __exit__(
@@ -106,14 +104,51 @@ class atomic_path:
                 raise full from exc
             return
         try:
-            if self.target.parent != tmp.parent:  # elsewhere, a rename may cross file systems: not atomic
+            if os.path.abspath(self.target.parent) != os.path.abspath(tmp.parent):  # elsewhere, a rename may cross
+                # file systems: not atomic
                 raise ValueError(f"{self.target}: an atomic write stays in the folder it started in")
+            ordinary_mode(tmp)  # a writer that replaced the file (safetensors does) made it 0600
             os.replace(tmp, self.target)
         except BaseException as failure:
             tmp.unlink(missing_ok=True)
             if (full := disk_full_error(failure, self.target)) is not None:
                 raise full from failure
             raise
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc/self/status): setting and
+    restoring it, the only portable way, races with threads creating files meanwhile."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: Path) -> None:
+    """Give the file at `path` the permissions an ordinary write gets under the user's umask (0644 under 022)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def _new_file_beside(target: Path) -> Path:
+    """A new, empty, uniquely named file in `target`'s folder, named relative to that folder as `target` is (so
+    that a relative target gets a relative temporary path). Created with mode 0o666 and left to the umask, as an
+    ordinary write is: `tempfile.mkstemp` makes 0600 files, which a teammate or a service account sharing the
+    model or the cache could not read."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(target.parent))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

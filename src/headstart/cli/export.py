@@ -50,9 +50,12 @@ def write_export(model: Path, data: Path | None) -> None:
 
     report = export_model(model, data)
     p = report.parity
-    typer.echo(f"wrote {report.path} ({_mib(report.bytes)}, float32)")
-    typer.echo(f"parity with PyTorch on {p.n_images} {p.source}: max |Δprob| {p.max_dprob:.1e}, "
+    typer.echo(f"wrote {report.path} ({_mib(report.bytes)}, {report.quantization})")
+    against = "the model's int8 engine" if report.quantization == "int8" else "PyTorch"
+    typer.echo(f"parity with {against} on {p.n_images} {p.source}: max |Δprob| {p.max_dprob:.1e}, "
                f"top-1 agreement {p.top1_agreement:.1%}")
+    if report.note:
+        render.note(f"note: {report.note}")
 
 
 def _mib(n: int) -> str:

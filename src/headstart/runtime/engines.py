@@ -35,6 +35,7 @@ class OnnxEngine:
         import onnxruntime as ort
 
         self.kind = kind  # an int8 graph (see `runtime.quantize`) names its calibration
+        self.path = Path(onnx_path)  # the graph it runs (an export composes int8 graphs into model.onnx)
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

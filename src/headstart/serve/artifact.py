@@ -38,7 +38,7 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.errors import ArtifactError
-from headstart.paths import disk_space
+from headstart.paths import disk_space, ordinary_mode
 from headstart.heads.config import HeadConfig
 from headstart.records import DistributedRun, FitReport
 from headstart.vision.preprocess import PreprocessConfig
@@ -120,6 +120,7 @@ def save(artifact: Artifact, out_dir: str | Path) -> Path:
         with disk_space(staging / WEIGHTS_FILE):  # a full disk is one line, whatever the writer's own words
             save_file(tensors, str(staging / WEIGHTS_FILE))
             (staging / META_FILE).write_bytes(meta)
+        ordinary_mode(staging / WEIGHTS_FILE)  # safetensors writes 0600, whatever the umask
         for path in (staging / WEIGHTS_FILE, staging / META_FILE, staging):
             _fsync(path)  # on disk before the commit, so that a power cut cannot commit a half-written file
         os.rename(staging, out / COMMITTED_DIR)  # the commit point

@@ -76,6 +76,8 @@ class ExportReport:
     bytes: int
     parity: Parity
     int8: Int8Report | None = None
+    quantization: str = "float32"  # what model.onnx computes: "float32", or "int8" for a model trained with it
+    note: str = ""  # a difference between the export and the model the user should know of
 
 
 class _Classifier(nn.Module):
@@ -119,14 +121,23 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     art = artifact.load(model_dir, with_backbone=False)
     record = art.record
     target = Path(target) if target else model_dir / EXPORT_FILE
+    images, source = parity_images(record, data)
+    note = ""
+    if record.params.get("engine") == "int8":  # the head was trained on int8 features: export those
+        from headstart.serve.export_int8 import export_int8, int8_graphs
+
+        graphs = int8_graphs(record, model_dir)
+        if graphs is not None:
+            return export_int8(model_dir, art, graphs, images, source, target)
+        note = ("the model was trained on int8 features, but this cache holds no int8 calibration for its backbone: "
+                "model.onnx is float32, and its probabilities differ a little from the model's")
     features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
     model = _Classifier(features.eval(), _head_module(art), record.backbone.preprocess,
                         record.head.temperature).eval()
     views = views_of(record.backbone.preprocess)
-    images, source = parity_images(record, data)
     with atomic_path(target) as tmp:
         _export_graph(model, views, tmp)
-        _write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE), "float32")
+        write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE), "float32")
         parity = check_parity(tmp, features, art, images, source)
         if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
             raise ArtifactError(
@@ -135,7 +146,14 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
                 "nothing was written: report this with the model's backbone"
             )
     log.info("exported %s (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
-    return ExportReport(target, target.stat().st_size, parity)
+    return ExportReport(target, target.stat().st_size, parity, note=note)
+
+
+def compared(got: np.ndarray, ref: np.ndarray, n: int, source: str) -> Parity:
+    top = np.sort(ref, 1)
+    decided = top[:, -1] - top[:, -2] > 2 * PARITY_TOL  # near-ties may flip by rounding alone
+    agree = float((got.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 1.0
+    return Parity(n, source, float(np.abs(got - ref).max()), agree)
 
 
 def _head_module(art: artifact.Artifact) -> nn.Module:
@@ -159,7 +177,7 @@ def _export_graph(model: nn.Module, views: tuple[View, ...], path: Path) -> None
     program.save(str(path))
 
 
-def _write_metadata(path: Path, record: artifact.ModelRecord, views: tuple[View, ...], weights_sha: str,
+def write_metadata(path: Path, record: artifact.ModelRecord, views: tuple[View, ...], weights_sha: str,
                     quantization: str) -> None:
     import onnx
 
@@ -241,11 +259,7 @@ def check_parity(path: Path, features: PooledFeatures, art: artifact.Artifact, i
         feats = np.concatenate([
             features(torch.from_numpy(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))).numpy()
             for v in views], 1)
-    ref = head_proba(art.record.head, art.head_state, feats)
-    top = np.sort(ref, 1)
-    decided = top[:, -1] - top[:, -2] > 2 * PARITY_TOL  # near-ties may flip by rounding alone
-    agree = float((onnx_proba.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 1.0
-    return Parity(len(images), source, float(np.abs(onnx_proba - ref).max()), agree)
+    return compared(onnx_proba, head_proba(art.record.head, art.head_state, feats), len(images), source)
 
 
 # --- int8 ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""model.onnx for a model trained on int8 features: the very int8 backbone graphs its head was trained and
+calibrated on (`runtime.quantize`, cached), joined with the input normalisation, the head and the softmax.
+
+Exporting the float backbone instead gave another model: on hymenoptera, trained with the int8 engine `auto` picks
+on a VNNI CPU, the float32 export labelled 9 of 153 validation photos differently from the model it came from, and
+its ECE moved from 0.0285 to 0.0381. One model, one answer: `predict`, `evaluate` and `serve` switch to model.onnx
+once it exists, so it must compute what the model computes.
+
+The graph is built with onnx's helpers rather than traced: the backbone's quantized nodes are reused as they are
+(names prefixed per view), and the ops around them are the float32 ops, in the same order, that
+`vision.preprocess.normalize` and `heads.config.head_proba` run in numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from headstart.errors import ArtifactError
+from headstart.heads.config import HeadConfig, head_proba
+from headstart.paths import atomic_path, file_sha256
+from headstart.runtime.engines import OnnxEngine, ViewsEngine
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.runtime.quantize import INT8_PREFIX
+from headstart.serve import artifact
+from headstart.serve.export import PARITY_TOL, ExportReport, Parity, compared, write_metadata, views_of
+from headstart.serve.onnx_predictor import OnnxPredictor, View
+from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
+
+log = logging.getLogger(__name__)
+
+
+def int8_graphs(record: artifact.ModelRecord, model_dir: Path) -> tuple[Path, ...] | None:
+    """The cached int8 backbone graphs a model trained with the int8 engine computes its features with: the
+    fixed-size one, and the any-size twin where the model has a native view. None where this cache cannot give
+    them (no calibration and no photos to make one): the caller exports float32 and says so."""
+    frozen = FrozenBackbone(record.backbone, Path(model_dir) / artifact.WEIGHTS_FILE, record.backbone_weights_id,
+                            weights_prefix="backbone.").with_engine("int8")
+    engine = frozen.engine("cpu")
+    if not str(getattr(engine, "kind", "")).startswith(INT8_PREFIX):
+        return None
+    if isinstance(engine, ViewsEngine):
+        return (engine.fixed.path, engine.any_size.path)
+    return (engine.path,) if isinstance(engine, OnnxEngine) else None
+
+
+def export_int8(model_dir: Path, art: artifact.Artifact, graphs: tuple[Path, ...], images: list[Image.Image],
+                 source: str, target: Path) -> ExportReport:
+    """model.onnx from the int8 graphs the model's features come from (`export_int8`), checked against the
+    model as `predict` runs it without an export: the cached int8 engine and the numpy head."""
+    record = art.record
+    views = views_of(record.backbone.preprocess)
+    with atomic_path(target) as tmp:
+        compose(graphs, views, record.backbone.preprocess, record.head, art.head_state, tmp)
+        write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE),
+                        "int8 (the engine the model was trained with)")
+        parity = _engine_parity(tmp, graphs, art, images, source)
+        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
+            raise ArtifactError(
+                f"the int8 ONNX export disagrees with the model on {parity.n_images} {source} (max |Δprob| "
+                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
+                "nothing was written: report this with the model's backbone"
+            )
+    log.info("exported %s, int8 (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
+    return ExportReport(target, target.stat().st_size, parity, quantization="int8")
+
+
+def _engine_parity(path: Path, graphs: tuple[Path, ...], art: artifact.Artifact, images: list[Image.Image],
+                   source: str) -> Parity:
+    """`check_parity` against the int8 graphs run as the feature cache runs them (numpy preprocessing, ONNX
+    Runtime, the numpy head)."""
+    cfg = art.record.backbone.preprocess
+    views = [cfg] + ([replace(cfg, input_size=cfg.native_size, crop_pct=1.0)] if cfg.native_size else [])
+    feats = []
+    for graph, v in zip(graphs, views):
+        engine = OnnxEngine(graph)
+        feats.append(np.concatenate([engine(normalize(resize_and_crop(im, v), v)[None]) for im in images]))
+    return compared(OnnxPredictor(path).proba_images(images), head_proba(art.record.head, art.head_state,
+                                                                           np.concatenate(feats, 1)), len(images),
+                     source)
+
+
+def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessConfig, head: HeadConfig,
+            head_state: dict[str, np.ndarray], target: Path) -> None:
+    """Write at `target` the classifier whose view `views[i]` (uint8 N x H x W x 3) runs through `graphs[i]`:
+    normalise, backbone, pooled features concatenated, standardise, linear layers with ReLU between, softmax of
+    the logits over the temperature."""
+    import onnx
+    from onnx import TensorProto, compose as onnx_compose, helper, numpy_helper
+
+    nodes, inits, inputs, feats = [], [], [], []
+    consts = {"inv255": np.array(1.0 / 255.0, np.float32), "mean": np.asarray(pre.mean, np.float32),
+              "std": np.asarray(pre.std, np.float32)}
+    inits += [numpy_helper.from_array(v, f"pre/{k}") for k, v in consts.items()]
+    opsets = None
+    for n, (path, view) in enumerate(zip(graphs, views)):
+        backbone = onnx.load(str(path))
+        opsets = opsets or backbone.opset_import
+        inner = onnx_compose.add_prefix(backbone, f"v{n}/")
+        size = view.size if n == 0 else None  # the native view's size follows each photo
+        inputs.append(helper.make_tensor_value_info(view.name, TensorProto.UINT8, ["batch", size or f"h{n}",
+                                                                                   size or f"w{n}", 3]))
+        x = inner.graph.input[0].name
+        nodes += [
+            helper.make_node("Cast", [view.name], [f"v{n}/f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"v{n}/f", "pre/inv255"], [f"v{n}/unit"]),
+            helper.make_node("Sub", [f"v{n}/unit", "pre/mean"], [f"v{n}/centred"]),
+            helper.make_node("Div", [f"v{n}/centred", "pre/std"], [f"v{n}/nhwc"]),
+            helper.make_node("Transpose", [f"v{n}/nhwc"], [x], perm=[0, 3, 1, 2]),
+            *inner.graph.node,
+        ]
+        inits += list(inner.graph.initializer)
+        feats.append(inner.graph.output[0].name)
+    nodes.append(helper.make_node("Concat", feats, ["features"], axis=1) if len(feats) > 1
+                 else helper.make_node("Identity", feats, ["features"]))
+    head_nodes, head_inits = _head(head, head_state)
+    graph = helper.make_graph(nodes + head_nodes, "headstart_int8", inputs,
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                                             ["batch", head.n_classes])],
+                              initializer=inits + head_inits)
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
+def _head(cfg: HeadConfig, state: dict[str, np.ndarray]) -> tuple[list, list]:
+    """`heads.config.head_proba` as ONNX nodes: (features - mean) / std, the layers, softmax(logits / T)."""
+    from onnx import helper, numpy_helper
+
+    ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
+    inits = [numpy_helper.from_array(np.asarray(state["mean"], np.float32), "head/mean"),
+             numpy_helper.from_array(np.asarray(state["std"], np.float32), "head/std")]
+    nodes = [helper.make_node("Sub", ["features", "head/mean"], ["head/centred"]),
+             helper.make_node("Div", ["head/centred", "head/std"], ["head/x0"])]
+    x = "head/x0"
+    for n, i in enumerate(ids):
+        inits += [numpy_helper.from_array(np.asarray(state[f"layers.{i}.weight"], np.float32).T.copy(),
+                                          f"head/w{i}"),
+                  numpy_helper.from_array(np.asarray(state[f"layers.{i}.bias"], np.float32), f"head/b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"head/w{i}"], [f"head/mm{i}"]),
+                  helper.make_node("Add", [f"head/mm{i}", f"head/b{i}"], [f"head/z{i}"])]
+        x = f"head/z{i}"
+        if n < len(ids) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"head/r{i}"]))
+            x = f"head/r{i}"
+    if cfg.temperature != 1.0:
+        inits.append(numpy_helper.from_array(np.array(cfg.temperature, np.float32), "head/temperature"))
+        nodes.append(helper.make_node("Div", [x, "head/temperature"], ["head/scaled"]))
+        x = "head/scaled"
+    nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=1))
+    return nodes, inits
