@@ -104,3 +104,29 @@ def test_an_int8_model_records_its_engine(int8_model: tuple[Path, Path]) -> None
 
     model, _ = int8_model
     assert json.loads((model / "headstart.json").read_text())["params"]["engine"] == "int8"
+
+
+def test_check_after_an_int8_train_finds_its_features(tmp_path: Path, tiny_cache: Path, tiny_weights: Path) -> None:
+    # `headstart check photos/` right after `headstart train photos/` said "features are not cached": train had
+    # cached int8 features (what auto picks on a VNNI CPU), check looked for float32's.
+    from headstart import ImageClassifier
+    from headstart.data.check import check_folder
+
+    photos = make_image_folder(tmp_path / "photos", per_class=8, size=(96, 80), seed=6)
+    ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu", engine="int8").fit(photos)
+    report = check_folder(photos, backbone=TINY_BACKBONE, weights=tiny_weights, device="cpu", engine="int8")
+    assert report.backbone == TINY_BACKBONE, report.notes
+    assert not [n for n in report.notes if "not cached" in n]
+
+
+def test_a_report_shows_names_that_are_not_utf8(tmp_path: Path, tiny_cache: Path, tiny_weights: Path) -> None:
+    # A photo named with a Latin-1 byte reached the report's gallery and ended the run in UnicodeEncodeError.
+    from headstart import ImageClassifier
+    from headstart.evaluate.report_train import write_train_report
+
+    photos = make_image_folder(tmp_path / "photos", per_class=6, seed=7)
+    for path in sorted((photos / "cat").iterdir()):
+        os.rename(os.fsencode(path), os.fsencode(path.parent) + b"/caf\xe9-" + os.fsencode(path.name))
+    clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu").fit(photos)
+    page = write_train_report(clf, tmp_path / "model", photos).read_text(encoding="utf-8")
+    assert "caf\\xe9-" in page

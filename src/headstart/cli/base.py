@@ -63,7 +63,7 @@ class _Group(TyperGroup):
             if type(exc).__name__ != "NoArgsIsHelpError":  # bare `headstart`: help was already printed
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                _report(f"error: {exc.format_message()}{hint}")
+                _report(f"error: {exc.format_message()}{_dash_hint(exc, args) or hint}")
             sys.exit(exc.exit_code)
         except typer.Abort:
             render.note("aborted")
@@ -77,13 +77,24 @@ app = typer.Typer(
     help="Turn a folder of a few hundred photos into an image classifier by transfer learning.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # `-h` as most command-line tools take it
     pretty_exceptions_show_locals=False,  # locals can be whole tensors; the stack is what a bug report needs
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from headstart import __version__
+
+        typer.echo(f"headstart {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details (INFO) to stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print headstart's version and exit.")] = False,
 ) -> None:
     """Turn a folder of a few hundred photos into an image classifier by transfer learning."""
     if not main_rank():  # under torchrun rank 0 alone warns and logs
@@ -91,6 +102,18 @@ def _root(
         render.setup_logging(logging.CRITICAL + 1)
         return
     render.setup_logging(logging.INFO if verbose else logging.WARNING)
+
+
+def _dash_hint(exc: Exception, args: Sequence[str] | None) -> str:
+    """For an unknown option that is really a file name starting with '-' (`predict model/ -x.jpg`): how to pass
+    one, rather than only "No such option: -x"."""
+    name = getattr(exc, "option_name", None)
+    if type(exc).__name__ != "NoSuchOption" or not name:
+        return ""
+    word = next((a for a in (sys.argv[1:] if args is None else args) if a.startswith(name)), name)
+    if not ("." in word or "/" in word):  # not a file name by its looks: the usual pointer to --help
+        return ""
+    return f"; if '{word}' is a file, put `--` before it (`-- {word}`) or write it as ./{word}"
 
 
 def main_rank() -> bool:

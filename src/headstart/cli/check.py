@@ -17,6 +17,7 @@ from headstart import options
 from headstart.cli import render
 from headstart.cli.base import app
 from headstart.cli.progress import ProgressBars
+from headstart.cli.train import Engine, flag
 
 if TYPE_CHECKING:
     from headstart.data.check import CheckReport
@@ -40,15 +41,16 @@ def check(
     = D["val_split"],
     seed: Annotated[int, typer.Option(help="Seed of the split, as for train.")] = D["seed"],
     device: Annotated[str, typer.Option(help="Where features are extracted (auto, cpu, cuda).")] = D["device"],
+    engine: Annotated[Engine, flag("engine")] = D["engine"],
 ) -> None:
     """Find data problems: unreadable files, duplicates and leakage, imbalance, odd images, likely label errors."""
-    options.check({"val_split": val_split, "seed": seed, "device": device, "backbone": backbone},
+    options.check({"val_split": val_split, "seed": seed, "device": device, "backbone": backbone, "engine": engine},
                   spell=lambda n: "--" + n.replace("_", "-"))
     from headstart.data.check import check_folder
 
     with ProgressBars() as bars:
         report = check_folder(data, val_split=val_split, seed=seed, backbone=backbone, weights=weights,
-                              device=device, deep=deep, progress=bars)
+                              device=device, deep=deep, progress=bars, engine=engine)
     if as_json:
         typer.echo(render.shown(json.dumps(report.to_dict(), indent=2)))
     else:

@@ -27,6 +27,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from headstart.text import shown  # noqa: F401  re-exported: the CLI modules call render.shown
+
 if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attributes
     from headstart.api import ImageClassifier
     from headstart.backbones.registry import BackboneSpec
@@ -54,22 +56,6 @@ def setup_logging(level: int) -> None:
 def note(message: str) -> None:
     """One plain line on stderr, for anything that is not a result."""
     typer.echo(shown(message), err=True)
-
-
-def shown(text: object) -> str:
-    """`text` as any UTF-8 output can carry it: the undecodable bytes of a file name (surrogate escapes, U+DC80 to
-    U+DCFF) as `\\xNN`, any other lone surrogate as `\\uXXXX`. Valid text is returned unchanged."""
-    s = str(text)
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return "".join(_escape(ch) if "\ud800" <= ch <= "\udfff" else ch for ch in s)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 # --------------------------------------------------------------------------- shared bits
@@ -126,6 +112,14 @@ def _key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 # --------------------------------------------------------------------------- train
 
 
+def _engine_line(clf: ImageClassifier) -> str:
+    """Which engine computed the features: predictions, exports and the service keep to it (headstart.json
+    records it under params.engine)."""
+    asked, ran = clf.engine, clf.frozen_.engine_name
+    what = {"int8": "int8 ONNX Runtime", "fp32": "float32 ONNX Runtime"}.get(ran, ran)
+    return f"engine {what}" + (" (auto on this CPU)" if asked == "auto" else "")
+
+
 def train_summary(
     clf: ImageClassifier, data: Path, backbone: str, saved: Path, confusion_png: Path | None
 ) -> Table:
@@ -145,7 +139,8 @@ def train_summary(
         ("head", _head_line(clf.head_config_, _kept_head_candidates(decision))),
         (
             "features",
-            f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s",
+            f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s; "
+            f"{_engine_line(clf)}",
         ),
         (
             "training",

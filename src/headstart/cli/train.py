@@ -23,7 +23,7 @@ DEFAULT_BACKBONE = D["backbone"]  # equal to headstart.backbones.registry's (a t
 OUTPUT = "Output"
 
 
-def _flag(name: str, **extra: Any) -> Any:
+def flag(name: str, **extra: Any) -> Any:
     """The typer option of a setting: its help line and panel as headstart.options defines them."""
     setting = options.OPTIONS[name]
     decls: tuple[str, ...] = ()
@@ -31,6 +31,10 @@ def _flag(name: str, **extra: Any) -> Any:
         # A switch that is off unless given: `--balance`. The '--no-' twin said nothing (it is the default) and took
         # a whole column of the help panel's width; `--no-native-view` stays because it turns a default off.
         decls = (flag_name(name),)
+    elif setting.default is True:
+        # A switch that is on unless turned off: only `--no-native-view` means anything, and a '--native-view'
+        # column beside it squeezed every help line of its panel to a third of an 80-column terminal.
+        decls = (" /--no-" + name.replace("_", "-"),)
     if isinstance(setting.default, bool):
         extra.setdefault("metavar", "")  # a switch takes no value: '<bool>' would only take width from the help
     help_line = setting.help
@@ -100,7 +104,7 @@ def train(
         "--manifest", help="A CSV or JSON Lines file of path,label[,split] rows, instead of DATA.",
         show_default=False, rich_help_panel="Data")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Directory to save the model in [default: model, or the --resume folder].",
+        "--out", "-o", help=escape("Directory to save the model in. [default: model, or the --resume folder]"),
         show_default=False, rich_help_panel=OUTPUT)] = None,
     export: Annotated[bool, typer.Option(
         "--export", help="Also write model.onnx (see `headstart export`).", rich_help_panel=OUTPUT)] = False,
@@ -110,32 +114,32 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue the interrupted run saved in this model directory.",
         rich_help_panel=OUTPUT)] = None,
-    val_split: Annotated[float, _flag("val_split")] = D["val_split"],
-    test_split: Annotated[float, _flag("test_split")] = D["test_split"],
-    native_view: Annotated[bool, _flag("native_view")] = D["native_view"],
-    hidden: Annotated[str, _flag("hidden", metavar="<widths>")] = D["hidden"],
-    dropout: Annotated[float, _flag("dropout")] = D["dropout"],
-    epochs: Annotated[int, _flag("epochs")] = D["epochs"],
-    lr: Annotated[float, _flag("lr")] = D["lr"],
-    weight_decay: Annotated[float, _flag("weight_decay")] = D["weight_decay"],
-    batch_size: Annotated[int, _flag("batch_size")] = D["batch_size"],
-    patience: Annotated[int, _flag("patience")] = D["patience"],
-    schedule: Annotated[Schedule, _flag("schedule")] = D["schedule"],
-    balance: Annotated[bool, _flag("balance")] = D["balance"],
-    refit: Annotated[bool, _flag("refit")] = D["refit"],
-    cv: Annotated[str, _flag("cv", metavar="<folds|auto>")] = D["cv"],
-    strategy: Annotated[Strategy, _flag("strategy")] = D["strategy"],
-    unfreeze: Annotated[str, _flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
-    augment: Annotated[Augment, _flag("augment")] = D["augment"],
-    finetune_epochs: Annotated[int, _flag("finetune_epochs")] = D["finetune_epochs"],
-    finetune_lr: Annotated[float, _flag("finetune_lr")] = D["finetune_lr"],
-    views: Annotated[int, _flag("views")] = D["views"],
-    train_bn: Annotated[bool, _flag("train_bn")] = D["train_bn"],
-    backbone: Annotated[str, _flag("backbone")] = D["backbone"],
-    weights: Annotated[Path | None, _flag("weights", exists=True, dir_okay=False)] = D["weights"],
-    seed: Annotated[int, _flag("seed")] = D["seed"],
-    device: Annotated[Device, _flag("device")] = D["device"],
-    engine: Annotated[Engine, _flag("engine")] = D["engine"],
+    val_split: Annotated[float, flag("val_split")] = D["val_split"],
+    test_split: Annotated[float, flag("test_split")] = D["test_split"],
+    native_view: Annotated[bool, flag("native_view")] = D["native_view"],
+    hidden: Annotated[str, flag("hidden", metavar="<widths>")] = D["hidden"],
+    dropout: Annotated[float, flag("dropout")] = D["dropout"],
+    epochs: Annotated[int, flag("epochs")] = D["epochs"],
+    lr: Annotated[float, flag("lr")] = D["lr"],
+    weight_decay: Annotated[float, flag("weight_decay")] = D["weight_decay"],
+    batch_size: Annotated[int, flag("batch_size")] = D["batch_size"],
+    patience: Annotated[int, flag("patience")] = D["patience"],
+    schedule: Annotated[Schedule, flag("schedule")] = D["schedule"],
+    balance: Annotated[bool, flag("balance")] = D["balance"],
+    refit: Annotated[bool, flag("refit")] = D["refit"],
+    cv: Annotated[str, flag("cv", metavar="<folds|auto>")] = D["cv"],
+    strategy: Annotated[Strategy, flag("strategy")] = D["strategy"],
+    unfreeze: Annotated[str, flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
+    augment: Annotated[Augment, flag("augment")] = D["augment"],
+    finetune_epochs: Annotated[int, flag("finetune_epochs")] = D["finetune_epochs"],
+    finetune_lr: Annotated[float, flag("finetune_lr")] = D["finetune_lr"],
+    views: Annotated[int, flag("views")] = D["views"],
+    train_bn: Annotated[bool, flag("train_bn")] = D["train_bn"],
+    backbone: Annotated[str, flag("backbone")] = D["backbone"],
+    weights: Annotated[Path | None, flag("weights", exists=True, dir_okay=False)] = D["weights"],
+    seed: Annotated[int, flag("seed")] = D["seed"],
+    device: Annotated[Device, flag("device")] = D["device"],
+    engine: Annotated[Engine, flag("engine")] = D["engine"],
 ) -> None:
     """Train a classifier on a folder of labelled photos and save it."""
     # Every parameter named like a setting is that setting: the ImageClassifier gets them one to one.

@@ -111,8 +111,9 @@ def inspect_image(path: Path) -> ImageFacts:
 
 def check_folder(data: str | Path, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
                  backbone: str | None = "efficientnet_lite0", weights: Path | None = None, device: str = "auto",
-                 deep: bool = False, progress=None) -> CheckReport:
-    """Every finding about the folder `data`, scanned and split as `train` would with the same settings."""
+                 deep: bool = False, progress=None, engine: str = "auto") -> CheckReport:
+    """Every finding about the folder `data`, scanned and split as `train` would with the same settings; its
+    features are looked for as `train` with the same `engine` setting cached them."""
     from headstart.cache.features import content_keys
     from headstart.progress import NoProgress
 
@@ -139,7 +140,7 @@ def check_folder(data: str | Path, val_split: float = 0.2, test_split: float = 0
     notes: list[str] = []
     used = None
     if backbone:
-        feats = _features(dataset, keys, backbone, weights, device, deep, progress, notes)
+        feats = _features(dataset, keys, backbone, weights, device, deep, progress, notes, engine)
         if feats is not None:
             used = backbone
             findings += near_duplicate_findings(feats.paths, feats.features, feats.splits, _by_key(paths, keys))
@@ -296,7 +297,7 @@ def label_findings(feats, classes: Sequence[str]) -> list[Finding]:
 
 
 def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, weights: Path | None, device: str,
-              deep: bool, progress, notes: list[str]):
+              deep: bool, progress, notes: list[str], engine: str = "auto"):
     """The dataset's features when cached (or, `deep`, extracted now), else None with a note saying why."""
     from headstart.cache.dataset import dataset_features
     from headstart.cache.features import FeatureCache
@@ -304,7 +305,10 @@ def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, wei
     from headstart.runtime.frozen import FrozenBackbone
 
     try:
-        frozen = FrozenBackbone.pretrained(sized_spec(backbone, dataset), weights)
+        # The engine resolved as `train` resolves it: `auto` is int8 on a VNNI CPU, whose features are cached
+        # apart from float32's (check once looked for float32's after an int8 train and found none).
+        frozen = FrozenBackbone.pretrained(sized_spec(backbone, dataset), weights).with_engine(
+            engine, tuple(dataset.paths("train")))
     except WeightsError as exc:
         if deep:
             raise

@@ -43,7 +43,7 @@ class BackboneResult:
 
 def compare_backbones(data: str | Path, backbones: list[str], weights: Path | None = None, device: str = "auto",
                       val_split: float = 0.2, seed: int = 0, folds: int = FOLDS,
-                      progress: Progress | None = None) -> list[BackboneResult]:
+                      progress: Progress | None = None, engine: str = "auto") -> list[BackboneResult]:
     """One `BackboneResult` per backbone, in the order given."""
     if not backbones:
         raise ConfigError("--backbones names no backbone; give a comma list, e.g. "
@@ -55,15 +55,18 @@ def compare_backbones(data: str | Path, backbones: list[str], weights: Path | No
 
     for name in backbones:
         resolve(name)  # an unknown name fails now, before the first backbone's extraction
-    return [compare_one(dataset, name, weights, device, seed, folds, progress or NoProgress()) for name in backbones]
+    return [compare_one(dataset, name, weights, device, seed, folds, progress or NoProgress(), engine)
+            for name in backbones]
 
 
 def compare_one(dataset: Dataset, name: str, weights: Path | None, device: str, seed: int, folds: int,
-                progress: Progress) -> BackboneResult:
+                progress: Progress, engine: str = "auto") -> BackboneResult:
     from headstart.cache.dataset import dataset_features
     from headstart.runtime.frozen import FrozenBackbone
 
-    frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights)
+    # The engine as `train` resolves it, so that the features it cached are found and --pick trains on the same.
+    frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights).with_engine(
+        engine, tuple(dataset.paths("train")))
     feats = dataset_features(dataset, frozen, device, progress, task=f"extracting features ({name})")
     extracted = len(feats.paths) - feats.cached
     rows = np.flatnonzero(feats.splits != "test")

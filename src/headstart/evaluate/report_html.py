@@ -21,6 +21,7 @@ from headstart.evaluate.calibration import Calibration, reliability_bins, scaled
 from headstart.evaluate.metrics import Evaluation
 from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 from headstart.records import History
+from headstart.text import shown
 
 if TYPE_CHECKING:
     from headstart.evaluate.report import Report, Scored
@@ -198,6 +199,7 @@ def _sections(report: Report, cfg: Any) -> list[str]:
 def render_html(report: Report, cfg: Any) -> str:
     """The page as one string. `cfg` is the backbone's PreprocessConfig (the heat maps are drawn on its crop)."""
     data = json.dumps(_images_data(report), separators=(",", ":")).replace("</", "<\\/")  # cannot close the tag
-    return Template(PAGE.read_text(encoding="utf-8")).substitute(
+    # Names from the file system may not be valid UTF-8 (`text.shown`): the page shows their bad bytes as \xNN.
+    return shown(Template(PAGE.read_text(encoding="utf-8")).substitute(
         title=html.escape(report.title), subtitle=html.escape(f"model {report.title}, evaluated on {report.evaluated_on}"),
-        sections="\n".join(_sections(report, cfg)), images_json=data)
+        sections="\n".join(_sections(report, cfg)), images_json=data))

@@ -24,7 +24,7 @@ import logging
 import queue
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -238,8 +238,9 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
-    """Load the model's export once and serve it until interrupted."""
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+          ready: Callable[[], None] | None = None) -> None:
+    """Load the model's export once and serve it until interrupted; `ready` is called once it is loaded."""
     import uvicorn
 
     from headstart.serve.onnx_predictor import load_export
@@ -249,4 +250,6 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limi
         from headstart.errors import ArtifactError
 
         raise ArtifactError(f"{model_dir}: no up-to-date model.onnx; run `headstart export {model_dir}` first")
+    if ready is not None:
+        ready()
     uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="warning")
