@@ -124,11 +124,11 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     images, source = parity_images(record, data)
     note = ""
     if record.params.get("engine") == "int8":  # the head was trained on int8 features: export those
-        from headstart.serve.export_int8 import export_int8, int8_graphs
+        from headstart.serve.export_int8 import int8_graphs
 
         graphs = int8_graphs(record, model_dir)
         if graphs is not None:
-            return export_int8(model_dir, art, graphs, images, source, target)
+            return _export_int8(model_dir, art, graphs, images, source, target)
         note = ("the model was trained on int8 features, but this cache holds no int8 calibration for its backbone: "
                 "model.onnx is float32, and its probabilities differ a little from the model's")
     features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
@@ -154,6 +154,29 @@ def compared(got: np.ndarray, ref: np.ndarray, n: int, source: str) -> Parity:
     decided = top[:, -1] - top[:, -2] > 2 * PARITY_TOL  # near-ties may flip by rounding alone
     agree = float((got.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 1.0
     return Parity(n, source, float(np.abs(got - ref).max()), agree)
+
+
+def _export_int8(model_dir: Path, art: artifact.Artifact, graphs: tuple[Path, ...], images: list[Image.Image],
+                 source: str, target: Path) -> ExportReport:
+    """model.onnx from the int8 graphs the model's features come from (`export_int8`), checked against the
+    model as `predict` runs it without an export: the cached int8 engine and the numpy head."""
+    from headstart.serve.export_int8 import compose, engine_features
+
+    record, pre = art.record, art.record.backbone.preprocess
+    views = views_of(pre)
+    with atomic_path(target) as tmp:
+        compose(graphs, views, pre, record.head, art.head_state, tmp)
+        write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE),
+                       "int8 (the engine the model was trained with)")
+        ref = head_proba(record.head, art.head_state, engine_features(graphs, images, pre))
+        parity = compared(OnnxPredictor(tmp).proba_images(images), ref, len(images), source)
+        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
+            raise ArtifactError(
+                f"the int8 ONNX export disagrees with the model on {parity.n_images} {source} (max |Δprob| "
+                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
+                "nothing was written: report this with the model's backbone")
+    log.info("exported %s, int8 (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
+    return ExportReport(target, target.stat().st_size, parity, quantization="int8")
 
 
 def _head_module(art: artifact.Artifact) -> nn.Module:

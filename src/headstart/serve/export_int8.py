@@ -14,22 +14,18 @@ The graph is built with onnx's helpers rather than traced: the backbone's quanti
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from headstart.errors import ArtifactError
-from headstart.heads.config import HeadConfig, head_proba
-from headstart.paths import atomic_path, file_sha256
+from headstart.heads.config import HeadConfig
 from headstart.runtime.engines import OnnxEngine, ViewsEngine
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.runtime.quantize import INT8_PREFIX
 from headstart.serve import artifact
-from headstart.serve.export import PARITY_TOL, ExportReport, Parity, compared, write_metadata, views_of
-from headstart.serve.onnx_predictor import OnnxPredictor, View
+from headstart.serve.onnx_predictor import View
 from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
 
 log = logging.getLogger(__name__)
@@ -49,40 +45,15 @@ def int8_graphs(record: artifact.ModelRecord, model_dir: Path) -> tuple[Path, ..
     return (engine.path,) if isinstance(engine, OnnxEngine) else None
 
 
-def export_int8(model_dir: Path, art: artifact.Artifact, graphs: tuple[Path, ...], images: list[Image.Image],
-                 source: str, target: Path) -> ExportReport:
-    """model.onnx from the int8 graphs the model's features come from (`export_int8`), checked against the
-    model as `predict` runs it without an export: the cached int8 engine and the numpy head."""
-    record = art.record
-    views = views_of(record.backbone.preprocess)
-    with atomic_path(target) as tmp:
-        compose(graphs, views, record.backbone.preprocess, record.head, art.head_state, tmp)
-        write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE),
-                        "int8 (the engine the model was trained with)")
-        parity = _engine_parity(tmp, graphs, art, images, source)
-        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
-            raise ArtifactError(
-                f"the int8 ONNX export disagrees with the model on {parity.n_images} {source} (max |Δprob| "
-                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
-                "nothing was written: report this with the model's backbone"
-            )
-    log.info("exported %s, int8 (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
-    return ExportReport(target, target.stat().st_size, parity, quantization="int8")
-
-
-def _engine_parity(path: Path, graphs: tuple[Path, ...], art: artifact.Artifact, images: list[Image.Image],
-                   source: str) -> Parity:
-    """`check_parity` against the int8 graphs run as the feature cache runs them (numpy preprocessing, ONNX
-    Runtime, the numpy head)."""
-    cfg = art.record.backbone.preprocess
-    views = [cfg] + ([replace(cfg, input_size=cfg.native_size, crop_pct=1.0)] if cfg.native_size else [])
+def engine_features(graphs: tuple[Path, ...], images: list[Image.Image], pre: PreprocessConfig) -> np.ndarray:
+    """The features of `images` as the feature cache computes them with these graphs (numpy preprocessing of each
+    view, ONNX Runtime): what an int8 export is checked against."""
+    views = [pre] + ([replace(pre, input_size=pre.native_size, crop_pct=1.0)] if pre.native_size else [])
     feats = []
     for graph, v in zip(graphs, views):
         engine = OnnxEngine(graph)
         feats.append(np.concatenate([engine(normalize(resize_and_crop(im, v), v)[None]) for im in images]))
-    return compared(OnnxPredictor(path).proba_images(images), head_proba(art.record.head, art.head_state,
-                                                                           np.concatenate(feats, 1)), len(images),
-                     source)
+    return np.concatenate(feats, 1)
 
 
 def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessConfig, head: HeadConfig,
