@@ -84,7 +84,7 @@ def _table_frame(columns: int) -> int:
 
 def write_confusion(evaluation: Evaluation, path: Path, title: str) -> Path | None:
     """The PNG is a by-product: a read-only model directory must not cost the user the metrics."""
-    from headstart.evaluate import figures  # matplotlib, only when a figure is drawn
+    from headstart.evaluate import figures  # Pillow, only when a figure is drawn
 
     try:
         return figures.save_confusion_png(evaluation.confusion, evaluation.classes, path, title=title)

@@ -111,14 +111,31 @@ def _combine(acts: list[Any], size: int) -> np.ndarray:
     return (heat / top if top > 0 else heat).detach().numpy().astype(np.float32)
 
 
+# matplotlib's 'jet' as its segment data defines it: (position, value) knots per channel, linear between them.
+# matplotlib (~78 MB with its dependencies) was imported for this one map; `jet` computes what it did, its
+# 256 colours, exactly (tests/test_evaluate_gradcam_colours.py holds values read off matplotlib).
+_JET = {
+    "red": ((0.0, 0.35, 0.66, 0.89, 1.0), (0.0, 0.0, 1.0, 1.0, 0.5)),
+    "green": ((0.0, 0.125, 0.375, 0.64, 0.91, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)),
+    "blue": ((0.0, 0.11, 0.34, 0.65, 1.0), (0.5, 1.0, 1.0, 0.0, 0.0)),
+}
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] of the 'jet' colour map at `x` (clipped to [0, 1]); shape `x.shape + (3,)`. As matplotlib
+    draws it: 256 colours, the knots interpolated at i / 255, `x` taking colour min(floor(256 x), 255)."""
+    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0)
+    level = np.minimum(np.floor(x * 256), 255) / 255
+    return np.stack([np.interp(level, *_JET[c]) for c in ("red", "green", "blue")], -1)
+
+
 def overlay(path: Path, heat: np.ndarray, cfg: Any, alpha: float = 0.45) -> Any:
-    """The model's centre crop of `path` with the heat map blended over it (matplotlib's 'jet'), as a PIL image."""
-    from matplotlib import colormaps
+    """The model's centre crop of `path` with the heat map blended over it ('jet'), as a PIL image."""
     from PIL import Image
 
     from headstart.data.imageio import load_rgb
     from headstart.vision.preprocess import resize_and_crop
 
     crop = np.asarray(resize_and_crop(load_rgb(path, cfg.resize_size), cfg), dtype=np.float32) / 255.0
-    colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
+    colour = jet(heat)
     return Image.fromarray(np.uint8(255 * ((1 - alpha) * crop + alpha * colour)))

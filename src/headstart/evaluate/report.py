@@ -3,7 +3,7 @@ style and the script inline, nothing fetched from anywhere) that says what the m
 chose, how well it does on a labelled folder and where it fails.
 
 `build_report` gathers records (per-image scores, calibration, heat maps); `render_html` (`report_html`) draws
-them into `report_page.html`. torch (and matplotlib's colour map) are imported only when a heat map is made.
+them into `report_page.html`. torch is imported only when a heat map is made.
 """
 
 from __future__ import annotations

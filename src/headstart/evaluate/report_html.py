@@ -1,6 +1,6 @@
 """The report page drawn from a `report.Report`: HTML tables, the clickable confusion matrix, the top-loss
 gallery with its heat maps, thumbnails and SVG charts (`svg_plot`) as data: URIs, all filled into
-`report_page.html`. Grad-CAM's overlay (and with it matplotlib's colour map) is imported only for the gallery.
+`report_page.html`. Grad-CAM's overlay is imported only for the gallery.
 """
 
 from __future__ import annotations
