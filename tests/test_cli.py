@@ -68,6 +68,7 @@ class FakeClassifier:
 
     def __init__(self, **params: Any) -> None:
         self.params = params
+        self.engine = params.get("engine", "auto")
         FakeClassifier.created.append(self)
 
     def fit(self, data: Path, progress: Any, checkpoint_dir: Path | None = None, resume: bool = False) -> FakeClassifier:
@@ -92,7 +93,7 @@ class FakeClassifier:
         self.timings_ = {"scan_s": 0.01, "features_s": 1.5, "train_s": 0.25}
         self.cached_ = 2
         self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(
-            name="fake", preprocess=PreprocessConfig(native_size=128)))
+            name="fake", preprocess=PreprocessConfig(native_size=128)), engine_name="fp32")
         self.head_config_ = HeadConfig(16, 2, (64,), 0.6)
         self.decision_ = Decision(strategy="head", kept="head", head_candidates=(
             HeadCandidate((), 0.2, 0.62), HeadCandidate((64,), 0.6, 0.56)))
@@ -543,7 +544,10 @@ def test_train_help_fits_80_columns_in_panels() -> None:
     assert max(map(len, lines)) <= 80
     for panel in ("Data", "Head", "Fine-tuning", "Run", "Output"):
         assert any(line.startswith(f"╭─ {panel} ") for line in lines), panel
-    for flag in [cli_train.flag_name(n) for n in options.OPTIONS] + ["--out", "--resume", "--no-native-view"]:
+    # A switch that is on by default shows only its off side (`--no-native-view`): the other said nothing.
+    flags = [cli_train.flag_name(n).replace("--", "--no-", 1) if options.OPTIONS[n].default is True
+             else cli_train.flag_name(n) for n in options.OPTIONS]
+    for flag in flags + ["--out", "--resume", "--no-native-view"]:
         assert any(f" {flag} " in f"{line} " for line in lines), flag  # whole, not cut to '--finetune-epo…'
     # Short help lines: no option's help runs to more than two lines besides its [default: ...].
     helps = [line for line in lines if line.startswith("│") and "[default:" not in line]
