@@ -181,10 +181,11 @@ def slow_client(addr: tuple[str, int], stop: float, body: bool, cut: list[float]
         try:
             with socket.create_connection(addr, timeout=5) as s:
                 s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (
-                    b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n" if body
+                    b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+                    b'--x\r\nContent-Disposition: form-data; name="file"; filename="slow.jpg"\r\n\r\n' if body
                     else b""))
                 while time.monotonic() < stop:
-                    s.sendall(b"--x\r\nab\r\n" if body else b"X-Slow: 1\r\n")
+                    s.sendall(b"0123456789" if body else b"X-Slow: 1\r\n")
                     time.sleep(1.0)
                 return
         except OSError:  # cut off by the server
@@ -264,18 +265,19 @@ def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests:
         errors = [0]
         statuses: list[int] = []
         bomb_s: list[float] = []
-        cut: list[float] = []
+        cut: dict[bool, list[float]] = {False: [], True: []}  # seconds until cut off: headers, body
         stop = time.monotonic() + load_s
         wall = run([threading.Thread(target=normal_load, args=(stop, lat, errors)) for _ in range(8)]
                    + [threading.Thread(target=bombs, args=(stop, statuses, bomb_s)) for _ in range(8)]
-                   + [threading.Thread(target=slow_client, args=(("127.0.0.1", port), stop, i % 2 == 1, cut))
+                   + [threading.Thread(target=slow_client,
+                                       args=(("127.0.0.1", port), stop, i % 2 == 1, cut[i % 2 == 1]))
                       for i in range(8)]
                    + [threading.Thread(target=sample, args=(stop,))])
         time.sleep(3)
         return dict(base_n=len(base_lat), base_errors=base_err[0], base_p95=pct(base_lat, 95) * 1000,
                     n=len(lat), errors=errors[0], p50=pct(lat, 50) * 1000, p95=pct(lat, 95) * 1000,
                     bombs=len(statuses), bomb_413=statuses.count(413), bomb_p95=pct(bomb_s, 95) * 1000,
-                    cut=len(cut), cut_s=statistics.median(cut) if cut else float("nan"), wall=wall,
+                    cut={k: (len(v), statistics.median(v) if v else float("nan")) for k, v in cut.items()}, wall=wall,
                     rss_first=rss[0], rss_start=rss_start, rss_peak=max(rss), rss_final=rss_mib(proc.pid))
     finally:
         proc.terminate()
@@ -294,8 +296,8 @@ def mixed_rows(m: dict) -> list[tuple[str, str]]:
          f"p50 {m['p50']:.0f} ms, p95 {m['p95']:.0f} ms ({ratio:.2f}x the baseline)"),
         ("  pixel bombs (16 x 7000 x 7000 1-bit PNG, 96 kB)",
          f"{m['bombs']} sent, {m['bomb_413']} answered 413, p95 {m['bomb_p95']:.0f} ms"),
-        ("  slow clients (headers / body at 1 line a second)",
-         f"cut off {m['cut']} times, median after {m['cut_s']:.1f} s"),
+        ("  4 slow clients: a header line a second", "cut off {} times, median after {:.1f} s".format(*m["cut"][False])),
+        ("  4 slow clients: a body at 10 B/s", "cut off {} times, median after {:.1f} s".format(*m["cut"][True])),
         ("  server RSS", f"{m['rss_first']:.0f} MiB at start, {m['rss_start']:.0f} before the attack, "
                          f"peak {m['rss_peak']:.0f}, {m['rss_final']:.0f} 3 s after"),
     ]

@@ -187,7 +187,12 @@ def test_a_slow_body_is_refused_with_408(live, photo, pace, needle) -> None:
                 answer = s.recv(65536)
                 break
         elapsed = time.perf_counter() - t0
+        s.settimeout(3)
+        while answer.endswith(b"}") is False and (more := s.recv(65536)):
+            answer += more
+        assert s.recv(100) == b"", "the connection stays open for the rest of a refused body"
     assert answer.startswith(b"HTTP/1.1 408") and needle.encode() in answer, answer[:300]
+    assert b"connection: close" in answer.lower()
     assert elapsed < 3.5, f"answered after {elapsed:.1f} s"
 
 
@@ -220,6 +225,15 @@ def test_default_hosts_are_the_bound_address_and_localhost() -> None:
     assert default_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
     assert default_hosts("10.1.2.3")[:2] == ("10.1.2.3", "localhost")
     assert socket.gethostname().lower() in default_hosts("0.0.0.0") and "0.0.0.0" not in default_hosts("0.0.0.0")
+
+
+def test_allowed_hosts_can_be_listed_by_the_operator(monkeypatch) -> None:
+    from headstart.serve.hardening import allowed_hosts_for
+
+    monkeypatch.delenv("HEADSTART_ALLOWED_HOSTS", raising=False)
+    assert allowed_hosts_for("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
+    monkeypatch.setenv("HEADSTART_ALLOWED_HOSTS", " classify.example.org, Localhost ,")
+    assert allowed_hosts_for("127.0.0.1") == ("classify.example.org", "localhost")
 
 
 def test_every_answer_carries_the_security_headers(live) -> None:

@@ -10,7 +10,7 @@ Every refusal is JSON in FastAPI's shape, `{"detail": "..."}`, with its status: 
 more images than a request may carry or more decoded pixels than it may hold; 415 a body that is not
 multipart/form-data; 408 an upload too slow; 400 a request without images, a malformed multipart body (what was
 wrong is said), or an upload that is not a readable image (`files` names each; a request is answered whole or
-not at all); 400 too for a Host header not on the allow-list (`hardening.default_hosts`), which defeats DNS
+not at all); 400 too for a Host header not on the allow-list (`hardening.allowed_hosts_for`), which defeats DNS
 rebinding. The interactive /docs page is off: Swagger UI's assets come from a CDN, which the page's policy (and
 this service's rule of loading nothing from elsewhere) forbids; /openapi.json describes everything it would show.
 
@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from headstart.serve import schemas
-from headstart.serve.hardening import LOCAL_NAMES, PAGE_CSP, SecurityHeaders, ServerLimits, default_hosts
+from headstart.serve.hardening import LOCAL_NAMES, PAGE_CSP, SecurityHeaders, ServerLimits, allowed_hosts_for
 from headstart.serve.onnx_predictor import OnnxPredictor
 from headstart.serve.uploads import FIELD, Disconnected, Limits, PixelBudget, Refusal, read_uploads, views_or_reason
 
@@ -176,7 +176,7 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Refusal)
     async def refusal(_: Request, exc: Refusal) -> JSONResponse:
         return JSONResponse(schemas.ErrorBody(detail=exc.message, files=exc.files).model_dump(exclude_none=True),
-                            status_code=exc.status)
+                            status_code=exc.status, headers={"Connection": "close"} if exc.close else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -190,8 +190,9 @@ def _error_handlers(app: FastAPI) -> None:
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           allowed_hosts: Sequence[str] | None = None, server: ServerLimits = ServerLimits()) -> None:
-    """Load the model's export once and serve it until interrupted; `allowed_hosts` defaults to the bound address
-    and localhost's names (`hardening.default_hosts`)."""
+    """Load the model's export once and serve it until interrupted; `allowed_hosts` defaults to
+    $HEADSTART_ALLOWED_HOSTS (comma-separated names; "*": any), else to the bound address and localhost's names
+    (`hardening.default_hosts`): behind a proxy that passes its own name in Host, list that name there."""
     import uvicorn
 
     from headstart.serve.hardening import uvicorn_config
@@ -202,5 +203,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limi
         from headstart.errors import ArtifactError
 
         raise ArtifactError(f"{model_dir}: no up-to-date model.onnx; run `headstart export {model_dir}` first")
-    app = create_app(predictor, limits, allowed_hosts or default_hosts(host))
+    hosts = tuple(allowed_hosts or allowed_hosts_for(host))
+    log.info("answering requests whose Host is one of %s", ", ".join(hosts))
+    app = create_app(predictor, limits, hosts)
     uvicorn.Server(uvicorn_config(app, host, port, server)).run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -58,6 +59,13 @@ def default_hosts(bound: str) -> tuple[str, ...]:
         except OSError:
             pass
     return tuple(dict.fromkeys(h.lower() for h in hosts if h and h not in ("0.0.0.0", "::")))
+
+
+def allowed_hosts_for(bound: str) -> tuple[str, ...]:
+    """$HEADSTART_ALLOWED_HOSTS (comma-separated; "*" allows any, e.g. behind a proxy that checks it) when set,
+    else `default_hosts(bound)`."""
+    listed = tuple(h.strip().lower() for h in os.environ.get("HEADSTART_ALLOWED_HOSTS", "").split(",") if h.strip())
+    return listed or default_hosts(bound)
 
 
 class SecurityHeaders:

@@ -52,11 +52,13 @@ class Limits:
 
 
 class Refusal(Exception):
-    """A request refused with `status`; `files` names the uploads at fault."""
+    """A request refused with `status`; `files` names the uploads at fault. `close`: refused before its body was
+    read to the end, so the answer closes the connection (otherwise uvicorn would keep reading what a slow or huge
+    upload still sends, holding the connection for as long as the client cares to)."""
 
-    def __init__(self, status: int, message: str, files: list[dict] | None = None) -> None:
+    def __init__(self, status: int, message: str, files: list[dict] | None = None, close: bool = False) -> None:
         super().__init__(message)
-        self.status, self.message, self.files = status, message, files
+        self.status, self.message, self.files, self.close = status, message, files, close
 
 
 class Disconnected(Exception):
@@ -129,11 +131,12 @@ async def read_uploads(request: Request, limits: Limits, resize: int) -> list[Up
     ctype = request.headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
         raise Refusal(415, f"send images as multipart/form-data in the field '{FIELD}' (got "
-                           f"{ctype.split(';')[0] or 'no content type'}), e.g. curl -F {FIELD}=@photo.jpg URL/predict")
+                           f"{ctype.split(';')[0] or 'no content type'}), e.g. curl -F {FIELD}=@photo.jpg URL/predict",
+                      close=True)
     too_big = f"the upload is larger than {limits.max_upload_bytes / MiB:g} MiB; send fewer or smaller images"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_upload_bytes:
-        raise Refusal(413, too_big)
+        raise Refusal(413, too_big, close=True)
     received = [0]
 
     async def capped() -> AsyncIterator[bytes]:
@@ -146,10 +149,10 @@ async def read_uploads(request: Request, limits: Limits, resize: int) -> list[Up
                 except StopAsyncIteration:
                     return
             if idle.cancelled_caught:
-                raise Refusal(408, f"the upload stalled: nothing arrived for {limits.idle_timeout_s:g} s")
+                raise Refusal(408, f"the upload stalled: nothing arrived for {limits.idle_timeout_s:g} s", close=True)
             received[0] += len(chunk)
             if received[0] > limits.max_upload_bytes:
-                raise Refusal(413, too_big)
+                raise Refusal(413, too_big, close=True)
             yield chunk
 
     parser = _Parser(request.headers, capped(), max_images=limits.max_images, max_files=limits.max_images,
@@ -159,13 +162,14 @@ async def read_uploads(request: Request, limits: Limits, resize: int) -> list[Up
             form = await parser.parse()
     except TimeoutError:
         raise Refusal(408, f"the upload took longer than {limits.upload_timeout_s:g} s "
-                           f"({received[0]} bytes arrived); send it faster or in smaller requests") from None
+                           f"({received[0]} bytes arrived); send it faster or in smaller requests", close=True) from None
     except ClientDisconnect:
         raise Disconnected(f"{received[0]} bytes received") from None
     except _TooManyImages:
-        raise Refusal(413, f"more than {limits.max_images} images in one request; send them in several") from None
+        raise Refusal(413, f"more than {limits.max_images} images in one request; send them in several",
+                      close=True) from None
     except MultiPartException as exc:
-        raise Refusal(400, f"unreadable multipart body: {exc.message}") from None
+        raise Refusal(400, f"unreadable multipart body: {exc.message}", close=True) from None
     try:
         if not parser.ended:
             raise Refusal(400, "the multipart body ends before its closing boundary (--BOUNDARY--): the upload was "
