@@ -187,7 +187,7 @@ class OnnxPredictor(AlignedOutputs):
             out[idx], ok[idx] = proba, True
         return out[ok], ok
 
-    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+    def _batches(self, paths: list, progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         return self.batches(paths, progress)  # what `AlignedOutputs` lines results up from
 

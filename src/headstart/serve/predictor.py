@@ -190,11 +190,12 @@ class Predictor(AlignedOutputs):
                              evaluate(y, averaged(proba, self.proba(mirrored.features)), self.classes))
         return both, list(dataset.skipped) + list(feats.failures) + list(mirrored.failures)
 
-    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+    def _batches(self, paths: list, progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-        """(indices, probabilities, failures) for `paths`, a few hundred images at a time. The head runs on
-        gathered batches, not on each inference batch: a hidden layer's matrix product is big enough for BLAS to
-        start its threads, which then fight ONNX Runtime's for the cores (1.2 s more on 3,400 photos)."""
+        """(indices, probabilities, failures) for `paths` (files, or images in memory), a few hundred at a time.
+        The head runs on gathered batches, not on each inference batch: a hidden layer's matrix product is big
+        enough for BLAS to start its threads, which then fight ONNX Runtime's for the cores (1.2 s more on 3,400
+        photos)."""
         engine = self.frozen.engine(self.device)
         idx: list[int] = []
         feats: list[np.ndarray] = []
