@@ -25,7 +25,7 @@ def run(name: str, seed: int, refit: bool) -> dict:
 
     if name == "hymenoptera":
         clf = ImageClassifier(seed=seed, refit=refit, cv=0, engine=ENGINE).fit(DATA / "hymenoptera" / "train")
-        held = clf.evaluate(DATA / "hymenoptera" / "val")[0]
+        held = clf.evaluate(DATA / "hymenoptera" / "val").metrics
     else:
         clf = ImageClassifier(seed=seed, refit=refit, cv=0, test_split=0.2, engine=ENGINE).fit(DATA / name)
         held = clf.test_metrics_

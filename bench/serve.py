@@ -9,7 +9,13 @@
 - `headstart serve` on 127.0.0.1: POST /predict latency for one image (p50, p95, sequential), then 8 concurrent
   clients for --load-s seconds (each client bounded to --max-requests): errors, p95, requests/s, server RSS
   before and after; once as served by default (one request per inference call) and once with waiting requests batched
-  (--max-batch 32), which measured slower here.
+  (--max-batch 32), which measured slower here;
+- the same server under attack (`--mixed-only` runs just this, on the hymenoptera model): 8 normal clients alone
+  for --load-s seconds (the baseline), then beside 8 clients sending pixel bombs (16 one-bit 7000 x 7000 PNGs, a
+  96 kB request that decodes to 784 megapixels) and 8 slow ones (4 sending a header line a second, 4 a body at
+  10 B/s, reconnecting when cut off): normal requests' errors and p95 against the baseline, what the bombs and the
+  slow clients got, and the server's RSS at the start, its peak and 3 s after the load. Loopback only; every
+  client is bounded by --load-s and --max-requests.
 """
 
 from __future__ import annotations
@@ -153,18 +159,170 @@ def serve_numbers(model: Path, photo: Path, env: dict, load_s: float, max_reques
         proc.wait(10)
 
 
+def pixel_bomb_request() -> bytes:
+    """The multipart body of 16 one-bit 7000 x 7000 PNGs in the field `file` (about 96 kB)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(buf, "PNG")
+    png = buf.getvalue()
+    parts = b"".join(b'--bOmB\r\nContent-Disposition: form-data; name="file"; filename="bomb%d.png"\r\n'
+                     b"Content-Type: image/png\r\n\r\n" % i + png + b"\r\n" for i in range(16))
+    return parts + b"--bOmB--\r\n"
+
+
+def slow_client(addr: tuple[str, int], stop: float, body: bool, cut: list[float]) -> None:
+    """Until `stop`: a request whose headers (or body) trickle in, one line (10 bytes) a second; each time the
+    server cuts it off, the seconds it took go to `cut` and it reconnects."""
+    while time.monotonic() < stop:
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection(addr, timeout=5) as s:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (
+                    b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+                    b'--x\r\nContent-Disposition: form-data; name="file"; filename="slow.jpg"\r\n\r\n' if body
+                    else b""))
+                while time.monotonic() < stop:
+                    s.sendall(b"0123456789" if body else b"X-Slow: 1\r\n")
+                    time.sleep(1.0)
+                return
+        except OSError:  # cut off by the server
+            cut.append(time.monotonic() - t0)
+            time.sleep(0.1)
+
+
+def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests: int) -> dict:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log_path = model.parent / "serve-mixed.log"
+    proc = subprocess.Popen([*HS, "serve", str(model), "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=log_path.open("w"))
+    files = {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
+    bomb = pixel_bomb_request()
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with httpx.Client(timeout=30) as c:
+            for _ in range(5):
+                c.post(f"{url}/predict", files=files)  # warm-up
+        rss: list[float] = [rss_mib(proc.pid)]
+
+        def normal_load(stop: float, lat: list[float], errors: list[int]) -> None:
+            with httpx.Client(timeout=30) as c:
+                for _ in range(max_requests):
+                    if time.monotonic() > stop:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        ok = c.post(f"{url}/predict", files=files).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    lat.append(time.perf_counter() - t0)
+                    errors[0] += not ok
+
+        def bombs(stop: float, statuses: list[int], took: list[float]) -> None:
+            with httpx.Client(timeout=30) as c:
+                for _ in range(max_requests):
+                    if time.monotonic() > stop:
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        statuses.append(c.post(f"{url}/predict", content=bomb, headers={
+                            "content-type": "multipart/form-data; boundary=bOmB"}).status_code)
+                    except httpx.HTTPError:
+                        statuses.append(0)
+                    took.append(time.perf_counter() - t0)
+
+        def sample(stop: float) -> None:
+            while time.monotonic() < stop + 1:
+                rss.append(rss_mib(proc.pid))
+                time.sleep(0.1)
+
+        def run(threads: list[threading.Thread]) -> float:
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return time.perf_counter() - t0
+
+        base_lat: list[float] = []
+        base_err = [0]
+        stop = time.monotonic() + load_s
+        run([threading.Thread(target=normal_load, args=(stop, base_lat, base_err)) for _ in range(8)])
+        rss_start = rss_mib(proc.pid)
+        lat: list[float] = []
+        errors = [0]
+        statuses: list[int] = []
+        bomb_s: list[float] = []
+        cut: dict[bool, list[float]] = {False: [], True: []}  # seconds until cut off: headers, body
+        stop = time.monotonic() + load_s
+        wall = run([threading.Thread(target=normal_load, args=(stop, lat, errors)) for _ in range(8)]
+                   + [threading.Thread(target=bombs, args=(stop, statuses, bomb_s)) for _ in range(8)]
+                   + [threading.Thread(target=slow_client,
+                                       args=(("127.0.0.1", port), stop, i % 2 == 1, cut[i % 2 == 1]))
+                      for i in range(8)]
+                   + [threading.Thread(target=sample, args=(stop,))])
+        time.sleep(3)
+        return dict(base_n=len(base_lat), base_errors=base_err[0], base_p95=pct(base_lat, 95) * 1000,
+                    n=len(lat), errors=errors[0], p50=pct(lat, 50) * 1000, p95=pct(lat, 95) * 1000,
+                    bombs=len(statuses), bomb_413=statuses.count(413), bomb_p95=pct(bomb_s, 95) * 1000,
+                    cut={k: (len(v), statistics.median(v) if v else float("nan")) for k, v in cut.items()}, wall=wall,
+                    rss_first=rss[0], rss_start=rss_start, rss_peak=max(rss), rss_final=rss_mib(proc.pid))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log_lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+        print(f"server log: {len(log_lines)} lines, {sum('Traceback' in line for line in log_lines)} tracebacks; "
+              f"first: {log_lines[:2]}", file=sys.stderr)
+
+
+def mixed_rows(m: dict) -> list[tuple[str, str]]:
+    ratio = m["p95"] / m["base_p95"]
+    return [
+        ("8 normal clients alone (baseline)", f"{m['base_n']} requests, {m['base_errors']} errors, "
+                                             f"p95 {m['base_p95']:.0f} ms"),
+        (f"same + 8 bomb + 8 slow clients, {m['wall']:.0f} s", f"normal: {m['n']} requests, {m['errors']} errors, "
+         f"p50 {m['p50']:.0f} ms, p95 {m['p95']:.0f} ms ({ratio:.2f}x the baseline)"),
+        ("  pixel bombs (16 x 7000 x 7000 1-bit PNG, 96 kB)",
+         f"{m['bombs']} sent, {m['bomb_413']} answered 413, p95 {m['bomb_p95']:.0f} ms"),
+        ("  4 slow clients: a header line a second", "cut off {} times, median after {:.1f} s".format(*m["cut"][False])),
+        ("  4 slow clients: a body at 10 B/s", "cut off {} times, median after {:.1f} s".format(*m["cut"][True])),
+        ("  server RSS", f"{m['rss_first']:.0f} MiB at start, {m['rss_start']:.0f} before the attack, "
+                         f"peak {m['rss_peak']:.0f}, {m['rss_final']:.0f} 3 s after"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=Path("/tmp/headstart-bench-serve"))
     ap.add_argument("--load-s", type=float, default=30.0)
     ap.add_argument("--max-requests", type=int, default=5000, help="bound on each load client's requests")
+    ap.add_argument("--mixed-only", action="store_true", help="only the mixed load (normal, bomb, slow clients)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HEADSTART_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
     os.environ.update(HEADSTART_CACHE=env["HEADSTART_CACHE"], HF_HUB_OFFLINE="1")
     hym, flowers = args.data / "hymenoptera", args.data / "flowers"
+    if args.mixed_only:
+        model = trained(hym / "train", work / "hym", env)
+        if not (model / "model.onnx").is_file():
+            sh([*HS, "export", str(model)], env)
+        photo = sorted((hym / "val" / "bees").glob("*.jpg"))[0]
+        print_rows(mixed_rows(mixed_load(model, photo, env, args.load_s, args.max_requests)))
+        return
     split = work / "flowers-split"
     if not (split / "train").is_dir():
         split80(flowers, split)
@@ -202,6 +360,11 @@ def main() -> None:
                      f"{s['n']} requests, {s['errors']} errors, p95 {s['load_p95']:.0f} ms, {s['rps']:.1f} req/s, "
                      f"server RSS {s['rss_before']:.0f} -> {s['rss_after']:.0f} MiB"))
     del native
+    rows += mixed_rows(mixed_load(hym_model, photo, env, args.load_s, args.max_requests))
+    print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"{'measure'.ljust(width)}  value")
     for k, v in rows:

@@ -12,7 +12,7 @@ from headstart import ImageClassifier
 from headstart.errors import DataError
 from headstart.data.scan import scan_folder
 from headstart.evaluate.metrics import Evaluation
-from headstart.records import History
+from headstart.records import EvaluationResult, History
 
 CLASSES = ["cat", "dog", "fish"]
 
@@ -145,8 +145,9 @@ def test_score_on_a_separate_val_folder(make_clf, split_folder):
     val_files = _images(split_folder / "val")
     predicted = clf.predict(val_files)
     assert score == pytest.approx(np.mean([p == f.parent.name for p, f in zip(predicted, val_files)]))
-    evaluation, skipped = clf.evaluate(split_folder / "val")
-    assert evaluation.n == 6 and skipped == []
+    result = clf.evaluate(split_folder / "val")
+    evaluation = result.metrics
+    assert isinstance(result, EvaluationResult) and evaluation.n == 6 and result.skipped == ()
     assert evaluation.classes == tuple(CLASSES)
 
 
@@ -156,7 +157,7 @@ def test_evaluate_maps_a_subset_of_classes(fitted, tmp_path):
     make_image_folder(tmp_path / "tmp-fish", classes=("fish",), per_class=2, seed=6)
     for f in (tmp_path / "tmp-fish" / "fish").iterdir():
         f.rename(subset / "fish" / f.name)
-    evaluation, _ = fitted.evaluate(subset)
+    evaluation = fitted.evaluate(subset).metrics
     assert evaluation.support.tolist() == [3, 3, 2]
 
 

@@ -36,6 +36,7 @@ from headstart.heads.config import HeadConfig
 from headstart.records import Decision, HeadCandidate, History, RefitReport, Stage2Report
 from headstart.train.config import FinetuneConfig
 from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.records import EvaluationResult
 from headstart.vision.preprocess import PreprocessConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -133,8 +134,8 @@ class FakeClassifier:
         progress.finish()
         return rows
 
-    def evaluate(self, folder: Path, progress: Any = None) -> tuple[Evaluation, list[tuple[Path, str]]]:
-        return _evaluation(), [(Path(folder) / "cat" / "broken.jpg", "truncated file")]
+    def evaluate(self, folder: Path, progress: Any = None) -> EvaluationResult:
+        return EvaluationResult(_evaluation(), ((Path(folder) / "cat" / "broken.jpg", "truncated file"),))
 
 
 @pytest.fixture(autouse=True)
@@ -516,7 +517,8 @@ def test_train_flags_are_the_options_with_their_defaults() -> None:
     from headstart import options
 
     params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report", "manifest"}
+    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report", "manifest", "track",
+                                                  "log_dir"}
     defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
     defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
     defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])

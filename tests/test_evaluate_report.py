@@ -63,7 +63,7 @@ def test_a_score_carries_its_wilson_interval() -> None:
 def test_the_report_shows_the_models_own_scores_and_every_image_once(tiny, tmp_path: Path) -> None:
     clf, model, held_out = tiny
     report = rep.build_report(clf, model, held_out, heat_maps=True)
-    ev, _ = clf.evaluate(held_out)
+    ev = clf.evaluate(held_out).metrics
     assert report.evaluation.n == ev.n == 24
     np.testing.assert_array_equal(report.evaluation.confusion, ev.confusion)
     np.testing.assert_allclose(report.evaluation.f1, ev.f1)

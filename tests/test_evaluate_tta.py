@@ -50,9 +50,10 @@ def test_engine_path_averages_the_mirrored_features_and_caches_them(exported, tm
     monkeypatch.setenv("HEADSTART_CACHE", str(cache))
     clf = ImageClassifier.load(model, device="cpu")
     clf._export = None  # the backbone's engine and the numpy head, not model.onnx
-    both, skipped = clf.evaluate_tta(photos)
-    plain, _ = clf.evaluate(photos)
-    assert skipped == [] and both.plain.to_dict() == plain.to_dict()
+    result = clf.evaluate_tta(photos)
+    both, skipped = result.tta, result.skipped
+    plain = clf.evaluate(photos).metrics
+    assert skipped == () and both.plain.to_dict() == plain.to_dict() and result.metrics is both.tta
     paths = sorted(photos.rglob("*.jpg"))
     flipped = clf.predict_proba(_mirrored_copies(photos, tmp_path / "mirror"))
     y = np.array([clf.classes_.index(p.parent.name) for p in paths])
@@ -64,7 +65,7 @@ def test_engine_path_averages_the_mirrored_features_and_caches_them(exported, tm
         raise AssertionError("the mirrored features were extracted again")
 
     monkeypatch.setattr(FrozenBackbone, "engine", no_extraction)
-    again, _ = clf.evaluate_tta(photos)
+    again = clf.evaluate_tta(photos).tta
     assert again.tta.to_dict() == both.tta.to_dict()
 
 

@@ -228,7 +228,7 @@ def test_salted_folder_trains_evaluates_and_predicts(tmp_path: Path, tiny_weight
     root, made = _salted(tmp_path)
     with time_limit(240):
         clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu").fit(root)
-        _, eval_skipped = clf.evaluate(root)
+        eval_skipped = list(clf.evaluate(root).skipped)
         explicit = [made[n] for n in made if BY_NAME[n].predict is not None]
         rows = clf.predict_table(explicit)
     for skipped in (dict(clf.skipped_), dict(eval_skipped)):

@@ -69,4 +69,4 @@ def test_small_blurred_flowers_get_a_native_view(lite0_cache, tmp_path):
     clf.save(tmp_path / "model")
     loaded = ImageClassifier.load(tmp_path / "model")
     assert loaded.frozen_.spec.preprocess.native_size == 128
-    assert loaded.evaluate(photos)[0].accuracy == clf.evaluate(photos)[0].accuracy
+    assert loaded.evaluate(photos).metrics.accuracy == clf.evaluate(photos).metrics.accuracy

@@ -36,7 +36,7 @@ def client(predictor):
 
     from headstart.serve.app import create_app
 
-    with TestClient(create_app(predictor)) as c:
+    with TestClient(create_app(predictor), base_url="http://localhost") as c:
         yield c
 
 
@@ -47,7 +47,8 @@ def strict(predictor):
 
     from headstart.serve.app import Limits, create_app
 
-    with TestClient(create_app(predictor, Limits(max_upload_bytes=64_000, max_images=2, max_pixels=10_000))) as c:
+    with TestClient(create_app(predictor, Limits(max_upload_bytes=64_000, max_images=2, max_pixels=10_000)),
+                    base_url="http://127.0.0.1:8000") as c:
         yield c
 
 
@@ -65,9 +66,10 @@ def _jpeg(size=(64, 48), colour=(200, 40, 40)) -> bytes:
 def _error(resp, status: int, *needles: str) -> dict:
     assert resp.status_code == status, resp.text
     body = resp.json()
-    assert isinstance(body["error"], str) and "\n" not in body["error"]
+    assert isinstance(body["detail"], str) and "\n" not in body["detail"] and "error" not in body
     for needle in needles:
-        assert needle in body["error"], body["error"]
+        assert needle in body["detail"], body["detail"]
+    assert resp.headers["x-content-type-options"] == "nosniff"
     return body
 
 
@@ -79,6 +81,7 @@ def test_health_model_and_page(client, predictor) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     for asset in ("/static/app.js", "/static/app.css"):
         assert client.get(asset).status_code == 200
     for text in (page.text, client.get("/static/app.js").text, client.get("/static/app.css").text):
@@ -165,7 +168,7 @@ def test_an_unreadable_upload_is_400_naming_the_file(client, name, data, reason)
     files = [("file", ("good.jpg", _jpeg(), "image/jpeg")), ("file", (name, data, "image/jpeg"))]
     body = _error(client.post("/predict", files=files), 400, name)
     assert [f["file"] for f in body["files"]] == [name] and reason in body["files"][0]["error"]
-    assert "good.jpg" not in body["error"]
+    assert "good.jpg" not in body["detail"]
 
 
 @pytest.mark.parametrize("files, data", [
@@ -181,7 +184,7 @@ def test_no_images_is_400(client, files, data) -> None:
 def test_a_form_field_naming_a_path_is_never_read(client, photos) -> None:
     data = {"x": "1"}
     resp = client.post("/predict", data={"file": str(photos[0])}, files={"other": ("n.txt", b"x", "text/plain")})
-    _error(resp, 400, "no images")
+    _error(resp, 400, "a file part in the field 'other'", "'file'")
     assert data  # the path above is a readable image: had the server opened it, the answer would be 200
 
 
@@ -206,7 +209,7 @@ def test_file_names_are_echoed_never_used_as_paths(client, photos, tmp_path: Pat
                                   "/static//etc/passwd", "/etc/passwd", "/model.onnx"])
 def test_no_path_outside_the_page_is_served(client, path) -> None:
     resp = client.get(path)
-    assert resp.status_code == 404 and "error" in resp.json()
+    assert resp.status_code == 404 and "detail" in resp.json()
 
 
 def test_wrong_method_is_json(client) -> None:

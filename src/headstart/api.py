@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, Sequence
@@ -20,15 +21,15 @@ from headstart.evaluate.crossval import CrossValidation
 from headstart.evaluate.metrics import Evaluation
 from headstart.heads.config import HeadConfig
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, FitReport, History
+from headstart.records import Decision, EvaluationResult, FitReport, History
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.serve import artifact
 from headstart.runtime.device import pick_device
 from headstart.serve.onnx_predictor import OnnxPredictor, load_export
-from headstart.serve.predictor import Prediction, Predictor
+from headstart.serve.predictor import Images, Prediction, Predictor
 from headstart.train.config import TrainConfig
 
-__all__ = ["ImageClassifier", "Prediction"]
+__all__ = ["EvaluationResult", "ImageClassifier", "Prediction", "labelled_files"]
 
 log = logging.getLogger(__name__)
 _D = options.DEFAULTS
@@ -87,6 +88,28 @@ class ImageClassifier:
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {name: getattr(self, name) for name in options.OPTIONS}
 
+    def __repr__(self) -> str:
+        # scikit-learn's print_changed_only: the settings that differ from their defaults, in option order.
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
+                   if not _same(value, _D[name])]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # scikit-learn's estimator protocol, without importing scikit-learn (1.4 s on these CPUs) for every command:
+    # `is_classifier` reads the tags (scikit-learn >= 1.6) or `_estimator_type` (before), `check_is_fitted`
+    # asks `__sklearn_is_fitted__`. The tags are built only when scikit-learn, already imported, asks for them.
+    _estimator_type = "classifier"
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        # X is a list of image paths (or a folder, or a manifest), never a numeric 2-D array; y holds labels.
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=False),
+                    classifier_tags=ClassifierTags(), input_tags=InputTags(two_d_array=False, string=True),
+                    non_deterministic=False)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "classes_")
+
     def set_params(self, **params: Any) -> "ImageClassifier":
         unknown = [k for k in params if k not in options.OPTIONS]
         if unknown:
@@ -98,14 +121,25 @@ class ImageClassifier:
     # --- training ----------------------------------------------------------------------------------------------
 
     def fit(
-        self, data: str | Path, progress: Progress | None = None, checkpoint_dir: str | Path | None = None,
-        resume: bool = False,
+        self, data: str | Path | Sequence[str | Path], y: Sequence[Any] | None = None,
+        progress: Progress | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
     ) -> "ImageClassifier":
-        """Stage 1 trains the head on cached features; with strategy "finetune" (or "auto", when it pays)
-        stage 2 adapts the top of the backbone. `checkpoint_dir` gets a checkpoint after every stage-2 epoch;
-        `resume` continues from it."""
+        """Train on `data`: a class-folder set or a manifest file, or (scikit-learn's X, y) a list of image paths
+        and `y`, their labels, which is what `GridSearchCV` hands each fold. Stage 1 trains the head on cached
+        features; with strategy "finetune" (or "auto", when it pays) stage 2 adapts the top of the backbone.
+        `checkpoint_dir` gets a checkpoint after every stage-2 epoch; `resume` continues from it."""
         settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
         from headstart.train import pipeline
+
+        if y is not None:
+            from headstart.data.manifest import scan_pairs
+
+            if isinstance(data, (str, os.PathLike)):
+                raise DataError(f"y is given, so X must be a list of image paths, not {str(data)!r}; give a folder "
+                                "or a manifest without y")
+            data = scan_pairs(list(data), list(y), settings.val_split, settings.test_split, settings.seed)
+        elif not isinstance(data, (str, os.PathLike)):
+            raise DataError("a list of images needs its labels: fit(paths, labels), or fit(folder_or_manifest)")
 
         if settings.weights is not None:  # a torch file is read with weights_only=True, once, into safetensors
             from headstart.backbones.weights import as_safetensors
@@ -164,28 +198,40 @@ class ImageClassifier:
         """`predict_table`'s rows, streamed in input order (for folders too large to hold every row)."""
         return self._predictor().iter_table(images, top_k, progress)
 
-    def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
-        """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its
-        images). An input without a result (missing, unreadable, an empty folder) raises a DataError naming it:
-        rows never silently shift. `predict_table` reports such inputs as rows instead."""
+    def predict_proba(self, images: Images) -> np.ndarray:
+        """Class probabilities, one row per input in input order: image files, folders (expanded in place, sorted,
+        to their images), and images already decoded (PIL images, uint8 H x W x 3 arrays, a 4-D array of them),
+        which go through the same colour conversion, resize and crop as files (a JPEG file is decoded at a
+        reduced scale first, an image in memory is not, so their probabilities can differ slightly). An input
+        without a result (missing, unreadable, an empty folder) raises a DataError naming it: rows never
+        silently shift. `predict_table` reports such files as rows instead."""
         return self._predictor().predict_proba(images)
 
-    def predict(self, images: Sequence[str | Path] | str | Path) -> list[str]:
-        """Labels, one per input file in input order; the rule of `predict_proba`."""
+    def predict(self, images: Images) -> list[str]:
+        """Labels, one per input in input order; the inputs and rule of `predict_proba`."""
         return [self.classes_[i] for i in self.predict_proba(images).argmax(1)]
 
-    def evaluate(self, folder: str | Path, progress: Progress | None = None) -> tuple[Evaluation, list]:
-        """Metrics on a class-folder set (all its images, whatever split folders it has), and the files skipped."""
-        return self._predictor().evaluate(folder, self.seed, progress)
+    def evaluate(self, folder: str | Path, progress: Progress | None = None) -> EvaluationResult:
+        """Metrics on a class-folder set or manifest (all its images, whatever split folders it has), and the
+        files skipped."""
+        metrics, skipped = self._predictor().evaluate(folder, self.seed, progress)
+        return EvaluationResult(metrics, tuple(skipped))
 
-    def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> tuple[Any, list]:
-        """`evaluate` with test-time augmentation: an `evaluate.tta.TTAEvaluation` (the metrics without and with
-        each image's mirror image averaged in), and the files skipped."""
-        return self._predictor().evaluate_tta(folder, self.seed, progress)
+    def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> EvaluationResult:
+        """`evaluate` with test-time augmentation: `metrics` with each image's mirror image averaged in, `tta` the
+        `evaluate.tta.TTAEvaluation` holding both sides, and the files skipped."""
+        both, skipped = self._predictor().evaluate_tta(folder, self.seed, progress)
+        return EvaluationResult(both.tta, tuple(skipped), both)
 
-    def score(self, folder: str | Path) -> float:
-        """Accuracy on a class-folder set, as scikit-learn's `score`."""
-        return self.evaluate(folder)[0].accuracy
+    def score(self, X: str | Path | Images, y: Sequence[Any] | None = None) -> float:  # noqa: N803  sklearn's names
+        """Accuracy, as scikit-learn's `score`: on a class-folder set or manifest `X`, or (with `y`) of the
+        predictions for the images `X` against the labels `y`."""
+        if y is None:
+            return self.evaluate(X).metrics.accuracy  # type: ignore[arg-type]
+        predicted = self.predict(X)
+        if len(predicted) != len(y):
+            raise DataError(f"{len(predicted)} images but {len(y)} labels: give one label per image")
+        return float(np.mean([p == str(t) for p, t in zip(predicted, y)]))
 
     # --- persistence -------------------------------------------------------------------------------------------
 
@@ -221,6 +267,22 @@ class ImageClassifier:
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)
         return clf
+
+
+def labelled_files(data: str | Path) -> tuple[list[Path], list[str]]:
+    """Every image of a class-folder set or manifest (all its splits) and its label: the X and y that
+    `GridSearchCV(ImageClassifier(...), grid).fit(X, y)` splits into folds."""
+    from headstart.data.scan import scan_folder
+
+    dataset = scan_folder(data, val_split=0.0)
+    return [s.path for s in dataset.samples], [dataset.classes[s.label] for s in dataset.samples]
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether a setting is at its default, a list of widths equal to the same tuple."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    return type(value) is type(default) and value == default
 
 
 def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:

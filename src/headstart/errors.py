@@ -27,3 +27,7 @@ class CheckpointError(UserError):
 
 class FinetuneError(UserError, ValueError):
     """Settings this backbone cannot be fine-tuned with."""
+
+
+class TrackingError(UserError):
+    """A run could not be logged to the tracker asked for (its package missing, its store unreachable)."""

@@ -35,11 +35,22 @@ class History:
 
 
 @dataclass(frozen=True)
+class EvaluationResult:
+    """A model scored on a labelled set (`ImageClassifier.evaluate`): its metrics, and the files skipped with why.
+    From `evaluate_tta`, `metrics` are those with test-time augmentation and `tta` (an `evaluate.tta.TTAEvaluation`)
+    holds both sides."""
+
+    metrics: Evaluation
+    skipped: tuple[tuple[Path, str], ...] = ()
+    tta: Any = None
+
+
+@dataclass(frozen=True)
 class DataSource:
     """Where a run's images came from: a folder of class folders, or a manifest file (its rows and the sha256 of
     its bytes, so a changed manifest is told from the one the model was trained on)."""
 
-    kind: str  # "folder" | "manifest"
+    kind: str  # "folder" | "manifest" | "files" (paths and labels given as lists: `ImageClassifier.fit(X, y)`)
     path: str
     rows: int = 0
     sha256: str = ""

@@ -11,6 +11,7 @@ from headstart.cli import serve  # noqa: F401  isort: skip
 from headstart.cli import report  # noqa: F401  isort: skip
 from headstart.cli import check  # noqa: F401  isort: skip
 from headstart.cli import compare  # noqa: F401  isort: skip
+from headstart.cli import runs  # noqa: F401  isort: skip
 from headstart.cli.base import app, main
 
 __all__ = ["app", "main"]

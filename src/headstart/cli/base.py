@@ -76,7 +76,7 @@ app = typer.Typer(
     cls=_Group,
     help="Turn a folder of a few hundred photos into an image classifier by transfer learning.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion: typer (click) completes commands and options
     context_settings={"help_option_names": ["-h", "--help"]},  # `-h` as most command-line tools take it
     pretty_exceptions_show_locals=False,  # locals can be whole tensors; the stack is what a bug report needs
 )

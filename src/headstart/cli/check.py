@@ -1,4 +1,5 @@
-"""`headstart check DATA`: data problems before training, as a table (or --json); --strict exits 1 on blocking ones.
+"""`headstart check DATA`: data problems before training, as a table (or `--format json`, `--json` its alias kept from
+before the other commands' `--format`); --strict exits 1 on blocking ones.
 
 Exit codes: 0 the check ran (findings or not), 1 with --strict when a finding blocks, 2 a user error.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from headstart.data.check import CheckReport
 
 D = options.DEFAULTS
-MAX_FILES_SHOWN = 6  # files per finding in the terminal; --json lists every one
+MAX_FILES_SHOWN = 6  # files per finding in the terminal; --format json lists every one
 
 
 @app.command()
@@ -31,7 +32,8 @@ def check(
     data: Annotated[Path, typer.Argument(exists=True, help="Folder of class sub-folders (optionally train/val/test).")],
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a finding blocks (unreadable files, one "
                                          "photo under two labels, duplicates across splits).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    fmt: Annotated[Literal["table", "json"], typer.Option("--format", help="table, or json on stdout.")] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.", hidden=True)] = False,
     deep: Annotated[bool, typer.Option("--deep", help="Extract the backbone's features if not cached, for "
                                        "near-duplicates and likely label errors.")] = False,
     backbone: Annotated[str, typer.Option(
@@ -51,7 +53,7 @@ def check(
     with ProgressBars() as bars:
         report = check_folder(data, val_split=val_split, seed=seed, backbone=backbone, weights=weights,
                               device=device, deep=deep, progress=bars, engine=engine)
-    if as_json:
+    if as_json or fmt == "json":
         typer.echo(render.shown(json.dumps(report.to_dict(), indent=2)))
     else:
         print_report(report)
@@ -83,7 +85,7 @@ def findings_table(report: CheckReport) -> Table:
     for f in report.findings:
         files = [render.shown(p) for p in f.files[:MAX_FILES_SHOWN]]
         if len(f.files) > MAX_FILES_SHOWN:
-            files.append(f"... and {len(f.files) - MAX_FILES_SHOWN} more (--json lists them)")
+            files.append(f"... and {len(f.files) - MAX_FILES_SHOWN} more (--format json lists them)")
         table.add_row(Text(f.severity, style="bold red" if f.severity == "error" else "yellow"), f.kind,
                       Text(render.shown(f.message)), Text("\n".join(files)))
     return table

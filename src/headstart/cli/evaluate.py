@@ -37,10 +37,10 @@ def evaluate(
     clf = ImageClassifier.load(model)
     with ProgressBars() as bars:
         if tta:
-            both, skipped = clf.evaluate_tta(data, progress=bars)
-            evaluation = both.tta
+            result = clf.evaluate_tta(data, progress=bars)
         else:
-            evaluation, skipped = clf.evaluate(data, progress=bars)
+            result = clf.evaluate(data, progress=bars)
+    evaluation, skipped, both = result.metrics, list(result.skipped), result.tta
     png = render.write_confusion(evaluation, confusion or model / "confusion.png", title=f"Confusion matrix: {data}")
     if fmt == "json":
         text = render.evaluation_json(evaluation, skipped)

@@ -55,6 +55,7 @@ def _one_of(name: str) -> Any:
 
 Schedule, Device, Strategy, Augment = (_one_of(n) for n in ("schedule", "device", "strategy", "augment"))
 Engine = _one_of("engine")
+TRACKERS = ("csv", "tensorboard", "mlflow")  # headstart.track.TRACKERS, spelt here so --help imports nothing
 
 
 def flag_name(setting: str) -> str:
@@ -96,6 +97,13 @@ def _parse_hidden(text: str) -> tuple[int, ...] | str:
         ) from None
 
 
+def _trackers(values: list[str] | None) -> list[str] | None:
+    bad = [v for v in values or () if v not in TRACKERS]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not one of {', '.join(TRACKERS)}", param_hint="'--track'")
+    return values
+
+
 @app.command()
 def train(
     data: Annotated[Path | None, typer.Argument(
@@ -114,6 +122,12 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         file_okay=False, help="Continue the interrupted run saved in this model directory.",
         rich_help_panel=OUTPUT)] = None,
+    track: Annotated[list[str] | None, typer.Option(
+        "--track", help="Log the run to csv (OUT/history.csv), tensorboard or mlflow; repeat for several.",
+        show_default=False, metavar="<tracker>", callback=_trackers, rich_help_panel=OUTPUT)] = None,
+    log_dir: Annotated[Path | None, typer.Option(
+        "--log-dir", file_okay=False, help="Where csv and tensorboard logs go, one sub-folder per run "
+        "(default: in OUT).", show_default=False, rich_help_panel=OUTPUT)] = None,
     val_split: Annotated[float, flag("val_split")] = D["val_split"],
     test_split: Annotated[float, flag("test_split")] = D["test_split"],
     native_view: Annotated[bool, flag("native_view")] = D["native_view"],
@@ -179,6 +193,12 @@ def train(
         from headstart.cli.export import write_export
 
         write_export(saved, data)
+    if track:
+        from headstart.track import run_log
+        from headstart.track import track as log_run
+
+        for kind, where in log_run(track, run_log(clf.report_, clf.get_params(), saved, data), log_dir):
+            render.note(f"tracked ({kind}): {render.shown(where)}")
 
 
 def _data_or_manifest(data: Path | None, manifest: Path | None, verb: str = "train") -> Path:

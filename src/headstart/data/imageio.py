@@ -99,6 +99,31 @@ def load_rgb(path: Path | str, target_short_side: int | None = None) -> Image.Im
             raise ImageDecodeError(_reason(e, path), path) from e
 
 
+def is_decoded(item: object) -> bool:
+    """Whether `item` is an image already in memory (a PIL image or a numpy array) rather than a path."""
+    return isinstance(item, (Image.Image, np.ndarray))
+
+
+def decoded_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """An image already in memory as `load_rgb` would return it from a file: a PIL image (any mode; its EXIF
+    orientation applied) or a uint8 array of H x W x 3 (RGB) or H x W (grey), under the same size rules.
+    ImageDecodeError says what is wrong with anything else."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ImageDecodeError(f"an image array must be uint8 of shape (H, W, 3) or (H, W), not "
+                                   f"{image.dtype} of shape {image.shape}")
+        _check_size((image.shape[1], image.shape[0]))
+        return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    _check_size(image.size)
+    try:
+        image.load()  # a lazily opened image decodes here, its errors named like a file's
+        return _to_rgb(_apply_exif_orientation(image, Path(getattr(image, "filename", "") or "<image>")))
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001  Pillow signals bad data with many exception types
+        raise ImageDecodeError(_reason(e, Path("<image>"))) from e
+
+
 def read_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file's header, nothing decoded; ImageDecodeError as load_rgb would raise."""
     path = Path(path)

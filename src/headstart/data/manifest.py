@@ -15,7 +15,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,11 +177,43 @@ def scan_manifest(manifest: str | Path, val_split: float = 0.2, test_split: floa
     (a folder without val/ is split the same way). Rows whose file is missing or cannot be opened are skipped and
     named; a path listed twice is refused, since it would be trained (or validated) on twice."""
     manifest = Path(manifest).expanduser()
+    counted = _Counted(iter_rows(manifest))
+    return _rows_dataset(counted, manifest, val_split, test_split, seed,
+                         lambda: DataSource("manifest", str(Path(os.path.abspath(manifest))), counted.n,
+                                            file_sha256(manifest)))
+
+
+def scan_pairs(paths: Sequence[str | Path], labels: Sequence[object], val_split: float = 0.2,
+               test_split: float = 0.0, seed: int = 0) -> Dataset:
+    """The Dataset of image paths and their labels given as two lists (scikit-learn's X and y), under a manifest's
+    rules: a path given twice is refused, a missing or unopenable file skipped and named, val/test carved per class."""
+    if len(paths) != len(labels):
+        raise DataError(f"{len(paths)} images but {len(labels)} labels: give one label per image")
+    rows = (ManifestRow(Path(os.fsdecode(p)).expanduser(), str(label), None, f"image {n + 1} of those given")
+            for n, (p, label) in enumerate(zip(paths, labels)))
+    where = Path(f"<{len(paths)} images given as a list>")
+    return _rows_dataset(rows, where, val_split, test_split, seed, lambda: DataSource("files", str(where), len(paths)))
+
+
+class _Counted:
+    """An iterator of rows that counts what it yielded."""
+
+    def __init__(self, rows: Iterator[ManifestRow]) -> None:
+        self.rows, self.n = rows, 0
+
+    def __iter__(self) -> Iterator[ManifestRow]:
+        for row in self.rows:
+            self.n += 1
+            yield row
+
+
+def _rows_dataset(rows: Iterable[ManifestRow], manifest: Path, val_split: float, test_split: float, seed: int,
+                  source: Callable[[], DataSource]) -> Dataset:
     found: dict[str, dict[str, list[Path]]] = {"train": {}, "val": {}, "test": {}}
     skipped: list[tuple[Path, str]] = []
     first_seen: dict[Path, str] = {}  # the per-image index: path -> where it was listed
     n_rows = 0
-    for row in iter_rows(manifest):
+    for row in rows:
         n_rows += 1
         if row.path in first_seen:
             raise DataError(f"{row.where}: {row.path} is listed again (first at {first_seen[row.path]}) — list "
@@ -203,8 +235,8 @@ def scan_manifest(manifest: str | Path, val_split: float = 0.2, test_split: floa
     _check_labels(manifest, found, classes, skipped)
     carve_val, carve_test = (0.0 if found["val"] else val_split), (0.0 if found["test"] else test_split)
     samples = assemble({s: c for s, c in found.items() if c}, classes, carve_val, carve_test, seed)
-    source = DataSource("manifest", str(Path(os.path.abspath(manifest))), n_rows, file_sha256(manifest))
-    dataset = Dataset(root=manifest, classes=classes, samples=samples, skipped=tuple(sorted(skipped)), source=source)
+    dataset = Dataset(root=manifest, classes=classes, samples=samples, skipped=tuple(sorted(skipped)),
+                      source=source())
     _warn_unvalidated(dataset, validating=carve_val > 0 or bool(found["val"]))
     surprises.warn_duplicates({s: c for s, c in found.items() if c})
     return dataset

@@ -1,15 +1,22 @@
 """The REST service and its page: FastAPI over one `OnnxPredictor`, loaded once.
 
-    POST /predict   multipart/form-data, one or several images in the repeatable field `file` -> top-k per image
-    GET  /health    {"status": "ok"}
-    GET  /model     classes, backbone, version, quantization, metrics, limits
-    GET  /          the page (static/index.html, its script and style beside it; nothing from elsewhere)
+    POST /predict       multipart/form-data, one or several images in the repeatable field `file` -> top-k per image
+    GET  /health        {"status": "ok"}
+    GET  /model         classes, backbone, version, quantization, metrics, limits
+    GET  /              the page (static/index.html, its script and style beside it; nothing from elsewhere)
+    GET  /openapi.json  every route, its answers (pydantic models in `schemas`) and its refusals, described
 
-Every refusal is JSON `{"error": "..."}` with its status: 413 a body over the upload limit or more images than a
-request may carry, 415 a body that is not multipart/form-data, 400 a request without images or with an upload
-that is not a readable image (the error names each such file; a request is answered whole or not at all).
+Every refusal is JSON in FastAPI's shape, `{"detail": "..."}`, with its status: 413 a body over the upload limit,
+more images than a request may carry or more decoded pixels than it may hold; 415 a body that is not
+multipart/form-data; 408 an upload too slow; 400 a request without images, a malformed multipart body (what was
+wrong is said), or an upload that is not a readable image (`files` names each; a request is answered whole or
+not at all); 400 too for a Host header not on the allow-list (`hardening.allowed_hosts_for`), which defeats DNS
+rebinding. The interactive /docs page is off: Swagger UI's assets come from a CDN, which the page's policy (and
+this service's rule of loading nothing from elsewhere) forbids; /openapi.json describes everything it would show.
+
 No request names a path the server reads or writes: uploads are decoded from a private temporary folder under
-names the server picks, and the page is served from the package's own folder.
+names the server picks, and the page is served from the package's own folder. How much one request, and all of
+them together, may make the server decode is `uploads`' business; connections and their timeouts `hardening`'s.
 
 Inference runs on one worker thread, off the event loop, one call at a time (calls competing for two cores only
 slow each other). With `max_batch` > 1, requests that queued up while it was busy run together as one batch; on
@@ -19,14 +26,13 @@ this 2-core CPU that measured slower (bench/serve.py: 7.4 against 12.0 requests/
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import queue
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import anyio
@@ -34,37 +40,21 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from headstart.data.imageio import ImageDecodeError, load_rgb
+from headstart.serve import schemas
+from headstart.serve.hardening import LOCAL_NAMES, PAGE_CSP, SecurityHeaders, ServerLimits, allowed_hosts_for
 from headstart.serve.onnx_predictor import OnnxPredictor
+from headstart.serve.uploads import FIELD, Disconnected, Limits, PixelBudget, Refusal, read_uploads, views_or_reason
+
+__all__ = ["Batcher", "Limits", "ServerLimits", "create_app", "serve", "FIELD"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-FIELD = "file"
-CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'self'"
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int = 20 * 1024 * 1024  # the whole request body
-    max_images: int = 16  # files per request
-    max_pixels: int = 50_000_000  # per image, read from its header before decoding (a 50 kB PNG can hold 1 GP)
-    max_batch: int = 1  # images one inference call may gather from waiting requests (see --max-batch)
-    max_top_k: int = 20
-    decoders: int = 4  # uploads decoded at once, across requests: bounds the memory a burst of large images takes
-
-
-class Refusal(Exception):
-    def __init__(self, status: int, message: str, files: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.files = status, message, files
 
 
 class Batcher:
@@ -104,145 +94,110 @@ class Batcher:
                 start += len(job_views)
 
 
-def create_app(predictor: OnnxPredictor, limits: Limits = Limits()) -> FastAPI:
-    """The service around an already loaded predictor."""
-    app = FastAPI(title="headstart", version=predictor.info.headstart_version, docs_url=None, redoc_url=None)
+def create_app(predictor: OnnxPredictor, limits: Limits = Limits(),
+               allowed_hosts: Sequence[str] = LOCAL_NAMES) -> FastAPI:
+    """The service around an already loaded predictor, answering requests whose Host is in `allowed_hosts`
+    ("*": any)."""
+    app = FastAPI(title="headstart", version=predictor.info.headstart_version, docs_url=None, redoc_url=None,
+                  description="Image classification with a headstart model exported to ONNX.")
     batcher = Batcher(predictor, limits.max_batch)
-    # Decoding threads, for all requests together: a decoded photo can take max_pixels x 3 bytes while resized.
+    # Decoding, for all requests together: `decoders` images at once, `max_request_pixels` pixels in flight.
     decoders = anyio.CapacityLimiter(limits.decoders)
+    pixels = PixelBudget(limits.max_request_pixels)
     scratch = tempfile.TemporaryDirectory(prefix="headstart-serve-")
     app.state.scratch = scratch  # removed with the app
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SecurityHeaders)  # added last, so it runs first: refusals of the Host carry the headers too
     _error_handlers(app)
+    resize = predictor.info.views[0].resize
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        # The page loads nothing from elsewhere; the policy makes the browser hold it to that.
-        return HTMLResponse(page, headers={"Content-Security-Policy": CSP})
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    @app.get("/health", response_model=schemas.Health)
+    async def health() -> schemas.Health:
+        return schemas.Health(status="ok")
 
-    @app.get("/model")
-    async def model() -> dict:
+    @app.get("/model", response_model=schemas.ModelInfo)
+    async def model() -> schemas.ModelInfo:
         info = predictor.info
-        return {"classes": list(info.classes), "backbone": info.backbone, "version": info.headstart_version,
-                "quantization": info.quantization, "metrics": info.metrics,
-                "inputs": [v.to_dict() for v in info.views], "bytes": predictor.path.stat().st_size,
-                "limits": asdict(limits)}
+        return schemas.ModelInfo(
+            classes=list(info.classes), backbone=info.backbone, version=info.headstart_version,
+            quantization=info.quantization, metrics=info.metrics,
+            inputs=[schemas.InputView(**v.to_dict()) for v in info.views], bytes=predictor.path.stat().st_size,
+            limits=schemas.ServiceLimits(**asdict(limits)))
 
-    @app.post("/predict")
-    async def predict(request: Request, top_k: int = 3) -> JSONResponse:
-        k = max(1, min(top_k, limits.max_top_k, len(predictor.classes)))
-        uploads = await _read_uploads(request, limits)
-        decoded = await asyncio.gather(*(anyio.to_thread.run_sync(_decode, data, predictor, limits,
-                                                                  Path(scratch.name), limiter=decoders)
-                                         for _, data in uploads))
-        bad = [{"file": name, "error": reason} for (name, _), (_, reason) in zip(uploads, decoded) if reason]
+    @app.post("/predict", response_model=schemas.Predictions, responses=schemas.refusals(400, 408, 413, 415),
+              openapi_extra={"requestBody": schemas.PREDICT_BODY, "parameters": [schemas.TOP_K]})
+    async def predict(request: Request) -> schemas.Predictions | Response:
+        """Top-k labels for each uploaded image: `curl -F file=@a.jpg -F file=@b.png URL/predict?top_k=3`."""
+        k = max(1, min(_top_k(request), limits.max_top_k, len(predictor.classes)))
+        try:
+            uploads = await read_uploads(request, limits, resize)
+        except Disconnected as gone:  # nobody to answer: one line, not uvicorn's traceback
+            log.warning("%s: client disconnected mid-upload (%s)", _peer(request), gone)
+            return Response(status_code=400)
+        async with pixels.hold(sum(u.pixels for u in uploads)):
+            decoded = await asyncio.gather(*(anyio.to_thread.run_sync(views_or_reason, u, predictor, limits,
+                                                                      Path(scratch.name), limiter=decoders)
+                                             for u in uploads))
+        bad = [{"file": u.name, "error": reason} for u, (_, reason) in zip(uploads, decoded) if reason]
         if bad:
             names = ", ".join(f"{b['file']!r} ({b['error']})" for b in bad)
             raise Refusal(400, f"not a readable image: {names}", bad)
         proba = await batcher.proba([views for views, _ in decoded])
         results = []
-        for (name, _), p in zip(uploads, proba):
-            top = [{"label": predictor.classes[j], "probability": round(float(p[j]), 6)} for j in np.argsort(-p)[:k]]
-            results.append({"file": name, "label": top[0]["label"], "confidence": top[0]["probability"], "top_k": top})
-        return JSONResponse({"results": results})
+        for upload, p in zip(uploads, proba):
+            top = [schemas.Scored(label=predictor.classes[j], probability=round(float(p[j]), 6))
+                   for j in np.argsort(-p)[:k]]
+            results.append(schemas.ImageResult(file=upload.name, label=top[0].label,
+                                               confidence=top[0].probability, top_k=top))
+        return schemas.Predictions(results=results)
 
     return app
 
 
-async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
-    """(file name, content) of each upload in field `file`, refused whole when the request breaks a limit."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise Refusal(415, f"send images as multipart/form-data in the field '{FIELD}' (got "
-                           f"{ctype.split(';')[0] or 'no content type'}), e.g. curl -F {FIELD}=@photo.jpg URL/predict")
-    too_big = f"the upload is larger than {limits.max_upload_bytes // (1024 * 1024)} MiB; send fewer or smaller images"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limits.max_upload_bytes:
-        raise Refusal(413, too_big)
-
-    async def capped() -> AsyncIterator[bytes]:
-        # A body without Content-Length (chunked) is counted as it arrives.
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limits.max_upload_bytes:
-                raise Refusal(413, too_big)
-            yield chunk
-
-    parser = MultiPartParser(request.headers, capped(), max_files=limits.max_images, max_fields=100)
+def _top_k(request: Request) -> int:
+    raw = request.query_params.get("top_k", "3")
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        if "Too many files" in exc.message:
-            raise Refusal(413, f"more than {limits.max_images} images in one request; send them in several") from None
-        raise Refusal(400, f"unreadable multipart body ({exc.message})") from None
-    try:
-        files = [f for f in form.getlist(FIELD) if isinstance(f, UploadFile)]
-        if not files:
-            other = ", ".join(sorted(set(form.keys()))) or "none"
-            raise Refusal(400, f"no images: send them as files in the multipart field '{FIELD}' (fields sent: {other})")
-        return [(_display_name(f.filename, n), await f.read()) for n, f in enumerate(files)]
-    finally:
-        await form.close()
+        return int(raw)
+    except ValueError:
+        raise Refusal(400, f"top_k must be a whole number, not {raw[:40]!r}") from None
 
 
-def _display_name(filename: str | None, n: int) -> str:
-    """The name a client gave, only ever echoed back (never used as a path), cut to a sane length."""
-    name = "".join(ch for ch in (filename or "") if ch.isprintable())[:255]
-    return name or f"upload-{n + 1}"
-
-
-def _decode(data: bytes, predictor: OnnxPredictor, limits: Limits, scratch: Path
-            ) -> tuple[tuple[np.ndarray, ...] | None, str | None]:
-    """The graph's inputs for one upload, or why it is not a readable image. The bytes go to a file the server
-    names in its own folder, so they decode exactly as `headstart predict` decodes files."""
-    if not data:
-        return None, "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
-    except Exception:  # noqa: BLE001  not an image Pillow knows from its header: load_rgb below says why
-        w = h = 0
-    if w * h > limits.max_pixels:
-        return None, f"image too large ({w} x {h} pixels; at most {limits.max_pixels // 1_000_000} megapixels)"
-    with tempfile.NamedTemporaryFile(dir=scratch, suffix=".upload") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        try:
-            img = load_rgb(tmp.name, predictor.info.views[0].resize)
-        except ImageDecodeError as exc:
-            return None, str(exc)
-    return predictor.views(img), None
+def _peer(request: Request) -> str:
+    return "%s:%d" % (request.client.host, request.client.port) if request.client else "a client"
 
 
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Refusal)
     async def refusal(_: Request, exc: Refusal) -> JSONResponse:
-        body: dict = {"error": exc.message}
-        if exc.files:
-            body["files"] = exc.files
-        return JSONResponse(body, status_code=exc.status)
+        return JSONResponse(schemas.ErrorBody(detail=exc.message, files=exc.files).model_dump(exclude_none=True),
+                            status_code=exc.status, headers={"Connection": "close"} if exc.close else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request ({where})"}, status_code=400)
+        return JSONResponse({"detail": f"invalid request ({where})"}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+          allowed_hosts: Sequence[str] | None = None, server: ServerLimits = ServerLimits(),
           ready: Callable[[], None] | None = None) -> None:
-    """Load the model's export once and serve it until interrupted; `ready` is called once it is loaded."""
+    """Load the model's export once and serve it until interrupted; `ready` is called once it is loaded.
+    `allowed_hosts` defaults to $HEADSTART_ALLOWED_HOSTS (comma-separated names; "*": any), else to the bound
+    address and localhost's names (`hardening.default_hosts`): behind a proxy that passes its own name in Host,
+    list that name there."""
     import uvicorn
 
+    from headstart.serve.hardening import uvicorn_config
     from headstart.serve.onnx_predictor import load_export
 
     predictor = load_export(model_dir)
@@ -250,6 +205,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, limi
         from headstart.errors import ArtifactError
 
         raise ArtifactError(f"{model_dir}: no up-to-date model.onnx; run `headstart export {model_dir}` first")
+    hosts = tuple(allowed_hosts or allowed_hosts_for(host))
+    log.info("answering requests whose Host is one of %s", ", ".join(hosts))
+    app = create_app(predictor, limits, hosts)
     if ready is not None:
         ready()
-    uvicorn.run(create_app(predictor, limits), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, host, port, server)).run()

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from headstart.cache.pipeline import decoded_batches, default_workers
-from headstart.data.imageio import load_rgb
+from headstart.data.imageio import decoded_rgb, is_decoded, load_rgb
 from headstart.errors import ArtifactError, DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.paths import file_sha256
@@ -139,8 +139,11 @@ class OnnxPredictor(AlignedOutputs):
     def views(self, img: Image.Image) -> tuple[np.ndarray, ...]:
         return tuple(crop_pixels(img, v) for v in self.info.views)
 
-    def load(self, path: str | Path) -> tuple[np.ndarray, ...]:
-        """Decode one file (JPEGs at a reduced scale that still covers the first view) into the graph's inputs."""
+    def load(self, path: str | Path | Image.Image | np.ndarray) -> tuple[np.ndarray, ...]:
+        """Decode one file (JPEGs at a reduced scale that still covers the first view) into the graph's inputs;
+        an image already in memory (PIL, uint8 array) goes through the same conversion and crop."""
+        if is_decoded(path):
+            return self.views(decoded_rgb(path))
         return self.views(load_rgb(path, self.info.views[0].resize))
 
     def run(self, views: Sequence[np.ndarray]) -> np.ndarray:
@@ -184,7 +187,7 @@ class OnnxPredictor(AlignedOutputs):
             out[idx], ok[idx] = proba, True
         return out[ok], ok
 
-    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+    def _batches(self, paths: list, progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         return self.batches(paths, progress)  # what `AlignedOutputs` lines results up from
 

@@ -6,16 +6,19 @@ the head in numpy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
-from headstart.data.inputs import expand_inputs
+from headstart.data.imageio import is_decoded
+from headstart.data.inputs import InputImage, expand_inputs
 from headstart.data.scan import Dataset, scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.metrics import Evaluation, evaluate
@@ -28,6 +31,20 @@ if TYPE_CHECKING:
 
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
 _USE_TABLE = "use predict_table for one row per input, unreadable ones included"
+
+
+# What predict_proba takes: paths and folders, and images already decoded (PIL images, uint8 arrays).
+Images = Sequence[str | Path | Image.Image | np.ndarray] | str | Path | Image.Image | np.ndarray
+
+
+def _as_items(images: Images) -> list:
+    """The inputs one by one: a lone path or image is one input (a path is not iterated character by character),
+    a 4-D array is a batch of H x W x 3 images."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
 
 
 @dataclass
@@ -49,7 +66,7 @@ class AlignedOutputs:
 
     classes: tuple[str, ...]
 
-    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+    def _batches(self, paths: list, progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         raise NotImplementedError
 
@@ -79,18 +96,37 @@ class AlignedOutputs:
                 yield Prediction(item.path, top[0][0], top[0][1], top)
         progress.finish()
 
-    def predict_proba(self, images: Sequence[str | Path] | str | Path) -> np.ndarray:
-        """Class probabilities, one row per input file in input order (a folder expands in place, sorted, to its
-        images). Any input without a result (missing, unreadable, an empty folder) is a DataError naming the
-        first such path: the rows always line up with the inputs."""
-        items = expand_inputs(images)
-        bad = next((i for i in items if i.problem is not None), None)
+    def predict_proba(self, images: Images) -> np.ndarray:
+        """Class probabilities, one row per input in input order: a file, a folder (expanded in place, sorted, to
+        its images), or an image already in memory (a PIL image, a uint8 H x W x 3 array; a 4-D array is a batch
+        of them), which goes through the same conversion and preprocessing as a file. Any input without a result
+        (missing, unreadable, an empty folder) is a DataError naming the first one: rows always line up."""
+        rows: list[InputImage | int] = []  # an expanded path, or the index of an image in memory
+        decoded: list = []
+        for item in _as_items(images):
+            if is_decoded(item):
+                rows.append(len(decoded))
+                decoded.append(item)
+            else:
+                rows += expand_inputs(item)
+        bad = next((r for r in rows if isinstance(r, InputImage) and r.problem is not None), None)
         if bad is not None:  # before any work: nothing is extracted for a list that cannot line up
             raise DataError(f"{bad.path}: {bad.problem}; {_USE_TABLE}")
-        results = self._by_path([i.path for i in items], None, stop_at_failure=True)
-        out = np.zeros((len(items), len(self.classes)), np.float32)
-        for n, item in enumerate(items):
-            out[n] = results[item.path]
+        by_path = self._by_path([r.path for r in rows if isinstance(r, InputImage)], None, stop_at_failure=True)
+        in_memory = self._decoded_proba(decoded)
+        out = np.zeros((len(rows), len(self.classes)), np.float32)
+        for n, row in enumerate(rows):
+            out[n] = in_memory[row] if isinstance(row, int) else by_path[row.path]
+        return out
+
+    def _decoded_proba(self, images: list) -> np.ndarray:
+        out = np.zeros((len(images), len(self.classes)), np.float32)
+        if not images:
+            return out
+        for idx, proba, fails in self._batches(images):
+            if fails:
+                raise DataError(f"image {fails[0][0] + 1} of those given in memory: {fails[0][1]}")
+            out[idx] = proba
         return out
 
     def _labelled(self, folder: str | Path, seed: int) -> tuple[Dataset, np.ndarray]:
@@ -154,11 +190,12 @@ class Predictor(AlignedOutputs):
                              evaluate(y, averaged(proba, self.proba(mirrored.features)), self.classes))
         return both, list(dataset.skipped) + list(feats.failures) + list(mirrored.failures)
 
-    def _batches(self, paths: list[Path], progress: Callable[[int], None] | None = None
+    def _batches(self, paths: list, progress: Callable[[int], None] | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-        """(indices, probabilities, failures) for `paths`, a few hundred images at a time. The head runs on
-        gathered batches, not on each inference batch: a hidden layer's matrix product is big enough for BLAS to
-        start its threads, which then fight ONNX Runtime's for the cores (1.2 s more on 3,400 photos)."""
+        """(indices, probabilities, failures) for `paths` (files, or images in memory), a few hundred at a time.
+        The head runs on gathered batches, not on each inference batch: a hidden layer's matrix product is big
+        enough for BLAS to start its threads, which then fight ONNX Runtime's for the cores (1.2 s more on 3,400
+        photos)."""
         engine = self.frozen.engine(self.device)
         idx: list[int] = []
         feats: list[np.ndarray] = []

@@ -52,11 +52,13 @@ class Fitted:
             else None
 
 
-def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
-    """Train on a class-folder set with settings `s` (`options.Settings`, already checked)."""
+def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
+    """Train on a class-folder set or manifest (or a Dataset already made of them) with settings `s`
+    (`options.Settings`, already checked)."""
     distributed.start(s.device)  # under torchrun: joins the other ranks (after every check that needs no one)
     t0 = time.perf_counter()
-    dataset = scan_folder(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
+    dataset = data if isinstance(data, Dataset) else scan_folder(data, val_split=s.val_split,
+                                                                 test_split=s.test_split, seed=s.seed)
     standard = resolve(s.backbone)
     spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy != "head")
     frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(

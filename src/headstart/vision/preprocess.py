@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from PIL import Image
 
-from headstart.data.imageio import load_rgb
+from headstart.data.imageio import decoded_rgb, is_decoded, load_rgb
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -99,5 +99,7 @@ def load_for_model(path, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def load_views(path, cfg: PreprocessConfig) -> tuple[np.ndarray, ...]:
-    """Decode one image once and preprocess it into each of the config's views (see `eval_views`)."""
-    return eval_views(load_rgb(path, cfg.resize_size), cfg)
+    """Decode one image once and preprocess it into each of the config's views (see `eval_views`). `path` may
+    also be an image already in memory (a PIL image or a uint8 array: `imageio.decoded_rgb`)."""
+    img = decoded_rgb(path) if is_decoded(path) else load_rgb(path, cfg.resize_size)
+    return eval_views(img, cfg)

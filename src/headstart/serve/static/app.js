@@ -69,7 +69,7 @@
     try {
       const r = await fetch("/predict?top_k=3", { method: "POST", body: form });
       const answer = await r.json();
-      if (!r.ok) return fail(node, answer.files ? answer.files[0].error : answer.error);
+      if (!r.ok) return fail(node, answer.files ? answer.files[0].error : answer.detail);
       show(node, answer.results[0]);
     } catch (e) {
       fail(node, "the server did not answer");
