@@ -61,3 +61,11 @@ def test_a_port_left_in_time_wait_can_be_served_again() -> None:
     with pytest.raises(ConfigError, match="--port"):
         check_port("127.0.0.1", busy.getsockname()[1])
     busy.close()
+
+
+def test_allow_host_adds_names_to_the_defaults() -> None:
+    from headstart.cli.serve import _hosts
+
+    assert _hosts("127.0.0.1", None) is None  # the service's own default ($HEADSTART_ALLOWED_HOSTS, else local)
+    hosts = _hosts("127.0.0.1", ["Box.Example", " "])
+    assert "box.example" in hosts and "127.0.0.1" in hosts and "localhost" in hosts and "" not in hosts

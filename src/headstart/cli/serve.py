@@ -20,6 +20,9 @@ def serve(
     max_images: Annotated[int, typer.Option(min=1, help="Most images one request may carry.")] = 16,
     max_batch: Annotated[int, typer.Option(
         min=1, help="Most images of waiting requests run as one inference call (1: each request alone).")] = 1,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", help="A Host name to answer besides the bound address and localhost (repeatable; '*': any; "
+        "default: $HEADSTART_ALLOWED_HOSTS).", show_default=False)] = None,
 ) -> None:
     """Serve POST /predict, GET /health, GET /model and a page at / until interrupted (exports model.onnx first
     when the model has none, or an older one)."""
@@ -29,6 +32,7 @@ def serve(
 
     run(model, host, port, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_images=max_images,
                                   max_batch=max_batch),
+        allowed_hosts=_hosts(host, allow_host),
         ready=lambda: render.note(f"serving {model} at http://{host}:{port}/ (Ctrl+C to stop)"))
 
 
@@ -59,3 +63,13 @@ def ensure_export(model: Path) -> None:
     start = time.perf_counter()
     write_export(model, None)
     render.note(f"exported in {time.perf_counter() - start:.1f} s")
+
+
+def _hosts(host: str, extra: list[str] | None) -> tuple[str, ...] | None:
+    """The Host names to answer: the bound address's and localhost's, and those given; None: the service's default
+    ($HEADSTART_ALLOWED_HOSTS, else the bound address's and localhost's)."""
+    if not extra:
+        return None
+    from headstart.serve.hardening import default_hosts
+
+    return tuple(dict.fromkeys((*default_hosts(host), *(h.strip().lower() for h in extra if h.strip()))))
