@@ -53,6 +53,7 @@ class ImageClassifier:
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],
         train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"], engine: str = _D["engine"],
+        multi_label: bool = _D["multi_label"], threshold: float | None = _D["threshold"],
     ) -> None:
         # scikit-learn's rule: store the arguments as given; `fit` checks them (`options.check`).
         self.backbone = backbone
@@ -81,6 +82,8 @@ class ImageClassifier:
         self.train_bn = train_bn
         self.native_view = native_view
         self.engine = engine
+        self.multi_label = multi_label
+        self.threshold = threshold
 
     # --- settings ----------------------------------------------------------------------------------------------
 
@@ -112,8 +115,13 @@ class ImageClassifier:
 
             settings = dataclasses.replace(settings, weights=as_safetensors(Path(settings.weights)))
 
-        fitted = pipeline.fit(settings, data, progress or NoProgress(),
-                              Path(checkpoint_dir) if checkpoint_dir else None, resume)
+        if _multi_label(settings.multi_label, data):
+            from headstart.train.multilabel import fit_multilabel
+
+            fitted = fit_multilabel(settings, data, progress or NoProgress())
+        else:
+            fitted = pipeline.fit(settings, data, progress or NoProgress(),
+                                  Path(checkpoint_dir) if checkpoint_dir else None, resume)
         self._set_fitted(list(fitted.classes), fitted.frozen, fitted.head_config, fitted.head_state, fitted.report)
         self.validation_ = fitted.validation  # per-image validation results, for the report `train` writes (not saved)
         return self
@@ -139,6 +147,10 @@ class ImageClassifier:
     test_metrics_: Evaluation | None = property(lambda self: self.report_.test_metrics)  # type: ignore[assignment]
     # The k-fold accuracy of the kept head's settings on train + val, with its 95 % interval; None: not run.
     cv_: CrossValidation | None = property(lambda self: self.report_.cv)  # type: ignore[assignment]
+    # Multi-label models: sigmoid outputs, each label on at or above its threshold (`threshold` overrides them all).
+    multi_label_: bool = property(lambda self: self.head_config_.multi_label)  # type: ignore[assignment]
+    thresholds_: tuple = property(lambda self: self.head_config_.thresholds)  # type: ignore[assignment]
+    multilabel_metrics_ = property(lambda self: self.report_.multilabel)  # evaluate.multilabel.MultiLabelReport
 
     # --- inference ---------------------------------------------------------------------------------------------
 
@@ -170,12 +182,29 @@ class ImageClassifier:
         rows never silently shift. `predict_table` reports such inputs as rows instead."""
         return self._predictor().predict_proba(images)
 
-    def predict(self, images: Sequence[str | Path] | str | Path) -> list[str]:
-        """Labels, one per input file in input order; the rule of `predict_proba`."""
-        return [self.classes_[i] for i in self.predict_proba(images).argmax(1)]
+    def predict(self, images: Sequence[str | Path] | str | Path) -> list[str] | list[list[str]]:
+        """Labels, one per input file in input order; the rule of `predict_proba`. A multi-label model gives each
+        file the list of its labels at or above their thresholds (possibly empty)."""
+        proba = self.predict_proba(images)
+        if self.multi_label_:
+            from headstart.serve.multilabel import label_lists
 
-    def evaluate(self, folder: str | Path, progress: Progress | None = None) -> tuple[Evaluation, list]:
-        """Metrics on a class-folder set (all its images, whatever split folders it has), and the files skipped."""
+            return label_lists(proba, self.decision_thresholds(), self.classes_)
+        return [self.classes_[i] for i in proba.argmax(1)]
+
+    def decision_thresholds(self) -> tuple[float, ...]:
+        """A multi-label model's thresholds as applied: its stored ones, or `threshold` for every label."""
+        from headstart.serve.multilabel import thresholds_for
+
+        return thresholds_for(self.thresholds_, self.threshold)
+
+    def evaluate(self, folder: str | Path, progress: Progress | None = None) -> tuple[Any, list]:
+        """Metrics on a class-folder set (all its images, whatever split folders it has), and the files skipped.
+        A multi-label model is evaluated on a manifest: a `MultiLabelEvaluation` (mAP, F1s, per-label figures)."""
+        if hasattr(self, "classes_") and self.multi_label_:
+            from headstart.serve.multilabel import evaluate_manifest
+
+            return evaluate_manifest(self._predictor(), folder, self.decision_thresholds(), progress)
         return self._predictor().evaluate(folder, self.seed, progress)
 
     def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> tuple[Any, list]:
@@ -184,8 +213,9 @@ class ImageClassifier:
         return self._predictor().evaluate_tta(folder, self.seed, progress)
 
     def score(self, folder: str | Path) -> float:
-        """Accuracy on a class-folder set, as scikit-learn's `score`."""
-        return self.evaluate(folder)[0].accuracy
+        """Accuracy on a class-folder set, as scikit-learn's `score`; a multi-label model's mAP on a manifest."""
+        figures = self.evaluate(folder)[0]
+        return figures.map if self.multi_label_ else figures.accuracy
 
     # --- persistence -------------------------------------------------------------------------------------------
 
@@ -221,6 +251,20 @@ class ImageClassifier:
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)
         return clf
+
+
+def _multi_label(asked: bool, data: str | Path) -> bool:
+    """Whether a run is multi-label: asked for, or a manifest whose rows carry label lists. Only manifests carry
+    label lists: asking for multi-label on a folder is one line."""
+    from headstart.data.manifest import is_manifest
+    from headstart.data.multilabel import is_multilabel_manifest
+
+    if is_manifest(data):
+        return asked or is_multilabel_manifest(data)
+    if asked:
+        raise DataError(f"{data}: multi-label training reads a manifest of path,labels rows (labels separated by "
+                        "';'), not a folder — give --manifest tags.csv")
+    return False
 
 
 def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:

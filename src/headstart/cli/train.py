@@ -113,6 +113,8 @@ def train(
     val_split: Annotated[float, _flag("val_split")] = D["val_split"],
     test_split: Annotated[float, _flag("test_split")] = D["test_split"],
     native_view: Annotated[bool, _flag("native_view")] = D["native_view"],
+    multi_label: Annotated[bool, _flag("multi_label")] = D["multi_label"],
+    threshold: Annotated[float | None, _flag("threshold", metavar="<p>")] = D["threshold"],
     hidden: Annotated[str, _flag("hidden", metavar="<widths>")] = D["hidden"],
     dropout: Annotated[float, _flag("dropout")] = D["dropout"],
     epochs: Annotated[int, _flag("epochs")] = D["epochs"],
