@@ -192,6 +192,15 @@ class ImageClassifier:
             return label_lists(proba, self.decision_thresholds(), self.classes_)
         return [self.classes_[i] for i in proba.argmax(1)]
 
+    def iter_labelled(self, images: Sequence[str | Path] | str | Path, progress: Progress | None = None
+                      ) -> Iterator[Any]:
+        """A multi-label model's rows (`serve.multilabel.LabelledRow`: the labels on, every label's probability
+        and threshold, or an error), streamed in input order as `iter_table`'s."""
+        from headstart.serve.multilabel import labelled_rows
+
+        rows = self.iter_table(images, top_k=len(self.classes_), progress=progress)
+        return labelled_rows(rows, self.classes_, self.decision_thresholds())
+
     def decision_thresholds(self) -> tuple[float, ...]:
         """A multi-label model's thresholds as applied: its stored ones, or `threshold` for every label."""
         from headstart.serve.multilabel import thresholds_for

@@ -164,6 +164,9 @@ def train(
     if not main:
         return
     saved = clf.save(out)
+    if clf.multi_label_:
+        _multi_label_done(clf, data, backbone, saved, report, export)
+        return
     png = None
     if clf.val_metrics_ is not None:
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
@@ -173,6 +176,21 @@ def train(
         from headstart.evaluate.report_train import write_train_report
 
         render.note(f"report written to {write_train_report(clf, saved, data)}")
+    if export:
+        from headstart.cli.export import write_export
+
+        write_export(saved, data)
+
+
+def _multi_label_done(clf, data: Path, backbone: str, saved: Path, report: bool, export: bool) -> None:
+    """A multi-label model's summary, and its export; its report page is not written yet (said, not silent)."""
+    from headstart.cli import render_multilabel
+
+    render.out_console().print(render_multilabel.train_summary(clf, data, backbone, saved))
+    render.print_skipped(clf.skipped_)
+    if report:
+        render.note("no report.html for multi-label models yet: `headstart evaluate MODEL --manifest test.csv` "
+                    "prints every label's figures")
     if export:
         from headstart.cli.export import write_export
 

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -73,11 +73,12 @@ class MultiLabelReport:
     untuned: tuple[str, ...] = ()  # labels left at DEFAULT_THRESHOLD
     min_positives: int = MIN_POSITIVES
     threshold_override: float | None = None  # a threshold the user fixed for every label
+    images: dict[str, int] = field(default_factory=dict)  # readable images per split
 
     def to_dict(self) -> dict:
         return {"val": self.val.to_dict() if self.val else None, "test": self.test.to_dict() if self.test else None,
                 "untuned": list(self.untuned), "min_positives": self.min_positives,
-                "threshold_override": self.threshold_override}
+                "threshold_override": self.threshold_override, "images": dict(self.images)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiLabelReport":
@@ -85,7 +86,8 @@ class MultiLabelReport:
         return cls(MultiLabelEvaluation.from_dict(d["val"]) if d.get("val") else None,
                    MultiLabelEvaluation.from_dict(d["test"]) if d.get("test") else None,
                    tuple(str(n) for n in d.get("untuned") or ()), int(d.get("min_positives", MIN_POSITIVES)),
-                   None if over is None else float(over))
+                   None if over is None else float(over),
+                   {str(k): int(v) for k, v in (d.get("images") or {}).items()})
 
 
 def decide(proba: np.ndarray, thresholds: np.ndarray | tuple[float, ...]) -> np.ndarray:

@@ -3,7 +3,8 @@ torch-free, like the rest of the prediction path."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,33 @@ import numpy as np
 from headstart.data.multilabel import read_multilabel
 from headstart.errors import DataError
 from headstart.evaluate.multilabel import MultiLabelEvaluation, decide, evaluate_multilabel
-from headstart.serve.predictor import AlignedOutputs
+from headstart.serve.predictor import AlignedOutputs, Prediction
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    """One input's multi-label result: the labels that are on, every label's probability and threshold (in class
+    order), or the error that kept it from being read."""
+
+    path: Path
+    labels: tuple[str, ...]
+    probabilities: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def labelled_rows(predictions: Iterable[Prediction], classes: Sequence[str], thresholds: Sequence[float]
+                  ) -> Iterator[LabelledRow]:
+    """`Prediction` rows holding every label's probability (top_k = all) as multi-label rows, in their order."""
+    cuts = {c: float(t) for c, t in zip(classes, thresholds)}
+    for p in predictions:
+        if p.error is not None:
+            yield LabelledRow(p.path, (), {}, cuts, p.error)
+            continue
+        probs = dict(p.top_k)
+        ordered = {c: float(probs[c]) for c in classes}
+        on = tuple(c for c in classes if np.float32(ordered[c]) >= np.float32(cuts[c]))  # as `decide` compares
+        yield LabelledRow(p.path, on, ordered, cuts)
 
 
 def thresholds_for(stored: Sequence[float], override: float | None) -> tuple[float, ...]:

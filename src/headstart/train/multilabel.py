@@ -105,7 +105,8 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
                        timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
                        source=ml.source, cv_skipped="not run for multi-label models",
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend),
-                       multilabel=MultiLabelReport(scored["val"], scored["test"], untuned, MIN_POSITIVES, s.threshold))
+                       multilabel=MultiLabelReport(scored["val"], scored["test"], untuned, MIN_POSITIVES, s.threshold,
+                                                   {k: len(y) for k, (_, y) in part.items() if len(y)}))
     return Fitted(ml.classes, frozen, head_cfg, state, report)
 
 
