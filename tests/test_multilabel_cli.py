@@ -129,3 +129,36 @@ def test_refusals_are_one_line(trained, tiny_weights: Path, env: dict[str, str],
         assert proc.returncode == 2, proc.stdout + proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_export_and_serve_answer_every_label(trained, env: dict[str, str]) -> None:
+    """model.onnx ends in sigmoids with the thresholds in its metadata; the service answers each label's
+    probability, threshold and on/off; the loaded classifier predicts the same through the export."""
+    from fastapi.testclient import TestClient
+
+    from headstart import ImageClassifier
+    from headstart.serve.app import create_app
+    from headstart.serve.onnx_predictor import OnnxPredictor
+
+    _, model, test_csv = trained
+    before = ImageClassifier.load(model)
+    paths = sorted((test_csv.parent / "img").glob("test-00*.png"))
+    engine_proba = before.predict_proba(paths)
+    proc = _headstart("export", model, "--data", test_csv.parent / "train.csv", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    predictor = OnnxPredictor(model / "model.onnx")
+    assert predictor.info.multi_label and predictor.info.thresholds == tuple(before.thresholds_)
+    clf = ImageClassifier.load(model)
+    assert clf._export is not None
+    np.testing.assert_allclose(clf.predict_proba(paths), engine_proba, atol=1e-3)
+    with TestClient(create_app(predictor)) as client:
+        info = client.get("/model").json()
+        assert info["multi_label"] is True and set(info["thresholds"]) == {"blue", "green", "red"}
+        answer = client.post("/predict", files=[("file", (p.name, p.read_bytes(), "image/png"))
+                                                for p in paths[:4]]).json()["results"]
+    for result, row in zip(answer, clf.predict_proba(paths[:4])):
+        assert [s["label"] for s in result["scores"]] == [clf.classes_[j] for j in np.argsort(-row)]
+        on = {s["label"] for s in result["scores"] if s["probability"] >= s["threshold"]}
+        assert {s["label"] for s in result["scores"] if s["on"]} == on == set(result["labels"])
+    proc = _headstart("export", model, "--data", test_csv.parent / "train.csv", "--quantize", "int8", env=env)
+    assert proc.returncode == 2 and "not available for multi-label" in proc.stderr

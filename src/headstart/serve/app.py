@@ -1,6 +1,8 @@
 """The REST service and its page: FastAPI over one `OnnxPredictor`, loaded once.
 
-    POST /predict   multipart/form-data, one or several images in the repeatable field `file` -> top-k per image
+    POST /predict   multipart/form-data, one or several images in the repeatable field `file` -> top-k per image;
+                    a multi-label model also gives `labels` (those on) and `scores` (every label: probability,
+                    threshold, on), highest probability first
     GET  /health    {"status": "ok"}
     GET  /model     classes, backbone, version, quantization, metrics, limits
     GET  /          the page (static/index.html, its script and style beside it; nothing from elsewhere)
@@ -131,7 +133,8 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits()) -> FastAPI:
         return {"classes": list(info.classes), "backbone": info.backbone, "version": info.headstart_version,
                 "quantization": info.quantization, "metrics": info.metrics,
                 "inputs": [v.to_dict() for v in info.views], "bytes": predictor.path.stat().st_size,
-                "limits": asdict(limits)}
+                "limits": asdict(limits), "multi_label": info.multi_label,
+                **({"thresholds": dict(zip(info.classes, info.thresholds))} if info.multi_label else {})}
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 3) -> JSONResponse:
@@ -148,10 +151,22 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits()) -> FastAPI:
         results = []
         for (name, _), p in zip(uploads, proba):
             top = [{"label": predictor.classes[j], "probability": round(float(p[j]), 6)} for j in np.argsort(-p)[:k]]
-            results.append({"file": name, "label": top[0]["label"], "confidence": top[0]["probability"], "top_k": top})
+            result = {"file": name, "label": top[0]["label"], "confidence": top[0]["probability"], "top_k": top}
+            results.append(_multi_label(result, p, predictor) if predictor.info.multi_label else result)
         return JSONResponse({"results": results})
 
     return app
+
+
+def _multi_label(result: dict, p: np.ndarray, predictor: OnnxPredictor) -> dict:
+    """A multi-label answer: every label with its probability, its threshold and whether it is on (highest
+    probability first), the labels on, and `label` the likeliest of those (null when none is on)."""
+    cuts = np.asarray(predictor.info.thresholds, np.float32)
+    scores = [{"label": predictor.classes[j], "probability": round(float(p[j]), 6),
+               "threshold": round(float(cuts[j]), 6), "on": bool(p[j] >= cuts[j])} for j in np.argsort(-p)]
+    on = [s for s in scores if s["on"]]
+    return {**result, "label": on[0]["label"] if on else None, "confidence": on[0]["probability"] if on else None,
+            "labels": [s["label"] for s in on], "scores": scores}
 
 
 async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
