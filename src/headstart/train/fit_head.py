@@ -281,6 +281,8 @@ def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progre
     refitting = x_full is not None and all(cfg.schedule == "cosine" for _, cfg in candidates)
     shadows = [_Shadow() if refitting else None for _ in candidates]
     twins = [fresh_head(head_cfg, cfg.seed) for head_cfg, cfg in candidates] if refitting else []
+    for twin in twins:
+        prior_bias(twin, y_full)
     # Under torchrun, one after another in this thread: each fit's collectives in one order on every rank.
     with distributed.executor(min(len(candidates), cpu_threads())) as pool:
         jobs = [pool.submit(_candidate, shadow, head_cfg, cfg, x_train, y_train, x_val, y_val, shared, head)

@@ -78,7 +78,11 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
     train_cfg = replace(train_config(s), label_smoothing=LABEL_SMOOTHING, balance=POSITIVE_WEIGHTS or s.balance)
     shape = HeadConfig(feats.features.shape[1], len(ml.classes), multi_label=True)
     candidates = policy.head_candidates(s.hidden, s.dropout, shape, train_cfg, int(y_tr.sum()), len(y_va) > 0)
-    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress)
+    # The refit on train + val trains beside the candidates (`fit_best_head`'s shadows), not after them.
+    n_full = len(y_tr) + len(y_va)  # train then val: one block of rows (`path_features`' order)
+    y_full = np.concatenate([y_tr, y_va])
+    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, feats.features[:n_full] if len(y_va) else None,
+                           y_full if len(y_va) else None)
     state = fitted.state
     thresholds, untuned = _thresholds(s.threshold, fitted.head.cfg, state, x_va, y_va, ml.classes)
     head_cfg = replace(fitted.head.cfg, thresholds=thresholds)
@@ -88,9 +92,9 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
     if len(y_va):
         from headstart.train.fit_head import refit_full
 
-        refitted = len(y_tr) + len(y_va)  # train then val: one block of rows (`path_features`' order)
-        head, _ = refit_full(fitted.head.cfg, fitted.train_config, feats.features[:refitted],
-                             np.concatenate([y_tr, y_va]), fitted.history.best_epoch + 1, fitted.epoch_lrs, progress)
+        refitted = n_full
+        head = fitted.refit or refit_full(fitted.head.cfg, fitted.train_config, feats.features[:n_full], y_full,
+                                          fitted.history.best_epoch + 1, fitted.epoch_lrs, progress)[0]
         state = head.state_dict()
         x_te, y_te = part["test"]
         scored["test"] = evaluate_multilabel(y_te, head_proba(head_cfg, state, x_te), thresholds, ml.classes) \
