@@ -162,3 +162,16 @@ def test_export_and_serve_answer_every_label(trained, env: dict[str, str]) -> No
         assert {s["label"] for s in result["scores"] if s["on"]} == on == set(result["labels"])
     proc = _headstart("export", model, "--data", test_csv.parent / "train.csv", "--quantize", "int8", env=env)
     assert proc.returncode == 2 and "not available for multi-label" in proc.stderr
+
+
+def test_a_multi_label_fit_does_not_import_scikit_learn(trained, tiny_weights: Path, env: dict[str, str]) -> None:
+    """scikit-learn's import alone cost ~1.5 s of a ~3 s warm train: the split and the figures are numpy's. (torch
+    is the single-label path's business: the same features, the same numpy head.)"""
+    _, _, test_csv = trained
+    code = ("import sys; from headstart import ImageClassifier; "
+            f"ImageClassifier({TINY_BACKBONE!r}, weights={str(tiny_weights)!r}, epochs=3, device='cpu')"
+            f".fit({str(test_csv.parent / 'train.csv')!r}); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

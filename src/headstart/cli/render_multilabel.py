@@ -127,7 +127,8 @@ def predictions_table(rows: Sequence[LabelledRow]) -> Table:
         if row.error is not None:
             table.add_row(Text(shown(row.path)), Text("-"), Text(f"error: {shown(row.error)}", style="red"))
             continue
-        ranked = sorted(row.probabilities.items(), key=lambda kv: (kv[0] not in row.labels, -kv[1]))[:max(5, len(row.labels))]
+        ranked = sorted(row.probabilities.items(), key=lambda kv: (kv[0] not in row.labels, -kv[1]))
+        ranked = ranked[:max(5, len(row.labels))]
         table.add_row(Text(shown(row.path)), Text(", ".join(shown(label) for label in row.labels) or "(none)"),
                       Text(", ".join(f"{shown(c)} {p:.3f}" for c, p in ranked)))
     return table

@@ -27,14 +27,15 @@ def keep_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator) -> tup
     return keep, 256 / (256 - drop_below)
 
 
-def positive_weights(targets: np.ndarray, cap: float = 10.0) -> np.ndarray:
-    """Each label's positive weight in binary cross-entropy: the square root of its negatives over its positives,
-    between 1 and `cap` (1 for a label that never or always occurs). On planet_sample (10 seeded inner splits,
-    bench/multilabel.py) the square root scored mAP 0.594, micro F1 0.843 and macro F1 0.485, against 0.572,
-    0.845, 0.449 without weights and 0.597, 0.833, 0.476 with the plain ratio, which over-predicts rare labels."""
+def positive_weights(targets: np.ndarray, cap: float = 10.0, power: float = 0.25) -> np.ndarray:
+    """Each label's positive weight in binary cross-entropy: its negatives over its positives to the power `power`,
+    between 1 and `cap` (1 for a label that never or always occurs). On planet_sample (10 seeded 60/20/20 inner
+    splits of the acceptance's training rows, the refitted 256-unit head, bench/multilabel.py's notes) the fourth
+    root scored mAP 0.593, micro F1 0.851, macro F1 0.479; no weights 0.581, 0.852, 0.461; the square root 0.595,
+    0.841, 0.489: the square root over-predicts the rarer labels, which costs micro F1 a point."""
     pos = np.asarray(targets, np.float64).sum(0)
     neg = len(targets) - pos
-    weights = np.where((pos > 0) & (neg > 0), np.sqrt(neg / np.maximum(pos, 1)), 1.0)
+    weights = np.where((pos > 0) & (neg > 0), (neg / np.maximum(pos, 1)) ** power, 1.0)
     return np.clip(weights, 1.0, cap).astype(np.float32)
 
 
