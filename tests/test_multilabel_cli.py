@@ -175,3 +175,18 @@ def test_a_multi_label_fit_does_not_import_scikit_learn(trained, tiny_weights: P
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_check_reports_label_counts_and_co_occurrence(trained, env: dict[str, str]) -> None:
+    _, model, test_csv = trained
+    proc = _headstart("check", test_csv.parent / "train.csv", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["multi_label"] is True and summary["classes"] == ["blue", "green", "red"]
+    assert sum(summary["images"].values()) == 84 and summary["images"]["val"] > 0
+    assert summary["unlabelled"] == 12  # every seventh image has no label
+    assert sum(summary["positives"][s]["red"] for s in summary["positives"]) == 36
+    assert {tuple(p["labels"]) for p in summary["co_occurrence"]} == {("green", "red"), ("blue", "green"),
+                                                                      ("blue", "red")}
+    proc = _headstart("report", model, env=env)
+    assert proc.returncode == 2 and "not available for multi-label" in proc.stderr

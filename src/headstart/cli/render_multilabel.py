@@ -132,3 +132,33 @@ def predictions_table(rows: Sequence[LabelledRow]) -> Table:
         table.add_row(Text(shown(row.path)), Text(", ".join(shown(label) for label in row.labels) or "(none)"),
                       Text(", ".join(f"{shown(c)} {p:.3f}" for c, p in ranked)))
     return table
+
+
+def print_check(summary: Any) -> None:
+    """`headstart check` on a multi-label manifest (`data.multilabel.MultiLabelSummary`)."""
+    from headstart.cli.render import note, print_skipped
+
+    console = out_console()
+    images = ", ".join(f"{split} {n}" for split, n in summary.images.items())
+    console.print(Text(shown(f"headstart check {summary.root}: multi-label, {len(summary.classes)} labels, "
+                             f"{images}; {summary.unlabelled} image(s) with no label")))
+    splits = list(summary.positives)
+    table = Table(title="positives per label", title_justify="left")
+    table.add_column("label")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for c in summary.classes:
+        table.add_row(Text(shown(c)), *(str(summary.positives[s][c]) for s in splits))
+    console.print(table)
+    if summary.pairs:
+        pairs = Table(title="labels that occur together most (images holding both)", title_justify="left")
+        pairs.add_column("labels")
+        pairs.add_column("images", justify="right")
+        for a, b, n in summary.pairs:
+            pairs.add_row(Text(shown(f"{a} + {b}")), str(n))
+        console.print(pairs)
+    if summary.never:
+        note(f"warning: no training image has {', '.join(map(shown, summary.never))}: it cannot be learnt")
+    if summary.always:
+        note(f"warning: every training image has {', '.join(map(shown, summary.always))}: nothing to tell apart")
+    print_skipped(summary.skipped)

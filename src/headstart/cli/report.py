@@ -25,6 +25,11 @@ def report(
     from headstart.evaluate.report import write_report
 
     clf = ImageClassifier.load(model)
+    if clf.multi_label_:
+        from headstart.errors import ConfigError
+
+        raise ConfigError(f"{model}: report.html is not available for multi-label models yet; `headstart evaluate "
+                          f"{model} --manifest test.csv` prints every label's precision, recall, F1 and AP")
     with ProgressBars() as bars:
         path = write_report(clf, model, data, out, heat_maps=heatmaps, progress=bars)
     render.note(f"report written to {path}")

@@ -221,3 +221,42 @@ def _best(wanted: np.ndarray, rows_wanted: np.ndarray, rng: np.random.Generator)
     if len(top) > 1:
         top = top[rows_wanted[top] == rows_wanted[top].max()]
     return int(top[0] if len(top) == 1 else rng.choice(top))
+
+
+@dataclass(frozen=True)
+class MultiLabelSummary:
+    """What `headstart check` says of a multi-label manifest: images per split, each label's positives per split,
+    the labels that occur in no training image or in every one, images with no label, and the label pairs that
+    occur together most (co-occurrence: images holding both)."""
+
+    root: Path
+    classes: tuple[str, ...]
+    images: dict[str, int]
+    positives: dict[str, dict[str, int]]
+    never: tuple[str, ...]  # no training image has it: it cannot be learnt
+    always: tuple[str, ...]  # every training image has it: nothing to tell apart
+    unlabelled: int  # images with none of the labels (kept: they teach the negatives)
+    pairs: tuple[tuple[str, str, int], ...]  # most frequent co-occurrences, most first
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"root": str(self.root), "multi_label": True, "classes": list(self.classes), "images": self.images,
+                "positives": self.positives, "never": list(self.never), "always": list(self.always),
+                "unlabelled": self.unlabelled, "co_occurrence": [{"labels": [a, b], "images": n}
+                                                                 for a, b, n in self.pairs],
+                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped]}
+
+
+def summarize(data: MultiLabelData, top_pairs: int = 10) -> MultiLabelSummary:
+    """The check's figures for a read manifest."""
+    y = data.targets.astype(np.int64)
+    train = data.part("train")
+    both = y.T @ y  # [labels, labels]: images holding both
+    pairs = [(data.classes[i], data.classes[j], int(both[i, j])) for i in range(len(data.classes))
+             for j in range(i + 1, len(data.classes)) if both[i, j]]
+    pairs.sort(key=lambda p: (-p[2], p[0], p[1]))
+    return MultiLabelSummary(
+        data.root, data.classes, {s: int((data.splits == s).sum()) for s in SPLITS if (data.splits == s).any()},
+        data.counts(), tuple(c for c, n in zip(data.classes, train.sum(0)) if n == 0),
+        tuple(c for c, n in zip(data.classes, train.sum(0)) if len(train) and n == len(train)),
+        int((y.sum(1) == 0).sum()), tuple(pairs[:top_pairs]), data.skipped)
