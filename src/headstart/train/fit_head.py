@@ -171,8 +171,8 @@ class _AdvanceOnly:
 def prior_bias(head: HeadParams, y_train: np.ndarray) -> None:
     """A multi-label head's output biases set to each label's log prior odds in `y_train` (RetinaNet's prior
     initialisation): from a bias of 0 every label starts at probability 0.5, and a rare label's bias spends most of
-    a short schedule walking down to its prior (planet_sample, linear head: micro F1 at 0.5 went from 0.65 to
-    0.82 with it). Single-label heads are left as drawn."""
+    a short schedule walking down to its prior (planet_sample, 6 seeded inner splits, linear head, thresholds at
+    0.5: micro F1 0.590 -> 0.836, mAP 0.538 -> 0.584 with it). Single-label heads are left as drawn."""
     if not head.cfg.multi_label:
         return
     rate = np.clip(np.asarray(y_train, np.float64).mean(0), 1e-3, 1 - 1e-3)
