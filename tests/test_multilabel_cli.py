@@ -188,5 +188,16 @@ def test_check_reports_label_counts_and_co_occurrence(trained, env: dict[str, st
     assert sum(summary["positives"][s]["red"] for s in summary["positives"]) == 36
     assert {tuple(p["labels"]) for p in summary["co_occurrence"]} == {("green", "red"), ("blue", "green"),
                                                                       ("blue", "red")}
+
+
+def test_train_writes_a_report_and_report_scores_a_manifest(trained, env: dict[str, str]) -> None:
+    _, model, test_csv = trained
+    page = (model / "report.html").read_text()  # train's, from its validation split
+    assert "validation split" in page and "Precision-recall curves" in page
+    proc = _headstart("report", model, test_csv, "--out", model / "held-out.html", env=env)
+    assert proc.returncode == 0, proc.stderr
+    page = (model / "held-out.html").read_text()
+    assert "test.csv" in page and page.count("<tr>") >= 3 + 6 + 1 + 3  # summary, scores, per-label rows
+    assert "data:image/svg+xml;base64," in page and "<script" not in page and "http://" not in page
     proc = _headstart("report", model, env=env)
-    assert proc.returncode == 2 and "not available for multi-label" in proc.stderr
+    assert proc.returncode == 2 and "reported on a manifest" in proc.stderr

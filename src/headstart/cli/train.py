@@ -183,14 +183,17 @@ def train(
 
 
 def _multi_label_done(clf, data: Path, backbone: str, saved: Path, report: bool, export: bool) -> None:
-    """A multi-label model's summary, and its export; its report page is not written yet (said, not silent)."""
+    """A multi-label model's summary, its report page (from the validation split, when there is one), its export."""
     from headstart.cli import render_multilabel
 
     render.out_console().print(render_multilabel.train_summary(clf, data, backbone, saved))
     render.print_skipped(clf.skipped_)
-    if report:
-        render.note("no report.html for multi-label models yet: `headstart evaluate MODEL --manifest test.csv` "
-                    "prints every label's figures")
+    if report and getattr(clf, "validation_", None) is not None:
+        from headstart.evaluate.report_multilabel import write_report
+
+        page = write_report(clf, saved, clf.validation_, f"the validation split carved from {data} (n="
+                            f"{len(clf.validation_.paths)}; it chose the head, its epoch and the thresholds)")
+        render.note(f"report written to {page}")
     if export:
         from headstart.cli.export import write_export
 

@@ -12,6 +12,7 @@ import numpy as np
 from headstart.data.multilabel import read_multilabel
 from headstart.errors import DataError
 from headstart.evaluate.multilabel import MultiLabelEvaluation, decide, evaluate_multilabel
+from headstart.evaluate.report_multilabel import MultiLabelScored
 from headstart.serve.predictor import AlignedOutputs, Prediction
 
 
@@ -56,6 +57,14 @@ def evaluate_manifest(predictor: AlignedOutputs, manifest: str | Path, threshold
     """Every figure of the model on a multi-label manifest's rows (all of them, whatever their split), and the
     files skipped. A label the model does not know is one line; the model's labels absent from the manifest count
     as negatives everywhere (and, having no positive, do not enter mAP or macro F1)."""
+    scored, skipped = scored_manifest(predictor, manifest, progress)
+    return evaluate_multilabel(scored.targets, scored.proba, thresholds, predictor.classes), skipped
+
+
+def scored_manifest(predictor: AlignedOutputs, manifest: str | Path, progress=None
+                    ) -> tuple[MultiLabelScored, list[tuple[Path, str]]]:
+    """The readable rows of a multi-label manifest with their targets (in the model's label order) and the model's
+    probabilities, and the files skipped."""
     data = read_multilabel(manifest, carve=False)
     classes = tuple(predictor.classes)
     unknown = [c for c in data.classes if c not in classes]
@@ -71,4 +80,4 @@ def evaluate_manifest(predictor: AlignedOutputs, manifest: str | Path, threshold
     for j, c in enumerate(data.classes):
         targets[:, classes.index(c)] = data.targets[ok, j]
     proba = np.stack([results[data.paths[i]] for i in ok])
-    return evaluate_multilabel(targets, proba, thresholds, classes), skipped
+    return MultiLabelScored([data.paths[i] for i in ok], targets, proba), skipped

@@ -113,7 +113,13 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend),
                        multilabel=MultiLabelReport(scored["val"], scored["test"], untuned, MIN_POSITIVES, s.threshold,
                                                    {k: len(y) for k, (_, y) in part.items() if len(y)}))
-    return Fitted(ml.classes, frozen, head_cfg, state, report)
+    validation = None
+    if len(y_va):  # per-image results of the validation head, for the report `train` writes
+        from headstart.evaluate.report_multilabel import MultiLabelScored
+
+        val_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "val"]
+        validation = MultiLabelScored(val_paths, y_va, head_proba(head_cfg, fitted.state, x_va))
+    return Fitted(ml.classes, frozen, head_cfg, state, report, validation=validation)
 
 
 def _thresholds(override: float | None, cfg: HeadConfig, state: dict[str, np.ndarray], x_val: np.ndarray,
