@@ -218,7 +218,9 @@ class ImageClassifier:
 
     def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> tuple[Any, list]:
         """`evaluate` with test-time augmentation: an `evaluate.tta.TTAEvaluation` (the metrics without and with
-        each image's mirror image averaged in), and the files skipped."""
+        each image's mirror image averaged in), and the files skipped. Not for multi-label models yet."""
+        if hasattr(self, "classes_") and self.multi_label_:
+            raise DataError("test-time augmentation is not available for multi-label models yet; use evaluate")
         return self._predictor().evaluate_tta(folder, self.seed, progress)
 
     def score(self, folder: str | Path) -> float:
