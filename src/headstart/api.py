@@ -108,6 +108,7 @@ class ImageClassifier:
         stage 2 adapts the top of the backbone. `checkpoint_dir` gets a checkpoint after every stage-2 epoch;
         `resume` continues from it."""
         settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
+        multi_label = _multi_label(settings.multi_label, data)  # label lists in a manifest, or asked for
         from headstart.train import pipeline
 
         if settings.weights is not None:  # a torch file is read with weights_only=True, once, into safetensors
@@ -115,7 +116,7 @@ class ImageClassifier:
 
             settings = dataclasses.replace(settings, weights=as_safetensors(Path(settings.weights)))
 
-        if _multi_label(settings.multi_label, data):
+        if multi_label:
             from headstart.train.multilabel import fit_multilabel
 
             fitted = fit_multilabel(settings, data, progress or NoProgress())
