@@ -289,7 +289,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
         balance=True, seed=7, device="cpu", strategy="finetune", unfreeze="all", augment="strong",
         finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True, native_view=False,
-        cv="auto", engine="auto", refit=False,
+        cv="auto", engine="auto", refit=False, multi_label=False, threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "earlier" / "checkpoint", "resume": True}
     assert (out / "headstart.json").exists()
@@ -328,7 +328,8 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance=False,
         seed=0, device="auto", strategy="head", unfreeze="auto", augment="light", finetune_epochs=3, finetune_lr=5e-4,
-        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False,
+        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False, multi_label=False,
+        threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
 

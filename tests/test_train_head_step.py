@@ -82,3 +82,39 @@ def test_dropout_keeps_the_expected_fraction_and_scale():
     assert abs(out.mean() - 1.0) < 0.03  # inverted dropout: the expectation is unchanged
     assert out.dtype == np.float32
     assert keep_mask(x.shape, 0.0, rng) == (None, 1.0)
+
+
+@pytest.mark.parametrize("hidden,p,weighted", [((), 0.2, False), ((16,), 0.3, True)])
+def test_the_multi_label_step_is_binary_cross_entropy_by_autograd(hidden, p, weighted):
+    """A multi-label head's step: torch's binary_cross_entropy_with_logits (mean over every entry, positive
+    weights), with the same dropout masks, and its gradients."""
+    from headstart.train.head_step import bce_loss, positive_weights
+
+    torch.manual_seed(0)
+    cfg = HeadConfig(20, 5, hidden, p, multi_label=True)
+    head = Head(cfg)
+    ours = HeadParams.fresh(cfg, 0)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in head.state_dict().items()})
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(31, 20)).astype(np.float32), (rng.random((31, 5)) < 0.3).astype(np.float32)
+    weight = positive_weights(y) if weighted else None
+    loss, grads = train_step(ours, x, y, weight, 0.0, np.random.default_rng(5), 0.7)
+    drop_rng, a = np.random.default_rng(5), torch.from_numpy(x)
+    for layer in head.layers:
+        if isinstance(layer, torch.nn.Dropout):
+            keep, scale = keep_mask(tuple(a.shape), layer.p, drop_rng)
+            a = a if keep is None else a * torch.from_numpy(keep) * scale
+        else:
+            a = layer(a)
+    ref = F.binary_cross_entropy_with_logits(
+        a, torch.from_numpy(y), pos_weight=None if weight is None else torch.from_numpy(weight)) * 0.7
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    expected = [t.grad.numpy() for m in head.layers if isinstance(m, torch.nn.Linear) for t in (m.weight, m.bias)]
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    logits = np.random.default_rng(3).normal(size=(7, 5)) * 30
+    assert bce_loss(logits, y[:7]) == pytest.approx(
+        F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y[:7]).double()).item())
+    if weighted:
+        assert weight.min() >= 1.0 and weight.max() <= 10.0

@@ -54,6 +54,7 @@ class ImageClassifier:
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],
         train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"], engine: str = _D["engine"],
+        multi_label: bool = _D["multi_label"], threshold: float | None = _D["threshold"],
     ) -> None:
         # scikit-learn's rule: store the arguments as given; `fit` checks them (`options.check`).
         self.backbone = backbone
@@ -82,6 +83,8 @@ class ImageClassifier:
         self.train_bn = train_bn
         self.native_view = native_view
         self.engine = engine
+        self.multi_label = multi_label
+        self.threshold = threshold
 
     # --- settings ----------------------------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class ImageClassifier:
         features; with strategy "finetune" (or "auto", when it pays) stage 2 adapts the top of the backbone.
         `checkpoint_dir` gets a checkpoint after every stage-2 epoch; `resume` continues from it."""
         settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
+        multi_label = _multi_label(settings.multi_label, data)  # label lists in a manifest, or asked for
         from headstart.train import pipeline
 
         if y is not None:
@@ -146,8 +150,13 @@ class ImageClassifier:
 
             settings = dataclasses.replace(settings, weights=as_safetensors(Path(settings.weights)))
 
-        fitted = pipeline.fit(settings, data, progress or NoProgress(),
-                              Path(checkpoint_dir) if checkpoint_dir else None, resume)
+        if multi_label:
+            from headstart.train.multilabel import fit_multilabel
+
+            fitted = fit_multilabel(settings, data, progress or NoProgress())
+        else:
+            fitted = pipeline.fit(settings, data, progress or NoProgress(),
+                                  Path(checkpoint_dir) if checkpoint_dir else None, resume)
         self._set_fitted(list(fitted.classes), fitted.frozen, fitted.head_config, fitted.head_state, fitted.report)
         self.validation_ = fitted.validation  # per-image validation results, for the report `train` writes (not saved)
         return self
@@ -173,6 +182,10 @@ class ImageClassifier:
     test_metrics_: Evaluation | None = property(lambda self: self.report_.test_metrics)  # type: ignore[assignment]
     # The k-fold accuracy of the kept head's settings on train + val, with its 95 % interval; None: not run.
     cv_: CrossValidation | None = property(lambda self: self.report_.cv)  # type: ignore[assignment]
+    # Multi-label models: sigmoid outputs, each label on at or above its threshold (`threshold` overrides them all).
+    multi_label_: bool = property(lambda self: self.head_config_.multi_label)  # type: ignore[assignment]
+    thresholds_: tuple = property(lambda self: self.head_config_.thresholds)  # type: ignore[assignment]
+    multilabel_metrics_ = property(lambda self: self.report_.multilabel)  # evaluate.multilabel.MultiLabelReport
 
     # --- inference ---------------------------------------------------------------------------------------------
 
@@ -207,27 +220,60 @@ class ImageClassifier:
         silently shift. `predict_table` reports such files as rows instead."""
         return self._predictor().predict_proba(images)
 
-    def predict(self, images: Images) -> list[str]:
-        """Labels, one per input in input order; the inputs and rule of `predict_proba`."""
-        return [self.classes_[i] for i in self.predict_proba(images).argmax(1)]
+    def predict(self, images: Images) -> list[str] | list[list[str]]:
+        """Labels, one per input in input order; the inputs and rule of `predict_proba`. A multi-label model gives
+        each input the list of its labels at or above their thresholds (possibly empty)."""
+        proba = self.predict_proba(images)
+        if self.multi_label_:
+            from headstart.serve.multilabel import label_lists
+
+            return label_lists(proba, self.decision_thresholds(), self.classes_)
+        return [self.classes_[i] for i in proba.argmax(1)]
+
+    def iter_labelled(self, images: Sequence[str | Path] | str | Path, progress: Progress | None = None
+                      ) -> Iterator[Any]:
+        """A multi-label model's rows (`serve.multilabel.LabelledRow`: the labels on, every label's probability
+        and threshold, or an error), streamed in input order as `iter_table`'s."""
+        from headstart.serve.multilabel import labelled_rows
+
+        rows = self.iter_table(images, top_k=len(self.classes_), progress=progress)
+        return labelled_rows(rows, self.classes_, self.decision_thresholds())
+
+    def decision_thresholds(self) -> tuple[float, ...]:
+        """A multi-label model's thresholds as applied: its stored ones, or `threshold` for every label."""
+        from headstart.serve.multilabel import thresholds_for
+
+        return thresholds_for(self.thresholds_, self.threshold)
 
     def evaluate(self, folder: str | Path, progress: Progress | None = None) -> EvaluationResult:
         """Metrics on a class-folder set or manifest (all its images, whatever split folders it has), and the
-        files skipped."""
+        files skipped. A multi-label model is evaluated on a manifest: its metrics are a `MultiLabelEvaluation`
+        (mAP, F1s, per-label figures)."""
+        if hasattr(self, "classes_") and self.multi_label_:
+            from headstart.serve.multilabel import evaluate_manifest
+
+            metrics, skipped = evaluate_manifest(self._predictor(), folder, self.decision_thresholds(), progress)
+            return EvaluationResult(metrics, tuple(skipped))
         metrics, skipped = self._predictor().evaluate(folder, self.seed, progress)
         return EvaluationResult(metrics, tuple(skipped))
 
     def evaluate_tta(self, folder: str | Path, progress: Progress | None = None) -> EvaluationResult:
         """`evaluate` with test-time augmentation: `metrics` with each image's mirror image averaged in, `tta` the
-        `evaluate.tta.TTAEvaluation` holding both sides, and the files skipped."""
+        `evaluate.tta.TTAEvaluation` holding both sides, and the files skipped. Not for multi-label models yet."""
+        if hasattr(self, "classes_") and self.multi_label_:
+            raise DataError("test-time augmentation is not available for multi-label models yet; use evaluate")
         both, skipped = self._predictor().evaluate_tta(folder, self.seed, progress)
         return EvaluationResult(both.tta, tuple(skipped), both)
 
     def score(self, X: str | Path | Images, y: Sequence[Any] | None = None) -> float:  # noqa: N803  sklearn's names
         """Accuracy, as scikit-learn's `score`: on a class-folder set or manifest `X`, or (with `y`) of the
-        predictions for the images `X` against the labels `y`."""
+        predictions for the images `X` against the labels `y`. A multi-label model: the mAP on a manifest."""
         if y is None:
-            return self.evaluate(X).metrics.accuracy  # type: ignore[arg-type]
+            metrics = self.evaluate(X).metrics  # type: ignore[arg-type]
+            return metrics.map if self.multi_label_ else metrics.accuracy
+        if self.multi_label_:
+            raise DataError("score(X, y) scores single-label predictions; score a multi-label model on a manifest: "
+                            "score('tags.csv')")
         predicted = self.predict(X)
         if len(predicted) != len(y):
             raise DataError(f"{len(predicted)} images but {len(y)} labels: give one label per image")
@@ -283,6 +329,25 @@ def _same(value: Any, default: Any) -> bool:
     if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
         return list(value) == list(default)
     return type(value) is type(default) and value == default
+
+
+def _multi_label(asked: bool, data: str | Path | Sequence[str | Path]) -> bool:
+    """Whether a run is multi-label: asked for, or a manifest whose rows carry label lists. Only manifests carry
+    label lists: asking for multi-label on a folder is one line."""
+    from headstart.data.manifest import is_manifest
+    from headstart.data.multilabel import is_multilabel_manifest
+
+    if not isinstance(data, (str, Path)):  # scikit-learn's X, a list of paths with their labels in y
+        if asked:
+            raise DataError("multi-label training reads a manifest of path,labels rows, not fit(X, y); "
+                            "give fit('tags.csv')")
+        return False
+    if is_manifest(data):
+        return asked or is_multilabel_manifest(data)
+    if asked:
+        raise DataError(f"{data}: multi-label training reads a manifest of path,labels rows (labels separated by "
+                        "';'), not a folder — give --manifest tags.csv")
+    return False
 
 
 def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("finetune_lr", 5e-4, (_RATE,), "Backbone rate at its top, falling below.", FINETUNE),
     Option("views", 3, (_COUNT,), "Augmented views per image cached for fine-tuning.", FINETUNE),
     Option("train_bn", False, (Kind((bool,), "true or false"),), "Let BatchNorm statistics update.", FINETUNE),
+    Option("multi_label", False, (Kind((bool,), "true or false"),),
+           "Several labels per image (sigmoid outputs); on by itself for label-list manifests.", DATA),
+    Option("threshold", None, (OneOf((None,)), Interval(float, 0.0, 1.0, "neither")),
+           "Multi-label: one probability threshold for every label instead of each label's own.", HEAD),
     Option("native_view", True, (Kind((bool,), "true or false"),),
            "Small photos: add a view (head) or train at their own size.", DATA),
 )}

@@ -11,6 +11,7 @@ from typing import Any
 from headstart.evaluate.calibration import Calibration
 from headstart.evaluate.crossval import CrossValidation
 from headstart.evaluate.metrics import Evaluation
+from headstart.evaluate.multilabel import MultiLabelReport
 from headstart.train.config import FinetuneConfig, TrainConfig
 
 
@@ -188,6 +189,7 @@ class FitReport:
     distributed: DistributedRun = field(default_factory=DistributedRun)  # stored beside "fit" (serve.artifact)
     cv: CrossValidation | None = None  # k-fold accuracy of the kept head's settings on train + val; None: not run
     cv_skipped: str = ""  # why no k-fold accuracy was computed, when it was not ("" also: not a head, or older)
+    multilabel: MultiLabelReport | None = None  # a multi-label model's figures (its val/test_metrics are None)
 
     def to_dict(self) -> dict:
         metrics = {name: m.to_dict() for name, m in (("val", self.val_metrics), ("test", self.test_metrics)) if m}
@@ -198,7 +200,8 @@ class FitReport:
                 **({"source": self.source.to_dict()} if self.source else {}),
                 "calibration": self.calibration.to_dict() if self.calibration else None,
                 **({"cv": self.cv.to_dict()} if self.cv else {}),
-                **({"cv_skipped": self.cv_skipped} if self.cv_skipped else {})}
+                **({"cv_skipped": self.cv_skipped} if self.cv_skipped else {}),
+                **({"multilabel": self.multilabel.to_dict()} if self.multilabel else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitReport":
@@ -214,6 +217,7 @@ class FitReport:
             source=DataSource.from_dict(d["source"]) if d.get("source") else None,
             calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") else None,
             cv=CrossValidation.from_dict(d["cv"]) if d.get("cv") else None, cv_skipped=str(d.get("cv_skipped", "")),
+            multilabel=MultiLabelReport.from_dict(d["multilabel"]) if d.get("multilabel") else None,
         )
 
     @classmethod

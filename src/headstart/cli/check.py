@@ -48,6 +48,12 @@ def check(
     """Find data problems: unreadable files, duplicates and leakage, imbalance, odd images, likely label errors."""
     options.check({"val_split": val_split, "seed": seed, "device": device, "backbone": backbone, "engine": engine},
                   spell=lambda n: "--" + n.replace("_", "-"))
+    from headstart.data.manifest import is_manifest
+    from headstart.data.multilabel import is_multilabel_manifest
+
+    if is_manifest(data) and is_multilabel_manifest(data):
+        _check_multilabel(data, val_split, seed, as_json, strict, deep)
+        return
     from headstart.data.check import check_folder
 
     with ProgressBars() as bars:
@@ -58,6 +64,25 @@ def check(
     else:
         print_report(report)
     if strict and report.blocking:
+        raise typer.Exit(1)
+
+
+def _check_multilabel(data: Path, val_split: float, seed: int, as_json: bool, strict: bool, deep: bool) -> None:
+    """A multi-label manifest: the split train would make, each label's positives, labels never or always present,
+    images with no label, the commonest label pairs, and the files skipped (blocking with --strict)."""
+    from headstart.data.multilabel import read_multilabel, summarize
+
+    summary = summarize(read_multilabel(data, val_split=val_split, seed=seed))
+    if as_json:
+        typer.echo(render.shown(json.dumps(summary.to_dict(), indent=2)))
+    else:
+        from headstart.cli.render_multilabel import print_check
+
+        print_check(summary)
+    if deep:
+        render.note("note: --deep (near-duplicates, likely label errors) is not available for multi-label "
+                    "manifests yet")
+    if strict and summary.skipped:
         raise typer.Exit(1)
 
 

@@ -27,14 +27,24 @@ def evaluate(
     tta: Annotated[bool, typer.Option(
         "--tta", help="Average each image with its mirror image; report accuracy and log loss with and without.")
     ] = False,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", metavar="<p>",
+        help="Multi-label: one threshold for every label instead of the model's own.", show_default=False)] = None,
 ) -> None:
-    """Score a saved model on a labelled folder."""
+    """Score a saved model on a labelled folder (a multi-label model: on a manifest of path,labels rows)."""
     from headstart.cli.train import _data_or_manifest
 
     data = _data_or_manifest(data, manifest, "evaluate")
     from headstart.api import ImageClassifier
 
+    from headstart import options
+    from headstart.cli.train import flag_name
+
+    options.check({"threshold": threshold}, spell=flag_name)  # (0, 1), checked as train checks it
     clf = ImageClassifier.load(model)
+    if getattr(clf, "multi_label_", False):  # a test's stand-in classifier has none
+        _evaluate_multilabel(clf, data, fmt, tta, threshold)
+        return
     with ProgressBars() as bars:
         if tta:
             result = clf.evaluate_tta(data, progress=bars)
@@ -56,6 +66,23 @@ def evaluate(
             render.out_console().print(_tta_table(both))
     if png is not None:
         render.note(f"confusion matrix written to {png}")
+    render.print_skipped(skipped)
+
+
+def _evaluate_multilabel(clf, data: Path, fmt: str, tta: bool, threshold: float | None) -> None:
+    from headstart.cli import render_multilabel
+    from headstart.errors import DataError
+
+    if tta:
+        raise DataError("--tta is not available for multi-label models yet; evaluate without it")
+    clf.threshold = threshold if threshold is not None else clf.threshold
+    with ProgressBars() as bars:
+        result = clf.evaluate(data, progress=bars)
+    evaluation, skipped = result.metrics, list(result.skipped)
+    if fmt == "json":
+        typer.echo(render_multilabel.evaluation_json(evaluation, skipped))
+    else:
+        render_multilabel.print_evaluation(evaluation)
     render.print_skipped(skipped)
 
 

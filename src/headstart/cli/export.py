@@ -13,9 +13,9 @@ from headstart.cli.base import app
 def export(
     model: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A saved model directory.")],
     data: Annotated[Path | None, typer.Option(
-        exists=True, file_okay=False,
-        help="The folder the model was trained on: parity is checked on its validation photos (else on generated "
-             "images) and int8 is calibrated on its training photos.")] = None,
+        exists=True,
+        help="The folder (or manifest) the model was trained on: parity is checked on its validation photos (else "
+             "on generated images) and int8 is calibrated on its training photos.")] = None,
     quantize: Annotated[Literal["int8"] | None, typer.Option(
         help="int8: static quantization, kept only if validation accuracy holds (needs --data).")] = None,
     val: Annotated[Path | None, typer.Option(
@@ -30,8 +30,12 @@ def export(
     if quantize and data is None:
         raise ConfigError("--quantize int8 calibrates on the training photos: pass --data FOLDER (the folder the "
                           "model was trained on)")
+    from headstart.serve import artifact
     from headstart.serve.export import quantize_int8
 
+    if quantize and artifact.load(model, with_backbone=False).record.head.multi_label:
+        raise ConfigError("--quantize int8 is not available for multi-label models yet (its check is single-label "
+                          "accuracy); export in float32")
     write_export(model, data)
     if quantize:
         q = quantize_int8(model, data, max_drop=max_drop, val=val)

@@ -21,12 +21,23 @@ def predict(
         show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
     fmt: Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="table, csv or json.")] = "table",
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", metavar="<p>",
+        help="Multi-label: one threshold for every label instead of the model's own.", show_default=False)] = None,
 ) -> None:
     """Label images with a saved model. Unreadable files become rows with an error."""
     images = _images_or_manifest(images or [], manifest)  # a bad manifest row is one line before the model loads
     from headstart.api import ImageClassifier
 
+    from headstart import options
+    from headstart.cli.train import flag_name
+
+    options.check({"threshold": threshold}, spell=flag_name)  # (0, 1), checked as train checks it
     clf = ImageClassifier.load(model)
+    if getattr(clf, "multi_label_", False):  # a test's stand-in classifier has none
+        clf.threshold = threshold if threshold is not None else clf.threshold
+        _predict_multilabel(clf, images, fmt)
+        return
     if fmt == "csv":  # streamed: a row per input as soon as its chunk is predicted, memory flat
         with ProgressBars() as bars:
             preds = []
@@ -50,6 +61,31 @@ def predict(
         render.note("no images found in the given paths")
     # Exit 1 only when nothing at all could be labelled; a few bad files are reported in their rows.
     if all(p.error is not None for p in preds):
+        raise typer.Exit(1)
+
+
+def _predict_multilabel(clf, images: list[Path], fmt: str) -> None:
+    """Every label over its threshold and each label's probability; CSV streamed as single-label CSV is."""
+    from headstart.cli import render_multilabel
+
+    with ProgressBars() as bars:
+        rows = clf.iter_labelled(images, progress=bars)
+        if fmt == "csv":
+            typer.echo(render_multilabel.csv_header(clf.classes_), nl=False)
+            done = []
+            for row in rows:
+                typer.echo(render_multilabel.csv_row(row, clf.classes_), nl=False)
+                done.append(row.error is None)
+        else:
+            rows = list(rows)
+            done = [row.error is None for row in rows]
+    if fmt == "json":
+        typer.echo(render_multilabel.predictions_json(rows))
+    elif fmt == "table":
+        render.out_console().print(render_multilabel.predictions_table(rows), crop=False)
+    if not done:
+        render.note("no images found in the given paths")
+    if not any(done):
         raise typer.Exit(1)
 
 

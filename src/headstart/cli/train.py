@@ -131,6 +131,8 @@ def train(
     val_split: Annotated[float, flag("val_split")] = D["val_split"],
     test_split: Annotated[float, flag("test_split")] = D["test_split"],
     native_view: Annotated[bool, flag("native_view")] = D["native_view"],
+    multi_label: Annotated[bool, flag("multi_label")] = D["multi_label"],
+    threshold: Annotated[float | None, flag("threshold", metavar="<p>")] = D["threshold"],
     hidden: Annotated[str, flag("hidden", metavar="<widths>")] = D["hidden"],
     dropout: Annotated[float, flag("dropout")] = D["dropout"],
     epochs: Annotated[int, flag("epochs")] = D["epochs"],
@@ -180,6 +182,9 @@ def train(
     if not main:
         return
     saved = clf.save(out)
+    if getattr(clf, "multi_label_", False):  # a test's stand-in classifier has none
+        _multi_label_done(clf, data, backbone, saved, report, export)
+        return
     png = None
     if clf.val_metrics_ is not None:
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
@@ -199,6 +204,24 @@ def train(
 
         for kind, where in log_run(track, run_log(clf.report_, clf.get_params(), saved, data), log_dir):
             render.note(f"tracked ({kind}): {render.shown(where)}")
+
+
+def _multi_label_done(clf, data: Path, backbone: str, saved: Path, report: bool, export: bool) -> None:
+    """A multi-label model's summary, its report page (from the validation split, when there is one), its export."""
+    from headstart.cli import render_multilabel
+
+    render.out_console().print(render_multilabel.train_summary(clf, data, backbone, saved))
+    render.print_skipped(clf.skipped_)
+    if report and getattr(clf, "validation_", None) is not None:
+        from headstart.evaluate.report_multilabel import write_report
+
+        page = write_report(clf, saved, clf.validation_, f"the validation split carved from {data} (n="
+                            f"{len(clf.validation_.paths)}; it chose the head, its epoch and the thresholds)")
+        render.note(f"report written to {page}")
+    if export:
+        from headstart.cli.export import write_export
+
+        write_export(saved, data)
 
 
 def _data_or_manifest(data: Path | None, manifest: Path | None, verb: str = "train") -> Path:

@@ -86,6 +86,9 @@ def _csv_rows(f, manifest: Path, need_label: bool) -> Iterator[tuple[int, dict[s
                         "after it")
     names = [h.strip().lower() for h in header]
     for column in ("path", "label") if need_label else ("path",):
+        if column == "label" and "labels" in names:
+            raise DataError(f"{manifest}:1: a 'labels' column makes a multi-label manifest, which `train`, "
+                            "`evaluate`, `report` and `check` read; this command takes single-label rows (path,label)")
         if column not in names:
             shown = ", ".join(repr(h) for h in header)
             raise DataError(f"{manifest}:1: no {column!r} column in the header ({shown}) — the first line must name "

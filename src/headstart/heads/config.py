@@ -19,15 +19,21 @@ class HeadConfig:
     # Probabilities are softmax(logits / temperature): fitted on validation after training (temperature scaling,
     # `evaluate.calibration`), so that a 90 % score is right about 90 % of the time. It never changes the label.
     temperature: float = 1.0
+    # Multi-label heads: independent sigmoid outputs (no temperature), and the label's probability at or above
+    # which it is on, one per output, chosen on validation (`evaluate.multilabel.choose_thresholds`).
+    multi_label: bool = False
+    thresholds: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
-        """Models saved before the temperature was stored have none: they keep their raw softmax (T = 1)."""
+        """Models saved before the temperature was stored have none: they keep their raw softmax (T = 1); models
+        saved before multi-label heads are single-label."""
         return cls(int(d["in_features"]), int(d["n_classes"]), tuple(int(h) for h in d["hidden"]), float(d["dropout"]),
-                   float(d.get("temperature", 1.0)))
+                   float(d.get("temperature", 1.0)), bool(d.get("multi_label", False)),
+                   tuple(float(t) for t in d.get("thresholds") or ()))
 
 
 def head_logits_numpy(state: dict[str, np.ndarray], cfg: HeadConfig, features: np.ndarray) -> np.ndarray:
@@ -53,9 +59,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow warnings for large negative logits."""
+    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float32)))).astype(np.float32)
+
+
 def head_proba(cfg: HeadConfig, state: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
-    """Class probabilities, softmax(logits / cfg.temperature), chunk by chunk: `features` may be memory-mapped and
-    larger than memory."""
+    """Class probabilities, softmax(logits / cfg.temperature) (multi-label: each label's sigmoid), chunk by chunk:
+    `features` may be memory-mapped and larger than memory."""
+    if cfg.multi_label:
+        return np.concatenate([sigmoid(head_logits_numpy(state, cfg, np.asarray(features[i:i + CHUNK_ROWS])))
+                               for i in range(0, max(len(features), 1), CHUNK_ROWS)])
     return np.concatenate([
         softmax(head_logits_numpy(state, cfg, np.asarray(features[i:i + CHUNK_ROWS])), cfg.temperature)
         for i in range(0, max(len(features), 1), CHUNK_ROWS)

@@ -1,6 +1,8 @@
 """The REST service and its page: FastAPI over one `OnnxPredictor`, loaded once.
 
-    POST /predict       multipart/form-data, one or several images in the repeatable field `file` -> top-k per image
+    POST /predict       multipart/form-data, one or several images in the repeatable field `file` -> top-k per image;
+                        a multi-label model also gives `labels` (those on) and `scores` (every label:
+                        probability, threshold, on), highest probability first
     GET  /health        {"status": "ok"}
     GET  /model         classes, backbone, version, quantization, metrics, limits
     GET  /              the page (static/index.html, its script and style beside it; nothing from elsewhere)
@@ -128,7 +130,8 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits(),
             classes=list(info.classes), backbone=info.backbone, version=info.headstart_version,
             quantization=info.quantization, metrics=info.metrics,
             inputs=[schemas.InputView(**v.to_dict()) for v in info.views], bytes=predictor.path.stat().st_size,
-            limits=schemas.ServiceLimits(**asdict(limits)))
+            limits=schemas.ServiceLimits(**asdict(limits)), multi_label=info.multi_label,
+            thresholds=dict(zip(info.classes, info.thresholds)) if info.multi_label else None)
 
     @app.post("/predict", response_model=schemas.Predictions, responses=schemas.refusals(400, 408, 413, 415),
               openapi_extra={"requestBody": schemas.PREDICT_BODY, "parameters": [schemas.TOP_K]})
@@ -153,11 +156,24 @@ def create_app(predictor: OnnxPredictor, limits: Limits = Limits(),
         for upload, p in zip(uploads, proba):
             top = [schemas.Scored(label=predictor.classes[j], probability=round(float(p[j]), 6))
                    for j in np.argsort(-p)[:k]]
-            results.append(schemas.ImageResult(file=upload.name, label=top[0].label,
-                                               confidence=top[0].probability, top_k=top))
+            result = schemas.ImageResult(file=upload.name, label=top[0].label, confidence=top[0].probability,
+                                         top_k=top)
+            results.append(_multi_label(result, p, predictor) if predictor.info.multi_label else result)
         return schemas.Predictions(results=results)
 
     return app
+
+
+def _multi_label(result: schemas.ImageResult, p: np.ndarray, predictor: OnnxPredictor) -> schemas.ImageResult:
+    """A multi-label answer: every label with its probability, its threshold and whether it is on (highest
+    probability first), the labels on, and `label` the likeliest of those (null when none is on)."""
+    cuts = np.asarray(predictor.info.thresholds, np.float32)
+    scores = [schemas.LabelScore(label=predictor.classes[j], probability=round(float(p[j]), 6),
+                                 threshold=round(float(cuts[j]), 6), on=bool(p[j] >= cuts[j])) for j in np.argsort(-p)]
+    on = [s for s in scores if s.on]
+    return result.model_copy(update={"label": on[0].label if on else None,
+                                     "confidence": on[0].probability if on else None,
+                                     "labels": [s.label for s in on], "scores": scores})
 
 
 def _top_k(request: Request) -> int:

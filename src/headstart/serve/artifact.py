@@ -17,7 +17,9 @@ Formats of headstart.json:
   a flat dict); models saved before the native view have no `native_size` in their preprocessing.
 - 2: the run's record whole under "fit" (`FitReport.to_dict`), the settings under "params". The head's
   "temperature" (probabilities are softmax(logits / T)) came later within format 2: a record without one loads
-  with T = 1, the softmax it was saved with; older headstarts ignore it.
+  with T = 1, the softmax it was saved with; older headstarts ignore it. Multi-label heads ("multi_label": true,
+  one "thresholds" entry per label, sigmoid outputs) and their metrics under "fit" -> "multilabel" came later
+  within format 2: a record without them is single-label.
 """
 
 from __future__ import annotations
@@ -243,6 +245,9 @@ def _check_head_config(head: HeadConfig, n_classes: int, where: Path) -> None:
     if head.in_features < 1 or any(h < 1 for h in head.hidden) or not 0.0 <= head.dropout < 1.0 \
             or not 0.0 < head.temperature < float("inf"):
         raise ArtifactError(f"{where}: impossible head {head}; the model directory is damaged")
+    if head.multi_label and (len(head.thresholds) != n_classes or not all(0.0 <= t <= 1.0 for t in head.thresholds)):
+        raise ArtifactError(f"{where}: a multi-label head needs one threshold in [0, 1] per label ({n_classes}), "
+                            f"not {list(head.thresholds)}; the model directory is damaged")
 
 
 def head_shapes(cfg: HeadConfig) -> dict[str, tuple[int, ...]]:

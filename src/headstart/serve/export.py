@@ -28,8 +28,8 @@ from headstart.backbones.pooled import PooledFeatures
 from headstart.backbones.weights import create_model
 from headstart.data.imageio import ImageDecodeError, load_rgb
 from headstart.data.scan import scan_folder
-from headstart.errors import ArtifactError, DataError
-from headstart.heads.config import head_proba
+from headstart.errors import ArtifactError, ConfigError, DataError
+from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import atomic_path, file_sha256
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_KEY, OnnxPredictor, View
@@ -85,10 +85,11 @@ class _Classifier(nn.Module):
     logits over the head's stored temperature (what `heads.config.head_proba` computes)."""
 
     def __init__(self, features: PooledFeatures, head: nn.Module, cfg: PreprocessConfig,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, multi_label: bool = False) -> None:
         super().__init__()
         self.features, self.head = features, head
         self.temperature = float(temperature)  # a constant of the graph
+        self.multi_label = multi_label  # each label's sigmoid instead of the softmax (`heads.config.head_proba`)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -102,6 +103,8 @@ class _Classifier(nn.Module):
         if native is not None:
             feats = torch.cat([feats, self._pooled(native)], 1)
         logits = self.head(feats)
+        if self.multi_label:
+            return torch.sigmoid(logits)
         return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, 1)
 
 
@@ -133,7 +136,7 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
                 "model.onnx is float32, and its probabilities differ a little from the model's")
     features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
     model = _Classifier(features.eval(), _head_module(art), record.backbone.preprocess,
-                        record.head.temperature).eval()
+                        record.head.temperature, record.head.multi_label).eval()
     views = views_of(record.backbone.preprocess)
     with atomic_path(target) as tmp:
         _export_graph(model, views, tmp)
@@ -149,7 +152,14 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     return ExportReport(target, target.stat().st_size, parity, note=note)
 
 
-def compared(got: np.ndarray, ref: np.ndarray, n: int, source: str) -> Parity:
+def compared(got: np.ndarray, ref: np.ndarray, n: int, source: str, head: HeadConfig | None = None) -> Parity:
+    """How the export's probabilities `got` agree with the model's `ref`: the largest difference, and the share of
+    decisions that agree where rounding cannot flip them (the top class; a multi-label head's on/off per label)."""
+    if head is not None and head.multi_label:
+        cuts = np.asarray(head.thresholds, np.float32)
+        decided = np.abs(ref - cuts) > 2 * PARITY_TOL  # not within rounding of a threshold
+        same = (got >= cuts) == (ref >= cuts)
+        return Parity(n, source, float(np.abs(got - ref).max()), float(same[decided].mean()) if decided.any() else 1.0)
     top = np.sort(ref, 1)
     decided = top[:, -1] - top[:, -2] > 2 * PARITY_TOL  # near-ties may flip by rounding alone
     agree = float((got.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 1.0
@@ -169,7 +179,7 @@ def _export_int8(model_dir: Path, art: artifact.Artifact, graphs: tuple[Path, ..
         write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE),
                        "int8 (the engine the model was trained with)")
         ref = head_proba(record.head, art.head_state, engine_features(graphs, images, pre))
-        parity = compared(OnnxPredictor(tmp).proba_images(images), ref, len(images), source)
+        parity = compared(OnnxPredictor(tmp).proba_images(images), ref, len(images), source, record.head)
         if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
             raise ArtifactError(
                 f"the int8 ONNX export disagrees with the model on {parity.n_images} {source} (max |Δprob| "
@@ -216,6 +226,10 @@ def write_metadata(path: Path, record: artifact.ModelRecord, views: tuple[View, 
         "weights_sha256": weights_sha, "model_created": record.created,
         "metrics": _val_metrics(record),
     }
+    if record.head.multi_label:  # independent labels: each is on at or above its own threshold
+        meta.update({"multi_label": True, "thresholds": list(record.head.thresholds),
+                     "output": "probabilities, N x len(classes): each label's sigmoid; a label is on at or above "
+                               "its entry of 'thresholds'"})
     del graph.metadata_props[:]
     for key, value in ((EXPORT_KEY, json.dumps(meta)), ("classes", json.dumps(list(record.classes))),
                        ("headstart_version", __version__)):
@@ -225,6 +239,10 @@ def write_metadata(path: Path, record: artifact.ModelRecord, views: tuple[View, 
 
 
 def _val_metrics(record: artifact.ModelRecord) -> dict:
+    ml = record.fit.multilabel if record.fit else None
+    if ml is not None and ml.val is not None:
+        return {"val_map": ml.val.map, "val_micro_f1": ml.val.micro_f1, "val_macro_f1": ml.val.macro_f1,
+                "val_n": ml.val.n}
     ev = record.fit.val_metrics if record.fit else None
     return {"val_accuracy": ev.accuracy, "val_n": ev.n} if ev is not None else {}
 
@@ -259,6 +277,12 @@ def parity_images(record: artifact.ModelRecord, data: str | Path | None,
 def validation_paths(record: artifact.ModelRecord, data: str | Path) -> list[Path]:
     """The validation photos of the training folder `data`, split as training split it (same fraction and seed)."""
     val_split = float(record.params.get("val_split", 0.2) or 0.0)
+    if record.head.multi_label:
+        from headstart.data.multilabel import read_multilabel
+
+        data_ml = read_multilabel(data, val_split, float(record.params.get("test_split", 0.0) or 0.0),
+                                  int(record.params.get("seed", 0)))
+        return [p for p, split in zip(data_ml.paths, data_ml.splits) if split == "val"]
     dataset = scan_folder(data, val_split=val_split, test_split=float(record.params.get("test_split", 0.0) or 0.0),
                           seed=int(record.params.get("seed", 0)))
     return dataset.paths("val")
@@ -282,7 +306,8 @@ def check_parity(path: Path, features: PooledFeatures, art: artifact.Artifact, i
         feats = np.concatenate([
             features(torch.from_numpy(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))).numpy()
             for v in views], 1)
-    return compared(onnx_proba, head_proba(art.record.head, art.head_state, feats), len(images), source)
+    return compared(onnx_proba, head_proba(art.record.head, art.head_state, feats), len(images), source,
+                    art.record.head)
 
 
 # --- int8 ----------------------------------------------------------------------------------------------------------
@@ -298,6 +323,9 @@ def quantize_int8(model_dir: str | Path, data: str | Path, max_drop: float = INT
     float_path = Path(float_path) if float_path else model_dir / EXPORT_FILE
     target = Path(target) if target else float_path
     record = artifact.load(model_dir).record
+    if record.head.multi_label:
+        raise ConfigError("--quantize int8 is not available for multi-label models yet (its check is single-label "
+                          "accuracy); export in float32")
     calib = _calibration_paths(record, data)  # before any work: a folder without photos costs nothing
     val_folder = Path(val) if val else None
     if val_folder is None and not validation_paths(record, data):

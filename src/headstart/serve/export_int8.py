@@ -100,7 +100,8 @@ def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessCo
 
 
 def _head(cfg: HeadConfig, state: dict[str, np.ndarray]) -> tuple[list, list]:
-    """`heads.config.head_proba` as ONNX nodes: (features - mean) / std, the layers, softmax(logits / T)."""
+    """`heads.config.head_proba` as ONNX nodes: (features - mean) / std, the layers, softmax(logits / T) (a
+    multi-label head: each logit's sigmoid)."""
     from onnx import helper, numpy_helper
 
     ids = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
@@ -119,6 +120,9 @@ def _head(cfg: HeadConfig, state: dict[str, np.ndarray]) -> tuple[list, list]:
         if n < len(ids) - 1:
             nodes.append(helper.make_node("Relu", [x], [f"head/r{i}"]))
             x = f"head/r{i}"
+    if cfg.multi_label:  # independent labels: each one's sigmoid, no temperature (`heads.config.head_proba`)
+        nodes.append(helper.make_node("Sigmoid", [x], ["probabilities"]))
+        return nodes, inits
     if cfg.temperature != 1.0:
         inits.append(numpy_helper.from_array(np.array(cfg.temperature, np.float32), "head/temperature"))
         nodes.append(helper.make_node("Div", [x, "head/temperature"], ["head/scaled"]))

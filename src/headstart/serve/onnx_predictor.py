@@ -82,6 +82,8 @@ class ExportInfo:
     quantization: str
     weights_sha256: str
     metrics: dict
+    multi_label: bool = False  # sigmoid outputs, each label on at or above its threshold
+    thresholds: tuple[float, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: dict, where: Path) -> "ExportInfo":
@@ -94,7 +96,8 @@ class ExportInfo:
             return cls(tuple(str(c) for c in meta["classes"]), views,
                        str(meta.get("backbone", "")), str(meta.get("headstart_version", "")),
                        str(meta.get("quantization", "float32")), str(meta.get("weights_sha256", "")),
-                       dict(meta.get("metrics") or {}))
+                       dict(meta.get("metrics") or {}), bool(meta.get("multi_label", False)),
+                       tuple(float(t) for t in meta.get("thresholds") or ()))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{where}: not a headstart ONNX export ({exc}); run `headstart export MODEL`") from None
 

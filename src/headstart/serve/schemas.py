@@ -43,6 +43,8 @@ class ModelInfo(BaseModel):
     inputs: list[InputView]
     bytes: int = Field(description="Size of model.onnx.")
     limits: ServiceLimits
+    multi_label: bool = Field(False, description="Independent labels, each on at or above its threshold.")
+    thresholds: dict[str, float] | None = Field(None, description="A multi-label model's threshold per label.")
 
 
 class Scored(BaseModel):
@@ -50,11 +52,22 @@ class Scored(BaseModel):
     probability: float
 
 
+class LabelScore(BaseModel):
+    """A multi-label model's label: its probability, its threshold and whether it is on."""
+    label: str
+    probability: float
+    threshold: float
+    on: bool
+
+
 class ImageResult(BaseModel):
     file: str = Field(description="The upload's file name as sent (echoed, never used as a path).")
-    label: str
-    confidence: float
+    label: str | None = Field(description="The likeliest class; a multi-label model: the likeliest label that is "
+                                          "on (null when none is).")
+    confidence: float | None
     top_k: list[Scored]
+    labels: list[str] | None = Field(None, description="A multi-label model's labels that are on.")
+    scores: list[LabelScore] | None = Field(None, description="A multi-label model's every label, likeliest first.")
 
 
 class Predictions(BaseModel):

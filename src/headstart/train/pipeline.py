@@ -233,9 +233,16 @@ def sized_for_photos(spec: BackboneSpec, dataset: Dataset, native_view: bool = T
                      ) -> BackboneSpec:
     """The backbone's preprocessing fitted to training photos much smaller than its input (`for_small_photos`):
     what `train` runs, and so what `check` must run to find the features `train` cached."""
+    return sized_for_paths(spec, [sample.path for sample in dataset.samples if sample.split == "train"], native_view,
+                           fine_tuning)
+
+
+def sized_for_paths(spec: BackboneSpec, train_paths: list[Path], native_view: bool = True, fine_tuning: bool = False
+                    ) -> BackboneSpec:
+    """`sized_for_photos` for the training photos' paths."""
     if not (native_view and spec.any_input_size):
         return spec
-    side = typical_short_side([sample.path for sample in dataset.samples if sample.split == "train"])
+    side = typical_short_side(train_paths)
     if not side:
         return spec
     pre = policy.for_small_photos(spec.preprocess, side, fine_tuning=fine_tuning)

@@ -20,9 +20,10 @@
   fetch("/model").then((r) => r.json()).then((m) => {
     limits = m.limits || limits;
     const acc = m.metrics && m.metrics.val_accuracy !== undefined
-      ? `, validation accuracy ${(100 * m.metrics.val_accuracy).toFixed(1)}%` : "";
+      ? `, validation accuracy ${(100 * m.metrics.val_accuracy).toFixed(1)}%`
+      : m.metrics && m.metrics.val_map !== undefined ? `, validation mAP ${m.metrics.val_map.toFixed(3)}` : "";
     document.getElementById("model-info").textContent =
-      `${m.backbone} (${m.quantization}), ${m.classes.length} classes${acc}`;
+      `${m.backbone} (${m.quantization}), ${m.classes.length} ${m.multi_label ? "labels (several per photo)" : "classes"}${acc}`;
     const list = document.getElementById("classes");
     m.classes.forEach((c) => list.appendChild(el("li", "", c)));
   }).catch(() => { document.getElementById("model-info").textContent = "could not read /model"; });
@@ -43,12 +44,14 @@
   function show(node, result) {
     node.classList.remove("pending");
     node.classList.add("done");
-    node.querySelector(".label").textContent = result.label;
+    // A multi-label model: the labels that are on, and a bar for every label (those on in the accent colour).
+    const multi = Array.isArray(result.scores);
+    node.querySelector(".label").textContent = multi ? (result.labels.join(", ") || "no label") : result.label;
     const body = node.querySelector(".body");
-    result.top_k.forEach((t, i) => {
-      const row = el("div", "bar");
+    (multi ? result.scores : result.top_k).forEach((t, i) => {
+      const row = el("div", multi && t.on ? "bar on" : "bar");
       const track = el("div", "track");
-      const fill = el("div", i === 0 ? "fill top" : "fill");
+      const fill = el("div", (multi ? t.on : i === 0) ? "fill top" : "fill");
       fill.style.width = `${(100 * t.probability).toFixed(1)}%`;
       track.appendChild(fill);
       row.append(el("span", "cls", t.label), el("span", "pct", `${(100 * t.probability).toFixed(1)}%`), track);
