@@ -79,6 +79,17 @@ def _parse_count_or_auto(text: str, flag: str) -> int | str:
         raise typer.BadParameter(f"{text!r} is not a number or 'auto', e.g. {flag} 5", param_hint=f"'{flag}'") from None
 
 
+def _parse_seconds(text: str, flag: str) -> float:
+    """'600', '600s', '10m' or '1.5h' -> seconds (its range is options' to check)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    body, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1.0)
+    try:
+        return float(body) * unit
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration, e.g. {flag} 600 or {flag} 10m",
+                                 param_hint=f"'{flag}'") from None
+
+
 def _parse_hidden(text: str) -> tuple[int, ...] | str:
     """'512,256' -> (512, 256); '' -> () (no hidden layer); 'auto' stays 'auto'. Ranges are options' to check."""
     if text.strip() == "auto":
@@ -121,7 +132,7 @@ def train(
     batch_size: Annotated[int, _flag("batch_size")] = D["batch_size"],
     patience: Annotated[int, _flag("patience")] = D["patience"],
     schedule: Annotated[Schedule, _flag("schedule")] = D["schedule"],
-    balance: Annotated[bool, _flag("balance")] = D["balance"],
+    balance: Annotated[bool | None, _flag("balance", show_default="auto")] = None,
     refit: Annotated[bool, _flag("refit")] = D["refit"],
     cv: Annotated[str, _flag("cv", metavar="<folds|auto>")] = D["cv"],
     strategy: Annotated[Strategy, _flag("strategy")] = D["strategy"],
@@ -130,6 +141,7 @@ def train(
     finetune_epochs: Annotated[int, _flag("finetune_epochs")] = D["finetune_epochs"],
     finetune_lr: Annotated[float, _flag("finetune_lr")] = D["finetune_lr"],
     views: Annotated[int, _flag("views")] = D["views"],
+    time_limit: Annotated[str, _flag("time_limit", metavar="<seconds|10m>")] = f"{D['time_limit']:g}",
     train_bn: Annotated[bool, _flag("train_bn")] = D["train_bn"],
     backbone: Annotated[str, _flag("backbone")] = D["backbone"],
     weights: Annotated[Path | None, _flag("weights", exists=True, dir_okay=False)] = D["weights"],
@@ -143,6 +155,8 @@ def train(
     settings["hidden"] = _parse_hidden(hidden)
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
     settings["cv"] = _parse_count_or_auto(cv, "--cv")
+    settings["balance"] = "auto" if balance is None else balance  # --balance / --no-balance, else auto
+    settings["time_limit"] = _parse_seconds(time_limit, "--time-limit")
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
     out = out or resume or Path("model")  # resuming a run finishes it where it was going

@@ -56,6 +56,12 @@ class FinetuneConfig:
     patience: int | None = None  # epochs without a better val loss before stopping; None: max(3, epochs // 4)
     label_smoothing: float = 0.1
     train_bn: bool = _D["train_bn"]
+    # Weight the loss by inverse class frequency, and judge epochs by the class-balanced validation loss (each
+    # class weighing the same), so that a rare class counts as much as a common one (`policy.balance_classes`).
+    balance: bool = False
+    # Seconds the store and the epochs may take together; 0: no limit. With a limit the epochs are the ones
+    # that fit (at most `epochs`), planned from a timed training step (`finetune.fit_epochs`).
+    time_budget_s: float = 0.0
     seed: int = _D["seed"]
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)

@@ -6,6 +6,7 @@ and which result is kept are `policy`'s rules; `pipeline` strings the stages tog
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FinetuneResult:
     frozen: FrozenBackbone  # the fine-tuned backbone, as a weights file (so engines and saving work as usual)
+    config: FinetuneConfig  # as run (its epochs those that fit `time_budget_s`, when it had one)
     head_state: dict[str, np.ndarray]
     history: History
     val_proba: np.ndarray
@@ -43,13 +45,15 @@ def run_finetune(
     train_paths: list[Path], train_labels: np.ndarray, val_paths: list[Path], val_labels: np.ndarray,
     checkpoint_dir: Path | None, resume: bool, progress: Progress | None = None, start_loss: float | None = None,
 ) -> FinetuneResult:
-    """`start_loss`: the stage-1 model's validation loss (`finetune.finetune`)."""
+    """`start_loss`: the stage-1 model's validation loss (`finetune.finetune`). With `cfg.time_budget_s`, the
+    store and the epochs together take about that many seconds."""
     import torch
 
     from headstart.heads.module import Head
     from headstart.train.finetune import boundary_for, finetune, top_features
 
     progress = progress or NoProgress()
+    deadline = time.perf_counter() + cfg.time_budget_s
     pre = frozen.spec.preprocess
     net = frozen.build_torch()
     boundary = boundary_for(net, cfg.unfreeze)
@@ -69,7 +73,7 @@ def run_finetune(
 
     head = Head(head_cfg)
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
-    run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss)
+    run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss, deadline)
     for module in (net, head):  # bit for bit rank 0's (BatchNorm statistics train apart): one weights file
         distributed.broadcast_state(module)
 
@@ -80,7 +84,7 @@ def run_finetune(
     val_proba = torch.softmax(torch.from_numpy(logits), 1).numpy()
     history = run.history
     tuned = _save_backbone(frozen, net.backbone.state_dict())
-    return FinetuneResult(tuned, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba,
+    return FinetuneResult(tuned, run.config, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba,
                           val.labels)
 
 
