@@ -49,8 +49,17 @@ def test_stage2_runs_when_asked_for_by_name_or_when_auto_finds_the_head_weak(str
 def test_classes_are_weighted_when_skewed_or_asked_for():
     assert policy.skewed({"a": 300, "b": 100}) and not policy.skewed({"a": 299, "b": 100})
     assert not policy.skewed({"a": 5}) and not policy.skewed({"a": 5, "b": 0})  # an absent class is not a ratio
-    assert policy.balance_classes("auto", {"a": 1322, "b": 93}) and not policy.balance_classes("auto", {"a": 1, "b": 1})
-    assert policy.balance_classes(True, {"a": 1, "b": 1}) and not policy.balance_classes(False, {"a": 9, "b": 1})
+    assert policy.balance_classes("auto", {"a": 1322, "b": 93}) == policy.AUTO_BALANCE_POWER == 0.5
+    assert policy.balance_classes("auto", {"a": 1, "b": 1}) == 0.0
+    assert policy.balance_classes(True, {"a": 1, "b": 1}) == 1.0 and policy.balance_classes(False, {"a": 9, "b": 1}) == 0
+
+
+def test_tempered_class_weights_are_the_root_of_the_full_ones():
+    from headstart.train.head_step import class_weights
+
+    y = np.array([0] * 9 + [1])
+    full, tempered = class_weights(y, 2), class_weights(y, 2, 0.5)
+    assert full == pytest.approx([10 / 18, 5.0]) and tempered == pytest.approx(np.sqrt([10 / 18, 5.0]))
 
 
 def test_skewed_models_are_ranked_by_balanced_accuracy():

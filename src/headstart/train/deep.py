@@ -97,8 +97,9 @@ def _score(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean(proba.argmax(1) == y))
 
 
-def deep_config(base: FinetuneConfig, balanced: bool, augment: str, budget_s: float) -> FinetuneConfig:
+def deep_config(base: FinetuneConfig, augment: str, budget_s: float) -> FinetuneConfig:
     """Stage 2's settings for a weak head: `policy.DEEP_UNFREEZE` stages for up to `policy.DEEP_EPOCHS`, the
-    epochs that fit `budget_s` (`finetune.fit_epochs`), balanced, with the augmentation orientation allows."""
+    epochs that fit `budget_s` (`finetune.fit_epochs`), with the augmentation orientation allows (`base`
+    carries the class weighting)."""
     return replace(base, unfreeze=policy.DEEP_UNFREEZE, epochs=policy.DEEP_EPOCHS, views=policy.DEEP_VIEWS,
-                   augment=augment, balance=balanced, time_budget_s=max(1.0, budget_s))
+                   augment=augment, time_budget_s=max(1.0, budget_s))

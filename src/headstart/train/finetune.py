@@ -181,7 +181,7 @@ def finetune(
     loop = _Loop(*_optimizer(net, head, units, cfg, len(train.labels)), np.random.default_rng(cfg.seed),
                  keep=BestTracker(best=start_loss, state=_snapshot(net, head, trained)),
                  patience=BestTracker(patience=cfg.stop_after),
-                 weight=_class_weight(train.labels, head, place) if cfg.balance else None)
+                 weight=_class_weight(train.labels, head, place, cfg.balance_power) if cfg.balance else None)
     if saved:
         _restore(loop, net, head, cfg, len(train.labels), *saved)
     top = distributed.ddp(_Top(net, head, boundary), broadcast_buffers=cfg.train_bn)  # itself in one process
@@ -338,10 +338,10 @@ def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: to
     return net.forward_bottom(acts, 0)
 
 
-def _class_weight(labels: np.ndarray, head: Head, place: _Placement) -> torch.Tensor:
+def _class_weight(labels: np.ndarray, head: Head, place: _Placement, power: float = 1.0) -> torch.Tensor:
     from headstart.train.head_step import class_weights
 
-    return torch.from_numpy(class_weights(labels, head.cfg.n_classes)).to(place.device)
+    return torch.from_numpy(class_weights(labels, head.cfg.n_classes, power)).to(place.device)
 
 
 def _validate(net, head, boundary: int, val: StoredViews, place: _Placement,

@@ -76,7 +76,7 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
         val_rows = _standardized_rows(head, x_val)
         yv = np.asarray(y_val, np.int64)
 
-    weight = class_weights(yt, head_cfg.n_classes) if cfg.balance else None
+    weight = class_weights(yt, head_cfg.n_classes, cfg.balance_power) if cfg.balance else None
     opt = AdamW(head.tensors, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))

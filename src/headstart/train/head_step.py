@@ -27,10 +27,11 @@ def keep_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator) -> tup
     return keep, 256 / (256 - drop_below)
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse class frequency, normalised so that a balanced set weighs 1 each; 0 for an absent class."""
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
+    """Inverse class frequency to `power` (1: each class weighs the same in the loss; 0.5: tempered), normalised
+    so that a balanced set weighs 1 each; 0 for an absent class."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0) ** power
     return weights.astype(np.float32)
 
 

@@ -65,8 +65,8 @@ def fit(s: Any, data: str | Path, progress: Progress, checkpoint_dir: Path | Non
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     t2 = time.perf_counter()
-    balanced = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
-    stage1 = fit_stage1(s, dataset, frozen, feats, progress, balanced)
+    power = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
+    stage1 = fit_stage1(s, dataset, frozen, feats, progress, power)
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
                      decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0))
@@ -121,14 +121,14 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
 
 
 def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
-               balanced: bool = False) -> Fitted:
+               power: float = 0.0) -> Fitted:
     """The head on the frozen backbone's cached features: each candidate `policy.head_candidates` names, the one
-    with the lowest validation loss kept; the loss weighted by class when `balanced`."""
+    with the lowest validation loss kept; the loss weighted by inverse class frequency to `power` (0: not)."""
     from headstart.train.fit_head import fit_best_head
 
     (x_tr, y_tr), (x_va, y_va) = feats.part("train"), feats.part("val")
     _check_every_class_trains(dataset, y_tr)
-    train_cfg = train_config(s, balanced)
+    train_cfg = train_config(s, power)
     candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
                                         train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy == "finetune")
     # The refit trains beside the candidates when it is sure to be wanted (`fit_best_head`); else after them.
@@ -136,7 +136,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
     fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, full,
                            None if full is None else feats.labels[:len(full)])
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
-                        head_candidates=fitted.candidates if len(candidates) > 1 else (), balanced=balanced)
+                        head_candidates=fitted.candidates if len(candidates) > 1 else (), balanced=power > 0)
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
                        tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
@@ -155,13 +155,14 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     if not (feats.splits == "val").any():
         raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
     decision, balanced = stage1.report.decision, stage1.report.decision.balanced
+    power = stage1.report.train_config.balance_power if balanced else 0.0
     t0 = time.perf_counter()
     if s.strategy == "auto":  # the head is weak (`policy.decide_auto`): the deep recipe, in the time limit
         frozen, head_cfg, head_state, cfg, plan = _deep_start(s, stage1, feats, progress, t_start or t0)
         stage1 = _with_decision(stage1, plan=plan)
     else:
         frozen, head_cfg, head_state = stage1.frozen, stage1.head_config, stage1.head_state
-        cfg = finetune_config(s, decision.native_input > 0, balanced)
+        cfg = finetune_config(s, decision.native_input > 0, power)
     start_loss = None if balanced or frozen is not stage1.frozen else stage1.report.val_metrics.log_loss
     in_split = {name: [p for p, sp in zip(feats.paths, feats.splits) if sp == name] for name in ("train", "val")}
     try:
@@ -173,7 +174,7 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
         log.info("auto: keeping the head alone (%s)", exc)
         return _with_decision(stage1, reason=f"this backbone cannot be fine-tuned ({exc})")
     tuned = evaluate(result.val_labels, result.val_proba, stage1.classes)
-    refit = refit_head(result.frozen, head_cfg, s.hidden, s.dropout, train_config(s, balanced), feats.paths,
+    refit = refit_head(result.frozen, head_cfg, s.hidden, s.dropout, train_config(s, power), feats.paths,
                        feats.labels, feats.splits, s.device, progress)
     refitted = evaluate(refit.val[1], refit.val[0], stage1.classes)
     keep_refit = policy.keep_refit(refitted, tuned, balanced)
@@ -202,17 +203,18 @@ def _deep_start(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progre
     from headstart.train import deep
 
     balanced = stage1.report.decision.balanced
+    power = stage1.report.train_config.balance_power if balanced else 0.0
     train_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "train"]
     side = typical_short_side(train_paths)
-    start = deep.whole_view_start(stage1.frozen, feats, train_config(s, balanced), side, s.device, progress)
+    start = deep.whole_view_start(stage1.frozen, feats, train_config(s, power), side, s.device, progress)
     augment, why = deep.orientation_augment(start, s.device) if s.augment == "light" else (s.augment, "")
     budget = policy.finetune_budget(s.time_limit, time.perf_counter() - t_start, len(feats.paths),
                                     start.seconds_per_image)
-    cfg = deep.deep_config(finetune_config(s, False, balanced), balanced, augment, budget)
+    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget)
     plan = (f"whole photo at {start.frozen.spec.preprocess.input_size} px, top {cfg.unfreeze} stages trained for "
             f"the epochs that fit {budget:.0f} s of --time-limit {s.time_limit:g} s, augment {cfg.augment}"
             + (f" ({why})" if why else "")
-            + (", classes weighted" if balanced else ""))
+            + (f", classes weighted by inverse frequency ^ {power:g}" if balanced else ""))
     log.info("auto: %s", plan)
     return start.frozen, start.head_cfg, start.head_state, cfg, plan
 
@@ -243,19 +245,20 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
     return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 
 
-def train_config(s: Any, balanced: bool | None = None) -> TrainConfig:
-    """The head's settings; `balanced`: the class weighting `policy.balance_classes` chose (None: `s.balance`
-    as given, "auto" counting as off)."""
-    balance = s.balance is True if balanced is None else balanced
+def train_config(s: Any, power: float | None = None) -> TrainConfig:
+    """The head's settings; `power`: the class weighting `policy.balance_classes` chose (None: `s.balance` as
+    given, "auto" counting as off)."""
+    power = (1.0 if s.balance is True else 0.0) if power is None else power
     return TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                       schedule=s.schedule, patience=s.patience, balance=balance, seed=s.seed)
+                       schedule=s.schedule, patience=s.patience, balance=power > 0, balance_power=power or 1.0,
+                       seed=s.seed)
 
 
-def finetune_config(s: Any, at_photos_size: bool, balanced: bool = False) -> FinetuneConfig:
+def finetune_config(s: Any, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
     return FinetuneConfig(
         unfreeze=policy.unfreeze_stages(s.unfreeze, at_photos_size), epochs=s.finetune_epochs, views=s.views,
         augment=s.augment, lr=s.finetune_lr, train_bn=s.train_bn, seed=s.seed, batch_size=min(32, s.batch_size),
-        device=pick_device(s.device), balance=balanced,
+        device=pick_device(s.device), balance=power > 0, balance_power=power or 1.0,
     )
 
 

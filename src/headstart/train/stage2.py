@@ -72,7 +72,7 @@ def run_finetune(
     val = _split_arrays(store, "val", val_labels, pre)
 
     head = Head(head_cfg)
-    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in _std_floored(head_state).items()})
     run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss, deadline)
     for module in (net, head):  # bit for bit rank 0's (BatchNorm statistics train apart): one weights file
         distributed.broadcast_state(module)
@@ -120,6 +120,18 @@ def refit_head(
     state = fitted.state
     return Refit(fitted.head.cfg, state, (head_proba(fitted.head.cfg, state, x_va), y_va), got.part("test"),
                  fitted.candidates)
+
+
+# Features that were (nearly) constant over the training photos get a std of ~1e-6 in the head's standardisation:
+# on elpv's grayscale cells whole channels of the final conv are zero for every photo. Once the backbone trains,
+# they move by 1e-3 and, divided by 1e-6, threw the loss to 126 in the first epoch. A floor at this fraction of
+# the median std keeps them on the scale of the others; for a constant feature nothing changes (x - mean is 0).
+STD_FLOOR = 0.01
+
+
+def _std_floored(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    std = np.asarray(state["std"], np.float32)
+    return {**state, "std": np.maximum(std, np.float32(STD_FLOOR * float(np.median(std))))}
 
 
 def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray, pre) -> StoredViews:
