@@ -87,7 +87,8 @@ def main() -> None:
     for epoch in range(a.epochs):
         te = time.perf_counter()
         head.train()
-        idx = torch.multinomial(weights, steps * batch, replacement=True, generator=torch.Generator().manual_seed(epoch))
+        draw = torch.Generator().manual_seed(epoch)
+        idx = torch.multinomial(weights, steps * batch, replacement=True, generator=draw)
         for s in range(0, len(idx), batch):
             rows = idx[s:s + batch]
             loss = F.cross_entropy(head(net(norm(augment(xt[rows], rng)))), yt[rows], label_smoothing=0.1)

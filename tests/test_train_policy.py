@@ -51,7 +51,8 @@ def test_classes_are_weighted_when_skewed_or_asked_for():
     assert not policy.skewed({"a": 5}) and not policy.skewed({"a": 5, "b": 0})  # an absent class is not a ratio
     assert policy.balance_classes("auto", {"a": 1322, "b": 93}) == policy.AUTO_BALANCE_POWER == 0.5
     assert policy.balance_classes("auto", {"a": 1, "b": 1}) == 0.0
-    assert policy.balance_classes(True, {"a": 1, "b": 1}) == 1.0 and policy.balance_classes(False, {"a": 9, "b": 1}) == 0
+    assert policy.balance_classes(True, {"a": 1, "b": 1}) == 1.0
+    assert policy.balance_classes(False, {"a": 9, "b": 1}) == 0
 
 
 def test_tempered_class_weights_are_the_root_of_the_full_ones():

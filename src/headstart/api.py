@@ -52,7 +52,8 @@ class ImageClassifier:
         seed: int = _D["seed"], device: str = _D["device"], strategy: str = _D["strategy"],
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],
-        time_limit: float = _D["time_limit"], train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"], engine: str = _D["engine"],
+        time_limit: float = _D["time_limit"], train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"],
+        engine: str = _D["engine"],
     ) -> None:
         # scikit-learn's rule: store the arguments as given; `fit` checks them (`options.check`).
         self.backbone = backbone

@@ -33,8 +33,8 @@ from headstart.records import History
 from headstart.runtime import distributed
 from headstart.train import checkpoint
 from headstart.train.config import FinetuneConfig
+from headstart.train.head_step import class_weights
 from headstart.train.loop import BestTracker, warmup_cosine
-from headstart.train.policy import epochs_in_budget
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ def finetune(
     if saved:  # the epochs the interrupted run planned, whatever the time left now
         cfg = replace(cfg, epochs=int(saved[1]["config"]["epochs"]))
     elif cfg.time_budget_s and deadline is not None:
-        cfg = fit_epochs(net, head, boundary, cfg, train, len(val.labels), place, deadline - time.perf_counter())
+        from headstart.train.stage2 import fit_epochs
+
+        cfg = fit_epochs(net, head, boundary, cfg, train, len(val.labels), deadline - time.perf_counter())
     if start_loss is None:
         start_loss = _validate(net, head, boundary, val, place, val_weight)[0]
     loop = _Loop(*_optimizer(net, head, units, cfg, len(train.labels)), np.random.default_rng(cfg.seed),
@@ -224,32 +226,6 @@ def finetune(
     head.cpu().eval()
     logits = loop.keep.state.get(VAL_LOGITS)
     return Finetuned(cfg, loop.history, None if logits is None else logits.cpu().numpy())
-
-
-def fit_epochs(net: PooledFeatures, head: Head, boundary: int, cfg: FinetuneConfig, train: StoredViews, n_val: int,
-               place: _Placement, seconds: float) -> FinetuneConfig:
-    """`cfg` with the epochs that fit `seconds` (at least one, at most `cfg.epochs`): a training step of one
-    micro-batch is timed (after one untimed, which pays for first-call allocations) and an epoch costs it per
-    training image, plus a validation pass at a third of it per image (forward only). Nothing is updated."""
-    top = _Top(net, head, boundary)
-    rows = np.arange(min(MICRO_BATCH, len(train.labels)))
-    acts, taps = place.tensor(read_view(train.acts, rows, 0)), place.tensor(read_view(train.taps, rows, 0))
-    set_modes(net, head, [], cfg.train_bn)
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        with place.autocast():
-            logits = top(acts, taps)
-        F.cross_entropy(logits.float(), torch.from_numpy(train.labels[rows]).to(place.device)).backward()
-        times.append(time.perf_counter() - t0)
-    net.zero_grad(set_to_none=True)
-    head.zero_grad(set_to_none=True)
-    per_image = times[-1] / len(rows)
-    epoch_s = per_image * (len(train.labels) + n_val / 3)
-    epochs = epochs_in_budget(seconds, epoch_s, cfg.epochs)
-    log.info("fine-tuning: ~%.0f s an epoch, %.0f s left: %d of at most %d epochs", epoch_s, seconds, epochs, cfg.epochs)
-    return replace(cfg, epochs=epochs)
-
 
 
 def _optimizer(net: PooledFeatures, head: Head, units: list[nn.Module], cfg: FinetuneConfig, n_train: int):
@@ -339,8 +315,6 @@ def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: to
 
 
 def _class_weight(labels: np.ndarray, head: Head, place: _Placement, power: float = 1.0) -> torch.Tensor:
-    from headstart.train.head_step import class_weights
-
     return torch.from_numpy(class_weights(labels, head.cfg.n_classes, power)).to(place.device)
 
 

@@ -23,6 +23,7 @@ from headstart.records import HeadCandidate, History
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.train.policy import epochs_in_budget
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
@@ -122,16 +123,13 @@ def refit_head(
                  fitted.candidates)
 
 
-# Features that were (nearly) constant over the training photos get a std of ~1e-6 in the head's standardisation:
-# on elpv's grayscale cells whole channels of the final conv are zero for every photo. Once the backbone trains,
-# they move by 1e-3 and, divided by 1e-6, threw the loss to 126 in the first epoch. A floor at this fraction of
-# the median std keeps them on the scale of the others; for a constant feature nothing changes (x - mean is 0).
-STD_FLOOR = 0.01
-
-
 def _std_floored(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    std = np.asarray(state["std"], np.float32)
-    return {**state, "std": np.maximum(std, np.float32(STD_FLOOR * float(np.median(std))))}
+    """The head's standardisation with `heads.params.floored_std` (heads saved before it may lack the floor):
+    once the backbone trains, a feature that was constant moves, and divided by ~1e-6 it threw the first epoch's
+    training loss on elpv to 126."""
+    from headstart.heads.params import floored_std
+
+    return {**state, "std": floored_std(state["std"])}
 
 
 def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray, pre) -> StoredViews:
