@@ -162,8 +162,11 @@ def keep_finetuned(strategy: str, head: Evaluation, tuned: Evaluation, balanced:
 # --- deep fine-tuning, when the head alone is weak (`train.deep`) ---------------------------------------------
 
 WHOLE_VIEW_SIDE = 256  # the whole photo at up to this size: the reference recipe (a thin crack fades at 224)
-DEEP_UNFREEZE = 1  # the top stage and the final conv: (measured below)
-DEEP_EPOCHS = 12  # at most; the time limit usually sets fewer (`finetune.fit_epochs`)
+# The top stage and the final conv: what a CPU affords in minutes. Measured at 256 px on the shared 2-core machine
+# (ms per image, forward + backward): top 1 ~20, top 2 ~90, top 3 ~150, every stage ~400; an epoch of elpv's
+# 1,475 training photos costs ~30 s with the top stage, ~130 s with two, ~10 min with all.
+DEEP_UNFREEZE = 1
+DEEP_EPOCHS = 12  # at most; the time limit usually sets fewer (`stage2.fit_epochs`)
 DEEP_VIEWS = 2  # stored augmented views per photo; epochs cycle through them
 DEEP_RESERVE_S = 20.0  # kept back from the time limit for the temperature, saving and the report
 
