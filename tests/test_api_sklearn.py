@@ -47,10 +47,10 @@ def test_scikit_learns_own_estimator_checks(check):
 
 
 def test_is_a_classifier_with_a_repr_of_what_changed_and_clones():
-    clf = ImageClassifier(epochs=5, hidden=[8], strategy="auto")
+    clf = ImageClassifier(epochs=5, hidden=[8], strategy="head")
     assert is_classifier(clf)
     assert repr(ImageClassifier()) == "ImageClassifier()"
-    assert repr(clf) == "ImageClassifier(hidden=[8], epochs=5, strategy='auto')"
+    assert repr(clf) == "ImageClassifier(hidden=[8], epochs=5, strategy='head')"
     twin = clone(clf)
     assert twin is not clf and twin.get_params() == clf.get_params() and repr(twin) == repr(clf)
     assert twin.set_params(**clf.get_params()).get_params() == clf.get_params()

@@ -279,7 +279,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         "--batch-size", "8", "--hidden", "512, 256", "--dropout", "0.5", "--schedule", "plateau", "--patience", "3",
         "--balance", "--seed", "7", "--device", "cpu", "--strategy", "finetune", "--unfreeze", "all",
         "--augment", "strong", "--finetune-epochs", "3", "--finetune-lr", "0.002", "--views", "2", "--train-bn",
-        "--resume", str(tmp_path / "earlier"), "--no-native-view",
+        "--resume", str(tmp_path / "earlier"), "--no-native-view", "--time-limit", "10m",
     ]  # fmt: skip
     result = runner.invoke(cli.app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -289,7 +289,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         dropout=0.5, epochs=5, lr=0.01, weight_decay=0.0, batch_size=8, patience=3, schedule="plateau",
         balance=True, seed=7, device="cpu", strategy="finetune", unfreeze="all", augment="strong",
         finetune_epochs=3, finetune_lr=0.002, views=2, train_bn=True, native_view=False,
-        cv="auto", engine="auto", refit=False, multi_label=False, threshold=None,
+        cv="auto", engine="auto", refit=False, time_limit=600.0, multi_label=False, threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "earlier" / "checkpoint", "resume": True}
     assert (out / "headstart.json").exists()
@@ -326,9 +326,9 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
     (clf,) = FakeClassifier.created
     assert clf.params == dict(
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
-        epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance=False,
-        seed=0, device="auto", strategy="head", unfreeze="auto", augment="light", finetune_epochs=3, finetune_lr=5e-4,
-        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False, multi_label=False,
+        epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance="auto",
+        seed=0, device="auto", strategy="auto", unfreeze="auto", augment="light", finetune_epochs=3, finetune_lr=5e-4,
+        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False, time_limit=480.0, multi_label=False,
         threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
@@ -523,6 +523,8 @@ def test_train_flags_are_the_options_with_their_defaults() -> None:
     defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
     defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
     defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])
+    defaults["balance"] = "auto" if defaults["balance"] is None else defaults["balance"]  # --balance/--no-balance
+    defaults["time_limit"] = cli_train._parse_seconds(defaults["time_limit"], "--time-limit")
     assert defaults == dict(options.DEFAULTS)
 
 

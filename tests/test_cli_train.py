@@ -26,6 +26,8 @@ def test_cli_defaults_are_the_api_defaults():
                     for name, p in inspect.signature(cli.train).parameters.items()}
     cli_defaults["hidden"] = cli._parse_hidden(cli_defaults["hidden"])  # flags arrive as text
     cli_defaults["unfreeze"] = cli._parse_unfreeze(cli_defaults["unfreeze"])
+    cli_defaults["balance"] = "auto" if cli_defaults["balance"] is None else cli_defaults["balance"]
+    cli_defaults["time_limit"] = cli._parse_seconds(cli_defaults["time_limit"], "--time-limit")
     assert {k: cli_defaults[k] for k in api_defaults} == api_defaults
 
 

@@ -70,17 +70,21 @@ def test_a_format_1_model_loads_with_its_run_record(image_folder, tiny_weights, 
     clf = ImageClassifier.load(model_dir)
     d = old["decision"]
     assert clf.decision_.kept == d["kept"] == "finetune" and clf.decision_.strategy == "finetune"
-    assert clf.decision_.stage2.config.to_dict() == d["finetune_config"]
+    # settings added since (class weights, the time budget) load at their defaults: what those runs did
+    config = clf.decision_.stage2.config.to_dict()
+    assert {k: config[k] for k in d["finetune_config"]} == d["finetune_config"]
+    assert (config["balance"], config["balance_power"], config["time_budget_s"]) == (False, 1.0, 0.0)
     assert clf.decision_.stage2.history.val_loss == d["finetune_history"]["val_loss"]
     assert clf.decision_.stage2.refit.kept == d["refit"]["kept"]
     assert clf.history_.train_loss == old["history"]["train_loss"]
-    assert clf.train_config_.to_dict() == old["train"] and clf.counts_ == old["counts"]
+    assert {k: clf.train_config_.to_dict()[k] for k in old["train"]} == old["train"] and clf.counts_ == old["counts"]
+    assert clf.train_config_.balance_power == 1.0  # added since: the full inverse frequency `balance` meant then
     assert clf.val_metrics_.accuracy == old["metrics"]["val"]["accuracy"]
     assert clf.test_metrics_.to_dict() == old["metrics"]["test"]
     assert clf.get_params()["strategy"] == old["params"]["strategy"]
     saved = json.loads((clf.save(tmp_path / "again") / META_FILE).read_text())
     assert saved["format_version"] == artifact.FORMAT_VERSION == 2
-    assert saved["fit"]["decision"]["stage2"]["config"] == d["finetune_config"]
+    assert saved["fit"]["decision"]["stage2"]["config"] == config
 
 
 def test_records_round_trip_through_their_dicts():

@@ -23,13 +23,63 @@ def _eval(correct: int, confident: float = 0.9):
     return evaluate(y, proba, ["a", "b"])
 
 
-@pytest.mark.parametrize("strategy, n_train, has_val, acc, run", [
-    ("head", 1000, True, 0.5, False), ("finetune", 5, False, 1.0, True),
-    ("auto", 1000, True, 0.5, True), ("auto", 10, True, 0.5, False), ("auto", 1000, False, 0.5, False),
-    ("auto", 1000, True, 0.995, False),
+def _eval_of(y, picks):
+    proba = np.full((len(y), 2), 0.1)
+    proba[np.arange(len(y)), picks] = 0.9
+    return evaluate(np.array(y), proba, ["a", "b"])
+
+
+STRONG = _eval_of([0, 1, 0, 1], [0, 1, 0, 1])  # accuracy 1, balanced 1
+FAIR = _eval_of([0, 1, 0, 1, 0], [0, 1, 0, 0, 0])  # accuracy 0.8, balanced 0.75: flowers-like, kept
+RARE_MISSED = _eval_of([0] * 8 + [1] * 2, [0] * 10)  # accuracy 0.8, balanced 0.5: elpv-like, fine-tuned
+GAP = _eval_of([0] * 9 + [1] * 3, [0] * 9 + [1, 1, 0])  # accuracy 0.92, balanced 0.83: gap 0.08 < 0.1, kept
+
+
+@pytest.mark.parametrize("strategy, n_train, has_val, head, run", [
+    ("head", 1000, True, RARE_MISSED, False), ("finetune", 5, False, STRONG, True),
+    ("auto", 1000, True, RARE_MISSED, True), ("auto", 10, True, RARE_MISSED, False),
+    ("auto", 1000, False, RARE_MISSED, False), ("auto", 1000, True, None, False),
+    ("auto", 1000, True, STRONG, False), ("auto", 1000, True, FAIR, False), ("auto", 1000, True, GAP, False),
+    ("auto", 1000, True, _eval_of([0, 1, 0, 1, 0], [0, 0, 1, 0, 1]), True),  # balanced 0.42 < 0.6: poor
 ])
-def test_stage2_runs_when_asked_for_by_name_or_when_auto_sees_room(strategy, n_train, has_val, acc, run):
-    assert policy.run_stage2(strategy, n_train, has_val, acc)[0] is run
+def test_stage2_runs_when_asked_for_by_name_or_when_auto_finds_the_head_weak(strategy, n_train, has_val, head, run):
+    assert policy.run_stage2(strategy, n_train, has_val, head)[0] is run
+
+
+def test_classes_are_weighted_when_skewed_or_asked_for():
+    assert policy.skewed({"a": 300, "b": 100}) and not policy.skewed({"a": 299, "b": 100})
+    assert not policy.skewed({"a": 5}) and not policy.skewed({"a": 5, "b": 0})  # an absent class is not a ratio
+    assert policy.balance_classes("auto", {"a": 1322, "b": 93}) == policy.AUTO_BALANCE_POWER == 0.5
+    assert policy.balance_classes("auto", {"a": 1, "b": 1}) == 0.0
+    assert policy.balance_classes(True, {"a": 1, "b": 1}) == 1.0
+    assert policy.balance_classes(False, {"a": 9, "b": 1}) == 0
+
+
+def test_tempered_class_weights_are_the_root_of_the_full_ones():
+    from headstart.train.head_step import class_weights
+
+    y = np.array([0] * 9 + [1])
+    full, tempered = class_weights(y, 2), class_weights(y, 2, 0.5)
+    assert full == pytest.approx([10 / 18, 5.0]) and tempered == pytest.approx(np.sqrt([10 / 18, 5.0]))
+
+
+def test_skewed_models_are_ranked_by_balanced_accuracy():
+    assert policy.keep_finetuned("auto", RARE_MISSED, GAP, balanced=True)
+    assert not policy.keep_finetuned("auto", FAIR, RARE_MISSED, balanced=True)  # same accuracy, lower balanced
+    assert policy.keep_refit(FAIR, RARE_MISSED, balanced=True) and not policy.keep_refit(RARE_MISSED, FAIR, True)
+
+
+def test_whole_view_keeps_the_whole_photo_at_up_to_256_px():
+    cfg = PreprocessConfig(input_size=224, crop_pct=0.875, native_size=96)
+    assert policy.whole_view(cfg, 300) == dataclasses.replace(cfg, input_size=256, crop_pct=1.0, native_size=0)
+    assert policy.whole_view(cfg, 200).input_size == 224 and policy.whole_view(cfg, 100).input_size == 224
+    assert policy.whole_view(cfg, 0).input_size == 256  # no readable size: the recipe's
+
+
+def test_the_time_limit_sets_the_epochs():
+    assert policy.epochs_in_budget(300, 40, 12) == 7 and policy.epochs_in_budget(3000, 40, 12) == 12
+    assert policy.epochs_in_budget(10, 40, 12) == 1  # one epoch even when none fits: the head alone was weak
+    assert policy.finetune_budget(480, 100, 1000, 0.05) == pytest.approx(480 - 100 - 60 - policy.DEEP_RESERVE_S)
 
 
 def test_unfreeze_auto_is_every_stage_at_the_photos_size_else_two():

@@ -26,17 +26,25 @@ def make_clf(tiny_weights, ft_cache):
     return functools.partial(finetune_classifier, tiny_weights)
 
 
+def _scored(y, picks):
+    from headstart.evaluate.metrics import evaluate
+
+    proba = np.full((len(y), 2), 0.2)
+    proba[np.arange(len(y)), picks] = 0.8
+    return evaluate(np.array(y), proba, ["a", "b"])
+
+
 def test_decide_auto_reasons():
     n = policy.AUTO_MIN_TRAIN_IMAGES
+    weak, good = _scored([0, 0, 0, 0, 1], [0, 0, 0, 0, 0]), _scored([0, 1, 0, 1], [0, 1, 0, 1])
     run, why = policy.decide_auto(n + 20, False, None)
     assert not run and "no validation" in why
-    run, why = policy.decide_auto(n - 1, True, 0.5)
+    run, why = policy.decide_auto(n - 1, True, weak)
     assert not run and f"only {n - 1} training images" in why
-    run, why = policy.decide_auto(n, True, policy.AUTO_HEAD_GOOD_ENOUGH)
-    assert not run and "head alone" in why
-    run, why = policy.decide_auto(n, True, 0.5)
-    assert run and why
-    assert policy.decide_auto(n, True, None)[0]
+    run, why = policy.decide_auto(n, True, good)
+    assert not run and "validates well enough" in why
+    run, why = policy.decide_auto(n, True, weak)
+    assert run and "poorly" in why and "balanced 0.500" in why
 
 
 def test_auto_keeps_the_head_when_there_are_too_few_images(make_clf, image_folder, tiny_weights, monkeypatch):
@@ -87,7 +95,7 @@ def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, mo
     from headstart.errors import FinetuneError
 
     monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
-    monkeypatch.setattr(policy, "AUTO_HEAD_GOOD_ENOUGH", 1.01)  # stage 2 would run if the backbone allowed it
+    monkeypatch.setattr(policy, "AUTO_WEAK_BALANCED", 1.01)  # stage 2 would run if the backbone allowed it
     weights = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(weights))
     data = make_image_folder(tmp_path / "photos", per_class=6)

@@ -21,7 +21,7 @@ def photo():
     return make_image((200, 60, 60), (90, 70), np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("level", ["light", "strong"])
+@pytest.mark.parametrize("level", ["light", "strong", "flips", "turns"])
 def test_augmented_view_is_deterministic_per_seed_and_varies_across_seeds(photo, level):
     cfg = PreprocessConfig(input_size=48)
     a = augmented_view(photo, cfg, level, 7)
@@ -60,3 +60,26 @@ def test_eight_bit_views_normalise_to_the_float_views_bit_for_bit(photo, level):
     # a batch of views [n, views, 3, H, W] normalises as each view alone does
     batch = np.stack(pixels)[None]
     assert np.array_equal(normalize_pixels(batch, cfg)[0, 1], augmented_view(photo, cfg, level, 4))
+
+
+def _striped() -> "Image.Image":
+    """A grey square with one dark horizontal bar a quarter of the way down: a flip moves it, a turn stands it up."""
+    from PIL import Image
+
+    arr = np.full((64, 64, 3), 200, np.uint8)
+    arr[14:18, :] = 20
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("level, upright", [("flips", False), ("turns", True)])
+def test_flips_keep_lines_level_and_turns_stand_them_up(level, upright):
+    cfg = PreprocessConfig(input_size=64, crop_pct=1.0)
+    seen_rows, stood_up = set(), False
+    for seed in range(40):
+        grey = augmented_pixels(_striped(), cfg, level, seed)[0].astype(float)
+        dark_rows, dark_cols = np.flatnonzero(grey.mean(1) < 120), np.flatnonzero(grey.mean(0) < 120)
+        stood_up |= len(dark_cols) > 0
+        if len(dark_rows):
+            seen_rows.add("top" if dark_rows.mean() < 32 else "bottom")
+    assert seen_rows == {"top", "bottom"}  # flipped top to bottom as well as left to right
+    assert stood_up is upright  # 90-degree turns only with "turns"

@@ -48,12 +48,13 @@ class ImageClassifier:
         val_split: float = _D["val_split"], test_split: float = _D["test_split"],
         hidden: Sequence[int] | str = _D["hidden"], dropout: float = _D["dropout"], epochs: int = _D["epochs"],
         lr: float = _D["lr"], weight_decay: float = _D["weight_decay"], batch_size: int = _D["batch_size"],
-        patience: int = _D["patience"], schedule: str = _D["schedule"], balance: bool = _D["balance"],
+        patience: int = _D["patience"], schedule: str = _D["schedule"], balance: bool | str = _D["balance"],
         refit: bool = _D["refit"], cv: int | str = _D["cv"],
         seed: int = _D["seed"], device: str = _D["device"], strategy: str = _D["strategy"],
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],
-        train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"], engine: str = _D["engine"],
+        time_limit: float = _D["time_limit"], train_bn: bool = _D["train_bn"], native_view: bool = _D["native_view"],
+        engine: str = _D["engine"],
         multi_label: bool = _D["multi_label"], threshold: float | None = _D["threshold"],
     ) -> None:
         # scikit-learn's rule: store the arguments as given; `fit` checks them (`options.check`).
@@ -80,6 +81,7 @@ class ImageClassifier:
         self.finetune_epochs = finetune_epochs
         self.finetune_lr = finetune_lr
         self.views = views
+        self.time_limit = time_limit
         self.train_bn = train_bn
         self.native_view = native_view
         self.engine = engine

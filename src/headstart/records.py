@@ -148,6 +148,8 @@ class Decision:
     head_candidates: tuple[HeadCandidate, ...] = ()
     stage2: Stage2Report | None = None
     refitted: int = 0  # images (train + val) the shipped head was refitted on after validation chose it; 0: not
+    balanced: bool = False  # the loss weighted by inverse class frequency (`--balance`, or auto on skewed classes)
+    plan: str = ""  # what deep fine-tuning chose (view, stages, epochs in the time limit, augmentation) and why
 
     @property
     def kept_head_candidates(self) -> tuple[HeadCandidate, ...]:
@@ -160,7 +162,8 @@ class Decision:
         return {"strategy": self.strategy, "kept": self.kept, "reason": self.reason, "native_size": self.native_size,
                 "native_input": self.native_input, "head_val_accuracy": self.head_val_accuracy,
                 "head_candidates": [c.to_dict() for c in self.head_candidates],
-                "stage2": self.stage2.to_dict() if self.stage2 else None, "refitted": self.refitted}
+                "stage2": self.stage2.to_dict() if self.stage2 else None, "refitted": self.refitted,
+                "balanced": self.balanced, "plan": self.plan}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Decision":
@@ -168,7 +171,8 @@ class Decision:
         return cls(str(d.get("strategy", "head")), str(d.get("kept", "head")), str(d.get("reason", "")),
                    int(d.get("native_size", 0)), int(d.get("native_input", 0)), None if acc is None else float(acc),
                    tuple(HeadCandidate.from_dict(c) for c in d.get("head_candidates", [])),
-                   Stage2Report.from_dict(d["stage2"]) if d.get("stage2") else None, int(d.get("refitted", 0)))
+                   Stage2Report.from_dict(d["stage2"]) if d.get("stage2") else None, int(d.get("refitted", 0)),
+                   bool(d.get("balanced", False)), str(d.get("plan", "")))  # both absent from older models
 
 
 @dataclass(frozen=True)

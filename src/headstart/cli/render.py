@@ -150,7 +150,12 @@ def train_summary(
     ]
     if decision.strategy != "head":
         rows.append(("strategy", _decision_line(decision, timings)))
+    if decision.balanced:
+        power = clf.report_.train_config.balance_power
+        rows.append(("class weights", f"inverse class frequency ^ {power:g} (" + ("the classes are skewed" if
+                     power < 1 else "--balance") + "); balanced accuracy chose between models"))
     rows += _honest_rows(clf)
+    rows += _weak_rows(clf)
     rows.append(("calibration", _calibration_line(clf)))
     rows.append(("saved to", str(saved)))
     if confusion_png is not None:
@@ -185,6 +190,22 @@ def _honest_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
         rows.append(("refit", f"the shipped head was refitted on train + val ({decision.refitted} images) for "
                               f"{clf.history_.best_epoch + 1} epochs, the settings validation chose"))
     return rows
+
+
+def _weak_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
+    """The classes the kept model finds under half of on validation, and what would most likely help."""
+    from headstart.train.policy import weak_classes
+
+    weak = weak_classes(clf.val_metrics_)
+    if not weak:
+        return []
+    listed = ", ".join(f"{name} (recall {recall:.2f} of {n})" for name, recall, n in weak)
+    advice = "more photos of them would help most"
+    if clf.decision_.kept == "head":
+        advice += "; --strategy finetune adapts the backbone to them"
+    elif clf.decision_.stage2 is not None:
+        advice += "; a longer --time-limit lets fine-tuning run more epochs"
+    return [("weak classes", f"{listed}: {advice}")]
 
 
 def _calibration_line(clf: ImageClassifier) -> str:
@@ -236,6 +257,8 @@ def _decision_line(decision: Decision, timings: dict) -> str:
                  f"{timings.get('finetune_s', 0.0):.0f} s)")
     if decision.reason and decision.strategy == "auto":
         line += f"; {decision.reason}"
+    if decision.plan:
+        line += f"; {decision.plan}"
     return line
 
 

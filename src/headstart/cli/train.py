@@ -84,6 +84,17 @@ def _parse_count_or_auto(text: str, flag: str) -> int | str:
         raise typer.BadParameter(f"{text!r} is not a number or 'auto', e.g. {flag} 5", param_hint=f"'{flag}'") from None
 
 
+def _parse_seconds(text: str, flag: str) -> float:
+    """'600', '600s', '10m' or '1.5h' -> seconds (its range is options' to check)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    body, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1.0)
+    try:
+        return float(body) * unit
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration, e.g. {flag} 600 or {flag} 10m",
+                                 param_hint=f"'{flag}'") from None
+
+
 def _parse_hidden(text: str) -> tuple[int, ...] | str:
     """'512,256' -> (512, 256); '' -> () (no hidden layer); 'auto' stays 'auto'. Ranges are options' to check."""
     if text.strip() == "auto":
@@ -115,19 +126,18 @@ def train(
         "--out", "-o", help=escape("Directory to save the model in. [default: model, or the --resume folder]"),
         show_default=False, rich_help_panel=OUTPUT)] = None,
     export: Annotated[bool, typer.Option(
-        "--export", help="Also write model.onnx (see `headstart export`).", rich_help_panel=OUTPUT)] = False,
+        "--export", help="Also write model.onnx.", rich_help_panel=OUTPUT)] = False,
     report: Annotated[bool, typer.Option(
-        help="Write OUT/report.html from the validation split (heat maps: `headstart report`).",
+        help="Write OUT/report.html.",
         rich_help_panel=OUTPUT)] = True,
     resume: Annotated[Path | None, typer.Option(
-        file_okay=False, help="Continue the interrupted run saved in this model directory.",
+        file_okay=False, help="Continue the interrupted run saved there.",
         rich_help_panel=OUTPUT)] = None,
     track: Annotated[list[str] | None, typer.Option(
-        "--track", help="Log the run to csv (OUT/history.csv), tensorboard or mlflow; repeat for several.",
+        "--track", help="Log the run: csv, tensorboard or mlflow (repeatable).",
         show_default=False, metavar="<tracker>", callback=_trackers, rich_help_panel=OUTPUT)] = None,
     log_dir: Annotated[Path | None, typer.Option(
-        "--log-dir", file_okay=False, help="Where csv and tensorboard logs go, one sub-folder per run "
-        "(default: in OUT).", show_default=False, rich_help_panel=OUTPUT)] = None,
+        "--log-dir", file_okay=False, help="Where csv and tensorboard logs go (default: OUT).", show_default=False, rich_help_panel=OUTPUT)] = None,
     val_split: Annotated[float, flag("val_split")] = D["val_split"],
     test_split: Annotated[float, flag("test_split")] = D["test_split"],
     native_view: Annotated[bool, flag("native_view")] = D["native_view"],
@@ -141,7 +151,7 @@ def train(
     batch_size: Annotated[int, flag("batch_size")] = D["batch_size"],
     patience: Annotated[int, flag("patience")] = D["patience"],
     schedule: Annotated[Schedule, flag("schedule")] = D["schedule"],
-    balance: Annotated[bool, flag("balance")] = D["balance"],
+    balance: Annotated[bool | None, flag("balance", show_default="auto")] = None,
     refit: Annotated[bool, flag("refit")] = D["refit"],
     cv: Annotated[str, flag("cv", metavar="<folds|auto>")] = D["cv"],
     strategy: Annotated[Strategy, flag("strategy")] = D["strategy"],
@@ -150,6 +160,7 @@ def train(
     finetune_epochs: Annotated[int, flag("finetune_epochs")] = D["finetune_epochs"],
     finetune_lr: Annotated[float, flag("finetune_lr")] = D["finetune_lr"],
     views: Annotated[int, flag("views")] = D["views"],
+    time_limit: Annotated[str, flag("time_limit", metavar="<seconds|10m>")] = f"{D['time_limit']:g}",
     train_bn: Annotated[bool, flag("train_bn")] = D["train_bn"],
     backbone: Annotated[str, flag("backbone")] = D["backbone"],
     weights: Annotated[Path | None, flag("weights", exists=True, dir_okay=False)] = D["weights"],
@@ -163,6 +174,8 @@ def train(
     settings["hidden"] = _parse_hidden(hidden)
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
     settings["cv"] = _parse_count_or_auto(cv, "--cv")
+    settings["balance"] = "auto" if balance is None else balance  # --balance / --no-balance, else auto
+    settings["time_limit"] = _parse_seconds(time_limit, "--time-limit")
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)
     out = out or resume or Path("model")  # resuming a run finishes it where it was going

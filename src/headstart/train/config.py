@@ -26,7 +26,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     schedule: str = _D["schedule"]  # "cosine" (warmup then cosine) or "plateau" (reduce on plateau)
     patience: int = _D["patience"]  # epochs without a better validation loss before stopping
-    balance: bool = _D["balance"]  # weight the loss by inverse class frequency
+    balance: bool = False  # weight the loss by inverse class frequency (`policy.balance_classes` decides)
+    balance_power: float = 1.0  # ... to this power: 1 when asked for by name, 0.5 when "auto" found skew
     seed: int = _D["seed"]
 
     def __post_init__(self) -> None:
@@ -56,6 +57,13 @@ class FinetuneConfig:
     patience: int | None = None  # epochs without a better val loss before stopping; None: max(3, epochs // 4)
     label_smoothing: float = 0.1
     train_bn: bool = _D["train_bn"]
+    # Weight the loss by inverse class frequency, and judge epochs by the class-balanced validation loss (each
+    # class weighing the same), so that a rare class counts as much as a common one (`policy.balance_classes`).
+    balance: bool = False
+    balance_power: float = 1.0  # the training loss's class weights to this power (`TrainConfig.balance_power`)
+    # Seconds the store and the epochs may take together; 0: no limit. With a limit the epochs are the ones
+    # that fit (at most `epochs`), planned from a timed training step (`stage2.fit_epochs`).
+    time_budget_s: float = 0.0
     seed: int = _D["seed"]
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast for the trained top (always on CUDA)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from headstart.records import History
 from headstart.runtime import distributed
 from headstart.train import checkpoint
 from headstart.train.config import FinetuneConfig
+from headstart.train.head_step import class_weights
 from headstart.train.loop import BestTracker, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -138,10 +140,12 @@ class _Loop:
     patience: BestTracker
     history: History = field(default_factory=History)
     epoch: int = 0  # the next epoch to run
+    weight: torch.Tensor | None = None  # class weights of the training loss (`FinetuneConfig.balance`)
 
 
 @dataclass(frozen=True)
 class Finetuned:
+    config: FinetuneConfig  # as run: its epochs those that fit the time budget, when it had one
     history: History
     # The kept weights' validation logits, from the epoch that chose them; None when they are the stage-1 model's
     # (their logits were not computed here when the caller gave `start_loss`) or came from before a resume.
@@ -151,11 +155,13 @@ class Finetuned:
 def finetune(
     net: PooledFeatures, head: Head, cfg: FinetuneConfig, train: StoredViews, val: StoredViews,
     checkpoint_dir: Path | None = None, resume: bool = False, progress: Progress | None = None,
-    start_loss: float | None = None,
+    start_loss: float | None = None, deadline: float | None = None,
 ) -> Finetuned:
     """Train the top of `net` and `head` in place, from the boundary store's views; keep the best epoch's weights.
     `start_loss`: the stage-1 model's validation loss, when the caller knows it (a validation pass saved: ~4 s on
-    flowers); it is what an epoch must beat for its weights to be kept."""
+    flowers); it is what an epoch must beat for its weights to be kept. `deadline` (a `time.perf_counter()`
+    value): with `cfg.time_budget_s`, the epochs are those that fit before it (`fit_epochs`), and no epoch
+    starts after it."""
     progress = progress or NoProgress()
     place = _Placement(cfg)
     place.module(net)
@@ -164,12 +170,21 @@ def finetune(
     units = set_trainable(net, boundary)
     trained = _trained_state_names(net, units)
     torch.manual_seed(cfg.seed)
+    val_weight = _class_weight(val.labels, head, place) if cfg.balance else None
+    saved = checkpoint.load(checkpoint_dir) if resume and checkpoint_dir else None
+    if saved:  # the epochs the interrupted run planned, whatever the time left now
+        cfg = replace(cfg, epochs=int(saved[1]["config"]["epochs"]))
+    elif cfg.time_budget_s and deadline is not None:
+        from headstart.train.stage2 import fit_epochs
+
+        cfg = fit_epochs(net, head, boundary, cfg, train, len(val.labels), deadline - time.perf_counter())
     if start_loss is None:
-        start_loss = _validate(net, head, boundary, val, place)[0]
+        start_loss = _validate(net, head, boundary, val, place, val_weight)[0]
     loop = _Loop(*_optimizer(net, head, units, cfg, len(train.labels)), np.random.default_rng(cfg.seed),
                  keep=BestTracker(best=start_loss, state=_snapshot(net, head, trained)),
-                 patience=BestTracker(patience=cfg.stop_after))
-    if resume and checkpoint_dir and (saved := checkpoint.load(checkpoint_dir)):
+                 patience=BestTracker(patience=cfg.stop_after),
+                 weight=_class_weight(train.labels, head, place, cfg.balance_power) if cfg.balance else None)
+    if saved:
         _restore(loop, net, head, cfg, len(train.labels), *saved)
     top = distributed.ddp(_Top(net, head, boundary), broadcast_buffers=cfg.train_bn)  # itself in one process
 
@@ -178,9 +193,12 @@ def finetune(
     for epoch in range(loop.epoch, cfg.epochs):
         if loop.patience.should_stop:
             break
+        if deadline is not None and cfg.time_budget_s and epoch > loop.epoch and time.perf_counter() > deadline:
+            log.info("fine-tuning: out of time after %d of %d epochs", epoch, cfg.epochs)
+            break
         set_modes(net, head, units, cfg.train_bn)
         train_loss = _train_epoch(net, head, boundary, cfg, train, epoch % train.acts.shape[1], loop, place, top)
-        val_loss, val_acc, logits = _validate(net, head, boundary, val, place)
+        val_loss, val_acc, logits = _validate(net, head, boundary, val, place, val_weight)
         val_loss, val_acc = distributed.same(val_loss, val_acc)  # rank 0's decides
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             log.warning("fine-tuning diverged at epoch %d (training loss %s, validation loss %s) with learning rate "
@@ -195,7 +213,8 @@ def finetune(
             loop.history.best_epoch = epoch
         if not loop.patience.update(val_loss):
             loop.history.stopped_early = loop.patience.should_stop
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val acc %.4f", epoch + 1, train_loss, val_loss, val_acc)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val %s %.4f", epoch + 1, train_loss, val_loss,
+                 "balanced acc" if cfg.balance else "acc", val_acc)
         loop.epoch = epoch + 1
         if checkpoint_dir:
             _save_checkpoint(checkpoint_dir, net, head, trained, loop, cfg, len(train.labels))
@@ -206,7 +225,7 @@ def finetune(
     net.cpu().to(memory_format=torch.contiguous_format).eval()
     head.cpu().eval()
     logits = loop.keep.state.get(VAL_LOGITS)
-    return Finetuned(loop.history, None if logits is None else logits.cpu().numpy())
+    return Finetuned(cfg, loop.history, None if logits is None else logits.cpu().numpy())
 
 
 def _optimizer(net: PooledFeatures, head: Head, units: list[nn.Module], cfg: FinetuneConfig, n_train: int):
@@ -243,7 +262,7 @@ def _train_epoch(net: PooledFeatures, head: Head, boundary: int, cfg: FinetuneCo
             with contextlib.nullcontext() if last else _no_sync(top):  # ranks average once per batch
                 with place.autocast():
                     logits = top(acts, taps)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, weight=loop.weight, label_smoothing=cfg.label_smoothing)
                 (loss * (len(rows) / len(idx))).backward()  # the batch's mean loss, summed over its parts
             total += loss.item() * len(rows)
         loop.opt.step()
@@ -295,14 +314,22 @@ def _from_store(net: PooledFeatures, boundary: int, acts: torch.Tensor, taps: to
     return net.forward_bottom(acts, 0)
 
 
-def _validate(net, head, boundary: int, val: StoredViews, place: _Placement) -> tuple[float, float, torch.Tensor]:
-    """Validation loss, accuracy and logits."""
+def _class_weight(labels: np.ndarray, head: Head, place: _Placement, power: float = 1.0) -> torch.Tensor:
+    return torch.from_numpy(class_weights(labels, head.cfg.n_classes, power)).to(place.device)
+
+
+def _validate(net, head, boundary: int, val: StoredViews, place: _Placement,
+              weight: torch.Tensor | None = None) -> tuple[float, float, torch.Tensor]:
+    """Validation loss (class-balanced with `weight`: each class's mean loss weighs the same), accuracy (balanced
+    with `weight`: the mean recall) and logits."""
     head.eval()
     feats = top_features(net, boundary, val.acts, val.taps, place)
     with torch.no_grad():
         logits = head(feats)
         y = torch.from_numpy(val.labels).to(logits.device)
-        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
+        hit = (logits.argmax(1) == y).float()
+        acc = hit.mean().item() if weight is None else (weight[y] * hit).sum().item() / weight[y].sum().item()
+        return F.cross_entropy(logits, y, weight=weight).item(), acc, logits
 
 
 def _trained_state_names(net: PooledFeatures, units: list[nn.Module]) -> list[str]:

@@ -78,7 +78,8 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
         val_rows = _standardized_rows(head, x_val)
         yv = np.asarray(y_val, np.float32 if multi else np.int64)
 
-    weight = None if not cfg.balance else positive_weights(yt) if multi else class_weights(yt, head_cfg.n_classes)
+    weight = (None if not cfg.balance else positive_weights(yt) if multi
+              else class_weights(yt, head_cfg.n_classes, cfg.balance_power))
     opt = AdamW(head.tensors, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(yt) / cfg.batch_size)
     cosine = warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(0.05 * cfg.epochs * steps_per_epoch)))

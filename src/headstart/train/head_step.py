@@ -39,10 +39,11 @@ def positive_weights(targets: np.ndarray, cap: float = 10.0, power: float = 0.25
     return np.clip(weights, 1.0, cap).astype(np.float32)
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse class frequency, normalised so that a balanced set weighs 1 each; 0 for an absent class."""
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> np.ndarray:
+    """Inverse class frequency to `power` (1: each class weighs the same in the loss; 0.5: tempered), normalised
+    so that a balanced set weighs 1 each; 0 for an absent class."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0) ** power
     return weights.astype(np.float32)
 
 

@@ -60,13 +60,15 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
     dataset = data if isinstance(data, Dataset) else scan_folder(data, val_split=s.val_split,
                                                                  test_split=s.test_split, seed=s.seed)
     standard = resolve(s.backbone)
-    spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy != "head")
+    # "auto" starts as "head" does: its stage 2, when the head is weak, chooses its own view (`train.deep`).
+    spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy == "finetune")
     frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
         s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"))
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     t2 = time.perf_counter()
-    stage1 = fit_stage1(s, dataset, frozen, feats, progress)
+    power = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
+    stage1 = fit_stage1(s, dataset, frozen, feats, progress, power)
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
                      decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0))
@@ -74,12 +76,12 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
 
     head_acc = report.val_metrics.accuracy if report.val_metrics else None
     run, reason = policy.run_stage2(s.strategy, int((feats.splits == "train").sum()), bool((feats.splits == "val").any()),
-                                    head_acc)
+                                    report.val_metrics)
     stage1 = replace(stage1, report=replace(report, decision=replace(report.decision, reason=reason,
                                                                       head_val_accuracy=head_acc)))
     if not run and s.strategy == "auto":
         log.info("auto: keeping the head alone (%s)", reason)
-    kept = fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume) if run else stage1
+    kept = fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume, t0) if run else stage1
     # The temperature is fitted on the validation logits of the head validation chose; a head fitted after this
     # point (a refit on more data) keeps it: replace(its_config, temperature=kept.head_config.temperature).
     return refit_and_cross_validate(s, with_temperature(kept, feats, stage1.frozen, s.device), feats, progress)
@@ -120,22 +122,23 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     return replace(out, report=replace(report, test_metrics=test, decision=replace(report.decision, refitted=len(y))))
 
 
-def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress) -> Fitted:
+def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
+               power: float = 0.0) -> Fitted:
     """The head on the frozen backbone's cached features: each candidate `policy.head_candidates` names, the one
-    with the lowest validation loss kept."""
+    with the lowest validation loss kept; the loss weighted by inverse class frequency to `power` (0: not)."""
     from headstart.train.fit_head import fit_best_head
 
     (x_tr, y_tr), (x_va, y_va) = feats.part("train"), feats.part("val")
     _check_every_class_trains(dataset, y_tr)
-    train_cfg = train_config(s)
+    train_cfg = train_config(s, power)
     candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
-                                        train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy != "head")
+                                        train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy == "finetune")
     # The refit trains beside the candidates when it is sure to be wanted (`fit_best_head`); else after them.
-    full = feats.features[:len(y_tr) + len(y_va)] if s.refit and s.strategy == "head" and len(y_va) else None
+    full = feats.features[:len(y_tr) + len(y_va)] if s.refit and s.strategy != "finetune" and len(y_va) else None
     fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, full,
                            None if full is None else feats.labels[:len(full)])
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
-                        head_candidates=fitted.candidates if len(candidates) > 1 else ())
+                        head_candidates=fitted.candidates if len(candidates) > 1 else (), balanced=power > 0)
     report = FitReport(decision, fitted.history, fitted.train_config, feats.counts(dataset.classes),
                        tuple(dataset.skipped) + tuple(feats.failures), feats.cached, source=dataset.source,
                        distributed=DistributedRun(distributed.joined().world_size, distributed.joined().backend))
@@ -146,40 +149,46 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
 
 
 def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
-               resume: bool) -> Fitted:
-    """Fine-tune the top of the backbone from the stage-1 head, refit a head on the tuned features, and keep
-    whichever model `policy` prefers."""
+               resume: bool, t_start: float | None = None) -> Fitted:
+    """Fine-tune the backbone from a head (stage 1's; with "auto", one fitted at the whole view `train.deep`
+    chooses), refit a head on the tuned features, and keep whichever model `policy` prefers."""
     from headstart.train.stage2 import refit_head, run_finetune
 
     if not (feats.splits == "val").any():
         raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
-    decision = stage1.report.decision
-    cfg = finetune_config(s, at_photos_size=decision.native_input > 0)
-    in_split = {name: [p for p, sp in zip(feats.paths, feats.splits) if sp == name] for name in ("train", "val")}
+    decision, balanced = stage1.report.decision, stage1.report.decision.balanced
+    power = stage1.report.train_config.balance_power if balanced else 0.0
     t0 = time.perf_counter()
+    if s.strategy == "auto":  # the head is weak (`policy.decide_auto`): the deep recipe, in the time limit
+        frozen, head_cfg, head_state, cfg, plan = _deep_start(s, stage1, feats, progress, t_start or t0)
+        stage1 = _with_decision(stage1, plan=plan)
+    else:
+        frozen, head_cfg, head_state = stage1.frozen, stage1.head_config, stage1.head_state
+        cfg = finetune_config(s, decision.native_input > 0, power)
+    start_loss = None if balanced or frozen is not stage1.frozen else stage1.report.val_metrics.log_loss
+    in_split = {name: [p for p, sp in zip(feats.paths, feats.splits) if sp == name] for name in ("train", "val")}
     try:
-        result = run_finetune(stage1.frozen, stage1.head_config, stage1.head_state, cfg, in_split["train"],
-                              feats.part("train")[1], in_split["val"], feats.part("val")[1], checkpoint_dir, resume,
-                              progress, stage1.report.val_metrics.log_loss)
+        result = run_finetune(frozen, head_cfg, head_state, cfg, in_split["train"], feats.part("train")[1],
+                              in_split["val"], feats.part("val")[1], checkpoint_dir, resume, progress, start_loss)
     except FinetuneError as exc:
         if s.strategy == "finetune":
             raise
         log.info("auto: keeping the head alone (%s)", exc)
         return _with_decision(stage1, reason=f"this backbone cannot be fine-tuned ({exc})")
     tuned = evaluate(result.val_labels, result.val_proba, stage1.classes)
-    refit = refit_head(result.frozen, stage1.head_config, s.hidden, s.dropout, train_config(s), feats.paths,
+    refit = refit_head(result.frozen, head_cfg, s.hidden, s.dropout, train_config(s, power), feats.paths,
                        feats.labels, feats.splits, s.device, progress)
     refitted = evaluate(refit.val[1], refit.val[0], stage1.classes)
-    keep_refit = policy.keep_refit(refitted, tuned)
-    head_cfg, head_state = (refit.head_cfg, refit.head_state) if keep_refit else (stage1.head_config, result.head_state)
+    keep_refit = policy.keep_refit(refitted, tuned, balanced)
+    head_cfg, head_state = (refit.head_cfg, refit.head_state) if keep_refit else (head_cfg, result.head_state)
     tuned = refitted if keep_refit else tuned
     if checkpoint_dir:  # finished: the result is in memory, saving it is next
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     refit_report = RefitReport(keep_refit, refitted.accuracy, refitted.log_loss, refit.candidates)
-    stage2 = Stage2Report(cfg, result.history, tuned.accuracy, refit_report)
+    stage2 = Stage2Report(result.config, result.history, tuned.accuracy, refit_report)
     timings = {**stage1.report.timings, "finetune_s": time.perf_counter() - t0}
     head_eval = stage1.report.val_metrics
-    if not policy.keep_finetuned(s.strategy, head_eval, tuned):
+    if not policy.keep_finetuned(s.strategy, head_eval, tuned, balanced):
         log.info("kept the head (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
         return _with_decision(stage1, stage2=stage2, timings=timings)
     log.info("kept the fine-tuned model (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
@@ -188,6 +197,36 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
                      decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
     return replace(kept, report=report)
+
+
+def _deep_start(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
+    """`train.deep`'s start for a weak head: the whole view, its head, the orientation test, and the settings
+    that fit what is left of `s.time_limit`; with a line saying what was chosen and why."""
+    from headstart.train import deep
+
+    balanced = stage1.report.decision.balanced
+    power = stage1.report.train_config.balance_power if balanced else 0.0
+    train_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "train"]
+    side = typical_short_side(train_paths)
+    start = deep.whole_view_start(stage1.frozen, feats, train_config(s, power), side, s.device, progress)
+    proba, y = _val_proba(start)
+    whole = evaluate(y, proba, stage1.classes)
+    view = f"whole photo at {start.frozen.spec.preprocess.input_size} px"
+    if not stage1.frozen.spec.preprocess.native_size and \
+            policy.score(whole, balanced) < policy.score(stage1.report.val_metrics, balanced):
+        # the standard view validated better: fine-tune from stage 1 itself (elpv: 0.786 / 0.608 against 0.710 / 0.540)
+        view = f"the standard view (whole photo {whole.balanced_accuracy:.3f} balanced on validation)"
+        start = deep.Start(stage1.frozen, feats, stage1.head_config, stage1.head_state, start.seconds_per_image)
+    augment, why = deep.orientation_augment(start, s.device) if s.augment == "light" else (s.augment, "")
+    budget = policy.finetune_budget(s.time_limit, time.perf_counter() - t_start, len(feats.paths),
+                                    start.seconds_per_image)
+    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget)
+    plan = (f"{view}, top {cfg.unfreeze} stages trained for "
+            f"the epochs that fit {budget:.0f} s of --time-limit {s.time_limit:g} s, augment {cfg.augment}"
+            + (f" ({why})" if why else "")
+            + (f", classes weighted by inverse frequency ^ {power:g}" if balanced else ""))
+    log.info("auto: %s", plan)
+    return start.frozen, start.head_cfg, start.head_state, cfg, plan
 
 
 def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: FrozenBackbone, device: str) -> Fitted:
@@ -216,16 +255,20 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
     return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 
 
-def train_config(s: Any) -> TrainConfig:
+def train_config(s: Any, power: float | None = None) -> TrainConfig:
+    """The head's settings; `power`: the class weighting `policy.balance_classes` chose (None: `s.balance` as
+    given, "auto" counting as off)."""
+    power = (1.0 if s.balance is True else 0.0) if power is None else power
     return TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                       schedule=s.schedule, patience=s.patience, balance=s.balance, seed=s.seed)
+                       schedule=s.schedule, patience=s.patience, balance=power > 0, balance_power=power or 1.0,
+                       seed=s.seed)
 
 
-def finetune_config(s: Any, at_photos_size: bool) -> FinetuneConfig:
+def finetune_config(s: Any, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
     return FinetuneConfig(
         unfreeze=policy.unfreeze_stages(s.unfreeze, at_photos_size), epochs=s.finetune_epochs, views=s.views,
         augment=s.augment, lr=s.finetune_lr, train_bn=s.train_bn, seed=s.seed, batch_size=min(32, s.batch_size),
-        device=pick_device(s.device),
+        device=pick_device(s.device), balance=power > 0, balance_power=power or 1.0,
     )
 
 
@@ -250,6 +293,12 @@ def sized_for_paths(spec: BackboneSpec, train_paths: list[Path], native_view: bo
         log.info("photos are %d px on the short side: the network sees them at %d px%s", side,
                  pre.native_size or pre.input_size, " beside the standard view" if pre.native_size else "")
     return replace(spec, preprocess=pre)
+
+
+def _val_proba(start: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`train.deep.Start`'s head on its validation features: (probabilities, labels)."""
+    x, y = start.feats.part("val")
+    return head_proba(start.head_cfg, start.head_state, x), y
 
 
 def _with_decision(fitted: Fitted, timings: dict | None = None, **changes: Any) -> Fitted:

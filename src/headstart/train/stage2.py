@@ -6,7 +6,8 @@ and which result is kept are `policy`'s rules; `pipeline` strings the stages tog
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from headstart.records import HeadCandidate, History
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.train.policy import epochs_in_budget
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FinetuneResult:
     frozen: FrozenBackbone  # the fine-tuned backbone, as a weights file (so engines and saving work as usual)
+    config: FinetuneConfig  # as run (its epochs those that fit `time_budget_s`, when it had one)
     head_state: dict[str, np.ndarray]
     history: History
     val_proba: np.ndarray
@@ -43,13 +46,15 @@ def run_finetune(
     train_paths: list[Path], train_labels: np.ndarray, val_paths: list[Path], val_labels: np.ndarray,
     checkpoint_dir: Path | None, resume: bool, progress: Progress | None = None, start_loss: float | None = None,
 ) -> FinetuneResult:
-    """`start_loss`: the stage-1 model's validation loss (`finetune.finetune`)."""
+    """`start_loss`: the stage-1 model's validation loss (`finetune.finetune`). With `cfg.time_budget_s`, the
+    store and the epochs together take about that many seconds."""
     import torch
 
     from headstart.heads.module import Head
     from headstart.train.finetune import boundary_for, finetune, top_features
 
     progress = progress or NoProgress()
+    deadline = time.perf_counter() + cfg.time_budget_s
     pre = frozen.spec.preprocess
     net = frozen.build_torch()
     boundary = boundary_for(net, cfg.unfreeze)
@@ -68,8 +73,8 @@ def run_finetune(
     val = _split_arrays(store, "val", val_labels, pre)
 
     head = Head(head_cfg)
-    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head_state.items()})
-    run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss)
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in _std_floored(head_state).items()})
+    run = finetune(net, head, cfg, train, val, checkpoint_dir, resume, progress, start_loss, deadline)
     for module in (net, head):  # bit for bit rank 0's (BatchNorm statistics train apart): one weights file
         distributed.broadcast_state(module)
 
@@ -80,7 +85,7 @@ def run_finetune(
     val_proba = torch.softmax(torch.from_numpy(logits), 1).numpy()
     history = run.history
     tuned = _save_backbone(frozen, net.backbone.state_dict())
-    return FinetuneResult(tuned, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba,
+    return FinetuneResult(tuned, run.config, {k: v.numpy() for k, v in head.state_dict().items()}, history, val_proba,
                           val.labels)
 
 
@@ -116,6 +121,48 @@ def refit_head(
     state = fitted.state
     return Refit(fitted.head.cfg, state, (head_proba(fitted.head.cfg, state, x_va), y_va), got.part("test"),
                  fitted.candidates)
+
+
+def _std_floored(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The head's standardisation with `heads.params.floored_std` (heads saved before it may lack the floor):
+    once the backbone trains, a feature that was constant moves, and divided by ~1e-6 it threw the first epoch's
+    training loss on elpv to 126."""
+    from headstart.heads.params import floored_std
+
+    return {**state, "std": floored_std(state["std"])}
+
+
+def fit_epochs(net, head, boundary: int, cfg: FinetuneConfig, train: StoredViews, n_val: int,
+               seconds: float) -> FinetuneConfig:
+    """`cfg` with the epochs that fit `seconds` (at least one, at most `cfg.epochs`): a training step of one
+    micro-batch is timed (after one untimed, which pays for first-call allocations) and an epoch costs it per
+    training image, plus a validation pass at a third of it per image (forward only). Nothing is updated."""
+    import torch
+    import torch.nn.functional as F
+
+    from headstart.cache.boundary import read_view
+    from headstart.train.finetune import MICRO_BATCH, _Placement, _Top, set_modes
+
+    place = _Placement(cfg)  # as training runs: the modules are already placed, the tensors are placed here
+    top = _Top(net, head, boundary)
+    rows = np.arange(min(MICRO_BATCH, len(train.labels)))
+    acts, taps = place.tensor(read_view(train.acts, rows, 0)), place.tensor(read_view(train.taps, rows, 0))
+    set_modes(net, head, [], cfg.train_bn)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with place.autocast():
+            logits = top(acts, taps)
+        F.cross_entropy(logits.float(), torch.from_numpy(train.labels[rows]).to(place.device)).backward()
+        times.append(time.perf_counter() - t0)
+    net.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    per_image = times[-1] / len(rows)
+    epoch_s = per_image * (len(train.labels) + n_val / 3)
+    epochs = epochs_in_budget(seconds, epoch_s, cfg.epochs)
+    log.info("fine-tuning: ~%.0f s an epoch, %.0f s left: %d of at most %d epochs", epoch_s, seconds, epochs,
+             cfg.epochs)
+    return replace(cfg, epochs=epochs)
 
 
 def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray, pre) -> StoredViews:

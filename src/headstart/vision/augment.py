@@ -1,5 +1,7 @@
 """Training-time augmentation for fine-tuning: random resized crop, flip, colour jitter; `strong` adds
-TrivialAugment. Built from a backbone's preprocessing config, like the eval transform.
+TrivialAugment; `flips` keeps nearly the whole photo and flips it both ways (a crop would cut off a defect at the
+edge), for photos without an up or a left (inspection images, cells, slides); `turns` adds 90-degree turns.
+Built from a backbone's preprocessing config, like the eval transform.
 
 Each view draws its parameters from its own seeded generator, so views decoded in parallel threads are
 reproducible, and a resumed run recomputes exactly the views an uninterrupted one would have.
@@ -19,7 +21,7 @@ from PIL import Image
 
 from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
 
-LEVELS = ("none", "light", "strong")
+LEVELS = ("none", "light", "strong", "flips", "turns")
 _TRIVIAL_LOCK = threading.Lock()  # TrivialAugment draws from torch's global RNG: one view at a time
 
 
@@ -54,6 +56,8 @@ def _augmented_image(img: Image.Image, cfg: PreprocessConfig, level: str, seed: 
         return resize_and_crop(img, cfg)
     rng = np.random.default_rng(seed)
     size = cfg.input_size
+    if level in ("flips", "turns"):
+        return _turned(img, cfg, rng, _TURNS if level == "turns" else _TURNS[:4])
 
     top, left, h, w = _resized_crop_box(img.width, img.height, rng, scale=(0.35, 1.0))
     # torchvision's resized_crop copies the crop (up to the whole photo) before resizing it; Pillow's resize
@@ -68,6 +72,27 @@ def _augmented_image(img: Image.Image, cfg: PreprocessConfig, level: str, seed: 
     if level == "strong":
         out = _trivial_augment(out, int(rng.integers(2**31)))
     return out
+
+
+# Transpose ops that, with the identity, make the 8 symmetries of the square; the first 4 keep a horizontal line
+# horizontal (flips both ways), the others turn it upright.
+_TURNS = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180,
+          Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+          Image.Transpose.TRANSVERSE)
+
+
+def _turned(img: Image.Image, cfg: PreprocessConfig, rng: np.random.Generator, turns: tuple) -> Image.Image:
+    """Nearly the whole photo (90-100 % of its area, the eval view being all of it), in one of `turns`, with
+    brightness and contrast jitter: no colour jitter, which means nothing to grayscale."""
+    from torchvision.transforms.v2 import functional as F
+
+    size = cfg.input_size
+    top, left, h, w = _resized_crop_box(img.width, img.height, rng, scale=(0.9, 1.0), ratio=(0.95, 1 / 0.95))
+    out = img.resize((size, size), _resample(cfg), box=(left, top, left + w, top + h))
+    turn = turns[int(rng.integers(len(turns)))]
+    out = out.transpose(turn) if turn is not None else out
+    out = F.adjust_brightness(out, rng.uniform(0.8, 1.2))
+    return F.adjust_contrast(out, rng.uniform(0.8, 1.2))
 
 
 def _resized_crop_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
