@@ -31,6 +31,7 @@ from headstart.data.scan import scan_folder
 from headstart.errors import ArtifactError, ConfigError, DataError
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import atomic_path, file_sha256
+from headstart.runtime.engines import Engine
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_KEY, OnnxPredictor, View
 from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
@@ -127,11 +128,11 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     images, source = parity_images(record, data)
     note = ""
     if record.params.get("engine") == "int8":  # the head was trained on int8 features: export those
-        from headstart.serve.export_int8 import int8_graphs
+        from headstart.serve.export_int8 import int8_engine
 
-        graphs = int8_graphs(record, model_dir)
-        if graphs is not None:
-            return _export_int8(model_dir, art, graphs, images, source, target)
+        engine = int8_engine(record, model_dir)
+        if engine is not None:
+            return _export_int8(model_dir, art, engine, images, source, target)
         note = ("the model was trained on int8 features, but this cache holds no int8 calibration for its backbone: "
                 "model.onnx is float32, and its probabilities differ a little from the model's")
     features = PooledFeatures(create_model(record.backbone, model_dir / artifact.WEIGHTS_FILE, prefix="backbone."))
@@ -141,13 +142,8 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     with atomic_path(target) as tmp:
         _export_graph(model, views, tmp)
         write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE), "float32")
-        parity = check_parity(tmp, features, art, images, source)
-        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
-            raise ArtifactError(
-                f"the ONNX export disagrees with PyTorch on {parity.n_images} {source} (max |Δprob| "
-                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
-                "nothing was written: report this with the model's backbone"
-            )
+        parity = _refuse_disagreement(check_parity(tmp, features, art, images, source), "the ONNX export",
+                                      "PyTorch")
     log.info("exported %s (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
     return ExportReport(target, target.stat().st_size, parity, note=note)
 
@@ -166,25 +162,33 @@ def compared(got: np.ndarray, ref: np.ndarray, n: int, source: str, head: HeadCo
     return Parity(n, source, float(np.abs(got - ref).max()), agree)
 
 
-def _export_int8(model_dir: Path, art: artifact.Artifact, graphs: tuple[Path, ...], images: list[Image.Image],
+def _refuse_disagreement(parity: Parity, what: str, against: str) -> Parity:
+    """`parity`, or the one-line refusal of an export that disagrees with `against` (raised inside the atomic
+    write, so that nothing is written)."""
+    if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
+        raise ArtifactError(
+            f"{what} disagrees with {against} on {parity.n_images} {parity.source} (max |Δprob| "
+            f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
+            "nothing was written: report this with the model's backbone")
+    return parity
+
+
+def _export_int8(model_dir: Path, art: artifact.Artifact, engine: Engine, images: list[Image.Image],
                  source: str, target: Path) -> ExportReport:
     """model.onnx from the int8 graphs the model's features come from (`export_int8`), checked against the
     model as `predict` runs it without an export: the cached int8 engine and the numpy head."""
-    from headstart.serve.export_int8 import compose, engine_features
+    from headstart.serve.export_int8 import compose, engine_features, graph_paths
 
     record, pre = art.record, art.record.backbone.preprocess
     views = views_of(pre)
     with atomic_path(target) as tmp:
-        compose(graphs, views, pre, record.head, art.head_state, tmp)
+        compose(graph_paths(engine), views, pre, record.head, art.head_state, tmp)
         write_metadata(tmp, record, views, file_sha256(model_dir / artifact.WEIGHTS_FILE),
                        "int8 (the engine the model was trained with)")
-        ref = head_proba(record.head, art.head_state, engine_features(graphs, images, pre))
-        parity = compared(OnnxPredictor(tmp).proba_images(images), ref, len(images), source, record.head)
-        if parity.max_dprob > PARITY_TOL or parity.top1_agreement < 1.0:
-            raise ArtifactError(
-                f"the int8 ONNX export disagrees with the model on {parity.n_images} {source} (max |Δprob| "
-                f"{parity.max_dprob:.1e}, allowed {PARITY_TOL:.0e}; top-1 agreement {parity.top1_agreement:.1%}); "
-                "nothing was written: report this with the model's backbone")
+        ref = head_proba(record.head, art.head_state, engine_features(engine, images, pre))
+        parity = _refuse_disagreement(
+            compared(OnnxPredictor(tmp).proba_images(images), ref, len(images), source, record.head),
+            "the int8 ONNX export", "the model")
     log.info("exported %s, int8 (max |Δprob| %.1e on %d %s)", target, parity.max_dprob, parity.n_images, source)
     return ExportReport(target, target.stat().st_size, parity, quantization="int8")
 

@@ -14,46 +14,43 @@ The graph is built with onnx's helpers rather than traced: the backbone's quanti
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from headstart.heads.config import HeadConfig
-from headstart.runtime.engines import OnnxEngine, ViewsEngine
+from headstart.runtime.engines import Engine, OnnxEngine, ViewsEngine
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.runtime.quantize import INT8_PREFIX
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import View
-from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
+from headstart.vision.preprocess import PreprocessConfig, eval_views
 
 log = logging.getLogger(__name__)
 
 
-def int8_graphs(record: artifact.ModelRecord, model_dir: Path) -> tuple[Path, ...] | None:
-    """The cached int8 backbone graphs a model trained with the int8 engine computes its features with: the
-    fixed-size one, and the any-size twin where the model has a native view. None where this cache cannot give
-    them (no calibration and no photos to make one): the caller exports float32 and says so."""
+def int8_engine(record: artifact.ModelRecord, model_dir: Path) -> Engine | None:
+    """The cached int8 engine a model trained with the int8 engine computes its features with; None where this
+    cache cannot give it (no calibration and no photos to make one): the caller exports float32 and says so."""
     frozen = FrozenBackbone(record.backbone, Path(model_dir) / artifact.WEIGHTS_FILE, record.backbone_weights_id,
                             weights_prefix="backbone.").with_engine("int8")
     engine = frozen.engine("cpu")
     if not str(getattr(engine, "kind", "")).startswith(INT8_PREFIX):
         return None
-    if isinstance(engine, ViewsEngine):
-        return (engine.fixed.path, engine.any_size.path)
-    return (engine.path,) if isinstance(engine, OnnxEngine) else None
+    return engine if isinstance(engine, (OnnxEngine, ViewsEngine)) else None
 
 
-def engine_features(graphs: tuple[Path, ...], images: list[Image.Image], pre: PreprocessConfig) -> np.ndarray:
-    """The features of `images` as the feature cache computes them with these graphs (numpy preprocessing of each
-    view, ONNX Runtime): what an int8 export is checked against."""
-    views = [pre] + ([replace(pre, input_size=pre.native_size, crop_pct=1.0)] if pre.native_size else [])
-    feats = []
-    for graph, v in zip(graphs, views):
-        engine = OnnxEngine(graph)
-        feats.append(np.concatenate([engine(normalize(resize_and_crop(im, v), v)[None]) for im in images]))
-    return np.concatenate(feats, 1)
+def graph_paths(engine: Engine) -> tuple[Path, ...]:
+    """The graphs of an int8 engine, one per view: the fixed-size one, and the any-size twin of a native view."""
+    return (engine.fixed.path, engine.any_size.path) if isinstance(engine, ViewsEngine) else (engine.path,)
+
+
+def engine_features(engine: Engine, images: list[Image.Image], pre: PreprocessConfig) -> np.ndarray:
+    """The features of `images` as the feature cache computes them with `engine` (`vision.preprocess.eval_views`,
+    each view through ONNX Runtime, concatenated): what an int8 export is checked against."""
+    return np.concatenate([np.concatenate([engine(view[None]) for view in eval_views(im, pre)], 1)
+                           for im in images])
 
 
 def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessConfig, head: HeadConfig,
