@@ -62,7 +62,7 @@ class FinetuneConfig:
     balance: bool = False
     balance_power: float = 1.0  # the training loss's class weights to this power (`TrainConfig.balance_power`)
     # Seconds the store and the epochs may take together; 0: no limit. With a limit the epochs are the ones
-    # that fit (at most `epochs`), planned from a timed training step (`stage2.fit_epochs`).
+    # that fit (at most `epochs`), planned from a timed training step (`finetune.fit_epochs`).
     time_budget_s: float = 0.0
     seed: int = _D["seed"]
     device: str = "cpu"

@@ -8,7 +8,7 @@ hand to inspection-like photos, each part decided by measurement on the run's ow
 - **Imbalance**: the loss weighted by inverse class frequency when the classes are skewed, and epochs judged by
   the class-balanced validation loss (`FinetuneConfig.balance`).
 - **Deeper and longer, within a time limit**: the stages trained and the epochs run are what fit the seconds
-  left of `--time-limit` (`stage2.fit_epochs` measures a training step before planning the schedule).
+  left of `--time-limit` (`finetune.fit_epochs` measures a training step before planning the schedule).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _score(y: np.ndarray, proba: np.ndarray) -> float:
 
 def deep_config(base: FinetuneConfig, augment: str, budget_s: float) -> FinetuneConfig:
     """Stage 2's settings for a weak head: `policy.DEEP_UNFREEZE` stages for up to `policy.DEEP_EPOCHS`, the
-    epochs that fit `budget_s` (`stage2.fit_epochs`), with the augmentation orientation allows (`base`
+    epochs that fit `budget_s` (`finetune.fit_epochs`), with the augmentation orientation allows (`base`
     carries the class weighting)."""
     return replace(base, unfreeze=policy.DEEP_UNFREEZE, epochs=policy.DEEP_EPOCHS, views=policy.DEEP_VIEWS,
                    augment=augment, time_budget_s=max(1.0, budget_s))

@@ -35,6 +35,7 @@ from headstart.train import checkpoint
 from headstart.train.config import FinetuneConfig
 from headstart.train.head_step import class_weights
 from headstart.train.loop import BestTracker, warmup_cosine
+from headstart.train.policy import epochs_in_budget
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,6 @@ def finetune(
     if saved:  # the epochs the interrupted run planned, whatever the time left now
         cfg = replace(cfg, epochs=int(saved[1]["config"]["epochs"]))
     elif cfg.time_budget_s and deadline is not None:
-        from headstart.train.stage2 import fit_epochs
-
         cfg = fit_epochs(net, head, boundary, cfg, train, len(val.labels), deadline - time.perf_counter())
     if start_loss is None:
         start_loss = _validate(net, head, boundary, val, place, val_weight)[0]
@@ -382,3 +381,30 @@ def _restore(loop: _Loop, net: PooledFeatures, head: Head, cfg: FinetuneConfig, 
     loop.history = History.from_dict(meta["history"])
     loop.epoch = meta["epoch"] + 1
     log.info("resuming fine-tuning at epoch %d", loop.epoch + 1)
+
+
+def fit_epochs(net, head, boundary: int, cfg: FinetuneConfig, train: StoredViews, n_val: int,
+               seconds: float) -> FinetuneConfig:
+    """`cfg` with the epochs that fit `seconds` (at least one, at most `cfg.epochs`): a training step of one
+    micro-batch is timed (after one untimed, which pays for first-call allocations) and an epoch costs it per
+    training image, plus a validation pass at a third of it per image (forward only). Nothing is updated."""
+    place = _Placement(cfg)  # as training runs: the modules are already placed, the tensors are placed here
+    top = _Top(net, head, boundary)
+    rows = np.arange(min(MICRO_BATCH, len(train.labels)))
+    acts, taps = place.tensor(read_view(train.acts, rows, 0)), place.tensor(read_view(train.taps, rows, 0))
+    set_modes(net, head, [], cfg.train_bn)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with place.autocast():
+            logits = top(acts, taps)
+        F.cross_entropy(logits.float(), torch.from_numpy(train.labels[rows]).to(place.device)).backward()
+        times.append(time.perf_counter() - t0)
+    net.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    per_image = times[-1] / len(rows)
+    epoch_s = per_image * (len(train.labels) + n_val / 3)
+    epochs = epochs_in_budget(seconds, epoch_s, cfg.epochs)
+    log.info("fine-tuning: ~%.0f s an epoch, %.0f s left: %d of at most %d epochs", epoch_s, seconds, epochs,
+             cfg.epochs)
+    return replace(cfg, epochs=epochs)

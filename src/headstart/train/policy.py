@@ -175,7 +175,7 @@ WHOLE_VIEW_SIDE = 256  # the whole photo at up to this size: the issue's referen
 # (ms per image, forward + backward): top 1 ~20, top 2 ~90, top 3 ~150, every stage ~400; an epoch of elpv's
 # 1,475 training photos costs ~30 s with the top stage, ~130 s with two, ~10 min with all.
 DEEP_UNFREEZE = 1
-DEEP_EPOCHS = 12  # at most; the time limit usually sets fewer (`stage2.fit_epochs`)
+DEEP_EPOCHS = 12  # at most; the time limit usually sets fewer (`finetune.fit_epochs`)
 DEEP_VIEWS = 2  # stored augmented views per photo; epochs cycle through them
 DEEP_RESERVE_S = 20.0  # kept back from the time limit for the temperature, saving and the report
 

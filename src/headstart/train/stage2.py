@@ -5,9 +5,8 @@ and which result is kept are `policy`'s rules; `pipeline` strings the stages tog
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +22,10 @@ from headstart.records import HeadCandidate, History
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train.config import FinetuneConfig, TrainConfig
-from headstart.train.policy import epochs_in_budget
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,39 +127,6 @@ def _std_floored(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from headstart.heads.params import floored_std
 
     return {**state, "std": floored_std(state["std"])}
-
-
-def fit_epochs(net, head, boundary: int, cfg: FinetuneConfig, train: StoredViews, n_val: int,
-               seconds: float) -> FinetuneConfig:
-    """`cfg` with the epochs that fit `seconds` (at least one, at most `cfg.epochs`): a training step of one
-    micro-batch is timed (after one untimed, which pays for first-call allocations) and an epoch costs it per
-    training image, plus a validation pass at a third of it per image (forward only). Nothing is updated."""
-    import torch
-    import torch.nn.functional as F
-
-    from headstart.cache.boundary import read_view
-    from headstart.train.finetune import MICRO_BATCH, _Placement, _Top, set_modes
-
-    place = _Placement(cfg)  # as training runs: the modules are already placed, the tensors are placed here
-    top = _Top(net, head, boundary)
-    rows = np.arange(min(MICRO_BATCH, len(train.labels)))
-    acts, taps = place.tensor(read_view(train.acts, rows, 0)), place.tensor(read_view(train.taps, rows, 0))
-    set_modes(net, head, [], cfg.train_bn)
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        with place.autocast():
-            logits = top(acts, taps)
-        F.cross_entropy(logits.float(), torch.from_numpy(train.labels[rows]).to(place.device)).backward()
-        times.append(time.perf_counter() - t0)
-    net.zero_grad(set_to_none=True)
-    head.zero_grad(set_to_none=True)
-    per_image = times[-1] / len(rows)
-    epoch_s = per_image * (len(train.labels) + n_val / 3)
-    epochs = epochs_in_budget(seconds, epoch_s, cfg.epochs)
-    log.info("fine-tuning: ~%.0f s an epoch, %.0f s left: %d of at most %d epochs", epoch_s, seconds, epochs,
-             cfg.epochs)
-    return replace(cfg, epochs=epochs)
 
 
 def _split_arrays(store: BoundaryStore, name: str, labels: np.ndarray, pre) -> StoredViews:
