@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
 
 
-
 @dataclass
 class FinetuneResult:
     frozen: FrozenBackbone  # the fine-tuned backbone, as a weights file (so engines and saving work as usual)
