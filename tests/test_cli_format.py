@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -45,5 +46,9 @@ def test_every_command_offering_json_spells_it_format_json() -> None:
 def test_shell_completion_completes_commands_and_options(words: str, cword: int, expected: str) -> None:
     out = _headstart(env={"_HEADSTART_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)})
     assert out.returncode == 0 and expected in out.stdout.split(), out.stdout + out.stderr
-    script = _headstart("--show-completion", "bash", env={"SHELL": "/bin/bash"})
+    # typer finds the shell from the process tree (shellingham): run it from bash as a user's terminal would, since
+    # `make test` runs under sh, which typer does not complete
+    command = f"{shlex.quote(sys.executable)} -m headstart --show-completion; exit $?"  # not exec-ed: bash stays its parent
+    script = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=TIMEOUT_S,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "SHELL": "/bin/bash"})
     assert script.returncode == 0 and "_HEADSTART_COMPLETE" in script.stdout, script.stdout + script.stderr
