@@ -60,7 +60,7 @@ def epoch_times(images: list[Path], repeats: int, unfreeze: int | str, size: int
     from headstart.heads.module import Head
     from headstart.runtime.frozen import FrozenBackbone
     from headstart.train import finetune as ft
-    from headstart.train.config import FinetuneConfig
+    from headstart.records import FinetuneConfig
     from headstart.train.loop import BestTracker
     from headstart.vision.augment import augmented_view, view_seed
 

@@ -11,7 +11,7 @@ from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
 from headstart import ImageClassifier
 from headstart.errors import DataError
 from headstart.data.scan import scan_folder
-from headstart.evaluate.metrics import Evaluation
+from headstart.records import Evaluation
 from headstart.records import EvaluationResult, History
 
 CLASSES = ["cat", "dog", "fish"]

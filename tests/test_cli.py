@@ -34,8 +34,9 @@ from headstart.errors import WeightsError
 from headstart.errors import DataError
 from headstart.heads.config import HeadConfig
 from headstart.records import Decision, HeadCandidate, History, RefitReport, Stage2Report
-from headstart.train.config import FinetuneConfig
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.records import FinetuneConfig
+from headstart.evaluate.metrics import evaluate
+from headstart.records import Evaluation
 from headstart.records import EvaluationResult
 from headstart.vision.preprocess import PreprocessConfig
 

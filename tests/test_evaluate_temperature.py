@@ -153,6 +153,6 @@ def test_a_temperature_that_raises_the_validation_ece_is_refused() -> None:
     cal = stored_temperature(z, y)
     assert cal.temperature == 1.0 and cal.refused == pytest.approx(fit_temperature(z, y))
     assert cal.ece_after == cal.ece_before
-    from headstart.evaluate.calibration import Calibration
+    from headstart.records import Calibration
 
     assert Calibration.from_dict(cal.to_dict()) == cal

@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 
 from helpers_serve import tiny_model
 from headstart.evaluate.metrics import evaluate
-from headstart.evaluate.tta import TTAEvaluation, averaged
+from headstart.evaluate.tta import averaged
+from headstart.records import TTAEvaluation
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
 from headstart import ImageClassifier
-from headstart.evaluate.crossval import CrossValidation
+from headstart.records import CrossValidation
 from headstart.records import Decision, FitReport
 from headstart.train import policy
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from headstart import options
 from headstart.errors import DataError
-from headstart.evaluate.crossval import CrossValidation
-from headstart.evaluate.metrics import Evaluation
+from headstart.records import CrossValidation
+from headstart.records import Evaluation
 from headstart.heads.config import HeadConfig
 from headstart.progress import NoProgress, Progress
 from headstart.records import Decision, EvaluationResult, FitReport, History
@@ -27,7 +27,7 @@ from headstart.serve import artifact
 from headstart.runtime.device import pick_device
 from headstart.serve.onnx_predictor import OnnxPredictor, load_export
 from headstart.serve.predictor import Images, Prediction, Predictor
-from headstart.train.config import TrainConfig
+from headstart.records import TrainConfig
 
 __all__ = ["EvaluationResult", "ImageClassifier", "Prediction", "labelled_files"]
 

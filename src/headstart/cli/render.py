@@ -32,7 +32,7 @@ from headstart.text import shown  # noqa: F401  re-exported: the CLI modules cal
 if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attributes
     from headstart.api import ImageClassifier
     from headstart.backbones.registry import BackboneSpec
-    from headstart.evaluate.metrics import Evaluation
+    from headstart.records import Evaluation
     from headstart.records import Decision, HeadCandidate
 
 MAX_SKIPPED_LISTED = 50

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from headstart.cli.render import (_backbone_line, _head_line, _kept_head_candidates, _key_value_table, _listed,
                                   out_console, shown)
-from headstart.evaluate.multilabel import MultiLabelEvaluation
+from headstart.records import MultiLabelEvaluation
 from headstart.serve.multilabel import LabelledRow
 
 

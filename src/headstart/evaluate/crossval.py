@@ -16,45 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
 from headstart.errors import DataError
 from headstart.heads.config import HeadConfig, head_proba
-from headstart.train.config import TrainConfig
+from headstart.records import CrossValidation, TrainConfig
 
 log = logging.getLogger(__name__)
 
 FOLDS = 5
 INNER_VAL = 0.2  # the share of each fold's training rows held out for early stopping, as `train`'s --val-split
 CONFIDENCE = 0.95
-
-
-@dataclass(frozen=True)
-class CrossValidation:
-    """k-fold accuracy of the head: each fold's, their mean, and a 95 % interval (see the module's doc)."""
-
-    folds: int
-    n: int  # images cross-validated
-    fold_accuracies: tuple[float, ...]
-    accuracy: float  # pooled out-of-fold accuracy (the folds differ in size by at most one image per class)
-    low: float
-    high: float
-
-    rows: str = "train"  # what was cross-validated: "train" (compare's folder), or "train+val" (train's)
-
-    def contains(self, accuracy: float) -> bool:
-        return self.low <= accuracy <= self.high
-
-    def to_dict(self) -> dict:
-        return {"folds": self.folds, "n": self.n, "fold_accuracies": list(self.fold_accuracies),
-                "accuracy": self.accuracy, "low": self.low, "high": self.high, "rows": self.rows}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CrossValidation":
-        return cls(int(d["folds"]), int(d["n"]), tuple(float(a) for a in d.get("fold_accuracies", [])),
-                   float(d["accuracy"]), float(d["low"]), float(d["high"]), str(d.get("rows", "train")))
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:

@@ -20,15 +20,11 @@ import numpy as np
 
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
-from headstart.evaluate.calibration import (
-    MIN_CALIBRATION,
-    Calibration,
-    calibrate,
-    measured,
-    scaled_proba,
-)
+from headstart.evaluate.calibration import MIN_CALIBRATION, calibrate, measured, scaled_proba
+from headstart.records import Calibration
 from headstart.evaluate.crossval import wilson_interval
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.evaluate.metrics import evaluate
+from headstart.records import Evaluation
 from headstart.evaluate.report_html import GALLERY, MAX_THUMBS, render_html
 from headstart.progress import NoProgress, Progress
 from headstart.records import History

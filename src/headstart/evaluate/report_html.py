@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from headstart.evaluate.calibration import Calibration, reliability_bins, scaled_proba
-from headstart.evaluate.metrics import Evaluation
+from headstart.evaluate.calibration import reliability_bins, scaled_proba
+from headstart.records import Calibration
+from headstart.records import Evaluation
 from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 from headstart.records import History
 from headstart.text import shown

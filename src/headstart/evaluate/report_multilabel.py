@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.evaluate.multilabel import MultiLabelEvaluation, _pr_points, decide
+from headstart.evaluate.multilabel import _pr_points, decide
+from headstart.records import MultiLabelEvaluation
 from headstart.evaluate.report_html import _table, _thumb
 from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 

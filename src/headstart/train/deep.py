@@ -26,7 +26,7 @@ from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.records import FinetuneConfig, TrainConfig
 from headstart.vision.preprocess import eval_transform
 
 log = logging.getLogger(__name__)

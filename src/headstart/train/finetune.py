@@ -32,7 +32,7 @@ from headstart.progress import NoProgress, Progress
 from headstart.records import History
 from headstart.runtime import distributed
 from headstart.train import checkpoint
-from headstart.train.config import FinetuneConfig
+from headstart.records import FinetuneConfig
 from headstart.train.head_step import class_weights
 from headstart.train.loop import BestTracker, warmup_cosine
 from headstart.train.policy import epochs_in_budget

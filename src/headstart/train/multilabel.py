@@ -29,8 +29,8 @@ from headstart.backbones.registry import resolve
 from headstart.cache.dataset import path_features
 from headstart.data.multilabel import MultiLabelData, read_multilabel
 from headstart.errors import ConfigError
-from headstart.evaluate.multilabel import (DEFAULT_THRESHOLD, MIN_POSITIVES, MultiLabelReport, choose_thresholds,
-                                           evaluate_multilabel)
+from headstart.evaluate.multilabel import choose_thresholds, evaluate_multilabel
+from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, MultiLabelReport
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
 from headstart.records import Decision, DistributedRun, FitReport

@@ -20,7 +20,8 @@ from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
 from headstart.data.scan import Dataset, scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.evaluate.metrics import evaluate
+from headstart.records import Evaluation
 from headstart.evaluate.calibration import MIN_CALIBRATION
 from headstart.heads.config import HeadConfig, head_logits_numpy, head_proba
 from headstart.progress import NoProgress, Progress
@@ -29,7 +30,7 @@ from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.records import FinetuneConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

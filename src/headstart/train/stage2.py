@@ -21,7 +21,7 @@ from headstart.progress import NoProgress, Progress
 from headstart.records import HeadCandidate, History
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.records import FinetuneConfig, TrainConfig
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
