@@ -7,9 +7,8 @@ import pytest
 
 from conftest import blobs
 from headstart.errors import DataError
-from headstart.evaluate.crossval import (
-    cross_validate, fold_count, out_of_fold_proba, stratified_folds, summarise, t_interval, wilson_interval,
-)
+from headstart.evaluate.crossval import fold_count, stratified_folds, summarise, t_interval, wilson_interval
+from headstart.train.crossval import cross_validate, out_of_fold_proba
 from headstart.records import TrainConfig
 
 
@@ -69,7 +68,8 @@ def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
 
 def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_saw_it():
     from conftest import blobs
-    from headstart.evaluate.crossval import cross_validate_settings, stratified_folds
+    from headstart.evaluate.crossval import stratified_folds
+    from headstart.train.crossval import cross_validate_settings
     from headstart.records import CrossValidation
     from headstart.heads.config import HeadConfig, head_proba
     from headstart.records import TrainConfig

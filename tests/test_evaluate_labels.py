@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import blobs
-from headstart.evaluate.crossval import out_of_fold_proba
+from headstart.train.crossval import out_of_fold_proba
 from headstart.evaluate.labels import find_label_errors, out_of_fold_linear, principal_coordinates, suspect_ranking
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from headstart.data.check import sized_spec
 from headstart.data.scan import Dataset, scan_folder
 from headstart.errors import ConfigError, DataError
-from headstart.evaluate.crossval import FOLDS, cross_validate
+from headstart.evaluate.crossval import FOLDS
+from headstart.train.crossval import cross_validate
 from headstart.records import CrossValidation
 from headstart.progress import NoProgress, Progress
 

@@ -96,7 +96,7 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     validation figures those of the head validation chose. Both run side by side (they share nothing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from headstart.evaluate.crossval import cross_validate_settings
+    from headstart.train.crossval import cross_validate_settings
     from headstart.train.fit_head import refit_full
 
     report = fitted.report
