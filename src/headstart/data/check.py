@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from headstart.data.imageio import IMAGE_FORMATS, ImageDecodeError, is_image_path, load_rgb
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.scan import scan_folder
+from headstart.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 

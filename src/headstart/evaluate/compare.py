@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data.check import sized_spec
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.scan import scan_folder
+from headstart.data.dataset import Dataset
 from headstart.errors import ConfigError, DataError
 from headstart.evaluate.crossval import FOLDS
 from headstart.train.crossval import cross_validate

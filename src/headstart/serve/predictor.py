@@ -19,7 +19,8 @@ from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
 from headstart.data.imageio import is_decoded
 from headstart.data.inputs import InputImage, expand_inputs
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.scan import scan_folder
+from headstart.data.dataset import Dataset
 from headstart.errors import DataError
 from headstart.evaluate.metrics import evaluate
 from headstart.records import Evaluation

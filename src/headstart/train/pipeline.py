@@ -18,7 +18,8 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
-from headstart.data.scan import Dataset, scan_folder, typical_short_side
+from headstart.data.scan import scan_folder, typical_short_side
+from headstart.data.dataset import Dataset
 from headstart.errors import DataError, FinetuneError
 from headstart.evaluate.metrics import evaluate
 from headstart.records import Evaluation
