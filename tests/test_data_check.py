@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_BACKBONE, make_image_folder
-from headstart.data.check import ERROR, WARNING, check_folder, near_duplicate_findings
+from headstart.tasks.check import ERROR, WARNING, check_folder, near_duplicate_findings
 
 
 def _kinds(report) -> dict[str, list]:

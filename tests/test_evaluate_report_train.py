@@ -24,7 +24,7 @@ def _images(page: str) -> list[dict]:
 def test_the_page_comes_from_the_runs_validation_results(tmp_path, tiny_weights, tiny_cache, monkeypatch) -> None:
     from headstart import ImageClassifier
     from headstart.cache import dataset as cache_dataset
-    from headstart.evaluate.report_train import write_train_report
+    from headstart.tasks.report_train import write_train_report
 
     data = _noisy_folder(tmp_path / "photos")
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=4, device="cpu").fit(data)
@@ -45,7 +45,7 @@ def test_the_page_comes_from_the_runs_validation_results(tmp_path, tiny_weights,
 
 def test_without_a_validation_split_the_page_says_what_it_lacks(tmp_path, tiny_weights, tiny_cache) -> None:
     from headstart import ImageClassifier
-    from headstart.evaluate.report_train import write_train_report
+    from headstart.tasks.report_train import write_train_report
 
     data = make_image_folder(tmp_path / "photos", per_class=4)
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu", val_split=0.0).fit(data)

@@ -49,7 +49,7 @@ def report_file(tmp_path_factory, tiny_weights, tiny_onnx, monkeypatch) -> Path:
     model, held_out, cache = tiny_report_model(tmp_path_factory, tiny_weights, tiny_onnx)
     monkeypatch.setenv("HEADSTART_CACHE", str(cache))
     from headstart import ImageClassifier
-    from headstart.evaluate.report import write_report
+    from headstart.tasks.report import write_report
 
     out = tmp_path_factory.mktemp("report-page") / "report.html"
     return write_report(ImageClassifier.load(model, device="cpu"), model, held_out, out)

@@ -21,7 +21,7 @@ from headstart.cli.progress import ProgressBars
 from headstart.cli.train import Engine, flag
 
 if TYPE_CHECKING:
-    from headstart.data.check import CheckReport
+    from headstart.tasks.check import CheckReport
 
 D = options.DEFAULTS
 MAX_FILES_SHOWN = 6  # files per finding in the terminal; --format json lists every one
@@ -54,7 +54,7 @@ def check(
     if is_manifest(data) and is_multilabel_manifest(data):
         _check_multilabel(data, val_split, seed, as_json, strict, deep)
         return
-    from headstart.data.check import check_folder
+    from headstart.tasks.check import check_folder
 
     with ProgressBars() as bars:
         report = check_folder(data, val_split=val_split, seed=seed, backbone=backbone, weights=weights,

@@ -18,7 +18,7 @@ from headstart.cli.progress import ProgressBars
 from headstart.cli.train import Engine, flag
 
 if TYPE_CHECKING:
-    from headstart.evaluate.compare import BackboneResult
+    from headstart.tasks.compare import BackboneResult
 
 D = options.DEFAULTS
 
@@ -44,7 +44,7 @@ def compare(
         from headstart.serve.artifact import check_writable
 
         check_writable(out)  # before the extractions, not after them
-    from headstart.evaluate.compare import best, compare_backbones
+    from headstart.tasks.compare import best, compare_backbones
 
     with ProgressBars() as bars:
         results = compare_backbones(data, names, weights=weights, device=device, val_split=val_split, seed=seed,

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from headstart.evaluate.metrics import expected_calibration_error, log_loss
+from headstart.numeric import softmax
 from headstart.records import Calibration, ReliabilityBins
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,7 @@ _SEARCH_STEPS = 80  # golden-section steps: the bracket shrinks by 0.618^80, far
 
 def scaled_proba(logits: npt.ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature), row by row, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(np.asarray(logits, dtype=np.float64), float(temperature))
 
 
 def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:

@@ -10,10 +10,10 @@ from headstart.records.fit import (
 )
 from headstart.records.scores import (
     DEFAULT_THRESHOLD, MIN_POSITIVES, Calibration, CrossValidation, Evaluation, LabelScores, MultiLabelEvaluation,
-    MultiLabelReport, ReliabilityBins, TTAEvaluation,
+    MultiLabelReport, MultiLabelScored, ReliabilityBins, Scored, TTAEvaluation,
 )
 
 __all__ = ["Calibration", "CrossValidation", "DEFAULT_THRESHOLD", "DataSource", "Decision", "DistributedRun",
            "Evaluation", "EvaluationResult", "FinetuneConfig", "FitReport", "HeadCandidate", "History",
-           "LabelScores", "MIN_POSITIVES", "MultiLabelEvaluation", "MultiLabelReport", "RefitReport",
+           "LabelScores", "MIN_POSITIVES", "MultiLabelEvaluation", "MultiLabelReport", "MultiLabelScored", "RefitReport", "Scored",
            "ReliabilityBins", "Stage2Report", "TTAEvaluation", "TrainConfig"]

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pathlib import Path
+
 import numpy as np
+
+from headstart.numeric import softmax
 
 MIN_POSITIVES = 5  # validation positives below which a label's threshold is not tuned (0.5); see evaluate.multilabel
 DEFAULT_THRESHOLD = 0.5
@@ -228,3 +232,33 @@ class TTAEvaluation:
     def log_loss_gain(self) -> float:
         """How much lower the log loss is with TTA (positive: better)."""
         return self.plain.log_loss - self.tta.log_loss
+
+
+@dataclass(frozen=True, eq=False)
+class Scored:
+    """The model's logits for every readable image of a labelled folder, with true labels in the model's order."""
+
+    folder: Path
+    paths: list[Path]
+    labels: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+    skipped: list[tuple[Path, str]]
+    temperature: float = 1.0  # the model's: `proba` is what it predicts
+
+    @property
+    def proba(self) -> np.ndarray:
+        return softmax(np.asarray(self.logits, np.float64), self.temperature)
+
+    @property
+    def losses(self) -> np.ndarray:
+        return -np.log(np.clip(self.proba[np.arange(len(self.labels)), self.labels], 1e-12, 1.0))
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays
+class MultiLabelScored:
+    """Per-image results of a multi-label model on a labelled set: paths, 0/1 targets and probabilities."""
+
+    paths: list[Path]
+    targets: np.ndarray  # [n, labels]
+    proba: np.ndarray  # [n, labels]

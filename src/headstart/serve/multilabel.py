@@ -13,7 +13,7 @@ from headstart.data.multilabel import read_multilabel
 from headstart.errors import DataError
 from headstart.evaluate.multilabel import decide, evaluate_multilabel
 from headstart.records import MultiLabelEvaluation
-from headstart.evaluate.report_multilabel import MultiLabelScored
+from headstart.records import MultiLabelScored
 from headstart.serve.predictor import AlignedOutputs, Prediction
 
 

@@ -115,7 +115,7 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
                                                    {k: len(y) for k, (_, y) in part.items() if len(y)}))
     validation = None
     if len(y_va):  # per-image results of the validation head, for the report `train` writes
-        from headstart.evaluate.report_multilabel import MultiLabelScored
+        from headstart.records import MultiLabelScored
 
         val_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "val"]
         validation = MultiLabelScored(val_paths, y_va, head_proba(head_cfg, fitted.state, x_va))

@@ -26,7 +26,7 @@ from headstart.records import Evaluation
 from headstart.evaluate.calibration import MIN_CALIBRATION
 from headstart.heads.config import HeadConfig, head_logits_numpy, head_proba
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, DistributedRun, FitReport, RefitReport, Stage2Report
+from headstart.records import Decision, DistributedRun, FitReport, RefitReport, Scored, Stage2Report
 from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
@@ -47,7 +47,7 @@ class Fitted:
     report: FitReport
     epoch_lrs: tuple[float, ...] = ()  # the head's plateau rate per epoch, for a refit to replay
     refit_state: dict[str, np.ndarray] | None = None  # the head refitted on train + val beside stage 1, if it was
-    validation: Any = None  # evaluate.report.Scored: the kept model on the validation split, for train's report
+    validation: Scored | None = None  # the kept model on the validation split, for train's report
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
         return evaluate(labels, head_proba(self.head_config, self.head_state, feats), self.classes) if len(labels) \
@@ -241,7 +241,7 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
         rows = np.flatnonzero(feats.splits != "train")
         feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
                               device, NoProgress(), "features of the fine-tuned backbone")
-    from headstart.evaluate.report import Scored
+    from headstart.records import Scored
 
     x_va, y_va = feats.part("val")
     logits = head_logits_numpy(fitted.head_state, fitted.head_config, x_va)

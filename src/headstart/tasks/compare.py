@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data.check import sized_spec
+from headstart.tasks.check import sized_spec
 from headstart.data.scan import scan_folder
 from headstart.data.dataset import Dataset
 from headstart.errors import ConfigError, DataError
