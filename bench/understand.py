@@ -67,11 +67,11 @@ def flipped_copy(src: Path, dst: Path, share: float = 0.1, seed: int = 0) -> set
 
 def label_bench(name: str, folder: Path, flipped: set[Path]) -> None:
     from headstart.cache.dataset import dataset_features
-    from headstart.tasks.check import sized_spec
     from headstart.data.scan import scan_folder
     from headstart.evaluate.labels import out_of_fold_linear, suspect_ranking
     from headstart.progress import NoProgress
     from headstart.runtime.frozen import FrozenBackbone
+    from headstart.tasks.check import sized_spec
 
     t0 = time.perf_counter()
     dataset = scan_folder(folder)
@@ -111,10 +111,10 @@ def threshold_bench(data: Path) -> None:
     from PIL import Image, ImageEnhance
 
     from headstart.cache.dataset import dataset_features, path_features
-    from headstart.tasks.check import NEAR_DUPLICATE_COSINE, sized_spec
     from headstart.data.scan import scan_folder
     from headstart.progress import NoProgress
     from headstart.runtime.frozen import FrozenBackbone
+    from headstart.tasks.check import NEAR_DUPLICATE_COSINE, sized_spec
 
     ds = scan_folder(data / "hymenoptera/train")
     frozen = FrozenBackbone.pretrained(sized_spec("efficientnet_lite0", ds))

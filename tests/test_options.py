@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_one_line
 from headstart import ImageClassifier, options
+from headstart.settings import settings
 from headstart.errors import ConfigError, DataError
 
 
@@ -43,7 +44,7 @@ def test_the_cli_spelling_names_the_flag():
 
 def test_accepted_values_of_every_kind():
     options.check({"unfreeze": 3, "hidden": (512, 256), "weights": "w.safetensors", "seed": -1, "val_split": 0.0})
-    assert options.settings({"hidden": [64]}).hidden == (64,)
+    assert settings({"hidden": [64]}).hidden == (64,)
 
 
 def test_init_only_stores_and_fit_refuses_before_any_work(image_folder, isolated_cache):

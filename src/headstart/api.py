@@ -9,25 +9,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from headstart import options
 from headstart.errors import DataError
-from headstart.records import CrossValidation
-from headstart.records import Evaluation
 from headstart.heads.config import HeadConfig
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, EvaluationResult, FitReport, History
+from headstart.records import CrossValidation, Decision, Evaluation, EvaluationResult, FitReport, History, TrainConfig
+from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.serve import artifact
-from headstart.runtime.device import pick_device
 from headstart.serve.onnx_predictor import OnnxPredictor, load_export
 from headstart.serve.predictor import Images, Prediction, Predictor
-from headstart.records import TrainConfig
+from headstart.settings import settings as checked_settings
 
 __all__ = ["EvaluationResult", "ImageClassifier", "Prediction", "labelled_files"]
 
@@ -133,7 +131,7 @@ class ImageClassifier:
         and `y`, their labels, which is what `GridSearchCV` hands each fold. Stage 1 trains the head on cached
         features; with strategy "finetune" (or "auto", when it pays) stage 2 adapts the top of the backbone.
         `checkpoint_dir` gets a checkpoint after every stage-2 epoch; `resume` continues from it."""
-        settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
+        settings = checked_settings(self.get_params())  # before any work: a bad setting costs nothing
         multi_label = _multi_label(settings.multi_label, data)  # label lists in a manifest, or asked for
         from headstart.train import pipeline
 

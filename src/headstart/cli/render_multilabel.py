@@ -14,8 +14,15 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from headstart.cli.render import (_backbone_line, _head_line, _kept_head_candidates, _key_value_table, _listed,
-                                  out_console, shown)
+from headstart.cli.render import (
+    _backbone_line,
+    _head_line,
+    _kept_head_candidates,
+    _key_value_table,
+    _listed,
+    out_console,
+    shown,
+)
 from headstart.records import MultiLabelEvaluation
 from headstart.serve.multilabel import LabelledRow
 

@@ -14,9 +14,9 @@ from rich.markup import escape
 
 from headstart import options
 from headstart.cli import render
+from headstart.cli.base import app, main_rank
 from headstart.cli.progress import ProgressBars
 from headstart.progress import NoProgress
-from headstart.cli.base import app, main_rank
 
 D = options.DEFAULTS
 DEFAULT_BACKBONE = D["backbone"]  # equal to headstart.backbones.registry's (a test checks), without its numpy
@@ -185,7 +185,6 @@ def train(
     check_root(data)
     _check_output(out, resume)
     from headstart.api import ImageClassifier
-
     from headstart.runtime import distributed
 
     clf = ImageClassifier(**settings)

@@ -12,7 +12,6 @@ import numpy as np
 
 from headstart.records import DataSource
 
-
 SPLITS = ("train", "val", "test")
 
 

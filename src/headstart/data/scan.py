@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data import surprises
-from headstart.data import manifest
+from headstart.data import manifest, surprises
 from headstart.data.dataset import Dataset, assemble
 from headstart.data.imageio import (
     IMAGE_EXTENSIONS,
@@ -30,7 +29,6 @@ from headstart.data.imageio import (
 from headstart.data.walk import LEAVES_CLASS_FOLDER, ignored, inside, is_dir, walk_files
 from headstart.errors import DataError
 from headstart.records import DataSource
-
 
 __all__ = ["check_root", "scan_folder", "typical_short_side"]
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from headstart.data.dataset import Dataset
 from headstart.data.imageio import is_image_path
 
-
 logger = logging.getLogger("headstart.data.scan")  # the warnings are the scan's, wherever they are worked out
 
 MAX_LISTED = 5  # duplicate groups named one by one; the rest are counted

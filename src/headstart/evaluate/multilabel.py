@@ -20,10 +20,9 @@ scikit-learn, whose import alone cost ~1.5 s of a ~3 s warm multi-label train).
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from headstart.records import (DEFAULT_THRESHOLD, MIN_POSITIVES, LabelScores, MultiLabelEvaluation)
+from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, LabelScores, MultiLabelEvaluation
 
 SHRINK_POSITIVES = 100  # the support at which a chosen threshold moves half-way from 0.5 (see above)
 

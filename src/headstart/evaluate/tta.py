@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from headstart.cache.features import CachedFeatures, FeatureCache
-from headstart.records import TTAEvaluation
 from headstart.paths import store_path
 from headstart.progress import Progress
+from headstart.records import TTAEvaluation
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.vision.preprocess import load_views
 

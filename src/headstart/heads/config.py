@@ -8,7 +8,6 @@ import numpy as np
 
 from headstart.numeric import sigmoid, softmax
 
-
 CHUNK_ROWS = 8192  # feature rows handled at once wherever the features may be memory-mapped
 
 

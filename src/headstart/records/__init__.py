@@ -5,12 +5,29 @@ has `to_dict` and a `from_dict` that loads it back whole. Imports nothing of hea
 
 from headstart.records.configs import FinetuneConfig, TrainConfig
 from headstart.records.fit import (
-    DataSource, Decision, DistributedRun, EvaluationResult, FitReport, HeadCandidate, History, RefitReport,
+    DataSource,
+    Decision,
+    DistributedRun,
+    EvaluationResult,
+    FitReport,
+    HeadCandidate,
+    History,
+    RefitReport,
     Stage2Report,
 )
 from headstart.records.scores import (
-    DEFAULT_THRESHOLD, MIN_POSITIVES, Calibration, CrossValidation, Evaluation, LabelScores, MultiLabelEvaluation,
-    MultiLabelReport, MultiLabelScored, ReliabilityBins, Scored, TTAEvaluation,
+    DEFAULT_THRESHOLD,
+    MIN_POSITIVES,
+    Calibration,
+    CrossValidation,
+    Evaluation,
+    LabelScores,
+    MultiLabelEvaluation,
+    MultiLabelReport,
+    MultiLabelScored,
+    ReliabilityBins,
+    Scored,
+    TTAEvaluation,
 )
 
 __all__ = ["Calibration", "CrossValidation", "DEFAULT_THRESHOLD", "DataSource", "Decision", "DistributedRun",

@@ -6,7 +6,6 @@ the bottom, because the fit report, the saved model and the report read them. nu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
 from pathlib import Path
 
 import numpy as np

@@ -59,7 +59,8 @@ def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessCo
     normalise, backbone, pooled features concatenated, standardise, linear layers with ReLU between, softmax of
     the logits over the temperature."""
     import onnx
-    from onnx import TensorProto, compose as onnx_compose, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx import compose as onnx_compose
 
     nodes, inits, inputs, feats = [], [], [], []
     consts = {"inv255": np.array(1.0 / 255.0, np.float32), "mean": np.asarray(pre.mean, np.float32),

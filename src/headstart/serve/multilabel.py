@@ -12,8 +12,7 @@ import numpy as np
 from headstart.data.multilabel import read_multilabel
 from headstart.errors import DataError
 from headstart.evaluate.multilabel import decide, evaluate_multilabel
-from headstart.records import MultiLabelEvaluation
-from headstart.records import MultiLabelScored
+from headstart.records import MultiLabelEvaluation, MultiLabelScored
 from headstart.serve.predictor import AlignedOutputs, Prediction
 
 

@@ -22,9 +22,9 @@ from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.data.imageio import decoded_rgb, is_decoded, load_rgb
 from headstart.errors import ArtifactError, DataError
 from headstart.evaluate.metrics import evaluate
-from headstart.records import Evaluation
 from headstart.paths import file_sha256
 from headstart.progress import NoProgress, Progress
+from headstart.records import Evaluation
 from headstart.runtime.device import cpu_threads
 from headstart.serve.predictor import AlignedOutputs
 from headstart.vision.preprocess import PreprocessConfig, resize_and_crop

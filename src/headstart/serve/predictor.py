@@ -17,15 +17,15 @@ from PIL import Image
 
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
+from headstart.data.dataset import Dataset
 from headstart.data.imageio import is_decoded
 from headstart.data.inputs import InputImage, expand_inputs
 from headstart.data.scan import scan_folder
-from headstart.data.dataset import Dataset
 from headstart.errors import DataError
 from headstart.evaluate.metrics import evaluate
-from headstart.records import Evaluation
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import NoProgress, Progress
+from headstart.records import Evaluation
 from headstart.runtime.frozen import FrozenBackbone
 
 if TYPE_CHECKING:

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from headstart.data.dataset import Dataset
 from headstart.data.imageio import IMAGE_FORMATS, ImageDecodeError, is_image_path, load_rgb
 from headstart.data.scan import scan_folder
-from headstart.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.tasks.check import sized_spec
-from headstart.data.scan import scan_folder
 from headstart.data.dataset import Dataset
+from headstart.data.scan import scan_folder
 from headstart.errors import ConfigError, DataError
 from headstart.evaluate.crossval import FOLDS
-from headstart.train.crossval import cross_validate
-from headstart.records import CrossValidation
 from headstart.progress import NoProgress, Progress
+from headstart.records import CrossValidation
+from headstart.tasks.check import sized_spec
+from headstart.train.crossval import cross_validate
 
 log = logging.getLogger(__name__)
 

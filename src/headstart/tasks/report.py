@@ -20,18 +20,16 @@ from headstart.cache.dataset import dataset_features
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.calibration import MIN_CALIBRATION, calibrate, measured
-from headstart.records import Calibration
 from headstart.evaluate.gradcam import HeatMap
 from headstart.evaluate.gradcam import heat_maps as grad_cam
 from headstart.evaluate.labels import LabelIssue, find_label_errors
+from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import head_logits_numpy
 from headstart.paths import atomic_write_bytes
-from headstart.tasks.check import Finding, check_folder
-from headstart.evaluate.metrics import evaluate
-from headstart.records import Evaluation
-from headstart.tasks.report_html import GALLERY, Report, Score, render_html
 from headstart.progress import NoProgress, Progress
-from headstart.records import Scored
+from headstart.records import Calibration, Evaluation, Scored
+from headstart.tasks.check import Finding, check_folder
+from headstart.tasks.report_html import GALLERY, Report, Score, render_html
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import html
 import io
 import json
 import logging
-from pathlib import Path
-from string import Template
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
 
 import numpy as np
 from PIL import Image

@@ -14,9 +14,9 @@ import numpy as np
 
 from headstart.api import ImageClassifier
 from headstart.evaluate.multilabel import _pr_points, decide
+from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 from headstart.records import MultiLabelEvaluation, MultiLabelScored
 from headstart.tasks.report_html import _table, _thumb
-from headstart.evaluate.svg_plot import Line, Panel, chart_uri
 
 MISTAKES_PER_LABEL = 3  # of each kind: confident false positives, confident misses
 CURVES_PER_ROW = 3

@@ -24,9 +24,9 @@ from headstart.cache.dataset import DatasetFeatures, path_features
 from headstart.data.imageio import load_rgb
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
+from headstart.records import FinetuneConfig, TrainConfig
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
-from headstart.records import FinetuneConfig, TrainConfig
 from headstart.vision.preprocess import eval_transform
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,9 @@ from headstart.errors import ConfigError
 from headstart.heads.config import CHUNK_ROWS, HeadConfig
 from headstart.heads.params import HeadParams
 from headstart.progress import NoProgress, Progress
-from headstart.records import HeadCandidate, History
+from headstart.records import HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.device import cpu_threads, one_blas_thread
-from headstart.records import TrainConfig
 from headstart.train.head_step import AdamW, bce_loss, class_weights, positive_weights, train_step
 from headstart.train.loop import BestTracker, Plateau, warmup_cosine
 

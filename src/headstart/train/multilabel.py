@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -30,12 +29,12 @@ from headstart.cache.dataset import path_features
 from headstart.data.multilabel import MultiLabelData, read_multilabel
 from headstart.errors import ConfigError
 from headstart.evaluate.multilabel import choose_thresholds, evaluate_multilabel
-from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, MultiLabelReport
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
-from headstart.records import Decision, DistributedRun, FitReport
+from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, Decision, DistributedRun, FitReport, MultiLabelReport
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
+from headstart.settings import Settings
 from headstart.train import policy
 from headstart.train.pipeline import Fitted, sized_for_paths, train_config
 
@@ -51,15 +50,15 @@ LABEL_SMOOTHING = 0.0
 POSITIVE_WEIGHTS = True
 
 
-def check_settings(s: Any) -> None:
+def check_settings(s: Settings) -> None:
     """What a multi-label run cannot do yet, refused before any work."""
     if s.strategy == "finetune":
         raise ConfigError("--strategy finetune is not available for multi-label models yet; train the head "
                           "(--strategy head, the default)")
 
 
-def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
-    """Train a multi-label model on a manifest with settings `s` (`options.Settings`, already checked)."""
+def fit_multilabel(s: Settings, data: str | Path, progress: Progress) -> Fitted:
+    """Train a multi-label model on a manifest with settings `s` (`settings.Settings`, already checked)."""
     check_settings(s)
     distributed.start(s.device)
     t0 = time.perf_counter()

@@ -18,20 +18,29 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
-from headstart.data.scan import scan_folder, typical_short_side
 from headstart.data.dataset import Dataset
+from headstart.data.scan import scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
-from headstart.evaluate.metrics import evaluate
-from headstart.records import Evaluation
 from headstart.evaluate.calibration import MIN_CALIBRATION
+from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_logits_numpy, head_proba
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, DistributedRun, FitReport, RefitReport, Scored, Stage2Report
+from headstart.records import (
+    Decision,
+    DistributedRun,
+    Evaluation,
+    FinetuneConfig,
+    FitReport,
+    RefitReport,
+    Scored,
+    Stage2Report,
+    TrainConfig,
+)
 from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
+from headstart.settings import Settings
 from headstart.train import policy
-from headstart.records import FinetuneConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +63,9 @@ class Fitted:
             else None
 
 
-def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
+def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
     """Train on a class-folder set or manifest (or a Dataset already made of them) with settings `s`
-    (`options.Settings`, already checked)."""
+    (`settings.Settings`, already checked)."""
     distributed.start(s.device)  # under torchrun: joins the other ranks (after every check that needs no one)
     t0 = time.perf_counter()
     dataset = data if isinstance(data, Dataset) else scan_folder(data, val_split=s.val_split,
@@ -89,7 +98,7 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
     return refit_and_cross_validate(s, with_temperature(kept, feats, stage1.frozen, s.device), feats, progress)
 
 
-def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, progress: Progress) -> Fitted:
+def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures, progress: Progress) -> Fitted:
     """When the kept model is the stage-1 head: with `s.cv` folds, its k-fold accuracy at the settings validation
     chose (`crossval.cross_validate_settings`, on train + validation); with `s.refit`, the shipped head refitted
     on train + validation with those settings for the chosen epoch count (`fit_head.refit_full`), its temperature
@@ -124,7 +133,7 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     return replace(out, report=replace(report, test_metrics=test, decision=replace(report.decision, refitted=len(y))))
 
 
-def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
+def fit_stage1(s: Settings, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
                power: float = 0.0) -> Fitted:
     """The head on the frozen backbone's cached features: each candidate `policy.head_candidates` names, the one
     with the lowest validation loss kept; the loss weighted by inverse class frequency to `power` (0: not)."""
@@ -150,7 +159,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
                                        test_metrics=out.evaluate(*feats.part("test"))))
 
 
-def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
+def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
                resume: bool, t_start: float | None = None) -> Fitted:
     """Fine-tune the backbone from a head (stage 1's; with "auto", one fitted at the whole view `train.deep`
     chooses), refit a head on the tuned features, and keep whichever model `policy` prefers."""
@@ -201,7 +210,7 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     return replace(kept, report=report)
 
 
-def _deep_start(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
+def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
     """`train.deep`'s start for a weak head: the whole view, its head, the orientation test, and the settings
     that fit what is left of `s.time_limit`; with a line saying what was chosen and why."""
     from headstart.train import deep
@@ -257,7 +266,7 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
     return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 
 
-def train_config(s: Any, power: float | None = None) -> TrainConfig:
+def train_config(s: Settings, power: float | None = None) -> TrainConfig:
     """The head's settings; `power`: the class weighting `policy.balance_classes` chose (None: `s.balance` as
     given, "auto" counting as off)."""
     power = (1.0 if s.balance is True else 0.0) if power is None else power
@@ -266,7 +275,7 @@ def train_config(s: Any, power: float | None = None) -> TrainConfig:
                        seed=s.seed)
 
 
-def finetune_config(s: Any, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
+def finetune_config(s: Settings, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
     return FinetuneConfig(
         unfreeze=policy.unfreeze_stages(s.unfreeze, at_photos_size), epochs=s.finetune_epochs, views=s.views,
         augment=s.augment, lr=s.finetune_lr, train_bn=s.train_bn, seed=s.seed, batch_size=min(32, s.batch_size),

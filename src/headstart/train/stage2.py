@@ -18,10 +18,9 @@ from headstart.cache.features import content_key
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
-from headstart.records import HeadCandidate, History
+from headstart.records import FinetuneConfig, HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.records import FinetuneConfig, TrainConfig
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
