@@ -308,7 +308,7 @@ class ImageClassifier:
                                 weights_prefix="backbone.")
         # The engine it was trained with (models saved before engines were a setting: float32); int8 finds its
         # calibration in the cache, or predicts in float32 where that cache does not hold it.
-        frozen = frozen.with_engine(str(record.params.get("engine", "fp32")))
+        frozen = frozen.with_engine(str(record.params.get("engine", "fp32")), device=device)
         report = record.fit or FitReport(Decision(), History(), TrainConfig(), {})
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)

@@ -69,7 +69,7 @@ def compare_one(dataset: Dataset, name: str, weights: Path | None, device: str, 
 
     # The engine as `train` resolves it, so that the features it cached are found and --pick trains on the same.
     frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights).with_engine(
-        engine, tuple(dataset.paths("train")))
+        engine, tuple(dataset.paths("train")), device)
     feats = dataset_features(dataset, frozen, device, progress, task=f"extracting features ({name})")
     extracted = len(feats.paths) - feats.cached
     rows = np.flatnonzero(feats.splits != "test")

@@ -58,7 +58,7 @@ def whole_view_start(frozen: FrozenBackbone, feats: DatasetFeatures, train_cfg: 
     # float32: with int8 a new input size is calibrated in this run, and ONNX Runtime's calibrator kept so much
     # that elpv's run peaked at 3.2 GiB (1.8 GiB where the calibration was already cached). The tuned backbone
     # that follows runs in float32 anyway.
-    whole = replace(frozen, spec=replace(frozen.spec, preprocess=pre), engine_name="fp32")
+    whole = replace(frozen, spec=replace(frozen.spec, preprocess=pre)).with_engine("fp32", device=device)  # its own
     got = path_features(feats.paths, feats.labels, feats.splits, whole, device, progress, "features of the whole photo")
     batch = np.stack([eval_transform(load_rgb(p), pre) for p in got.paths[:16]])  # cached or not: a timed batch
     engine = whole.engine(device)

@@ -143,4 +143,5 @@ def _save_backbone(frozen: FrozenBackbone, state: dict) -> FrozenBackbone:
 
     target = cache_root() / "weights" / f"{frozen.spec.timm_name}-finetuned.safetensors"
     path, digest = save_state_dict(state, target, content_named=True)
-    return FrozenBackbone(frozen.spec, path, digest[:16])
+    device = frozen.choice.device if frozen.choice else "auto"
+    return FrozenBackbone(frozen.spec, path, digest[:16]).with_engine("fp32", device=device)  # a new backbone
