@@ -71,10 +71,14 @@ def test_int8_features_are_cached_apart_from_fp32(tiny_cache, tiny_weights, imag
 
 
 def test_auto_is_int8_only_where_the_cpu_runs_it_clearly_faster(monkeypatch, tmp_path) -> None:
+    def name(setting: str) -> str:
+        return resolve_engine(backbone, "cpu", setting).name
+
+    backbone = FrozenBackbone(resolve(TINY_BACKBONE), tmp_path / "weights.safetensors", "0" * 16)
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
-    assert (resolve_engine("auto"), resolve_engine("fp32"), resolve_engine("int8")) == ("int8", "fp32", "int8")
+    assert (name("auto"), name("fp32"), name("int8")) == ("int8", "fp32", "int8")
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: False)
-    assert (resolve_engine("auto"), resolve_engine("int8")) == ("fp32", "int8")  # asked for by name: honoured
+    assert (name("auto"), name("int8")) == ("fp32", "int8")  # asked for by name: honoured
     for flags, fast in (("fpu sse2 avx avx2 fma", False), ("fpu avx2 avx512f avx512_vnni avx512_bf16", True),
                         ("fpu avx2 avx_vnni", True), ("fp asimd asimddp", False), ("fp asimd", False)):
         info = tmp_path / "cpuinfo"
