@@ -24,6 +24,7 @@ from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import OnnxPredictor, load_export
+from headstart.serve.multilabel import LabelledRow
 from headstart.serve.predictor import Images, Prediction, Predictor
 from headstart.settings import settings as checked_settings
 
@@ -231,7 +232,7 @@ class ImageClassifier:
         return [self.classes_[i] for i in proba.argmax(1)]
 
     def iter_labelled(self, images: Sequence[str | Path] | str | Path, progress: Progress | None = None
-                      ) -> Iterator[Any]:
+                      ) -> Iterator[LabelledRow]:
         """A multi-label model's rows (`serve.multilabel.LabelledRow`: the labels on, every label's probability
         and threshold, or an error), streamed in input order as `iter_table`'s."""
         from headstart.serve.multilabel import labelled_rows

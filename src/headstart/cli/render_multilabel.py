@@ -23,6 +23,8 @@ from headstart.cli.render import (
     out_console,
     shown,
 )
+from headstart.api import ImageClassifier
+from headstart.data.multilabel import MultiLabelSummary
 from headstart.records import MultiLabelEvaluation
 from headstart.serve.multilabel import LabelledRow
 
@@ -32,7 +34,7 @@ def figures_line(ev: MultiLabelEvaluation) -> str:
             f"{ev.subset_accuracy:.1%}, Hamming loss {ev.hamming_loss:.4f} (n={ev.n})")
 
 
-def train_summary(clf: Any, data: Path, backbone: str, saved: Path) -> Table:
+def train_summary(clf: ImageClassifier, data: Path, backbone: str, saved: Path) -> Table:
     classes, report = clf.classes_, clf.report_
     ml, history, timings, decision = report.multilabel, clf.history_, clf.timings_, clf.decision_
     listed = ", ".join(classes[:10]) + (f" ... (+{len(classes) - 10})" if len(classes) > 10 else "")
@@ -61,7 +63,7 @@ def train_summary(clf: Any, data: Path, backbone: str, saved: Path) -> Table:
     return _key_value_table("headstart train (multi-label)", rows)
 
 
-def thresholds_line(clf: Any) -> str:
+def thresholds_line(clf: ImageClassifier) -> str:
     ml = clf.report_.multilabel
     if ml.threshold_override is not None:
         return f"{ml.threshold_override:g} for every label (--threshold)"
@@ -141,7 +143,7 @@ def predictions_table(rows: Sequence[LabelledRow]) -> Table:
     return table
 
 
-def print_check(summary: Any) -> None:
+def print_check(summary: MultiLabelSummary) -> None:
     """`headstart check` on a multi-label manifest (`data.multilabel.MultiLabelSummary`)."""
     from headstart.cli.render import note, print_skipped
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.records.configs import FinetuneConfig, TrainConfig
-from headstart.records.scores import Calibration, CrossValidation, Evaluation, MultiLabelReport
+from headstart.records.scores import Calibration, CrossValidation, Evaluation, MultiLabelReport, TTAEvaluation
 
 
 @dataclass
@@ -40,7 +40,7 @@ class EvaluationResult:
 
     metrics: Evaluation
     skipped: tuple[tuple[Path, str], ...] = ()
-    tta: Any = None
+    tta: TTAEvaluation | None = None
 
 
 @dataclass(frozen=True)

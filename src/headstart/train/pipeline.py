@@ -40,7 +40,7 @@ from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.settings import Settings
-from headstart.train import policy
+from headstart.train import deep, policy
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,6 @@ def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Pr
 def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
     """`train.deep`'s start for a weak head: the whole view, its head, the orientation test, and the settings
     that fit what is left of `s.time_limit`; with a line saying what was chosen and why."""
-    from headstart.train import deep
 
     balanced = stage1.report.decision.balanced
     power = stage1.report.train_config.balance_power if balanced else 0.0
@@ -250,7 +249,6 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
         rows = np.flatnonzero(feats.splits != "train")
         feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
                               device, NoProgress(), "features of the fine-tuned backbone")
-    from headstart.records import Scored
 
     x_va, y_va = feats.part("val")
     logits = head_logits_numpy(fitted.head_state, fitted.head_config, x_va)
@@ -306,7 +304,7 @@ def sized_for_paths(spec: BackboneSpec, train_paths: list[Path], native_view: bo
     return replace(spec, preprocess=pre)
 
 
-def _val_proba(start: Any) -> tuple[np.ndarray, np.ndarray]:
+def _val_proba(start: deep.Start) -> tuple[np.ndarray, np.ndarray]:
     """`train.deep.Start`'s head on its validation features: (probabilities, labels)."""
     x, y = start.feats.part("val")
     return head_proba(start.head_cfg, start.head_state, x), y
