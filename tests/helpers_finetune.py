@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import N_STAGES, TINY_BACKBONE
+from helpers_models import N_STAGES, TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.backbones.pooled import PooledFeatures
 from headstart.backbones.registry import resolve

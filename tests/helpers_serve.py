@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tiny_onnx: tuple[Path, Path],

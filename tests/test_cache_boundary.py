@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import N_STAGES, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import N_STAGES
 
 torch = pytest.importorskip("torch")
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 
 TIMEOUT_S = 240
 

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from conftest import N_STAGES, TINY_BACKBONE, assert_one_line
+from helpers_cli import assert_one_line
+from helpers_models import N_STAGES, TINY_BACKBONE
 from headstart import ImageClassifier
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.errors import DataError
 from headstart.evaluate.crossval import (
     cross_validate, fold_count, out_of_fold_proba, stratified_folds, summarise, t_interval, wilson_interval,
@@ -68,7 +68,7 @@ def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
 
 
 def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_saw_it():
-    from conftest import blobs
+    from helpers_models import blobs
     from headstart.evaluate.crossval import CrossValidation, cross_validate_settings, stratified_folds
     from headstart.heads.config import HeadConfig, head_proba
     from headstart.train.config import TrainConfig

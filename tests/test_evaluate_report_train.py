@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 from test_evaluate_temperature import _noisy_folder
 
 

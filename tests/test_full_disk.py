@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, assert_one_line, make_image_folder, seed_tiny_export
+from helpers_cli import assert_one_line
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 from headstart.errors import UserError
 from headstart.paths import atomic_write_bytes

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 from test_serve_artifact import synthetic_artifact
 
 from headstart.serve import artifact

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, seed_tiny_export
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 TIMEOUT_S = 180
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220)}

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import assert_one_line
+from helpers_cli import assert_one_line
 from headstart import ImageClassifier, options
 from headstart.errors import ConfigError, DataError
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart.backbones.registry import resolve
 from headstart.runtime import device, frozen as frozen_mod, quantize
 from headstart.runtime.engines import ONNX_CPU, OnnxEngine, ViewsEngine, any_size_path

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 from helpers_serve import tiny_model
 
 # The README's plain-onnxruntime recipe, run as written: nothing from headstart.
