@@ -23,3 +23,11 @@ def test_conftest_defines_only_fixtures() -> None:
     plain = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
              and not any("fixture" in ast.unparse(d) for d in getattr(node, "decorator_list", []))]
     assert plain == [], f"helpers belong in tests/helpers_*.py, not conftest.py: {plain}"
+
+
+def test_only_helpers_browser_starts_a_browser() -> None:
+    """Every browser test drives chromium through helpers_browser.headless_chromium, not a driver of its own."""
+    starts = re.compile(r"\bwebdriver\.(Chrome|Firefox|Remote)\b|\bplaywright\b|--headless|--remote-debugging")
+    found = [path.name for path in sorted(TESTS.glob("*.py"))
+             if path.name not in ("helpers_browser.py", Path(__file__).name) and starts.search(path.read_text())]
+    assert found == [], f"start the browser with helpers_browser.headless_chromium: {found}"
