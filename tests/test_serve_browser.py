@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_cli import cli_env
 from helpers_serve import tiny_model
 from helpers_browser import browser_paths as find_browser, headless_chromium
 
@@ -50,7 +51,7 @@ def served(browser_paths, tmp_path_factory, tiny_weights, tiny_onnx):
         model, env = Path(real), dict(os.environ)
     else:
         model, _, cache = tiny_model(tmp_path_factory, tiny_weights, tiny_onnx)
-        env = {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        env = cli_env(cache)
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "w") as out:
