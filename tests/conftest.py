@@ -8,7 +8,6 @@ import directly. Kept free of torch so data-only tests stay fast to collect.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,10 +170,7 @@ def tiny_bottom(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def ft_cache(tiny_cache: Path, tiny_bottom: tuple[Path, Path]) -> Path:
     """This test's cache with the tiny backbone's full and bottom (boundary 3) ONNX exports already in it."""
-    root, rel = tiny_bottom
-    (tiny_cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, tiny_cache / rel)
-    return tiny_cache
+    return seed_tiny_export(tiny_bottom, tiny_cache)
 
 
 @pytest.fixture

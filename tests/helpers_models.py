@@ -18,8 +18,8 @@ TINY_DIM = 32 + 48 + 64 + 256  # TINY_BACKBONE's pooled features: last three sta
 
 
 def seed_tiny_export(tiny_onnx: tuple[Path, Path], cache: Path) -> Path:
-    """`cache` with the tiny backbone's ONNX export copied in (what conftest's `tiny_onnx` made once), so a
-    module's or a test's own cache starts without paying for an export; returns `cache`."""
+    """`cache` with the tiny backbone's ONNX export copied in (what conftest's `tiny_onnx`, or `tiny_bottom`, made
+    once), so a module's or a test's own cache starts without paying for an export; returns `cache`."""
     root, rel = tiny_onnx
     (cache / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(root / rel, cache / rel)
@@ -47,3 +47,17 @@ def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1
     x *= np.logspace(-2, 2, dim)  # scales from 0.01 to 100: standardisation must handle it
     perm = rng.permutation(len(y))
     return x[perm].astype(np.float32), y[perm].astype(np.int64)
+
+
+class CountingEngine:
+    """An engine wrapper that counts its `run_all` calls (a boundary store's fill); with `fail_after`, the call
+    after that many raises, as a crash mid-fill would."""
+
+    def __init__(self, engine, fail_after: int | None = None) -> None:
+        self.engine, self.fail_after, self.calls = engine, fail_after, 0
+
+    def run_all(self, batch):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        return self.engine.run_all(batch)

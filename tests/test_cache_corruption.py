@@ -18,7 +18,7 @@ import pytest
 
 from helpers_cli import assert_one_line
 from helpers_images import make_image_folder
-from helpers_models import N_STAGES, direct_features
+from helpers_models import N_STAGES, CountingEngine, direct_features
 
 torch = pytest.importorskip("torch")
 
@@ -249,15 +249,6 @@ def test_fine_tuning_refuses_a_damaged_checkpoint_and_a_run_without_resume_rebui
 
 
 # --- boundary stores -----------------------------------------------------------------------------------------
-
-
-class CountingEngine:
-    def __init__(self, engine) -> None:
-        self.engine, self.calls = engine, 0
-
-    def run_all(self, batch):
-        self.calls += 1
-        return self.engine.run_all(batch)
 
 
 def _fill(store, paths, engine):
