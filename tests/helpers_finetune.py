@@ -2,7 +2,7 @@
 synthetic boundary data, validation scripted for speed, and the classifier factory behind those files' own
 `make_clf` fixtures.
 
-Not a test file (pytest collects only test_*.py); imported the way conftest is, as `from helpers_finetune import ...`.
+Not a test file (pytest collects only test_*.py); imported as `from helpers_finetune import ...`.
 """
 
 from __future__ import annotations
