@@ -512,23 +512,6 @@ def test_progress_bars_are_silent_off_a_terminal(capsys: pytest.CaptureFixture[s
 # --------------------------------------------------------------------------- one source for settings
 
 
-def test_train_flags_are_the_options_with_their_defaults() -> None:
-    """Every setting in headstart.options is a train flag, with options' default; the CLI adds only its own."""
-    import inspect
-
-    from headstart import options
-
-    params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report", "manifest", "track",
-                                                  "log_dir"}
-    defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
-    defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
-    defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])
-    defaults["balance"] = "auto" if defaults["balance"] is None else defaults["balance"]  # --balance/--no-balance
-    defaults["time_limit"] = cli_train._parse_seconds(defaults["time_limit"], "--time-limit")
-    assert defaults == dict(options.DEFAULTS)
-
-
 @pytest.mark.parametrize("flags, named", [
     (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--finetune-lr", "-inf"], "--finetune-lr"),
     (["--unfreeze", "0"], "--unfreeze"), (["--unfreeze", "-1"], "--unfreeze"), (["--unfreeze", "two"], "--unfreeze"),

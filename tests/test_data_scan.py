@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 from headstart.data.inputs import list_images
 from headstart.data.scan import scan_folder, typical_short_side
 from headstart.data.dataset import Dataset

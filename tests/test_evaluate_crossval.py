@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.errors import DataError
 from headstart.evaluate.crossval import fold_count, stratified_folds, summarise, t_interval, wilson_interval
 from headstart.train.crossval import cross_validate, out_of_fold_proba
@@ -67,7 +67,7 @@ def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
 
 
 def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_saw_it():
-    from conftest import blobs
+    from helpers_models import blobs
     from headstart.evaluate.crossval import stratified_folds
     from headstart.train.crossval import cross_validate_settings
     from headstart.records import CrossValidation

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 from headstart.tasks import report as rep
 
@@ -143,11 +143,9 @@ def test_heat_maps_follow_the_target_class(tiny) -> None:
 def test_the_command_writes_the_report_into_the_model_directory(tiny) -> None:
     _, model, held_out = tiny
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "headstart", "report", str(model), str(held_out), "--no-heatmaps"],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = run_headstart("report", model, held_out, "--no-heatmaps", env=env, columns=None, timeout=300)
     assert out.returncode == 0, out.stderr
     page = (model / "report.html").read_text()
     assert "report written to" in out.stderr and _external(page) == []
-    bad = subprocess.run([sys.executable, "-m", "headstart", "report", str(model), str(model / "nope")],
-                         capture_output=True, text=True, env=env, timeout=120, check=False)
+    bad = run_headstart("report", model, model / "nope", env=env, columns=None, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

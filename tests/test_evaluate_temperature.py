@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 from headstart import ImageClassifier
 from headstart.errors import ArtifactError
 from headstart.evaluate.calibration import MIN_CALIBRATION, fit_temperature, scaled_proba, stored_temperature

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.train import fit_head as train
 from headstart.heads.config import HeadConfig, head_logits_numpy, softmax
 from headstart.heads.params import HeadParams

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_image
+from helpers_images import make_image
 
 torch = pytest.importorskip("torch")
 
