@@ -4,7 +4,6 @@ malformed row is one DataError line naming file:line; missing files are skipped 
 from __future__ import annotations
 
 import json
-import os
 import time
 import tracemalloc
 from pathlib import Path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BACKBONE
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.runtime import frozen as frozen_module
 from headstart.tasks.check import check_folder

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from helpers_cli import run_headstart
 from helpers_images import make_image_folder

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from helpers_cli import cli_env, run_headstart
-from helpers_images import make_image_folder
 from helpers_serve import tiny_model
 
 # The README's plain-onnxruntime recipe, run as written: nothing from headstart.
