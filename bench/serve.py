@@ -100,22 +100,67 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str) -> None:
+    """Until the server's /health answers 200 (at most ~60 s of refused connections)."""
+    import httpx
+
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def post_photo(url: str, files: dict, stop: float, max_requests: int, lat: list[float], errors: list[int]) -> None:
+    """One normal client: POST the photo until `stop` (at most `max_requests` times), each latency into `lat`
+    and each failed or refused request counted in `errors[0]`."""
+    import httpx
+
+    with httpx.Client(timeout=30) as c:
+        for _ in range(max_requests):
+            if time.monotonic() > stop:
+                return
+            t0 = time.perf_counter()
+            try:
+                ok = c.post(f"{url}/predict", files=files).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            lat.append(time.perf_counter() - t0)
+            errors[0] += not ok
+
+
+def normal_clients(url: str, files: dict, stop: float, max_requests: int, lat: list[float], errors: list[int],
+                   n: int = 8) -> list[threading.Thread]:
+    """`n` threads, each a `post_photo` client, sharing `lat` and `errors` (not started)."""
+    return [threading.Thread(target=post_photo, args=(url, files, stop, max_requests, lat, errors)) for _ in range(n)]
+
+
+def run_threads(threads: list[threading.Thread]) -> float:
+    """Start them all, wait for them all; the seconds that took."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def serve_numbers(model: Path, photo: Path, env: dict, load_s: float, max_requests: int, max_batch: int) -> dict:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*HS, "serve", str(model), "--port", str(port), "--max-batch", str(max_batch)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(url)
         body = photo.read_bytes()
         files = {"file": (photo.name, body, "image/jpeg")}
         with httpx.Client(timeout=30) as c:
@@ -130,27 +175,7 @@ def serve_numbers(model: Path, photo: Path, env: dict, load_s: float, max_reques
         lat: list[float] = []
         errors = [0]
         stop = time.monotonic() + load_s
-
-        def client() -> None:
-            with httpx.Client(timeout=30) as c:
-                for _ in range(max_requests):
-                    if time.monotonic() > stop:
-                        return
-                    t0 = time.perf_counter()
-                    try:
-                        ok = c.post(f"{url}/predict", files=files).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    lat.append(time.perf_counter() - t0)
-                    errors[0] += not ok
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_threads(normal_clients(url, files, stop, max_requests, lat, errors))
         return dict(p50=pct(single, 50) * 1000, p95=pct(single, 95) * 1000, n=len(lat), errors=errors[0],
                     load_p95=pct(lat, 95) * 1000, rps=len(lat) / wall, rss_before=rss_before,
                     rss_after=rss_mib(proc.pid), wall=wall)
@@ -196,9 +221,7 @@ def slow_client(addr: tuple[str, int], stop: float, body: bool, cut: list[float]
 def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests: int) -> dict:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = model.parent / "serve-mixed.log"
     proc = subprocess.Popen([*HS, "serve", str(model), "--port", str(port)], env=env,
@@ -206,29 +229,11 @@ def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests:
     files = {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
     bomb = pixel_bomb_request()
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(url)
         with httpx.Client(timeout=30) as c:
             for _ in range(5):
                 c.post(f"{url}/predict", files=files)  # warm-up
         rss: list[float] = [rss_mib(proc.pid)]
-
-        def normal_load(stop: float, lat: list[float], errors: list[int]) -> None:
-            with httpx.Client(timeout=30) as c:
-                for _ in range(max_requests):
-                    if time.monotonic() > stop:
-                        return
-                    t0 = time.perf_counter()
-                    try:
-                        ok = c.post(f"{url}/predict", files=files).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    lat.append(time.perf_counter() - t0)
-                    errors[0] += not ok
 
         def bombs(stop: float, statuses: list[int], took: list[float]) -> None:
             with httpx.Client(timeout=30) as c:
@@ -248,18 +253,10 @@ def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests:
                 rss.append(rss_mib(proc.pid))
                 time.sleep(0.1)
 
-        def run(threads: list[threading.Thread]) -> float:
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return time.perf_counter() - t0
-
         base_lat: list[float] = []
         base_err = [0]
         stop = time.monotonic() + load_s
-        run([threading.Thread(target=normal_load, args=(stop, base_lat, base_err)) for _ in range(8)])
+        run_threads(normal_clients(url, files, stop, max_requests, base_lat, base_err))
         rss_start = rss_mib(proc.pid)
         lat: list[float] = []
         errors = [0]
@@ -267,12 +264,12 @@ def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests:
         bomb_s: list[float] = []
         cut: dict[bool, list[float]] = {False: [], True: []}  # seconds until cut off: headers, body
         stop = time.monotonic() + load_s
-        wall = run([threading.Thread(target=normal_load, args=(stop, lat, errors)) for _ in range(8)]
-                   + [threading.Thread(target=bombs, args=(stop, statuses, bomb_s)) for _ in range(8)]
-                   + [threading.Thread(target=slow_client,
-                                       args=(("127.0.0.1", port), stop, i % 2 == 1, cut[i % 2 == 1]))
-                      for i in range(8)]
-                   + [threading.Thread(target=sample, args=(stop,))])
+        wall = run_threads(normal_clients(url, files, stop, max_requests, lat, errors)
+                           + [threading.Thread(target=bombs, args=(stop, statuses, bomb_s)) for _ in range(8)]
+                           + [threading.Thread(target=slow_client,
+                                               args=(("127.0.0.1", port), stop, i % 2 == 1, cut[i % 2 == 1]))
+                              for i in range(8)]
+                           + [threading.Thread(target=sample, args=(stop,))])
         time.sleep(3)
         return dict(base_n=len(base_lat), base_errors=base_err[0], base_p95=pct(base_lat, 95) * 1000,
                     n=len(lat), errors=errors[0], p50=pct(lat, 50) * 1000, p95=pct(lat, 95) * 1000,
