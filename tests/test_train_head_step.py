@@ -14,25 +14,36 @@ from headstart.heads.params import HeadParams
 from headstart.train.head_step import AdamW, class_weights, keep_mask, train_step
 
 
-@pytest.mark.parametrize("hidden,p,balance", [((), 0.2, False), ((16, 8), 0.3, True), ((12,), 0.0, True)])
-def test_the_step_by_hand_is_what_autograd_computes(hidden, p, balance):
-    """train_step's loss and gradients against autograd through the torch Head's layers, with the same weights,
-    the same dropout masks (the same numpy stream), class weights, label smoothing and a distributed share."""
+def _twins(cfg: HeadConfig) -> tuple[Head, HeadParams]:
+    """The torch Head (seeded) and our numpy head holding the same weights."""
     torch.manual_seed(0)
-    cfg = HeadConfig(20, 4, hidden, p)
     head = Head(cfg)
     ours = HeadParams.fresh(cfg, 0)
     ours.load_state_dict({k: v.detach().numpy() for k, v in head.state_dict().items()})
-    x, y = np.random.default_rng(1).normal(size=(33, 20)).astype(np.float32), np.arange(33) % 4
-    weight = class_weights(y, 4) if balance else None
-    loss, grads = train_step(ours, x, y, weight, 0.1, np.random.default_rng(5), 0.7)
-    rng, a = np.random.default_rng(5), torch.from_numpy(x)
+    return head, ours
+
+
+def _torch_forward(head: Head, x: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """The torch Head's training forward of `x`, its dropout drawing the masks `train_step` draws from `rng`."""
+    a = torch.from_numpy(x)
     for layer in head.layers:
         if isinstance(layer, torch.nn.Dropout):
             keep, scale = keep_mask(tuple(a.shape), layer.p, rng)
             a = a if keep is None else a * torch.from_numpy(keep) * scale
         else:
             a = layer(a)
+    return a
+
+
+@pytest.mark.parametrize("hidden,p,balance", [((), 0.2, False), ((16, 8), 0.3, True), ((12,), 0.0, True)])
+def test_the_step_by_hand_is_what_autograd_computes(hidden, p, balance):
+    """train_step's loss and gradients against autograd through the torch Head's layers, with the same weights,
+    the same dropout masks (the same numpy stream), class weights, label smoothing and a distributed share."""
+    head, ours = _twins(HeadConfig(20, 4, hidden, p))
+    x, y = np.random.default_rng(1).normal(size=(33, 20)).astype(np.float32), np.arange(33) % 4
+    weight = class_weights(y, 4) if balance else None
+    loss, grads = train_step(ours, x, y, weight, 0.1, np.random.default_rng(5), 0.7)
+    a = _torch_forward(head, x, np.random.default_rng(5))
     ref = F.cross_entropy(a, torch.from_numpy(y), weight=None if weight is None else torch.from_numpy(weight),
                           label_smoothing=0.1) * 0.7
     ref.backward()
@@ -90,22 +101,12 @@ def test_the_multi_label_step_is_binary_cross_entropy_by_autograd(hidden, p, wei
     weights), with the same dropout masks, and its gradients."""
     from headstart.train.head_step import bce_loss, positive_weights
 
-    torch.manual_seed(0)
-    cfg = HeadConfig(20, 5, hidden, p, multi_label=True)
-    head = Head(cfg)
-    ours = HeadParams.fresh(cfg, 0)
-    ours.load_state_dict({k: v.detach().numpy() for k, v in head.state_dict().items()})
+    head, ours = _twins(HeadConfig(20, 5, hidden, p, multi_label=True))
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(31, 20)).astype(np.float32), (rng.random((31, 5)) < 0.3).astype(np.float32)
     weight = positive_weights(y) if weighted else None
     loss, grads = train_step(ours, x, y, weight, 0.0, np.random.default_rng(5), 0.7)
-    drop_rng, a = np.random.default_rng(5), torch.from_numpy(x)
-    for layer in head.layers:
-        if isinstance(layer, torch.nn.Dropout):
-            keep, scale = keep_mask(tuple(a.shape), layer.p, drop_rng)
-            a = a if keep is None else a * torch.from_numpy(keep) * scale
-        else:
-            a = layer(a)
+    a = _torch_forward(head, x, np.random.default_rng(5))
     ref = F.binary_cross_entropy_with_logits(
         a, torch.from_numpy(y), pos_weight=None if weight is None else torch.from_numpy(weight)) * 0.7
     ref.backward()
