@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import graphlib
 from pathlib import Path
 
 from headstart import options
@@ -70,23 +71,11 @@ def test_imports_run_downwards() -> None:
 
 def test_no_import_cycles() -> None:
     modules = _modules()
-    graph = {m: _imports(path, modules) - {m} for m, path in modules.items()}
-    graph = {m: {t for t in deps if t != "headstart"} for m, deps in graph.items() if m != "headstart"}
-    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
-
-    def cycle_from(m: str, path: list[str]) -> list[str] | None:
-        state[m] = 1
-        for t in sorted(graph.get(m, ())):
-            if state.get(t) == 1:
-                return path[path.index(t):] + [t] if t in path else [m, t]
-            if t not in state and (found := cycle_from(t, path + [t])):
-                return found
-        state[m] = 2
-        return None
-
-    for m in sorted(graph):
-        if m not in state:
-            assert (found := cycle_from(m, [m])) is None, " -> ".join(found)
+    graph = {m: _imports(path, modules) - {m, "headstart"} for m, path in modules.items() if m != "headstart"}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as cycle:
+        raise AssertionError(" -> ".join(cycle.args[1])) from None
 
 
 def test_no_module_loads_ours_by_name() -> None:
