@@ -1,6 +1,6 @@
 """A run's settings as one typed, frozen record: one field per entry of `options.OPTIONS`, with the option's
-default (tests/test_settings.py holds the two together). `settings()` checks a mapping against the options'
-rules and freezes it; the pipeline, `train.configs` and the saved model read the fields by name.
+default (tests/test_layers.py holds the two together). `settings()` checks a mapping against the options'
+rules and freezes it; the pipeline (with its `train_config` and `finetune_config`) reads the fields by name.
 
 Standard library only, like `options`: `headstart --help` and the checks run before numpy is imported.
 """

@@ -181,7 +181,8 @@ def _gallery_html(report: Report, cfg: PreprocessConfig) -> str:
 def _records_html(records: Sequence[LabelIssue] | Sequence[Finding]) -> str:
     if not records:
         return "<p>Nothing found.</p>"
-    def shown(v: object) -> object:
+
+    def cell(v: object) -> object:
         if isinstance(v, Path):
             return v.name
         if isinstance(v, tuple) and v and all(isinstance(p, Path) for p in v):
@@ -189,7 +190,7 @@ def _records_html(records: Sequence[LabelIssue] | Sequence[Finding]) -> str:
         return "" if v is None else v
 
     names = [f.name for f in dataclasses.fields(records[0])]
-    return _table(names, [[shown(getattr(r, n)) for n in names] for r in records])
+    return _table(names, [[cell(getattr(r, n)) for n in names] for r in records])
 
 
 def _sections(report: Report, cfg: PreprocessConfig) -> list[str]:
