@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from headstart.backbones.registry import BackboneSpec
@@ -43,8 +43,6 @@ class FrozenBackbone:
     weights_id: str
     weights_prefix: str = ""  # key prefix inside the weights file (a saved model stores "backbone.")
     engine_name: str = "fp32"  # on the CPU: "fp32" (float ONNX Runtime) or "int8" (`runtime.quantize`)
-    # Photos to calibrate int8 on when this backbone has no calibration yet (a training run's own).
-    calibration_photos: tuple[Path, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def pretrained(cls, spec: BackboneSpec, weights: Path | None = None) -> "FrozenBackbone":
@@ -52,8 +50,10 @@ class FrozenBackbone:
         return cls(spec, weights, weights_fingerprint(weights))
 
     def with_engine(self, setting: str, photos: tuple[Path, ...] = ()) -> "FrozenBackbone":
-        """This backbone run by the engine `setting` names (`resolve_engine`), calibrated on `photos` if need be."""
-        return replace(self, engine_name=resolve_engine(setting), calibration_photos=tuple(photos))
+        """This backbone run by the engine `setting` names (`resolve_engine`). `photos` is no longer used: int8
+        calibrates on a fixed reference set (`quantize.reference_batches`), whatever photos a run has; callers
+        that still pass their training photos are not wrong."""
+        return replace(self, engine_name=resolve_engine(setting))
 
     def build_torch(self):
         """The feature network as torch: the backbone with its multi-scale pooling."""
@@ -93,8 +93,7 @@ class FrozenBackbone:
     def _int8_engine(self, path: Path, twins: tuple[Path, ...]) -> Engine | None:
         """The int8 engine of the float export at `path`; None (float32 then) when it cannot be made."""
         try:
-            return quantize.int8_engine(path, twins[0] if twins else None, self.spec.preprocess,
-                                        self.calibration_photos)
+            return quantize.int8_engine(path, twins[0] if twins else None, self.spec.preprocess)
         except UserError:
             raise  # a full disk is the user's to fix, whichever engine
         except Exception as exc:  # onnxruntime's quantizer raises its own types, or Exception itself
@@ -133,7 +132,7 @@ class FrozenBackbone:
         if not path.exists() and known_failure(path) is not None:
             return torch_kind("cpu")
         if self.engine_name == "int8":
-            return quantize.expected_kind(path, bool(self.calibration_photos))
+            return quantize.expected_kind(path)
         return ONNX_CPU
 
     def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:
