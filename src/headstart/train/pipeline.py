@@ -220,9 +220,9 @@ def _deep_start(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progre
     augment, why = deep.orientation_augment(start, s.device) if s.augment == "light" else (s.augment, "")
     budget = policy.finetune_budget(s.time_limit, time.perf_counter() - t_start, len(feats.paths),
                                     start.seconds_per_image)
-    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget)
-    plan = (f"{view}, top {cfg.unfreeze} stages trained for "
-            f"the epochs that fit {budget:.0f} s of --time-limit {s.time_limit:g} s, augment {cfg.augment}"
+    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget, len(train_paths))
+    plan = (f"{view}, top {cfg.unfreeze} stages trained for {cfg.epochs} epochs "
+            f"(within {budget:.0f} s of --time-limit {s.time_limit:g} s), augment {cfg.augment}"
             + (f" ({why})" if why else "")
             + (f", classes weighted by inverse frequency ^ {power:g}" if balanced else ""))
     log.info("auto: %s", plan)
