@@ -18,6 +18,7 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
+from headstart.data import groups
 from headstart.data.scan import Dataset, scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
 from headstart.evaluate.metrics import Evaluation, evaluate
@@ -66,12 +67,17 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
         s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"))
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
+    dataset, grouping = groups.regroup(dataset, feats.paths, feats.features, feats.splits, feats.labels)
+    if grouping.moved:  # the same features, their rows in the new splits (read back from the cache)
+        feats = dataset_features(dataset, frozen, s.device, NoProgress())
+    groups.log_grouping(grouping)
     t2 = time.perf_counter()
     power = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
     stage1 = fit_stage1(s, dataset, frozen, feats, progress, power)
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
-                     decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0))
+                     decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0,
+                                      groups=groups.describe(grouping)))
     stage1 = replace(stage1, report=report)
 
     head_acc = report.val_metrics.accuracy if report.val_metrics else None

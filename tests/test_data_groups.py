@@ -1,0 +1,90 @@
+"""data.groups: near-duplicate groups (by features, or a manifest's `group` column) kept on one side of the
+carved validation split (issue 26), and the summary saying so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conftest import make_image_folder
+from headstart.data import groups
+from headstart.data.scan import scan_folder
+
+
+def _copies(n_groups: int, per_group: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Features of `n_groups` distinct photos, each with `per_group` near-copies (a shot under several lights)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_groups, dim))
+    return np.repeat(base, per_group, axis=0) + 0.05 * rng.normal(size=(n_groups * per_group, dim))
+
+
+def test_near_copies_form_groups_and_distinct_photos_stay_alone():
+    feats = np.concatenate([_copies(6, 5), np.random.default_rng(1).normal(size=(20, 32))])
+    ids = groups.near_duplicate_groups(feats)
+    assert [len(set(ids[g * 5:(g + 1) * 5])) for g in range(6)] == [1] * 6
+    assert len(set(ids[:30])) == 6 and len(set(ids[30:])) == 20  # the distinct photos: each its own group
+
+
+def test_a_group_never_grows_past_its_cap():
+    # elpv's look-alike solar cells chained 1,432 photos into groups of up to 321 before the cap
+    ids = groups.near_duplicate_groups(_copies(1, 30), most=8)
+    assert np.bincount(ids).max() <= 8
+
+
+def test_each_group_goes_to_the_side_most_of_it_was_on():
+    splits = np.array(["train", "train", "val", "val", "val", "train", "val", "train", "train", "test"])
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1, 0, 1])
+    ids = np.array([0, 0, 0, 3, 3, 3, 6, 7, 7, 7])
+    new, grouping = groups.keep_together(splits, labels, ids)
+    assert list(new[:3]) == ["train"] * 3 and list(new[3:6]) == ["val"] * 3
+    assert new[9] == "test" and list(new[7:9]) == ["train", "train"]  # the test split never moves
+    assert (grouping.groups, grouping.photos, grouping.moved) == (3, 8, 2)
+
+
+def test_a_class_keeps_training_photos_even_when_its_group_voted_val():
+    splits, labels = np.array(["train", "val", "val", "train"]), np.array([0, 0, 0, 1])
+    new, _ = groups.keep_together(splits, labels, np.array([0, 0, 0, 3]))
+    assert (new[labels == 0] == "train").any()
+
+
+def _manifest(tmp_path: Path, split_column: bool = False) -> Path:
+    folder = make_image_folder(tmp_path / "photos", ("ok", "bad"), per_class=12)
+    rows = ["path,label,group" + (",split" if split_column else "")]
+    for cls in ("ok", "bad"):
+        for i, p in enumerate(sorted((folder / cls).iterdir())):
+            rows.append(f"photos/{cls}/{p.name},{cls},{cls}-part{i // 4}" + (",train" if split_column else ""))
+    path = tmp_path / "photos.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_manifests_group_column_keeps_each_part_on_one_side(tmp_path):
+    ds = scan_folder(_manifest(tmp_path), val_split=0.3, seed=3)
+    paths = [s.path for s in ds.samples]
+    splits, labels = np.array([s.split for s in ds.samples]), np.array([s.label for s in ds.samples])
+    out, grouping = groups.regroup(ds, paths, np.zeros((len(paths), 4)), splits, labels)
+    assert grouping.source == "manifest" and grouping.groups == 6 and grouping.moved > 0
+    side = {}
+    for s in out.samples:
+        side.setdefault(f"{s.label}-{int(s.path.stem.rsplit('_', 1)[-1]) // 4}", set()).add(s.split)
+    assert all(len(v) == 1 for v in side.values()) and any(s.split == "val" for s in out.samples)
+    assert "6 groups of 24 photos (from the manifest's group column)" in groups.describe(grouping)
+
+
+def test_the_users_own_split_is_left_as_given(tmp_path, split_folder):
+    ds = scan_folder(split_folder)
+    paths = [s.path for s in ds.samples]
+    splits, labels = np.array([s.split for s in ds.samples]), np.array([s.label for s in ds.samples])
+    assert groups.regroup(ds, paths, _copies(1, len(paths)), splits, labels) == (ds, groups.Grouping())
+    assert groups.user_split("manifest", _manifest(tmp_path / "m", split_column=True))
+
+
+def test_training_says_how_many_groups_it_kept_together(tmp_path, tiny_weights, tiny_cache):
+    from headstart import ImageClassifier
+    from conftest import TINY_BACKBONE
+
+    clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu", strategy="head")
+    clf.fit(_manifest(tmp_path))
+    assert "groups of 24 photos (from the manifest's group column) kept on one side" in clf.decision_.groups
+    assert clf.decision_.to_dict()["groups"] == clf.decision_.groups
