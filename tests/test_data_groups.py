@@ -30,6 +30,16 @@ def test_near_copies_form_groups_and_distinct_photos_stay_alone():
     assert apart[2] != apart[0] and len(set(apart[[0, 1, 3, 4]])) == 1
 
 
+def test_a_crowd_of_look_alikes_is_no_group_but_a_copy_among_them_is():
+    # elpv: defect-free cells all look alike (~0.9); only a pair far closer than the crowd is a copy
+    rng = np.random.default_rng(2)
+    centre, spread = rng.normal(size=(1, 32)), rng.normal(size=(6, 32))
+    crowd = np.tile(centre, (40, 1)) + 0.35 * rng.normal(size=(40, 32))
+    feats = np.concatenate([crowd, crowd[:1] + 0.01 * rng.normal(size=(1, 32)), 6 * spread])
+    ids = groups.near_duplicate_groups(feats)
+    assert ids[40] == ids[0] and len(set(ids[1:40])) == 39
+
+
 def test_a_group_never_grows_past_its_cap():
     # elpv's look-alike solar cells chained 1,432 photos into groups of up to 321 before the cap
     ids = groups.near_duplicate_groups(_copies(1, 30), most=8)
