@@ -34,7 +34,7 @@ def test_a_crowd_of_look_alikes_is_no_group_but_a_copy_among_them_is():
     # elpv: defect-free cells all look alike (~0.9); only a pair far closer than the crowd is a copy
     rng = np.random.default_rng(2)
     centre, spread = rng.normal(size=(1, 32)), rng.normal(size=(6, 32))
-    crowd = np.tile(centre, (40, 1)) + 0.35 * rng.normal(size=(40, 32))
+    crowd = np.tile(centre, (40, 1)) + 0.15 * rng.normal(size=(40, 32))
     feats = np.concatenate([crowd, crowd[:1] + 0.01 * rng.normal(size=(1, 32)), 6 * spread])
     ids = groups.near_duplicate_groups(feats)
     assert ids[40] == ids[0] and len(set(ids[1:40])) == 39
