@@ -29,9 +29,9 @@ from headstart import ImageClassifier
 from headstart.cache.dataset import dataset_features
 from headstart.data.scan import scan_folder
 from headstart.evaluate.calibration import calibrate, measured
-from headstart.evaluate.report import score_folder
 from headstart.heads.config import head_logits_numpy
 from headstart.progress import NoProgress
+from headstart.tasks.report import score_folder
 
 
 def validation_logits(clf: ImageClassifier, train_dir: Path) -> tuple[np.ndarray, np.ndarray]:

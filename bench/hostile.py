@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import make_image_folder  # noqa: E402
+from helpers_images import make_image_folder  # noqa: E402
 from hostile_kinds import CONVERTED, ERROR, FILE, IGNORED, KINDS, SKIPPED, make  # noqa: E402
 
 FAULT_TESTS = ("test_faults.py", "test_cache_corruption.py", "test_full_disk.py", "test_fuzz_imageio.py",

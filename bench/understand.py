@@ -9,7 +9,7 @@
    flipped at random (seeded): precision of the top 10 % of suspects, recall of flipped files in the top 15 %
    (goal >= 0.7 on hymenoptera).
 4. The near-duplicate threshold: centred-feature cosine of edited copies against their originals, and of
-   distinct photos, on hymenoptera/train (`headstart.data.check` documents these figures).
+   distinct photos, on hymenoptera/train (`headstart.tasks.check` documents these figures).
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def flipped_copy(src: Path, dst: Path, share: float = 0.1, seed: int = 0) -> set
 
 def label_bench(name: str, folder: Path, flipped: set[Path]) -> None:
     from headstart.cache.dataset import dataset_features
-    from headstart.data.check import sized_spec
     from headstart.data.scan import scan_folder
     from headstart.evaluate.labels import out_of_fold_linear, suspect_ranking
     from headstart.progress import NoProgress
     from headstart.runtime.frozen import FrozenBackbone
+    from headstart.tasks.check import sized_spec
 
     t0 = time.perf_counter()
     dataset = scan_folder(folder)
@@ -94,7 +94,7 @@ def compare_bench(data: Path, work: Path) -> None:
 
     secs, table = run("compare", data / "hymenoptera/train", "--backbones", ",".join(BACKBONES))
     print(f"compare {','.join(BACKBONES)} on hymenoptera/train: {secs:.1f} s\n{table}")
-    from headstart.evaluate.compare import compare_backbones  # its figures, again from the caches just filled
+    from headstart.tasks.compare import compare_backbones  # its figures, again from the caches just filled
 
     results = {r.backbone: r for r in compare_backbones(data / "hymenoptera/train", list(BACKBONES))}
     for name in BACKBONES:
@@ -111,10 +111,10 @@ def threshold_bench(data: Path) -> None:
     from PIL import Image, ImageEnhance
 
     from headstart.cache.dataset import dataset_features, path_features
-    from headstart.data.check import NEAR_DUPLICATE_COSINE, sized_spec
     from headstart.data.scan import scan_folder
     from headstart.progress import NoProgress
     from headstart.runtime.frozen import FrozenBackbone
+    from headstart.tasks.check import NEAR_DUPLICATE_COSINE, sized_spec
 
     ds = scan_folder(data / "hymenoptera/train")
     frozen = FrozenBackbone.pretrained(sized_spec("efficientnet_lite0", ds))

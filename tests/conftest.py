@@ -1,63 +1,20 @@
-"""Shared fixtures: tiny generated image datasets whose classes differ by dominant colour.
+"""Shared fixtures: tiny generated image datasets whose classes differ by dominant colour, each test's own cache,
+and the tiny backbone's weights and exports made once a run.
 
-Kept free of torch so data-only tests stay fast to collect.
+Fixtures only: the plain helpers they use live in tests/helpers_*.py (images, models, cli, ...), which test files
+import directly. Kept free of torch so data-only tests stay fast to collect.
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF"}
-_BASE_COLOURS = [(220, 40, 40), (40, 190, 60), (40, 70, 220), (230, 210, 40), (200, 60, 200), (40, 200, 210)]
-
-
-def class_colour(index: int) -> tuple[int, int, int]:
-    """A distinct RGB colour per class index; beyond the fixed palette, hues are spread by the golden ratio."""
-    if index < len(_BASE_COLOURS):
-        return _BASE_COLOURS[index]
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.8, 0.85)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def make_image(colour: Sequence[int], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """A (width, height) RGB image: the colour plus per-pixel noise and a random darker blob, so no two are equal."""
-    w, h = size
-    arr = np.empty((h, w, 3), dtype=np.float32)
-    arr[:] = np.asarray(colour, dtype=np.float32) * rng.uniform(0.8, 1.1)
-    arr += rng.normal(0.0, 18.0, size=arr.shape)
-    cy, cx = rng.integers(0, h), rng.integers(0, w)
-    yy, xx = np.ogrid[:h, :w]
-    blob = (yy - cy) ** 2 + (xx - cx) ** 2 < (min(w, h) // 4) ** 2
-    arr[blob] *= 0.6
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-
-def make_image_folder(
-    root: Path | str,
-    classes: Sequence[str] = ("cat", "dog", "fish"),
-    per_class: int = 6,
-    size: tuple[int, int] = (64, 48),
-    fmt: str = "jpg",
-    seed: int = 0,
-) -> Path:
-    """Write root/<class>/<class>_NNN.<fmt> images (per_class each) and return root."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for index, cls in enumerate(classes):
-        class_dir = root / cls
-        class_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = make_image(class_colour(index), size, rng)
-            img.save(class_dir / f"{cls}_{i:03d}.{fmt}", _FORMATS[fmt.lower()])
-    return root
+from helpers_images import make_image_folder
+from helpers_models import N_STAGES, TINY_BACKBONE, seed_tiny_export
 
 
 @pytest.fixture
@@ -80,8 +37,6 @@ def split_folder(tmp_path: Path) -> Path:
 
 # Tests never reach the network. huggingface_hub reads this once, at import, so it is set before any test runs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TINY_BACKBONE = "test_efficientnet"  # timm's ~100k-parameter EfficientNet: 160 px input, conv_stem/blocks/conv_head
 
 
 @pytest.fixture(autouse=True)
@@ -144,15 +99,6 @@ def tiny_cache(isolated_cache: Path, tiny_onnx: tuple[Path, Path]) -> Path:
     return seed_tiny_export(tiny_onnx, isolated_cache)
 
 
-def seed_tiny_export(tiny_onnx: tuple[Path, Path], cache: Path) -> Path:
-    """`cache` with the tiny backbone's ONNX export copied in (what `tiny_onnx` made once), so a module's or a
-    test's own cache starts without paying for an export; returns `cache`."""
-    root, rel = tiny_onnx
-    (cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, cache / rel)
-    return cache
-
-
 @pytest.fixture(scope="session")
 def lite0_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for every test of the real EfficientNet-Lite0, so its conversion and export happen once a run."""
@@ -165,30 +111,7 @@ def lite0_cache(lite0_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return lite0_cache_dir
 
 
-def assert_one_line(message: str, *needles: str) -> str:
-    assert message and "\n" not in message, repr(message)
-    for needle in needles:
-        assert needle in message, message
-    return message
-
-
 # --- shared by several test files ----------------------------------------------------------------------------
-# Still torch-free at import: whatever needs torch or headstart's torch-using modules imports it when it runs.
-
-N_STAGES = 5  # TINY_BACKBONE's stages: blocks.0 .. blocks.4
-TINY_DIM = 32 + 48 + 64 + 256  # TINY_BACKBONE's pooled features: last three stages' channels + the final features
-
-
-def blobs(n_per_class: int, n_classes: int = 3, dim: int = 24, spread: float = 1.0, seed: int = 0):
-    """Gaussian blobs around well-separated class centres, on features of very different scales (as stage
-    outputs are)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 3.0, size=(n_classes, dim))
-    y = np.repeat(np.arange(n_classes), n_per_class)
-    x = centres[y] + rng.normal(0, spread, size=(len(y), dim))
-    x *= np.logspace(-2, 2, dim)  # scales from 0.01 to 100: standardisation must handle it
-    perm = rng.permutation(len(y))
-    return x[perm].astype(np.float32), y[perm].astype(np.int64)
 
 
 @pytest.fixture
@@ -247,10 +170,7 @@ def tiny_bottom(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture
 def ft_cache(tiny_cache: Path, tiny_bottom: tuple[Path, Path]) -> Path:
     """This test's cache with the tiny backbone's full and bottom (boundary 3) ONNX exports already in it."""
-    root, rel = tiny_bottom
-    (tiny_cache / rel).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / rel, tiny_cache / rel)
-    return tiny_cache
+    return seed_tiny_export(tiny_bottom, tiny_cache)
 
 
 @pytest.fixture
@@ -269,18 +189,3 @@ def any_size_clf(tiny_weights, monkeypatch: pytest.MonkeyPatch):
         return ImageClassifier(TINY_BACKBONE, weights=tiny_weights, **{"epochs": 8, "device": "cpu", **kwargs})
 
     return make
-
-
-def _noise(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(h, w, channels), dtype=np.uint8)
-
-
-def _direct_features(frozen, paths: list[Path]) -> np.ndarray:
-    """The frozen backbone's features for these photos, straight from torch (no engine, no cache)."""
-    import torch
-
-    from headstart.vision.preprocess import load_for_model
-
-    batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in paths])
-    with torch.no_grad():
-        return frozen.build_torch()(torch.from_numpy(batch)).numpy()

@@ -2,7 +2,7 @@
 synthetic boundary data, validation scripted for speed, and the classifier factory behind those files' own
 `make_clf` fixtures.
 
-Not a test file (pytest collects only test_*.py); imported the way conftest is, as `from helpers_finetune import ...`.
+Not a test file (pytest collects only test_*.py); imported as `from helpers_finetune import ...`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import N_STAGES, TINY_BACKBONE
+from helpers_models import N_STAGES, TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.backbones.pooled import PooledFeatures
 from headstart.backbones.registry import resolve

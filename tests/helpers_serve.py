@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tiny_onnx: tuple[Path, Path],
@@ -42,9 +41,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, tin
         if native:
             export_model(model, photos)
     if not native:  # through the real command line, whose output test_serve_export reads
-        env = {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-m", "headstart", "export", str(model)], capture_output=True,
-                             text=True, env=env, timeout=300)
+        out = run_headstart("export", model, env=cli_env(cache), columns=None, timeout=300)
         assert out.returncode == 0, out.stderr
         (base / "export.out").write_text(out.stdout)
     return model, photos, cache

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
+from helpers_cli import assert_one_line
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.errors import DataError
 from headstart.data.scan import scan_folder
-from headstart.evaluate.metrics import Evaluation
+from headstart.records import Evaluation
 from headstart.records import EvaluationResult, History
 
 CLASSES = ["cat", "dog", "fish"]

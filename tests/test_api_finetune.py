@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import N_STAGES, TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import N_STAGES, TINY_BACKBONE
 
 torch = pytest.importorskip("torch")
 

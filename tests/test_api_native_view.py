@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart.vision.preprocess import PreprocessConfig
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, assert_one_line, make_image_folder
+from helpers_cli import assert_one_line
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.api import labelled_files
 from headstart.errors import DataError

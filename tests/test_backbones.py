@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, assert_one_line
+from helpers_cli import assert_one_line
+from helpers_models import TINY_BACKBONE
 from headstart.backbones.registry import REGISTRY, available_offline, resolve
 from headstart.errors import WeightsError
 from headstart.backbones.weights import create_model, load_weights_file, read_state_dict

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from conftest import N_STAGES, TINY_BACKBONE, TINY_DIM
+from helpers_models import N_STAGES, TINY_BACKBONE, TINY_DIM
 from headstart.backbones.pooled import TAPPED_STAGES, PooledFeatures
 from headstart.backbones.registry import resolve
 

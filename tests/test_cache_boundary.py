@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import N_STAGES, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import N_STAGES, CountingEngine
 
 torch = pytest.importorskip("torch")
 
@@ -51,17 +52,6 @@ def test_when_every_stage_trains_the_store_holds_pixels_and_the_stem_runs_per_ba
 
 
 # --- the boundary store --------------------------------------------------------------------------------------
-
-
-class CountingEngine:
-    def __init__(self, engine, fail_after: int | None = None) -> None:
-        self.engine, self.fail_after, self.calls = engine, fail_after, 0
-
-    def run_all(self, batch):
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise RuntimeError("simulated crash")
-        self.calls += 1
-        return self.engine.run_all(batch)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import N_STAGES, _direct_features, assert_one_line, make_image_folder
+from helpers_cli import assert_one_line
+from helpers_images import make_image_folder
+from helpers_models import N_STAGES, CountingEngine, direct_features
 
 torch = pytest.importorskip("torch")
 
@@ -156,7 +158,7 @@ def test_a_damaged_onnx_export_is_dropped_and_exported_again(frozen, photos, tin
     assert isinstance(engine, OnnxEngine) and exported == [export]
     assert str(export) in caplog.text and "damaged" in caplog.text
     batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:3]])
-    np.testing.assert_allclose(engine(batch), _direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(engine(batch), direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
 
 
 def test_a_damaged_bottom_export_is_dropped_and_exported_again(tiny_weights, ft_cache, monkeypatch, caplog):
@@ -247,15 +249,6 @@ def test_fine_tuning_refuses_a_damaged_checkpoint_and_a_run_without_resume_rebui
 
 
 # --- boundary stores -----------------------------------------------------------------------------------------
-
-
-class CountingEngine:
-    def __init__(self, engine) -> None:
-        self.engine, self.calls = engine, 0
-
-    def run_all(self, batch):
-        self.calls += 1
-        return self.engine.run_all(batch)
 
 
 def _fill(store, paths, engine):

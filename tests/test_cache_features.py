@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_DIM, _direct_features, make_image
+from helpers_images import make_image
+from helpers_models import TINY_DIM, direct_features
 from headstart.cache import features
 from headstart.cache.features import FeatureCache
 from headstart.runtime.frozen import FrozenBackbone
@@ -53,7 +54,7 @@ def test_cache_extracts_once_then_hits(frozen, photos):
     assert (factory.engines, factory.rows) == (1, n)
     assert feats.shape == (n, TINY_DIM) and readable == list(range(n)) and failures == []
     # Row i is image i's features.
-    np.testing.assert_allclose(feats, _direct_features(frozen, photos), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(feats, direct_features(frozen, photos), atol=1e-3, rtol=0)
 
     again = CountingFactory(frozen)
     fresh = FeatureCache(frozen)  # a new process: state comes from disk
@@ -87,7 +88,7 @@ def test_cache_is_keyed_by_content(frozen, photos, tmp_path):
     keep = [i for i in range(n) if i != changed]
     np.testing.assert_array_equal(after[keep], before[keep])
     assert not np.allclose(after[changed], before[changed], atol=1e-3)
-    np.testing.assert_allclose(after[changed], _direct_features(frozen, [photos[changed]])[0], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(after[changed], direct_features(frozen, [photos[changed]])[0], atol=1e-3, rtol=0)
 
     # The same bytes under another name are the same image to the cache.
     copy = tmp_path / "renamed_copy.jpg"
@@ -134,7 +135,7 @@ def test_unreadable_images_are_reported_not_fatal(frozen, photos, tmp_path):
         assert all(isinstance(r, str) and r and "\n" not in r for r in reasons.values())
         assert "truncated" in reasons[corrupt] or "corrupt" in reasons[corrupt]
         assert "cannot identify" in reasons[text]
-        np.testing.assert_allclose(feats, _direct_features(frozen, good), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(feats, direct_features(frozen, good), atol=1e-3, rtol=0)
         assert got.hits == (0 if attempt == 0 else 4)
 
 
@@ -197,7 +198,7 @@ def test_crash_between_features_and_keys_hides_the_shard(frozen, photos, monkeyp
     feats = got.features
     assert got.hits == 0 and factory.rows == 3
     assert len(_visible_shards(cache.dir)) == 1
-    np.testing.assert_allclose(feats, _direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(feats, direct_features(frozen, photos[:3]), atol=1e-3, rtol=0)
 
 
 def test_many_small_shards_gather_like_one(frozen, photos, tmp_path, monkeypatch):
@@ -264,7 +265,7 @@ def test_an_unreadable_file_is_a_failure_row_not_a_crash(frozen, photos, tmp_pat
     got = FeatureCache(frozen).features_for(paths, CountingFactory(frozen), ticks.append)
     assert got.readable == [0, 2] and got.failures == [(denied, "permission denied")]
     assert sum(ticks) == len(paths)  # the failure is counted as done, as decode failures are
-    np.testing.assert_allclose(got.features, _direct_features(frozen, [photos[1], photos[2]]), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got.features, direct_features(frozen, [photos[1], photos[2]]), atol=1e-3, rtol=0)
 
 
 def test_a_named_pipe_is_a_failure_row_and_never_waits_for_a_writer(frozen, photos, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BACKBONE
+from helpers_models import TINY_BACKBONE
 from headstart import paths
 from headstart.backbones.registry import resolve
 from headstart.cache import boundary

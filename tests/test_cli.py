@@ -34,8 +34,9 @@ from headstart.errors import WeightsError
 from headstart.errors import DataError
 from headstart.heads.config import HeadConfig
 from headstart.records import Decision, HeadCandidate, History, RefitReport, Stage2Report
-from headstart.train.config import FinetuneConfig
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.records import FinetuneConfig
+from headstart.evaluate.metrics import evaluate
+from headstart.records import Evaluation
 from headstart.records import EvaluationResult
 from headstart.vision.preprocess import PreprocessConfig
 
@@ -509,23 +510,6 @@ def test_progress_bars_are_silent_off_a_terminal(capsys: pytest.CaptureFixture[s
 
 
 # --------------------------------------------------------------------------- one source for settings
-
-
-def test_train_flags_are_the_options_with_their_defaults() -> None:
-    """Every setting in headstart.options is a train flag, with options' default; the CLI adds only its own."""
-    import inspect
-
-    from headstart import options
-
-    params = inspect.signature(cli_train.train).parameters
-    assert set(params) == set(options.OPTIONS) | {"data", "out", "resume", "export", "report", "manifest", "track",
-                                                  "log_dir"}
-    defaults = {name: p.default for name, p in params.items() if name in options.OPTIONS}
-    defaults["hidden"] = cli_train._parse_hidden(defaults["hidden"])  # flags arrive as text
-    defaults["unfreeze"] = cli_train._parse_unfreeze(defaults["unfreeze"])
-    defaults["balance"] = "auto" if defaults["balance"] is None else defaults["balance"]  # --balance/--no-balance
-    defaults["time_limit"] = cli_train._parse_seconds(defaults["time_limit"], "--time-limit")
-    assert defaults == dict(options.DEFAULTS)
 
 
 @pytest.mark.parametrize("flags, named", [

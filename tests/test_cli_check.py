@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 
 TIMEOUT_S = 240
-
-
-def _headstart(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    columns = env.get("COLUMNS_AT", "250")  # a test may ask for a narrow terminal
-    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
-                          env={**env, "COLUMNS": columns}, timeout=TIMEOUT_S)
+_headstart = partial(run_headstart, columns=250, timeout=TIMEOUT_S)  # a test may ask for a narrow terminal
 
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("check-cache")
-    seed_tiny_export(tiny_onnx, cache)
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("check-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def test_compare_tabulates_and_picks(photos: Path, tiny_weights: Path, env: dict
     assert TINY_BACKBONE in proc.stdout and "95% interval" in proc.stdout and f"best: {TINY_BACKBONE}" in proc.stdout
     assert (out / "headstart.json").is_file()
     again = _ok(_headstart("compare", photos, "--backbones", TINY_BACKBONE, "--weights", tiny_weights,
-                           "--device", "cpu", env={**env, "COLUMNS_AT": "80"}))
+                           "--device", "cpu", env=env, columns=80))
     header = next(line for line in again.stdout.splitlines() if line.split()[:1] == ["backbone"])
     row = next(line for line in again.stdout.splitlines() if line.split()[:1] == [TINY_BACKBONE])
     # At 80 columns every header and value stays whole on one line ('95% interval' was split into 'inter'/'val').

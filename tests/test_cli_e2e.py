@@ -10,40 +10,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import assert_one_error_line, cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 
 TIMEOUT_S = 180
-
-
-def _headstart(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # A wide terminal, so that table assertions do not depend on the machine running the tests.
-    return subprocess.run(
-        [sys.executable, "-m", "headstart", *map(str, args)],
-        capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=TIMEOUT_S,
-    )  # fmt: skip
-
-
-def _assert_one_error_line(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One cache for the module (seeded with the tiny backbone's ONNX export, like conftest's tiny_cache), so
     the model trained once below is read back without a second export; never the user's cache, never the hub."""
-    cache = tmp_path_factory.mktemp("e2e-cache")
-    seed_tiny_export(tiny_onnx, cache)
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("e2e-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def trained(
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """`headstart train` run once for the module: (its process, the model directory)."""
     out = tmp_path_factory.mktemp("e2e-model") / "model"
-    proc = _headstart("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "3",
+    proc = run_headstart("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "3",
                       "--device", "cpu", "--out", out, env=env)
     return proc, out
 
@@ -73,7 +55,7 @@ def test_train_saves_a_model_and_summarises(trained: tuple[subprocess.CompletedP
 def test_evaluate_prints_tables(trained: tuple[subprocess.CompletedProcess[str], Path], photos: Path,
                                 env: dict[str, str]) -> None:
     _, model = trained
-    proc = _headstart("evaluate", model, photos, env=env)
+    proc = run_headstart("evaluate", model, photos, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for text in ("evaluation", "accuracy", "per class", "cat", "dog", "fish", "confusion matrix"):
         assert text in proc.stdout
@@ -82,7 +64,7 @@ def test_evaluate_prints_tables(trained: tuple[subprocess.CompletedProcess[str],
 def test_evaluate_json_is_the_only_stdout(trained: tuple[subprocess.CompletedProcess[str], Path], photos: Path,
                                           env: dict[str, str], tmp_path: Path) -> None:
     _, model = trained
-    proc = _headstart("evaluate", model, photos, "--format", "json", "--confusion", tmp_path / "cm.png", env=env)
+    proc = run_headstart("evaluate", model, photos, "--format", "json", "--confusion", tmp_path / "cm.png", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["n"] == 18 and 0.0 <= payload["accuracy"] <= 1.0 and payload["skipped"] == []
@@ -95,7 +77,7 @@ def test_predict_csv_has_one_row_per_input(trained: tuple[subprocess.CompletedPr
     images = sorted(photos.glob("*/*_00[01].jpg"))
     broken = tmp_path / "notes.txt"
     broken.write_text("not an image")
-    proc = _headstart("predict", model, *images, broken, "--format", "csv", "--top-k", "2", env=env)
+    proc = run_headstart("predict", model, *images, broken, "--format", "csv", "--top-k", "2", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # one bad file among good ones is a row, not a failure
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [row["path"] for row in rows] == [str(p) for p in [*images, broken]]
@@ -109,7 +91,7 @@ def test_predict_table_shows_each_path_whole(trained: tuple[subprocess.Completed
                                             env: dict[str, str]) -> None:
     _, model = trained
     images = sorted(photos.glob("cat/*.jpg"))[:2]
-    proc = _headstart("predict", model, *images, env=env)
+    proc = run_headstart("predict", model, *images, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     for image in images:
@@ -122,7 +104,7 @@ def test_predict_exits_1_when_no_file_is_readable(trained: tuple[subprocess.Comp
     bad = [tmp_path / "a.jpg", tmp_path / "b.txt"]
     bad[0].write_bytes(b"\xff\xd8 truncated")
     bad[1].write_text("hello")
-    proc = _headstart("predict", model, *bad, "--format", "csv", env=env)
+    proc = run_headstart("predict", model, *bad, "--format", "csv", env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 2 and all(row["error"] for row in rows)
@@ -138,19 +120,19 @@ def test_predict_exits_1_when_no_file_is_readable(trained: tuple[subprocess.Comp
 ])
 def test_a_bad_flag_is_one_error_line_and_exit_2(photos: Path, tmp_path: Path, env: dict[str, str],
                                                  flags: list[str], named: str) -> None:
-    proc = _headstart("train", photos, *flags, "--out", tmp_path / "m", env=env)
-    assert named in _assert_one_error_line(proc)
+    proc = run_headstart("train", photos, *flags, "--out", tmp_path / "m", env=env)
+    assert named in assert_one_error_line(proc)
     assert not (tmp_path / "m").exists()
 
 
 def test_a_missing_model_directory_is_exit_2(photos: Path, tmp_path: Path, env: dict[str, str]) -> None:
     for command in (["evaluate", tmp_path / "no-model", photos], ["predict", tmp_path / "no-model", photos]):
-        _assert_one_error_line(_headstart(*command, env=env))
+        assert_one_error_line(run_headstart(*command, env=env))
 
 
 def test_a_diverging_run_is_one_error_line_and_saves_nothing(photos: Path, tiny_weights: Path, tmp_path: Path,
                                                              env: dict[str, str]) -> None:
-    proc = _headstart("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "6",
+    proc = run_headstart("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "6",
                       "--lr", "1e20", "--device", "cpu", "--out", tmp_path / "m", env=env)
-    assert "diverged" in _assert_one_error_line(proc)
+    assert "diverged" in assert_one_error_line(proc)
     assert not (tmp_path / "m" / "headstart.json").exists()

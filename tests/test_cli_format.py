@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder
+from helpers_cli import run_headstart
+from helpers_images import make_image_folder
 
 TIMEOUT_S = 240
 
 
 def _headstart(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "250", **(env or {})},
-                          timeout=TIMEOUT_S)
+    return run_headstart(*args, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, columns=250,
+                         timeout=TIMEOUT_S)
 
 
 def test_check_takes_format_json_and_keeps_json_as_its_alias(tmp_path: Path) -> None:

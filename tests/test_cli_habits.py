@@ -4,15 +4,15 @@ that starts with '-', a help line for every default, and a server that restarts 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 
+from helpers_cli import run_headstart
 
-def _headstart(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "headstart", *args], capture_output=True, text=True, timeout=120,
-                          env={"COLUMNS": str(columns), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+
+# A bare environment and an 80-column terminal, as a user's shell may have.
+_headstart = partial(run_headstart, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, columns=80, timeout=120)
 
 
 def test_dash_h_is_help_and_version_prints_it() -> None:

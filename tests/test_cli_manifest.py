@@ -6,35 +6,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import assert_one_error_line, cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 
 TIMEOUT_S = 180
 
 
-def _headstart(*args: str | Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
-                          env={**env, "COLUMNS": "200"}, timeout=TIMEOUT_S, cwd=cwd)
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("manifest-cache"))
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("manifest-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +43,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(project: Path, tiny_weights: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = project / "model"
-    proc = _headstart("train", "--manifest", project / "lists" / "labels.csv", "--backbone", TINY_BACKBONE,
+    proc = run_headstart("train", "--manifest", project / "lists" / "labels.csv", "--backbone", TINY_BACKBONE,
                       "--weights", tiny_weights, "--epochs", "3", "--device", "cpu", "--out", out, env=env)
     return proc, out
 
@@ -80,19 +66,19 @@ def test_predict_manifest_gives_one_row_per_input_row(trained: tuple[subprocess.
     rows = [{"path": "../images/dog/dog_001.jpg", "label": "ignored"}, {"path": "../images/nowhere.jpg"},
             {"path": str(project / "images" / "cat" / "cat_000.jpg")}, {"path": "../images/dog/dog_001.jpg"}]
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _headstart("predict", model, "--manifest", inputs, "--format", "csv", env=env)
+    proc = run_headstart("predict", model, "--manifest", inputs, "--format", "csv", env=env)
     assert proc.returncode == 0, proc.stderr
     out = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [Path(r["path"]).name for r in out] == ["dog_001.jpg", "nowhere.jpg", "cat_000.jpg", "dog_001.jpg"]
     assert out[1]["error"] == "no such file" and all(out[i]["label"] for i in (0, 2, 3))
-    table = _headstart("predict", model, "--manifest", inputs, "--format", "json", env=env)
+    table = run_headstart("predict", model, "--manifest", inputs, "--format", "json", env=env)
     assert len(json.loads(table.stdout)) == 4
 
 
 def test_evaluate_manifest(trained: tuple[subprocess.CompletedProcess[str], Path], project: Path,
                            env: dict[str, str]) -> None:
     _, model = trained
-    proc = _headstart("evaluate", model, "--manifest", project / "lists" / "labels.csv", "--format", "json", env=env)
+    proc = run_headstart("evaluate", model, "--manifest", project / "lists" / "labels.csv", "--format", "json", env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 18  # every readable row, whatever its split
 
@@ -110,8 +96,8 @@ def test_bad_manifests_are_one_line_before_any_work(case: str, project: Path, tm
         "bad json": ["train", "--manifest", bad_json], "both": ["train", project / "images", "--manifest", labels],
         "neither": ["train"], "predict bad": ["predict", tmp_path, "--manifest", bad_json],
     }[case]
-    line = _one_error_line(_headstart(*args, "--out", tmp_path / "m", env=env) if args[0] == "train"
-                           else _headstart(*args, env=env))
+    line = assert_one_error_line(run_headstart(*args, "--out", tmp_path / "m", env=env) if args[0] == "train"
+                           else run_headstart(*args, env=env))
     needle = {"space label": "labels.csv:3: label ' dog' has surrounding spaces",
               "bad split": "labels.csv:2: unknown split 'training'", "bad json": "l.jsonl:2: not valid JSON",
               "both": "not both", "neither": "nothing to train on", "predict bad": "l.jsonl:2: not valid JSON"}[case]

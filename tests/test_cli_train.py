@@ -1,5 +1,5 @@
-"""`headstart train` beyond tests/test_cli.py: its defaults are ImageClassifier's, --unfreeze is parsed and bad
-values refused in one line, and a fine-tuned model trains end to end.
+"""`headstart train` beyond tests/test_cli.py: --unfreeze is parsed and bad values refused in one line, and a
+fine-tuned model trains end to end (that its flags and defaults are ImageClassifier's: tests/test_options.py).
 
 Torch-free at import, like test_cli.py; the tests that fine-tune run with one torch thread (see conftest)."""
 
@@ -9,26 +9,8 @@ import json
 
 import pytest
 
-from conftest import N_STAGES, TINY_BACKBONE, assert_one_line
-from headstart import ImageClassifier
-
-
-def test_cli_defaults_are_the_api_defaults():
-    """`headstart train` maps its flags one to one onto ImageClassifier: the defaults must agree too."""
-    import enum
-    import inspect
-
-    from headstart.cli import train as cli
-
-    api_defaults = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items()
-                    if k != "self"}
-    cli_defaults = {name: p.default.value if isinstance(p.default, enum.Enum) else p.default
-                    for name, p in inspect.signature(cli.train).parameters.items()}
-    cli_defaults["hidden"] = cli._parse_hidden(cli_defaults["hidden"])  # flags arrive as text
-    cli_defaults["unfreeze"] = cli._parse_unfreeze(cli_defaults["unfreeze"])
-    cli_defaults["balance"] = "auto" if cli_defaults["balance"] is None else cli_defaults["balance"]
-    cli_defaults["time_limit"] = cli._parse_seconds(cli_defaults["time_limit"], "--time-limit")
-    assert {k: cli_defaults[k] for k in api_defaults} == api_defaults
+from helpers_cli import assert_one_line
+from helpers_models import N_STAGES, TINY_BACKBONE
 
 
 def test_cli_parses_unfreeze():

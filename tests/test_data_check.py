@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, make_image_folder
-from headstart.data.check import ERROR, WARNING, check_folder, near_duplicate_findings
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
+from headstart.tasks.check import ERROR, WARNING, check_folder, near_duplicate_findings
 
 
 def _kinds(report) -> dict[str, list]:

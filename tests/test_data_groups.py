@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 from headstart.data import groups
 from headstart.data.scan import scan_folder
 
@@ -102,7 +102,7 @@ def test_the_users_own_split_is_left_as_given(tmp_path, split_folder):
 
 def test_training_says_how_many_groups_it_kept_together(tmp_path, tiny_weights, tiny_cache):
     from headstart import ImageClassifier
-    from conftest import TINY_BACKBONE
+    from helpers_models import TINY_BACKBONE
 
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu", strategy="head")
     clf.fit(_manifest(tmp_path))

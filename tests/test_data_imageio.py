@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import _noise, make_image_folder
+from helpers_images import make_image_folder, noise_pixels
 from headstart.data.imageio import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 
 
@@ -20,13 +20,13 @@ def test_extensions_are_lower_case_with_dot():
 
 
 def _rgba_with_clear_corner() -> Image.Image:
-    arr = np.dstack([_noise(24, 32), np.full((24, 32), 255, np.uint8)])
+    arr = np.dstack([noise_pixels(24, 32), np.full((24, 32), 255, np.uint8)])
     arr[:4, :4, 3] = 0
     return Image.fromarray(arr, "RGBA")
 
 
 def _palette_with_transparency() -> Image.Image:
-    img = Image.fromarray(_noise(24, 32)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    img = Image.fromarray(noise_pixels(24, 32)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     img.info["transparency"] = int(np.asarray(img)[0, 0])
     return img
 
@@ -37,20 +37,20 @@ def _animated_gif(path: Path) -> None:
 
 
 _MODE_CASES = {
-    "L.png": lambda: Image.fromarray(_noise(24, 32, 1)[..., 0], "L"),
-    "LA.png": lambda: Image.fromarray(_noise(24, 32, 2), "LA"),
-    "P.png": lambda: Image.fromarray(_noise(24, 32)).convert("P", palette=Image.Palette.ADAPTIVE),
+    "L.png": lambda: Image.fromarray(noise_pixels(24, 32, 1)[..., 0], "L"),
+    "LA.png": lambda: Image.fromarray(noise_pixels(24, 32, 2), "LA"),
+    "P.png": lambda: Image.fromarray(noise_pixels(24, 32)).convert("P", palette=Image.Palette.ADAPTIVE),
     "P_transparent.png": _palette_with_transparency,
     "RGBA.png": _rgba_with_clear_corner,
-    "CMYK.jpg": lambda: Image.fromarray(_noise(24, 32, 4), "CMYK"),
-    "CMYK.tiff": lambda: Image.fromarray(_noise(24, 32, 4), "CMYK"),
-    "1.png": lambda: Image.fromarray(_noise(24, 32, 1)[..., 0] > 127),
-    "1.bmp": lambda: Image.fromarray(_noise(24, 32, 1)[..., 0] > 127),
-    "RGB.gif": lambda: Image.fromarray(_noise(24, 32)),
-    "RGB.webp": lambda: Image.fromarray(_noise(24, 32)),
+    "CMYK.jpg": lambda: Image.fromarray(noise_pixels(24, 32, 4), "CMYK"),
+    "CMYK.tiff": lambda: Image.fromarray(noise_pixels(24, 32, 4), "CMYK"),
+    "1.png": lambda: Image.fromarray(noise_pixels(24, 32, 1)[..., 0] > 127),
+    "1.bmp": lambda: Image.fromarray(noise_pixels(24, 32, 1)[..., 0] > 127),
+    "RGB.gif": lambda: Image.fromarray(noise_pixels(24, 32)),
+    "RGB.webp": lambda: Image.fromarray(noise_pixels(24, 32)),
     "RGBA.webp": _rgba_with_clear_corner,
-    "RGB.bmp": lambda: Image.fromarray(_noise(24, 32)),
-    "RGB.tif": lambda: Image.fromarray(_noise(24, 32)),
+    "RGB.bmp": lambda: Image.fromarray(noise_pixels(24, 32)),
+    "RGB.tif": lambda: Image.fromarray(noise_pixels(24, 32)),
     "F.tiff": lambda: Image.fromarray(np.linspace(0, 1, 24 * 32, dtype=np.float32).reshape(24, 32), "F"),
     "I.tiff": lambda: Image.fromarray(np.linspace(0, 4000, 24 * 32).astype(np.int32).reshape(24, 32), "I"),
 }
@@ -99,7 +99,7 @@ def test_animated_gif_uses_first_frame(tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    img = Image.fromarray(_noise(40, 60))  # 60 wide, 40 high
+    img = Image.fromarray(noise_pixels(40, 60))  # 60 wide, 40 high
     exif = img.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     path = tmp_path / "rotated.jpg"
@@ -110,7 +110,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_large_jpeg_uses_draft(tmp_path):
     path = tmp_path / "big.jpg"
-    Image.fromarray(_noise(1500, 2000)).save(path, quality=80)
+    Image.fromarray(noise_pixels(1500, 2000)).save(path, quality=80)
     img = load_rgb(path, target_short_side=256)
     assert 256 <= min(img.size) < 1500
     assert load_rgb(path).size == (2000, 1500)
@@ -118,7 +118,7 @@ def test_large_jpeg_uses_draft(tmp_path):
 
 def test_truncated_jpeg_raises(tmp_path):
     good = tmp_path / "good.jpg"
-    Image.fromarray(_noise(256, 256)).save(good)
+    Image.fromarray(noise_pixels(256, 256)).save(good)
     data = good.read_bytes()
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(data[: len(data) // 2])
@@ -169,7 +169,7 @@ def test_fixture_classes_are_visually_distinct(image_folder):
 
 def _jpeg_with_corrupt_exif(path: Path) -> Path:
     """A JPEG whose EXIF block says a tag holds more bytes than it does: Pillow warns while reading it."""
-    img = Image.fromarray(_noise(20, 30))
+    img = Image.fromarray(noise_pixels(20, 30))
     exif = img.getexif()
     exif[0x010E] = "x" * 100  # ImageDescription, stored out of line
     img.save(path, exif=exif.tobytes()[:-60])
@@ -182,7 +182,7 @@ def test_permission_denied_is_named_not_called_corrupt(tmp_path, monkeypatch):
     import os
 
     path = tmp_path / "locked.jpg"
-    Image.fromarray(_noise(8, 8)).save(path)
+    Image.fromarray(noise_pixels(8, 8)).save(path)
     real_open = os.open
 
     def refuse(p, *args, **kwargs):
@@ -246,7 +246,7 @@ def test_absurd_aspect_ratios_are_refused(tmp_path, size, reason):
 
 def test_an_aspect_ratio_at_the_limit_is_an_image(tmp_path):
     path = tmp_path / "line.png"
-    Image.fromarray(_noise(1, 100)).save(path)
+    Image.fromarray(noise_pixels(1, 100)).save(path)
     assert load_rgb(path).size == (100, 1)
 
 
@@ -284,7 +284,7 @@ def test_only_the_supported_decoders_are_tried(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"unsupported image format \(\.avif\)"):
         load_rgb(avif)
     png_as_jpg = tmp_path / "really_png.jpg"
-    Image.fromarray(_noise(8, 8)).save(png_as_jpg, "PNG")
+    Image.fromarray(noise_pixels(8, 8)).save(png_as_jpg, "PNG")
     assert load_rgb(png_as_jpg).size == (8, 8)
 
 
@@ -341,7 +341,7 @@ def test_cropping_first_matches_resizing_first(tmp_path):
     from headstart.vision.preprocess import PreprocessConfig, resize_and_crop
 
     for size in ((64, 48), (500, 375), (333, 777), (3000, 2000)):
-        img = Image.fromarray(_noise(size[1], size[0]))
+        img = Image.fromarray(noise_pixels(size[1], size[0]))
         for cfg in (PreprocessConfig(), PreprocessConfig(input_size=48)):
             w, h = img.size
             scale = cfg.resize_size / min(w, h)

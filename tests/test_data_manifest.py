@@ -4,14 +4,14 @@ malformed row is one DataError line naming file:line; missing files are skipped 
 from __future__ import annotations
 
 import json
-import os
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line, make_image_folder
+from helpers_cli import assert_one_line
+from helpers_images import make_image_folder
 from headstart.data.manifest import input_paths, is_manifest, iter_rows, scan_manifest
 from headstart.data.scan import check_root, scan_folder
 from headstart.errors import DataError

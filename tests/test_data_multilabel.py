@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image
+from helpers_images import make_image
 from headstart.data.multilabel import is_multilabel_manifest, read_multilabel, stratified_pick
 from headstart.errors import DataError
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 from headstart.data.inputs import list_images
-from headstart.data.scan import Dataset, scan_folder, typical_short_side
+from headstart.data.scan import scan_folder, typical_short_side
+from headstart.data.dataset import Dataset
 from headstart.errors import DataError
 
 
@@ -266,7 +267,7 @@ def test_list_images_accepts_a_single_path(tmp_path):
 
 
 def test_split_rows_are_blocks_and_disorder_is_caught():
-    from headstart.data.scan import split_rows
+    from headstart.data.dataset import split_rows
 
     rows = split_rows(np.array(["train"] * 3 + ["val"] * 2))
     assert rows == {"train": slice(0, 3), "val": slice(3, 5), "test": slice(5, 5)}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 torch = pytest.importorskip("torch")
 

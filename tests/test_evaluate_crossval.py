@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.errors import DataError
-from headstart.evaluate.crossval import (
-    cross_validate, fold_count, out_of_fold_proba, stratified_folds, summarise, t_interval, wilson_interval,
-)
-from headstart.train.config import TrainConfig
+from headstart.evaluate.crossval import fold_count, stratified_folds, summarise, t_interval, wilson_interval
+from headstart.train.crossval import cross_validate, out_of_fold_proba
+from headstart.records import TrainConfig
 
 
 def test_stratified_folds_deal_every_class_evenly() -> None:
@@ -68,10 +67,12 @@ def test_accuracy_tracks_separability_and_its_interval_holds_it() -> None:
 
 
 def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_saw_it():
-    from conftest import blobs
-    from headstart.evaluate.crossval import CrossValidation, cross_validate_settings, stratified_folds
+    from helpers_models import blobs
+    from headstart.evaluate.crossval import stratified_folds
+    from headstart.train.crossval import cross_validate_settings
+    from headstart.records import CrossValidation
     from headstart.heads.config import HeadConfig, head_proba
-    from headstart.train.config import TrainConfig
+    from headstart.records import TrainConfig
     from headstart.train.fit_head import refit_full
 
     x, y = blobs(12, seed=4, spread=2.5)

@@ -59,7 +59,7 @@ def test_the_figures_train_draws_do_not_import_matplotlib(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     code = (
         "import sys, numpy as np, headstart.evaluate.metrics, headstart.evaluate.figures; "
-        "from headstart.evaluate.report_html import _curves_uri; from headstart.records import History; "
+        "from headstart.tasks.report_html import _curves_uri; from headstart.records import History; "
         "headstart.evaluate.figures.save_confusion_png(np.eye(3, dtype=int), 'abc', sys.argv[1]); "
         "_curves_uri([('head', History([1.0, 0.5], [1.1, 0.7], [0.5, 0.8], 1))]); "
         "bad = [m for m in ('matplotlib',) if m in sys.modules]; "

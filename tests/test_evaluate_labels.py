@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import blobs
-from headstart.evaluate.crossval import out_of_fold_proba
+from helpers_models import blobs
+from headstart.train.crossval import out_of_fold_proba
 from headstart.evaluate.labels import find_label_errors, out_of_fold_linear, principal_coordinates, suspect_ranking
 
 
@@ -49,7 +49,7 @@ def test_too_few_images_find_nothing_rather_than_fail(tmp_path: Path) -> None:
 def test_label_errors_do_not_load_torch() -> None:
     """`check`'s ranking fits its folds with scikit-learn, already loaded with cleanlab: loading torch for five
     linear heads cost flowers' check 2 s of its 15."""
-    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from conftest import blobs; "
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from helpers_models import blobs; "
             "from headstart.evaluate.labels import find_label_errors; x, y = blobs(20); y[:3] = (y[:3] + 1) % 3; "
             "find_label_errors(x, y, [Path(str(i)) for i in range(len(y))], ['a', 'b', 'c']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")

@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from headstart.evaluate.metrics import Evaluation, accuracy, balanced_accuracy, confusion_matrix, evaluate, expected_calibration_error, log_loss, per_class_scores, top_k_accuracy
+from headstart.evaluate.metrics import accuracy, balanced_accuracy, confusion_matrix, evaluate, expected_calibration_error, log_loss, per_class_scores, top_k_accuracy
+from headstart.records import Evaluation
 
 # A 3-class example worked out by hand.
 #   true:  0 0 0 1 1 2 2 2

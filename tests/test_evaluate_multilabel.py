@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import (average_precision_score, f1_score, hamming_loss, precision_recall_fscore_support)
 
-from headstart.evaluate.multilabel import (MultiLabelEvaluation, MultiLabelReport, choose_thresholds, decide,
-                                           evaluate_multilabel)
+from headstart.evaluate.multilabel import choose_thresholds, decide, evaluate_multilabel
+from headstart.records import MultiLabelEvaluation, MultiLabelReport
 
 
 def _scored(seed: int = 0, n: int = 300, labels: int = 5):

@@ -4,19 +4,18 @@ at the page in Chromium."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
-from headstart.evaluate import report as rep
+from headstart.tasks import report as rep
 
 CLASSES = ("cat", "dog", "fish")
 
@@ -90,14 +89,10 @@ def test_the_report_shows_the_models_own_scores_and_every_image_once(tiny, tmp_p
     assert page.count('class="heat"') == rep.GALLERY and page.count('class="photo"') == rep.GALLERY
 
 
-def test_optional_sections_are_drawn_or_named_as_left_out(tiny) -> None:
+def test_label_errors_and_the_data_check_are_drawn_and_heat_maps_named_as_left_out(tiny) -> None:
     clf, model, held_out = tiny
     report = rep.build_report(clf, model, held_out, heat_maps=False)
-    titles = [t for t, _ in report.extra]
-    for module, _, title in (rep.LABELS_MODULE, rep.CHECK_MODULE):
-        present = importlib.util.find_spec(module) is not None
-        assert (title in titles) == present
-        assert any(line.startswith(title) for line in report.left_out) != present
+    assert [t for t, _ in report.extra] == ["Likely label errors", "Data check"]
     assert any("Heat maps" in line for line in report.left_out) and report.heat == []
 
 
@@ -132,7 +127,7 @@ def test_heat_maps_follow_the_target_class(tiny) -> None:
 
     clf, _, held_out = tiny
     path = min((held_out / "dog").iterdir())
-    maps = heat_maps(clf, [path, path, path], targets=[0, 1, 2])
+    maps = heat_maps(clf.frozen_, clf.head_config_, clf.head_state_, [path, path, path], targets=[0, 1, 2])
     size = clf.frozen_.spec.preprocess.input_size
     for m in maps:
         assert m.heat.shape == (size, size) and np.isfinite(m.heat).all()
@@ -148,11 +143,9 @@ def test_heat_maps_follow_the_target_class(tiny) -> None:
 def test_the_command_writes_the_report_into_the_model_directory(tiny) -> None:
     _, model, held_out = tiny
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "headstart", "report", str(model), str(held_out), "--no-heatmaps"],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = run_headstart("report", model, held_out, "--no-heatmaps", env=env, columns=None, timeout=300)
     assert out.returncode == 0, out.stderr
     page = (model / "report.html").read_text()
     assert "report written to" in out.stderr and _external(page) == []
-    bad = subprocess.run([sys.executable, "-m", "headstart", "report", str(model), str(model / "nope")],
-                         capture_output=True, text=True, env=env, timeout=120, check=False)
+    bad = run_headstart("report", model, model / "nope", env=env, columns=None, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

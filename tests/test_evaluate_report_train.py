@@ -4,14 +4,13 @@ the photos, no heat maps), saying what it left out and how to get it; `--no-repo
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from test_evaluate_temperature import _noisy_folder
 
 
@@ -24,7 +23,7 @@ def _images(page: str) -> list[dict]:
 def test_the_page_comes_from_the_runs_validation_results(tmp_path, tiny_weights, tiny_cache, monkeypatch) -> None:
     from headstart import ImageClassifier
     from headstart.cache import dataset as cache_dataset
-    from headstart.evaluate.report_train import write_train_report
+    from headstart.tasks.report_train import write_train_report
 
     data = _noisy_folder(tmp_path / "photos")
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=4, device="cpu").fit(data)
@@ -45,7 +44,7 @@ def test_the_page_comes_from_the_runs_validation_results(tmp_path, tiny_weights,
 
 def test_without_a_validation_split_the_page_says_what_it_lacks(tmp_path, tiny_weights, tiny_cache) -> None:
     from headstart import ImageClassifier
-    from headstart.evaluate.report_train import write_train_report
+    from headstart.tasks.report_train import write_train_report
 
     data = make_image_folder(tmp_path / "photos", per_class=4)
     clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu", val_split=0.0).fit(data)
@@ -56,16 +55,15 @@ def test_without_a_validation_split_the_page_says_what_it_lacks(tmp_path, tiny_w
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx, tmp_path_factory) -> dict[str, str]:
-    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("report-train-cache"))
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return {**cli_env(tmp_path_factory.mktemp("report-train-cache"), tiny_onnx), "COLUMNS": "200"}
 
 
 @pytest.mark.parametrize("flag", [None, "--no-report"])
 def test_train_writes_the_report_unless_told_not_to(flag, env, tiny_weights, tmp_path) -> None:
     photos = make_image_folder(tmp_path / "photos", per_class=8)
-    args = [sys.executable, "-m", "headstart", "train", str(photos), "--out", str(tmp_path / "m"), "--backbone",
-            TINY_BACKBONE, "--weights", str(tiny_weights), "--epochs", "2", "--device", "cpu"]
-    out = subprocess.run(args + ([flag] if flag else []), capture_output=True, text=True, env=env, timeout=300)
+    args = ["train", photos, "--out", tmp_path / "m", "--backbone", TINY_BACKBONE, "--weights", tiny_weights,
+            "--epochs", "2", "--device", "cpu"]
+    out = run_headstart(*args, *([flag] if flag else []), env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     page = tmp_path / "m" / "report.html"
     assert "calibration" in out.stdout  # the summary says whether a temperature was fitted

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 from headstart import ImageClassifier
 from headstart.errors import ArtifactError
 from headstart.evaluate.calibration import MIN_CALIBRATION, fit_temperature, scaled_proba, stored_temperature
@@ -153,6 +154,6 @@ def test_a_temperature_that_raises_the_validation_ece_is_refused() -> None:
     cal = stored_temperature(z, y)
     assert cal.temperature == 1.0 and cal.refused == pytest.approx(fit_temperature(z, y))
     assert cal.ece_after == cal.ece_before
-    from headstart.evaluate.calibration import Calibration
+    from headstart.records import Calibration
 
     assert Calibration.from_dict(cal.to_dict()) == cal

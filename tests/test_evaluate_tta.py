@@ -4,9 +4,6 @@ head, and model.onnx), the mirrored features cached under their own key, and the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +11,11 @@ import pytest
 from PIL import Image, ImageOps
 
 
+from helpers_cli import cli_env, run_headstart
 from helpers_serve import tiny_model
 from headstart.evaluate.metrics import evaluate
-from headstart.evaluate.tta import TTAEvaluation, averaged
+from headstart.evaluate.tta import averaged
+from headstart.records import TTAEvaluation
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +88,8 @@ def test_onnx_path_mirrors_the_graph_inputs(exported, tmp_path) -> None:
 
 def test_cli_reports_what_tta_gained(exported) -> None:
     model, photos, cache = exported
-    env = {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "headstart", "evaluate", str(model), str(photos),  # noqa: E731
-                                         "--tta", *extra], capture_output=True, text=True, env=env, timeout=300)
+    env = cli_env(cache)
+    run = lambda *extra: run_headstart("evaluate", model, photos, "--tta", *extra, env=env, timeout=300)  # noqa: E731
     table = run()
     assert table.returncode == 0, table.stderr
     assert "test-time augmentation" in table.stdout and "log loss" in table.stdout and "->" in table.stdout

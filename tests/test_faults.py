@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, CountingEngine
 
 torch = pytest.importorskip("torch")
 
@@ -165,15 +166,6 @@ def test_extraction_killed_anywhere_leaves_a_cache_that_is_complete_or_ignored(f
 
 
 # --- the boundary store's fill -------------------------------------------------------------------------------
-
-
-class CountingEngine:
-    def __init__(self, engine) -> None:
-        self.engine, self.calls = engine, 0
-
-    def run_all(self, batch):
-        self.calls += 1
-        return self.engine.run_all(batch)
 
 
 def test_a_boundary_fill_killed_anywhere_resumes_to_what_an_uninterrupted_fill_stores(ft_cache, tmp_path):

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, assert_one_line, make_image_folder, seed_tiny_export
+from helpers_cli import assert_one_line, cli_env
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE, seed_tiny_export
 
 from headstart.errors import UserError
 from headstart.paths import atomic_write_bytes
@@ -207,7 +209,7 @@ def test_a_boundary_store_on_a_full_disk_is_one_line_not_a_sigbus(full_tmpfs, tm
 def _train(disk: SmallDisk, data: Path, out: Path, cache: Path, weights: Path, limit: int):
     return disk.run([sys.executable, "-m", "headstart", "train", str(data), "--backbone", TINY_BACKBONE,
                      "--weights", str(weights), "--epochs", "3", "--device", "cpu", "--strategy", "head",
-                     "--out", str(out)], {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, limit)
+                     "--out", str(out)], cli_env(cache), limit)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:

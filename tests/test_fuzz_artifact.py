@@ -18,7 +18,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import assert_one_line  # noqa: E402
+from helpers_cli import assert_one_line  # noqa: E402
 from test_serve_artifact import synthetic_artifact  # noqa: E402
 
 from headstart import ImageClassifier  # noqa: E402

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.heads.config import HeadConfig, head_logits_numpy
 from headstart.heads.module import Head
-from headstart.train.config import TrainConfig
+from headstart.records import TrainConfig
 from headstart.train.fit_head import fit_head
 
 

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from hostile_kinds import (
     BY_NAME,
     CONVERTED,

@@ -16,39 +16,26 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import assert_one_error_line, cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from test_serve_artifact import synthetic_artifact
 
 from headstart.serve import artifact
 
 TIMEOUT_S = 180
+_run = partial(run_headstart, text=False)  # bytes out: the test decodes, strictly, what the CLI wrote
 BAD_NAME = os.fsencode("photo-") + b"\xff\xfe.jpg"  # not UTF-8: reaches Python as surrogate escapes
 BAD_SHOWN = "photo-\\xff\\xfe.jpg"  # how the CLI writes it (render.shown)
 
 
-def _run(*args: str | bytes | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
-    """`python -m headstart ...`, bytes out: the test decodes, strictly, what the CLI wrote."""
-    return subprocess.run([sys.executable, "-m", "headstart", *(a if isinstance(a, bytes) else str(a) for a in args)],
-                          capture_output=True, env={**env, "COLUMNS": "200"}, timeout=TIMEOUT_S)
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[bytes], code: int = 2) -> str:
-    err = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode == code, err + proc.stdout.decode("utf-8", "replace")
-    assert b"Traceback" not in proc.stderr and b"Traceback" not in proc.stdout
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("hostile-cache")
-    seed_tiny_export(tiny_onnx, cache)
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("hostile-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +168,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(photos, tiny_weights, env
     started = time.monotonic()
     proc = _run("train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "2",
                 "--device", "cpu", "--out", out, env={**env, "HEADSTART_CACHE": str(cache)})
-    line = _one_error_line(proc)
+    line = assert_one_error_line(proc)
     assert str(out) in line or str(out.parent) in line
     assert not (cache / "features").exists(), "features were extracted before the refusal"
     assert time.monotonic() - started < 60
@@ -189,7 +176,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(photos, tiny_weights, env
 
 
 def test_resume_from_nothing_is_one_line(photos, env, tmp_path):
-    line = _one_error_line(_run("train", photos, "--resume", tmp_path / "no-such-run", "--out", tmp_path / "m",
+    line = assert_one_error_line(_run("train", photos, "--resume", tmp_path / "no-such-run", "--out", tmp_path / "m",
                                 env=env))
     assert "--resume" in line and "no-such-run" in line
 
@@ -207,4 +194,4 @@ def test_predict_with_a_mismatched_head_is_one_line(model, photos, env, tmp_path
     save_file(tensors, str(damaged / artifact.WEIGHTS_FILE))
     image = sorted(photos.rglob("*.jpg"))[0]
     for command in (["predict", damaged, image], ["evaluate", damaged, photos]):
-        assert "layers.1" in _one_error_line(_run(*command, env=env))
+        assert "layers.1" in assert_one_error_line(_run(*command, env=env))

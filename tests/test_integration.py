@@ -37,7 +37,7 @@ def test_training_a_head_on_the_cpu_never_imports_torch(lite0_cache, tmp_path):
     import subprocess
     import sys
 
-    from conftest import make_image_folder
+    from helpers_images import make_image_folder
 
     ImageClassifier(epochs=2, engine="fp32").fit(make_image_folder(tmp_path / "warm", per_class=5, seed=1))
     data = make_image_folder(tmp_path / "photos", per_class=8, seed=2)  # other photos: their features extract

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_BACKBONE, seed_tiny_export
+from helpers_cli import cli_env, run_headstart
+from helpers_models import TINY_BACKBONE
 
 TIMEOUT_S = 180
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220)}
-
-
-def _headstart(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
-                          env={**env, "COLUMNS": "200"}, timeout=TIMEOUT_S)
 
 
 def _image(labels: tuple[str, ...], rng: np.random.Generator) -> Image.Image:
@@ -53,15 +48,14 @@ def _write(root: Path, name: str, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("ml-cache"))
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("ml-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_weights: Path, env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("ml-project")
     train_csv, test_csv = _write(root, "train", 84, 0), _write(root, "test", 28, 1)
-    proc = _headstart("train", "--manifest", train_csv, "--backbone", TINY_BACKBONE, "--weights", tiny_weights,
+    proc = run_headstart("train", "--manifest", train_csv, "--backbone", TINY_BACKBONE, "--weights", tiny_weights,
                       "--out", root / "model", "--epochs", "40", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, root / "model", test_csv
@@ -79,14 +73,14 @@ def test_train_saves_a_multi_label_model_with_thresholds(trained) -> None:
 def test_predict_csv_json_and_threshold_override(trained, env: dict[str, str]) -> None:
     _, model, test_csv = trained
     images = sorted(str(p) for p in (test_csv.parent / "img").glob("test-00[0-6].png"))
-    proc = _headstart("predict", model, *images, "/no/such.png", "--format", "csv", env=env)
+    proc = run_headstart("predict", model, *images, "/no/such.png", "--format", "csv", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert list(rows[0]) == ["path", "labels", "blue", "green", "red", "error"]
     assert rows[-1]["error"] and rows[-1]["labels"] == ""
     for row in rows[:-1]:
         assert all(0 <= float(row[c]) <= 1 for c in ("blue", "green", "red"))
-    low = json.loads(_headstart("predict", model, *images, "--format", "json", "--threshold", "0.01",
+    low = json.loads(run_headstart("predict", model, *images, "--format", "json", "--threshold", "0.01",
                                 env=env).stdout)
     assert all(r["labels"] == ["blue", "green", "red"] for r in low if all(s["probability"] >= 0.01
                                                                            for s in r["scores"]))
@@ -99,7 +93,7 @@ def test_evaluate_json_and_the_api_agree(trained, env: dict[str, str]) -> None:
     from headstart import ImageClassifier
 
     _, model, test_csv = trained
-    proc = _headstart("evaluate", model, "--manifest", test_csv, "--format", "json", env=env)
+    proc = run_headstart("evaluate", model, "--manifest", test_csv, "--format", "json", env=env)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     clf = ImageClassifier.load(model)
@@ -125,7 +119,7 @@ def test_refusals_are_one_line(trained, tiny_weights: Path, env: dict[str, str],
         (("train", test_csv.parent / "img", "--multi-label"), "reads a manifest"),
         (("evaluate", model, "--manifest", test_csv, "--tta"), "--tta is not available"),
     ]:
-        proc = _headstart(*args, "--out", tmp_path / "m", env=env) if args[0] == "train" else _headstart(*args, env=env)
+        proc = run_headstart(*args, "--out", tmp_path / "m", env=env) if args[0] == "train" else run_headstart(*args, env=env)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
@@ -148,7 +142,7 @@ def test_export_and_serve_answer_every_label(trained, env: dict[str, str], monke
     before = ImageClassifier.load(model)
     paths = sorted((test_csv.parent / "img").glob("test-00*.png"))
     engine_proba = before.predict_proba(paths)
-    proc = _headstart("export", model, "--data", test_csv.parent / "train.csv", env=env)
+    proc = run_headstart("export", model, "--data", test_csv.parent / "train.csv", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     predictor = OnnxPredictor(model / "model.onnx")
     assert predictor.info.multi_label and predictor.info.thresholds == tuple(before.thresholds_)
@@ -164,7 +158,7 @@ def test_export_and_serve_answer_every_label(trained, env: dict[str, str], monke
         assert [s["label"] for s in result["scores"]] == [clf.classes_[j] for j in np.argsort(-row)]
         on = {s["label"] for s in result["scores"] if s["probability"] >= s["threshold"]}
         assert {s["label"] for s in result["scores"] if s["on"]} == on == set(result["labels"])
-    proc = _headstart("export", model, "--data", test_csv.parent / "train.csv", "--quantize", "int8", env=env)
+    proc = run_headstart("export", model, "--data", test_csv.parent / "train.csv", "--quantize", "int8", env=env)
     assert proc.returncode == 2 and "not available for multi-label" in proc.stderr
 
 
@@ -183,7 +177,7 @@ def test_a_multi_label_fit_does_not_import_scikit_learn(trained, tiny_weights: P
 
 def test_check_reports_label_counts_and_co_occurrence(trained, env: dict[str, str]) -> None:
     _, model, test_csv = trained
-    proc = _headstart("check", test_csv.parent / "train.csv", "--json", env=env)
+    proc = run_headstart("check", test_csv.parent / "train.csv", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["multi_label"] is True and summary["classes"] == ["blue", "green", "red"]
@@ -198,10 +192,10 @@ def test_train_writes_a_report_and_report_scores_a_manifest(trained, env: dict[s
     _, model, test_csv = trained
     page = (model / "report.html").read_text()  # train's, from its validation split
     assert "validation split" in page and "Precision-recall curves" in page
-    proc = _headstart("report", model, test_csv, "--out", model / "held-out.html", env=env)
+    proc = run_headstart("report", model, test_csv, "--out", model / "held-out.html", env=env)
     assert proc.returncode == 0, proc.stderr
     page = (model / "held-out.html").read_text()
     assert "test.csv" in page and page.count("<tr>") >= 3 + 6 + 1 + 3  # summary, scores, per-label rows
     assert "data:image/svg+xml;base64," in page and "<script" not in page and "http://" not in page
-    proc = _headstart("report", model, env=env)
+    proc = run_headstart("report", model, env=env)
     assert proc.returncode == 2 and "reported on a manifest" in proc.stderr

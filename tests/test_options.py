@@ -1,4 +1,5 @@
-"""options: one table of settings, checked once; ImageClassifier's __init__ stores, fit checks, set_params sets."""
+"""options: one table of settings, checked once, that the CLI and the API agree with; ImageClassifier's __init__
+stores, fit checks, set_params sets."""
 
 from __future__ import annotations
 
@@ -7,15 +8,34 @@ import math
 
 import pytest
 
-from conftest import assert_one_line
+from helpers_cli import assert_one_line
 from headstart import ImageClassifier, options
+from headstart.settings import settings
 from headstart.errors import ConfigError, DataError
 
 
-def test_the_defaults_pass_their_own_rules_and_are_the_api_defaults():
+CLI_ONLY = {"data", "out", "resume", "export", "report", "manifest", "track", "log_dir"}  # train flags, no setting
+
+
+def test_the_cli_the_api_and_the_options_table_agree():
+    """The one check that the three faces of the settings agree: ImageClassifier's parameters and `headstart
+    train`'s flags are the entries of headstart.options (the CLI adds only its own), each with the table's default,
+    and the defaults pass their own rules."""
+    from headstart.cli import train as cli_train
+
     options.check(dict(options.DEFAULTS))
+
     api = {k: p.default for k, p in inspect.signature(ImageClassifier.__init__).parameters.items() if k != "self"}
     assert api == dict(options.DEFAULTS)
+
+    params = inspect.signature(cli_train.train).parameters
+    assert set(params) == set(options.OPTIONS) | CLI_ONLY
+    cli = {name: p.default for name, p in params.items() if name in options.OPTIONS}
+    cli["hidden"] = cli_train._parse_hidden(cli["hidden"])  # flags arrive as text
+    cli["unfreeze"] = cli_train._parse_unfreeze(cli["unfreeze"])
+    cli["balance"] = "auto" if cli["balance"] is None else cli["balance"]  # --balance/--no-balance
+    cli["time_limit"] = cli_train._parse_seconds(cli["time_limit"], "--time-limit")
+    assert cli == dict(options.DEFAULTS) == api
 
 
 @pytest.mark.parametrize("name, value", [
@@ -43,7 +63,7 @@ def test_the_cli_spelling_names_the_flag():
 
 def test_accepted_values_of_every_kind():
     options.check({"unfreeze": 3, "hidden": (512, 256), "weights": "w.safetensors", "seed": -1, "val_split": 0.0})
-    assert options.settings({"hidden": [64]}).hidden == (64,)
+    assert settings({"hidden": [64]}).hidden == (64,)
 
 
 def test_init_only_stores_and_fit_refuses_before_any_work(image_folder, isolated_cache):

@@ -1,7 +1,7 @@
 """The report as a person sees it: report.html opened from disk in headless Chromium (Debian's `chromium` and
-`chromium-driver`, through Selenium, found the way tests/test_serve_browser.py finds them). The confusion
-matrix shows, a gallery photo and its heat map load, a click on a cell lists that cell's images, and nothing is
-fetched from anywhere. A screenshot is saved in the test's tmp dir and copied to /tmp/report-page.png.
+`chromium-driver`, through Selenium, started by tests/helpers_browser.py as for the serve page's test). The
+confusion matrix shows, a gallery photo and its heat map load, a click on a cell lists that cell's images, and
+nothing is fetched from anywhere. A screenshot is saved in the test's tmp dir and copied to /tmp/report-page.png.
 
 HEADSTART_REPORT_FILE=<a report.html> (e.g. one from hymenoptera) is looked at instead of the tiny model's.
 Without a browser the test skips, saying why, except under CI=true, where it fails: CI must have one.
@@ -15,30 +15,15 @@ from pathlib import Path
 
 import pytest
 from test_evaluate_report import tiny_report_model
-from helpers_browser import _browser_paths, _no_browser
+from helpers_browser import headless_chromium
 
 RECORD_COPY = Path("/tmp/report-page.png")
 
 
 @pytest.fixture
 def browser():
-    browser_path, driver_path = _browser_paths()
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser_path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,2400",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
-        opts.add_argument(arg)
-    try:
-        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
-    except WebDriverException as exc:
-        _no_browser(f"chromium would not start ({exc.msg})")
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
+    with headless_chromium((1280, 2400), 60) as driver:
+        yield driver
 
 
 @pytest.fixture
@@ -49,7 +34,7 @@ def report_file(tmp_path_factory, tiny_weights, tiny_onnx, monkeypatch) -> Path:
     model, held_out, cache = tiny_report_model(tmp_path_factory, tiny_weights, tiny_onnx)
     monkeypatch.setenv("HEADSTART_CACHE", str(cache))
     from headstart import ImageClassifier
-    from headstart.evaluate.report import write_report
+    from headstart.tasks.report import write_report
 
     out = tmp_path_factory.mktemp("report-page") / "report.html"
     return write_report(ImageClassifier.load(model, device="cpu"), model, held_out, out)

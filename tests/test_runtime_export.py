@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE
+from helpers_models import TINY_BACKBONE
 
 
 @pytest.fixture

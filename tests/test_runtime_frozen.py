@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import torch
 
-from conftest import TINY_DIM, _direct_features
+from helpers_models import TINY_DIM, direct_features
 from headstart.cache.features import FeatureCache
 from headstart.runtime.engines import OnnxEngine
 from headstart.vision.preprocess import load_for_model
@@ -42,7 +42,7 @@ def test_a_failed_export_falls_back_to_float32_torch(frozen, photos, tiny_cache,
     batch = np.stack([load_for_model(p, frozen.spec.preprocess) for p in photos[:4]])
     got = engine(batch)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, _direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16
+    np.testing.assert_allclose(got, direct_features(frozen, photos[:4]), atol=1e-5, rtol=0)  # no bfloat16
 
 
 def test_a_failed_export_is_remembered_and_not_tried_again_until_the_toolchain_changes(frozen, tiny_cache,
@@ -105,7 +105,7 @@ def test_features_from_a_cuda_engine_are_never_read_back_for_an_onnx_run(frozen,
     from headstart.runtime import frozen as frozen_module
 
     labels, splits = np.zeros(len(photos), np.int64), np.array(["train"] * len(photos))
-    exact = _direct_features(frozen, photos)
+    exact = direct_features(frozen, photos)
     with monkeypatch.context() as mp:
         mp.setattr(frozen_module, "pick_device", lambda requested="auto": "cuda")
         mp.setattr(frozen_module, "TorchEngine", _DriftedTorchEngine)
@@ -146,7 +146,7 @@ def test_features_of_the_torch_fallback_are_kept_apart_from_onnx_ones(frozen, ph
     assert cache.engine_kind == "onnxruntime-cpu-fp32"  # nothing tried yet
     got = cache.features_for(photos, lambda: frozen.engine("cpu"))
     assert cache.engine_kind == "torch-cpu-fp32" and got.hits == 0
-    np.testing.assert_allclose(got.features, _direct_features(frozen, photos), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.features, direct_features(frozen, photos), atol=1e-5, rtol=0)
     assert FeatureCache(frozen).engine_kind == "torch-cpu-fp32"  # the next run knows, before any engine
     assert FeatureCache(frozen).features_for(photos, lambda: frozen.engine("cpu")).hits == len(photos)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE
+from helpers_models import TINY_BACKBONE
 
 from headstart.backbones.registry import resolve
 from headstart.runtime import int8_weights, quantize

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_cli import run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart.backbones.registry import resolve
 from headstart.runtime import device, frozen as frozen_mod, quantize
 from headstart.runtime.engines import ONNX_CPU, OnnxEngine, ViewsEngine, any_size_path
@@ -71,10 +70,14 @@ def test_int8_features_are_cached_apart_from_fp32(tiny_cache, tiny_weights, imag
 
 
 def test_auto_is_int8_only_where_the_cpu_runs_it_clearly_faster(monkeypatch, tmp_path) -> None:
+    def name(setting: str) -> str:
+        return resolve_engine(backbone, "cpu", setting).name
+
+    backbone = FrozenBackbone(resolve(TINY_BACKBONE), tmp_path / "weights.safetensors", "0" * 16)
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: True)
-    assert (resolve_engine("auto"), resolve_engine("fp32"), resolve_engine("int8")) == ("int8", "fp32", "int8")
+    assert (name("auto"), name("fp32"), name("int8")) == ("int8", "fp32", "int8")
     monkeypatch.setattr(frozen_mod, "int8_is_fast", lambda: False)
-    assert (resolve_engine("auto"), resolve_engine("int8")) == ("fp32", "int8")  # asked for by name: honoured
+    assert (name("auto"), name("int8")) == ("fp32", "int8")  # asked for by name: honoured
     for flags, fast in (("fpu sse2 avx avx2 fma", False), ("fpu avx2 avx512f avx512_vnni avx512_bf16", True),
                         ("fpu avx2 avx_vnni", True), ("fp asimd asimddp", False), ("fp asimd", False)):
         info = tmp_path / "cpuinfo"
@@ -96,7 +99,7 @@ def test_the_calibration_does_not_depend_on_what_the_cache_saw_first(tiny_onnx, 
     """Issue 26: the ranges were measured on the photos of the first int8 run in a cache, so the same command gave
     another model in another cache. Now two caches whose first int8 runs had different photos (or none: a saved
     model predicting) hold the same ranges, the same int8 graph and give the same features to the bit."""
-    from conftest import seed_tiny_export
+    from helpers_models import seed_tiny_export
 
     a = make_image_folder(tmp_path / "a", ("x", "y"), per_class=10, size=(64, 48), seed=1)
     b = make_image_folder(tmp_path / "b", ("u",), per_class=12, size=(40, 80), seed=2)
@@ -199,25 +202,20 @@ def test_a_model_saved_before_engines_were_a_setting_predicts_in_fp32(tiny_cache
     assert ImageClassifier.load(out, device="cpu").frozen_.engine_name == "fp32"
 
 
-def _cli(*args, env) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "headstart", *map(str, args)], capture_output=True, text=True,
-                          env={**env, "COLUMNS": "200"}, timeout=180)
-
-
 def test_cli_engine_flag_end_to_end(tiny_cache, tiny_weights, tmp_path) -> None:
     photos = make_image_folder(tmp_path / "photos", per_class=6)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    bad = _cli("train", photos, "--engine", "int4", "--out", tmp_path / "bad", env=env)
+    bad = run_headstart("train", photos, "--engine", "int4", "--out", tmp_path / "bad", env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "int4" in bad.stderr
     common = ("--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "2", "--device", "cpu")
-    got = _cli("train", photos, *common, "--engine", "int8", "--out", tmp_path / "m", env=env)
+    got = run_headstart("train", photos, *common, "--engine", "int8", "--out", tmp_path / "m", env=env)
     assert got.returncode == 0, got.stdout + got.stderr
     assert json.loads((tmp_path / "m" / "headstart.json").read_text())["params"]["engine"] == "int8"
     fp32 = onnx_path_for(resolve(TINY_BACKBONE), FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights)
                          .weights_id)
     assert quantize.calibration_path(fp32).exists()
-    pred = _cli("predict", tmp_path / "m", photos, "--format", "csv", env=env)
+    pred = run_headstart("predict", tmp_path / "m", photos, "--format", "csv", env=env)
     assert pred.returncode == 0, pred.stderr
     assert len(pred.stdout.strip().splitlines()) == 1 + len(_photos(photos))
-    ev = _cli("evaluate", tmp_path / "m", photos, env=env)
+    ev = run_headstart("evaluate", tmp_path / "m", photos, env=env)
     assert ev.returncode == 0, ev.stderr

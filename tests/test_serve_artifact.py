@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, assert_one_line
+from helpers_cli import assert_one_line
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.serve import artifact
 from headstart.serve.artifact import META_FILE, WEIGHTS_FILE
@@ -234,7 +235,7 @@ def test_pickle_disguised_as_safetensors_is_never_unpickled(model_dir, tmp_path)
 def synthetic_artifact(tiny_weights: Path, classes=("cat", "dog", "fish"), hidden=(), seed: int = 0,
                        shift: float = 0.0) -> artifact.Artifact:
     """A complete, valid model without training: the tiny backbone's tensors (plus `shift`) and a random head."""
-    from conftest import TINY_DIM
+    from helpers_models import TINY_DIM
     from safetensors.numpy import load_file
 
     from headstart.backbones.weights import weights_fingerprint

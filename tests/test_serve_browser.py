@@ -1,6 +1,6 @@
 """End to end in a real browser: `headstart serve` on a loopback port in a subprocess, its page driven in headless
-Chromium (Debian's `chromium` and `chromium-driver`, through Selenium), a real photo uploaded, the label shown
-checked, screenshots saved.
+Chromium (Debian's `chromium` and `chromium-driver`, through Selenium, started by tests/helpers_browser.py), a real
+photo uploaded, the label shown checked, screenshots saved.
 
 The tiny test model labels the photo with one of its own classes; the test checks that the page shows what the
 API answers for that photo. HEADSTART_SERVE_MODEL=<a model directory with model.onnx trained on hymenoptera>
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers_cli import cli_env
 from helpers_serve import tiny_model
-from helpers_browser import _browser_paths, _no_browser
+from helpers_browser import browser_paths as find_browser, headless_chromium
 
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera" / "val"
 RECORD_COPY = Path("/tmp/serve-page.png")
@@ -37,7 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def browser_paths() -> tuple[str, str]:
     """Checked before the service starts: without a browser nothing else is worth building."""
-    return _browser_paths()
+    return find_browser()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def served(browser_paths, tmp_path_factory, tiny_weights, tiny_onnx):
         model, env = Path(real), dict(os.environ)
     else:
         model, _, cache = tiny_model(tmp_path_factory, tiny_weights, tiny_onnx)
-        env = {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        env = cli_env(cache)
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "w") as out:
@@ -79,23 +80,8 @@ def served(browser_paths, tmp_path_factory, tiny_weights, tiny_onnx):
 
 @pytest.fixture
 def browser(browser_paths):
-    browser_path, driver_path = browser_paths
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser_path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
-        opts.add_argument(arg)
-    try:
-        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
-    except WebDriverException as exc:
-        _no_browser(f"chromium would not start ({exc.msg})")
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    with headless_chromium((1280, 900), 30, browser_paths) as driver:
+        yield driver
 
 
 def test_page_shows_the_label_of_a_real_photo(browser, served, tmp_path: Path) -> None:

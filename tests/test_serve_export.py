@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from helpers_cli import cli_env, run_headstart
 from helpers_serve import tiny_model
 
 # The README's plain-onnxruntime recipe, run as written: nothing from headstart.
@@ -217,9 +217,7 @@ def test_cli_export_prints_the_check(exported, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
     (copy / "model.onnx").unlink()
-    env = {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    refused = subprocess.run([sys.executable, "-m", "headstart", "export", str(copy), "--quantize", "int8"],
-                             capture_output=True, text=True, env=env, timeout=120)
+    refused = run_headstart("export", copy, "--quantize", "int8", env=cli_env(cache), columns=None, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --quantize int8")
     assert "\n" not in refused.stderr.strip() and not (copy / "model.onnx").exists()
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
 from headstart.evaluate.metrics import evaluate
 from headstart.records import Decision, FitReport, HeadCandidate, History, RefitReport, Stage2Report
 from headstart.serve import artifact
 from headstart.serve.artifact import META_FILE
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.records import FinetuneConfig, TrainConfig
 
 FORMAT1 = Path(__file__).parent / "data" / "format1-headstart.json"
 FITTED = ("classes_", "head_config_", "decision_", "history_", "train_config_", "counts_", "skipped_", "cached_",

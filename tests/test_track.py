@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

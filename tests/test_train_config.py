@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headstart.train.config import TrainConfig
+from headstart.records import TrainConfig
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import N_STAGES, assert_one_line
+from helpers_cli import assert_one_line
+from helpers_models import N_STAGES
 
 torch = pytest.importorskip("torch")
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from headstart.cache.boundary import StoreArray  # noqa: E402
 from headstart.heads.module import Head  # noqa: E402
 from headstart.train import finetune as ft  # noqa: E402
-from headstart.train.config import FinetuneConfig  # noqa: E402
+from headstart.records import FinetuneConfig  # noqa: E402
 from helpers_finetune import _head_for, _net  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest: the tiny model's steps, one thread

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from conftest import blobs
+from helpers_models import blobs
 from headstart.train import fit_head as train
 from headstart.heads.config import HeadConfig, head_logits_numpy, softmax
 from headstart.heads.params import HeadParams
-from headstart.train.config import TrainConfig
+from headstart.records import TrainConfig
 from headstart.train.fit_head import class_weights, fit_head
 
 
@@ -176,7 +176,7 @@ def test_fitting_a_head_does_not_import_torch():
     code = (
         "import sys, numpy as np\n"
         "from headstart.heads.config import HeadConfig\n"
-        "from headstart.train.config import TrainConfig\nfrom headstart.train.fit_head import fit_head\n"
+        "from headstart.records import TrainConfig\nfrom headstart.train.fit_head import fit_head\n"
         "x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32); y = np.arange(40) % 2\n"
         "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2), x, y, x, y)\n"
         "fit_head(HeadConfig(6, 2), TrainConfig(epochs=2, schedule='plateau'), x, y, x, y)\n"
@@ -229,7 +229,7 @@ def _xor(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_best_head_is_the_one_with_the_lowest_validation_loss() -> None:
     from headstart.heads.config import HeadConfig
-    from headstart.train.config import TrainConfig
+    from headstart.records import TrainConfig
     from headstart.train.fit_head import fit_best_head, fit_head
 
     (xt, yt), (xv, yv) = _xor(600, 0), _xor(200, 1)

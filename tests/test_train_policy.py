@@ -147,7 +147,7 @@ def test_native_view_only_for_photos_much_smaller_than_the_input(short_side: int
 )
 def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: bool, expected: list) -> None:
     from headstart.heads.config import HeadConfig
-    from headstart.train.config import TrainConfig
+    from headstart.records import TrainConfig
     from headstart.train.policy import head_candidates
 
     cfg = TrainConfig(epochs=60, patience=10)

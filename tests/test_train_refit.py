@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder, seed_tiny_export
+from helpers_cli import cli_env, run_headstart
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 from headstart import ImageClassifier
-from headstart.evaluate.crossval import CrossValidation
+from headstart.records import CrossValidation
 from headstart.records import Decision, FitReport
 from headstart.train import policy
 
@@ -24,8 +24,7 @@ FORMAT1 = Path(__file__).parent / "data" / "format1-headstart.json"
 
 @pytest.fixture(scope="module")
 def env(tiny_onnx, tmp_path_factory) -> dict[str, str]:
-    cache = seed_tiny_export(tiny_onnx, tmp_path_factory.mktemp("refit-cache"))
-    return {**os.environ, "HEADSTART_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return cli_env(tmp_path_factory.mktemp("refit-cache"), tiny_onnx)
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +95,10 @@ def test_cv_auto_runs_where_cheap_and_says_why_not_elsewhere():
 
 def test_train_summary_says_where_each_score_comes_from(photos, tiny_weights, env, tmp_path):
     out = tmp_path / "model"
-    proc = subprocess.run(
-        [sys.executable, "-m", "headstart", "train", str(photos), "--backbone", TINY_BACKBONE, "--weights",
-         str(tiny_weights), "--epochs", "3", "--device", "cpu", "--test-split", "0.2", "--refit", "--cv", "3", "--out",
-         str(out), "--engine", "fp32"],
-        capture_output=True, text=True, env={**env, "COLUMNS": "250"}, timeout=240)
+    proc = run_headstart(
+        "train", photos, "--backbone", TINY_BACKBONE, "--weights", tiny_weights, "--epochs", "3", "--device", "cpu",
+        "--test-split", "0.2", "--refit", "--cv", "3", "--out", out, "--engine", "fp32",
+        env=env, columns=250, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in proc.stdout.splitlines()
              if line.count("│") >= 3 and line.split("│")[1].strip()}

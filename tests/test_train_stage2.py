@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_image_folder
+from helpers_images import make_image_folder
 
 torch = pytest.importorskip("torch")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_image_folder
+from helpers_images import make_image_folder
+from helpers_models import TINY_BACKBONE
 
 
 def _mode(path: Path) -> int:
@@ -110,7 +111,7 @@ def test_check_after_an_int8_train_finds_its_features(tmp_path: Path, tiny_cache
     # `headstart check photos/` right after `headstart train photos/` said "features are not cached": train had
     # cached int8 features (what auto picks on a VNNI CPU), check looked for float32's.
     from headstart import ImageClassifier
-    from headstart.data.check import check_folder
+    from headstart.tasks.check import check_folder
 
     photos = make_image_folder(tmp_path / "photos", per_class=8, size=(96, 80), seed=6)
     ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=2, device="cpu", engine="int8").fit(photos)
@@ -122,7 +123,7 @@ def test_check_after_an_int8_train_finds_its_features(tmp_path: Path, tiny_cache
 def test_a_report_shows_names_that_are_not_utf8(tmp_path: Path, tiny_cache: Path, tiny_weights: Path) -> None:
     # A photo named with a Latin-1 byte reached the report's gallery and ended the run in UnicodeEncodeError.
     from headstart import ImageClassifier
-    from headstart.evaluate.report_train import write_train_report
+    from headstart.tasks.report_train import write_train_report
 
     photos = make_image_folder(tmp_path / "photos", per_class=6, seed=7)
     for path in sorted((photos / "cat").iterdir()):

@@ -4,9 +4,10 @@ transform, unknown levels are refused, and the 8-bit views normalise to exactly 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 import pytest
 
-from conftest import make_image
+from helpers_images import make_image
 
 torch = pytest.importorskip("torch")
 
@@ -62,10 +63,8 @@ def test_eight_bit_views_normalise_to_the_float_views_bit_for_bit(photo, level):
     assert np.array_equal(normalize_pixels(batch, cfg)[0, 1], augmented_view(photo, cfg, level, 4))
 
 
-def _striped() -> "Image.Image":
+def _striped() -> Image.Image:
     """A grey square with one dark horizontal bar a quarter of the way down: a flip moves it, a turn stands it up."""
-    from PIL import Image
-
     arr = np.full((64, 64, 3), 200, np.uint8)
     arr[14:18, :] = 20
     return Image.fromarray(arr)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from conftest import _noise
+from helpers_images import noise_pixels
 from headstart.vision.preprocess import (
     PreprocessConfig, eval_transform, eval_views, load_for_model, normalize,
 )
@@ -34,6 +34,6 @@ def test_config_round_trips_and_old_configs_have_no_native_view() -> None:
 
 def test_load_for_model_shape_and_dtype(tmp_path):
     path = tmp_path / "x.jpg"
-    Image.fromarray(_noise(300, 500)).save(path)
+    Image.fromarray(noise_pixels(300, 500)).save(path)
     arr = load_for_model(path, PreprocessConfig())
     assert arr.dtype == np.float32 and arr.shape == (3, 224, 224)

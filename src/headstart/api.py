@@ -9,25 +9,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from headstart import options
 from headstart.errors import DataError
-from headstart.evaluate.crossval import CrossValidation
-from headstart.evaluate.metrics import Evaluation
 from headstart.heads.config import HeadConfig
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, EvaluationResult, FitReport, History
+from headstart.records import CrossValidation, Decision, Evaluation, EvaluationResult, FitReport, History, TrainConfig
+from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.serve import artifact
-from headstart.runtime.device import pick_device
 from headstart.serve.onnx_predictor import OnnxPredictor, load_export
+from headstart.serve.multilabel import LabelledRow
 from headstart.serve.predictor import Images, Prediction, Predictor
-from headstart.train.config import TrainConfig
+from headstart.settings import settings as checked_settings
 
 __all__ = ["EvaluationResult", "ImageClassifier", "Prediction", "labelled_files"]
 
@@ -133,7 +132,7 @@ class ImageClassifier:
         and `y`, their labels, which is what `GridSearchCV` hands each fold. Stage 1 trains the head on cached
         features; with strategy "finetune" (or "auto", when it pays) stage 2 adapts the top of the backbone.
         `checkpoint_dir` gets a checkpoint after every stage-2 epoch; `resume` continues from it."""
-        settings = options.settings(self.get_params())  # before any work: a bad setting costs nothing
+        settings = checked_settings(self.get_params())  # before any work: a bad setting costs nothing
         multi_label = _multi_label(settings.multi_label, data)  # label lists in a manifest, or asked for
         from headstart.train import pipeline
 
@@ -233,7 +232,7 @@ class ImageClassifier:
         return [self.classes_[i] for i in proba.argmax(1)]
 
     def iter_labelled(self, images: Sequence[str | Path] | str | Path, progress: Progress | None = None
-                      ) -> Iterator[Any]:
+                      ) -> Iterator[LabelledRow]:
         """A multi-label model's rows (`serve.multilabel.LabelledRow`: the labels on, every label's probability
         and threshold, or an error), streamed in input order as `iter_table`'s."""
         from headstart.serve.multilabel import labelled_rows
@@ -310,7 +309,7 @@ class ImageClassifier:
                                 weights_prefix="backbone.")
         # The engine it was trained with (models saved before engines were a setting: float32); int8 finds its
         # calibration in the cache, or predicts in float32 where that cache does not hold it.
-        frozen = frozen.with_engine(str(record.params.get("engine", "fp32")))
+        frozen = frozen.with_engine(str(record.params.get("engine", "fp32")), device=device)
         report = record.fit or FitReport(Decision(), History(), TrainConfig(), {})
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)

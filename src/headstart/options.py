@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from headstart.errors import ConfigError
@@ -173,19 +173,3 @@ def check(params: Mapping[str, Any], spell: Callable[[str], str] = str) -> None:
     if val + test >= 1.0:
         raise ConfigError(f"{spell('val_split')} + {spell('test_split')} = {val + test:g} leaves nothing to train on; "
                           "keep the sum below 1 (e.g. 0.2 and 0.1)")
-
-
-# One field per option, with the option's default: what a validated run hands the training pipeline.
-Settings = make_dataclass(
-    "Settings", [(name, Any, field(default=o.default)) for name, o in OPTIONS.items()], frozen=True,
-    namespace={"__doc__": "A run's settings, checked (see `settings`); one field per entry of OPTIONS."},
-)
-
-
-def settings(params: Mapping[str, Any], spell: Callable[[str], str] = str) -> Any:
-    """`params` checked and frozen into `Settings` (hidden widths as a tuple)."""
-    check(params, spell)
-    values = dict(params)
-    if not isinstance(values.get("hidden", "auto"), str):
-        values["hidden"] = tuple(int(w) for w in values["hidden"])
-    return Settings(**values)

@@ -3,7 +3,11 @@
 
 from headstart.backbones.registry import DEFAULT_BACKBONE, REGISTRY, BackboneSpec, available_offline, resolve
 from headstart.backbones.weights import (
-    create_model, pretrained_weights_path, read_state_dict, save_state_dict, weights_fingerprint,
+    create_model,
+    pretrained_weights_path,
+    read_state_dict,
+    save_state_dict,
+    weights_fingerprint,
 )
 from headstart.errors import WeightsError
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from headstart.errors import WeightsError
 from headstart.vision.preprocess import PreprocessConfig
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 

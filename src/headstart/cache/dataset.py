@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.cache.features import CachedFeatures, FeatureCache
-from headstart.data.scan import SPLITS, Dataset, split_rows
+from headstart.data.dataset import SPLITS, Dataset, split_rows
 from headstart.progress import Progress
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone

@@ -18,10 +18,10 @@ from headstart import options
 from headstart.cli import render
 from headstart.cli.base import app
 from headstart.cli.progress import ProgressBars
-from headstart.cli.train import Engine, flag
+from headstart.cli.train import Device, Engine, flag
 
 if TYPE_CHECKING:
-    from headstart.data.check import CheckReport
+    from headstart.tasks.check import CheckReport
 
 D = options.DEFAULTS
 MAX_FILES_SHOWN = 6  # files per finding in the terminal; --format json lists every one
@@ -38,11 +38,10 @@ def check(
                                        "near-duplicates and likely label errors.")] = False,
     backbone: Annotated[str, typer.Option(
         help="Backbone whose features find near-duplicates and label errors (empty: none).")] = D["backbone"],
-    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Backbone weights file.")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction carved off, as for train (for leakage).")]
-    = D["val_split"],
-    seed: Annotated[int, typer.Option(help="Seed of the split, as for train.")] = D["seed"],
-    device: Annotated[str, typer.Option(help="Where features are extracted (auto, cpu, cuda).")] = D["device"],
+    weights: Annotated[Path | None, flag("weights", exists=True, dir_okay=False)] = D["weights"],
+    val_split: Annotated[float, flag("val_split")] = D["val_split"],  # carved as train carves it, for leakage
+    seed: Annotated[int, flag("seed")] = D["seed"],
+    device: Annotated[Device, flag("device")] = D["device"],
     engine: Annotated[Engine, flag("engine")] = D["engine"],
 ) -> None:
     """Find data problems: unreadable files, duplicates and leakage, imbalance, odd images, likely label errors."""
@@ -54,7 +53,7 @@ def check(
     if is_manifest(data) and is_multilabel_manifest(data):
         _check_multilabel(data, val_split, seed, as_json, strict, deep)
         return
-    from headstart.data.check import check_folder
+    from headstart.tasks.check import check_folder
 
     with ProgressBars() as bars:
         report = check_folder(data, val_split=val_split, seed=seed, backbone=backbone, weights=weights,

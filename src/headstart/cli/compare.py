@@ -15,10 +15,10 @@ from headstart import options
 from headstart.cli import render
 from headstart.cli.base import app
 from headstart.cli.progress import ProgressBars
-from headstart.cli.train import Engine, flag
+from headstart.cli.train import Device, Engine, flag
 
 if TYPE_CHECKING:
-    from headstart.evaluate.compare import BackboneResult
+    from headstart.tasks.compare import BackboneResult
 
 D = options.DEFAULTS
 
@@ -30,11 +30,10 @@ def compare(
     = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
     pick: Annotated[bool, typer.Option("--pick", help="Train the best backbone and save it in --out.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where --pick saves the model.")] = Path("model"),
-    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                 help="Weights file (one backbone only).")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction for --pick's training.")] = D["val_split"],
-    seed: Annotated[int, typer.Option(help="Seed of the folds and the split.")] = D["seed"],
-    device: Annotated[str, typer.Option(help="Where features are extracted (auto, cpu, cuda).")] = D["device"],
+    weights: Annotated[Path | None, flag("weights", exists=True, dir_okay=False)] = D["weights"],  # one backbone
+    val_split: Annotated[float, flag("val_split")] = D["val_split"],  # for --pick's training
+    seed: Annotated[int, flag("seed")] = D["seed"],  # of the folds and the split
+    device: Annotated[Device, flag("device")] = D["device"],
     engine: Annotated[Engine, flag("engine")] = D["engine"],
 ) -> None:
     """Compare backbones: extraction speed, 5-fold accuracy with its 95 % interval, size and latency."""
@@ -44,7 +43,7 @@ def compare(
         from headstart.serve.artifact import check_writable
 
         check_writable(out)  # before the extractions, not after them
-    from headstart.evaluate.compare import best, compare_backbones
+    from headstart.tasks.compare import best, compare_backbones
 
     with ProgressBars() as bars:
         results = compare_backbones(data, names, weights=weights, device=device, val_split=val_split, seed=seed,

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 import typer
 
 from headstart.cli import render
-from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
+from headstart.cli.progress import ProgressBars
 
 
 @app.command()
@@ -35,9 +35,8 @@ def evaluate(
     from headstart.cli.train import _data_or_manifest
 
     data = _data_or_manifest(data, manifest, "evaluate")
-    from headstart.api import ImageClassifier
-
     from headstart import options
+    from headstart.api import ImageClassifier
     from headstart.cli.train import flag_name
 
     options.check({"threshold": threshold}, spell=flag_name)  # (0, 1), checked as train checks it

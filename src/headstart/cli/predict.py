@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 import typer
 
 from headstart.cli import render, render_predictions
-from headstart.cli.progress import ProgressBars
 from headstart.cli.base import app
+from headstart.cli.progress import ProgressBars
 
 
 @app.command()
@@ -27,9 +27,8 @@ def predict(
 ) -> None:
     """Label images with a saved model. Unreadable files become rows with an error."""
     images = _images_or_manifest(images or [], manifest)  # a bad manifest row is one line before the model loads
-    from headstart.api import ImageClassifier
-
     from headstart import options
+    from headstart.api import ImageClassifier
     from headstart.cli.train import flag_name
 
     options.check({"threshold": threshold}, spell=flag_name)  # (0, 1), checked as train checks it

@@ -32,8 +32,7 @@ from headstart.text import shown  # noqa: F401  re-exported: the CLI modules cal
 if TYPE_CHECKING:  # these pull in numpy or torch; the CLI only reads their attributes
     from headstart.api import ImageClassifier
     from headstart.backbones.registry import BackboneSpec
-    from headstart.evaluate.metrics import Evaluation
-    from headstart.records import Decision, HeadCandidate
+    from headstart.records import Decision, Evaluation, HeadCandidate
 
 MAX_SKIPPED_LISTED = 50
 MAX_CONFUSION_CLASSES = 20  # beyond this a terminal table is unreadable; the PNG still has it all

@@ -14,9 +14,18 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from headstart.cli.render import (_backbone_line, _head_line, _kept_head_candidates, _key_value_table, _listed,
-                                  out_console, shown)
-from headstart.evaluate.multilabel import MultiLabelEvaluation
+from headstart.cli.render import (
+    _backbone_line,
+    _head_line,
+    _kept_head_candidates,
+    _key_value_table,
+    _listed,
+    out_console,
+    shown,
+)
+from headstart.api import ImageClassifier
+from headstart.data.multilabel import MultiLabelSummary
+from headstart.records import MultiLabelEvaluation
 from headstart.serve.multilabel import LabelledRow
 
 
@@ -25,7 +34,7 @@ def figures_line(ev: MultiLabelEvaluation) -> str:
             f"{ev.subset_accuracy:.1%}, Hamming loss {ev.hamming_loss:.4f} (n={ev.n})")
 
 
-def train_summary(clf: Any, data: Path, backbone: str, saved: Path) -> Table:
+def train_summary(clf: ImageClassifier, data: Path, backbone: str, saved: Path) -> Table:
     classes, report = clf.classes_, clf.report_
     ml, history, timings, decision = report.multilabel, clf.history_, clf.timings_, clf.decision_
     listed = ", ".join(classes[:10]) + (f" ... (+{len(classes) - 10})" if len(classes) > 10 else "")
@@ -54,7 +63,7 @@ def train_summary(clf: Any, data: Path, backbone: str, saved: Path) -> Table:
     return _key_value_table("headstart train (multi-label)", rows)
 
 
-def thresholds_line(clf: Any) -> str:
+def thresholds_line(clf: ImageClassifier) -> str:
     ml = clf.report_.multilabel
     if ml.threshold_override is not None:
         return f"{ml.threshold_override:g} for every label (--threshold)"
@@ -134,7 +143,7 @@ def predictions_table(rows: Sequence[LabelledRow]) -> Table:
     return table
 
 
-def print_check(summary: Any) -> None:
+def print_check(summary: MultiLabelSummary) -> None:
     """`headstart check` on a multi-label manifest (`data.multilabel.MultiLabelSummary`)."""
     from headstart.cli.render import note, print_skipped
 

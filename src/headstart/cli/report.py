@@ -23,7 +23,7 @@ def report(
 ) -> None:
     """Write MODEL/report.html: summary, scores, per-class table, confusion matrix, curves, gallery, calibration."""
     from headstart.api import ImageClassifier
-    from headstart.evaluate.report import write_report
+    from headstart.tasks.report import write_report
 
     clf = ImageClassifier.load(model)
     if getattr(clf, "multi_label_", False):  # a test's stand-in classifier has none
@@ -37,8 +37,8 @@ def report(
 def _multi_label_report(clf, model: Path, data: Path | None, out: Path | None) -> None:
     """A multi-label model's page, scored on a manifest (held-out rows)."""
     from headstart.errors import DataError
-    from headstart.evaluate.report_multilabel import write_report
     from headstart.serve.multilabel import scored_manifest
+    from headstart.tasks.report_multilabel import write_report
 
     if data is None or data.is_dir():
         raise DataError(f"a multi-label model is reported on a manifest of path,labels rows: headstart report "

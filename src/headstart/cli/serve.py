@@ -28,7 +28,8 @@ def serve(
     when the model has none, or an older one)."""
     check_port(host, port)  # a clear line now, rather than uvicorn's log after the model has loaded
     ensure_export(model)
-    from headstart.serve.app import Limits, serve as run
+    from headstart.serve.app import Limits
+    from headstart.serve.app import serve as run
 
     run(model, host, port, Limits(max_upload_bytes=max_upload_mb * 1024 * 1024, max_images=max_images,
                                   max_batch=max_batch),

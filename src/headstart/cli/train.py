@@ -14,9 +14,9 @@ from rich.markup import escape
 
 from headstart import options
 from headstart.cli import render
+from headstart.cli.base import app, main_rank
 from headstart.cli.progress import ProgressBars
 from headstart.progress import NoProgress
-from headstart.cli.base import app, main_rank
 
 D = options.DEFAULTS
 DEFAULT_BACKBONE = D["backbone"]  # equal to headstart.backbones.registry's (a test checks), without its numpy
@@ -185,7 +185,6 @@ def train(
     check_root(data)
     _check_output(out, resume)
     from headstart.api import ImageClassifier
-
     from headstart.runtime import distributed
 
     clf = ImageClassifier(**settings)
@@ -203,8 +202,8 @@ def train(
         png = render.write_confusion(clf.val_metrics_, out / "confusion_val.png", title="Validation confusion matrix")
     render.out_console().print(render.train_summary(clf, data, backbone, saved, png))
     render.print_skipped(clf.skipped_)
-    if report:  # from what the run holds in memory: a fraction of a second (evaluate.report_train)
-        from headstart.evaluate.report_train import write_train_report
+    if report:  # from what the run holds in memory: a fraction of a second (tasks.report_train)
+        from headstart.tasks.report_train import write_train_report
 
         render.note(f"report written to {write_train_report(clf, saved, data)}")
     if export:
@@ -226,7 +225,7 @@ def _multi_label_done(clf, data: Path, backbone: str, saved: Path, report: bool,
     render.out_console().print(render_multilabel.train_summary(clf, data, backbone, saved))
     render.print_skipped(clf.skipped_)
     if report and getattr(clf, "validation_", None) is not None:
-        from headstart.evaluate.report_multilabel import write_report
+        from headstart.tasks.report_multilabel import write_report
 
         page = write_report(clf, saved, clf.validation_, f"the validation split carved from {data} (n="
                             f"{len(clf.validation_.paths)}; it chose the head, its epoch and the thresholds)")

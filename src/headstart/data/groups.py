@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data.scan import Dataset
+from headstart.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 

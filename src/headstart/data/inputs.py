@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.data.imageio import is_image_path
-from headstart.data.scan import walk_files
+from headstart.data.walk import walk_files
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.data import surprises
+from headstart.data.dataset import Dataset, assemble
 from headstart.data.imageio import describe_os_error, unreadable_reason
-from headstart.data.scan import Dataset, assemble
 from headstart.errors import DataError
 from headstart.paths import file_sha256
 from headstart.records import DataSource

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.data.dataset import SPLITS
 from headstart.data.manifest import SPLIT_NAMES, ManifestRow, _csv_rows, _json_rows, check_path
-from headstart.data.scan import SPLITS
 from headstart.errors import DataError
 from headstart.paths import file_sha256
 from headstart.records import DataSource

@@ -14,12 +14,9 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from headstart.data.dataset import Dataset
 from headstart.data.imageio import is_image_path
-
-if TYPE_CHECKING:
-    from headstart.data.scan import Dataset
 
 logger = logging.getLogger("headstart.data.scan")  # the warnings are the scan's, wherever they are worked out
 

@@ -8,12 +8,14 @@ sharpens timid ones (a head trained with label smoothing is often timid); the pr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
 from headstart.evaluate.metrics import expected_calibration_error, log_loss
+from headstart.numeric import softmax
+from headstart.records import Calibration, ReliabilityBins
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,7 @@ _SEARCH_STEPS = 80  # golden-section steps: the bracket shrinks by 0.618^80, far
 
 def scaled_proba(logits: npt.ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature), row by row, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(np.asarray(logits, dtype=np.float64), float(temperature))
 
 
 def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:
@@ -80,32 +79,6 @@ def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
             b = lo + g * (hi - lo)
             fb = _nll(z, y, np.exp(b))
     return float(1.0 / np.exp((lo + hi) / 2.0))
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What temperature scaling did on one measured set. `fitted_on` says where T came from: "validation" (a
-    separate set: an honest after-figure), or "cross-fitted" (k folds of the measured set itself, each fold
-    scored with a T fitted on the others, so no image is scored by a T it helped fit)."""
-
-    temperature: float
-    ece_before: float
-    ece_after: float
-    nll_before: float
-    nll_after: float
-    n: int
-    fitted_on: str
-    n_bins: int = 15
-    refused: float = 0.0  # a fitted temperature not kept (it raised the ECE where it was fitted); 0: none
-
-    def to_dict(self) -> dict:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(float(d["temperature"]), float(d["ece_before"]), float(d["ece_after"]), float(d["nll_before"]),
-                   float(d["nll_after"]), int(d["n"]), str(d["fitted_on"]), int(d.get("n_bins", 15)),
-                   float(d.get("refused", 0.0)))
 
 
 def calibrate(logits: npt.ArrayLike, labels: npt.ArrayLike, fit_logits: npt.ArrayLike | None = None,
@@ -161,17 +134,6 @@ def measured(logits: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, f
     return Calibration(float(temperature), expected_calibration_error(y, before, n_bins),
                        expected_calibration_error(y, after, n_bins), log_loss(y, before), log_loss(y, after), len(y),
                        fitted_on, n_bins)
-
-
-@dataclass(frozen=True, eq=False)
-class ReliabilityBins:
-    """Per equal-width confidence bin (right-closed, as `expected_calibration_error` bins): how many predictions,
-    their mean confidence and their accuracy (0 where a bin is empty)."""
-
-    edges: np.ndarray
-    count: np.ndarray
-    confidence: np.ndarray
-    accuracy: np.ndarray
 
 
 def reliability_bins(labels: npt.ArrayLike, proba: npt.ArrayLike, n_bins: int = 15) -> ReliabilityBins:

@@ -12,13 +12,19 @@ torch is imported inside the functions: a report without heat maps, and predicti
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from headstart.vision.preprocess import load_views
+from headstart.heads.config import HeadConfig
+from headstart.vision.preprocess import PreprocessConfig, load_views
+
+if TYPE_CHECKING:  # onnxruntime and timm stay unloaded until a heat map is made
+    from headstart.runtime.frozen import FrozenBackbone
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +42,16 @@ class HeatMap:
     logit: float
 
 
-def _model(clf: Any) -> tuple[Any, Any, list[Any]]:
+def _model(frozen: FrozenBackbone, head_cfg: HeadConfig, head_state: Mapping[str, np.ndarray]
+           ) -> tuple[Any, Any, list[Any]]:
     """(features network, head, layers whose outputs are tapped) as torch modules in eval mode, on the CPU."""
     import torch
 
     from headstart.heads.module import Head
 
-    feats = clf.frozen_.build_torch()
-    head = Head(clf.head_config_)
-    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in clf.head_state_.items()})
+    feats = frozen.build_torch()
+    head = Head(head_cfg)
+    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in head_state.items()})
     head.eval()
     if feats.multi_scale:
         b = feats.backbone
@@ -54,13 +61,15 @@ def _model(clf: Any) -> tuple[Any, Any, list[Any]]:
     return feats, head, layers
 
 
-def heat_maps(clf: Any, paths: list[Path], targets: list[int] | None = None) -> list[HeatMap]:
-    """Grad-CAM of each path for its target class (by default, the predicted class). A fitted ImageClassifier
-    (or anything with its `frozen_`, `head_config_`, `head_state_` attributes); a few images, one at a time."""
+def heat_maps(frozen: FrozenBackbone, head_cfg: HeadConfig, head_state: Mapping[str, np.ndarray], paths: list[Path],
+              targets: list[int] | None = None) -> list[HeatMap]:
+    """Grad-CAM of each path for its target class (by default, the predicted class), for the model made of the
+    backbone and the head (a fitted classifier's `frozen_`, `head_config_`, `head_state_`); a few images, one at
+    a time."""
     import torch
 
-    feats, head, layers = _model(clf)
-    cfg = clf.frozen_.spec.preprocess
+    feats, head, layers = _model(frozen, head_cfg, head_state)
+    cfg = frozen.spec.preprocess
     for p in list(feats.parameters()) + list(head.parameters()):
         p.requires_grad_(False)  # gradients are needed for the activations only
     out: list[HeatMap] = []
@@ -129,10 +138,8 @@ def jet(x: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(level, *_JET[c]) for c in ("red", "green", "blue")], -1)
 
 
-def overlay(path: Path, heat: np.ndarray, cfg: Any, alpha: float = 0.45) -> Any:
+def overlay(path: Path, heat: np.ndarray, cfg: PreprocessConfig, alpha: float = 0.45) -> Image.Image:
     """The model's centre crop of `path` with the heat map blended over it ('jet'), as a PIL image."""
-    from PIL import Image
-
     from headstart.data.imageio import load_rgb
     from headstart.vision.preprocess import resize_and_crop
 

@@ -8,10 +8,11 @@ defined as 0 rather than NaN, so results serialise to JSON and never emit Runtim
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from headstart.records import Evaluation
 
 __all__ = [
     "Evaluation",
@@ -195,80 +196,6 @@ def expected_calibration_error(y_true: npt.ArrayLike, proba: npt.ArrayLike, n_bi
 
 
 # --------------------------------------------------------------------------- evaluation bundle
-
-
-# eq=False: the generated __eq__/__hash__ would compare/hash numpy arrays, which raises.
-@dataclass(frozen=True, eq=False)
-class Evaluation:
-    """All metrics for one labelled set. Arrays are indexed by class and are read-only."""
-
-    classes: tuple[str, ...]
-    accuracy: float
-    balanced_accuracy: float
-    log_loss: float
-    ece: float
-    confusion: np.ndarray
-    precision: np.ndarray
-    recall: np.ndarray
-    f1: np.ndarray
-    support: np.ndarray
-    n: int
-
-    def __post_init__(self) -> None:
-        # Frozen only stops attribute rebinding; copy and lock the arrays so the record is
-        # genuinely immutable and does not alias (or lock) arrays the caller still owns.
-        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-        dtypes = {
-            "confusion": np.int64,
-            "precision": np.float64,
-            "recall": np.float64,
-            "f1": np.float64,
-            "support": np.int64,
-        }
-        for name, dtype in dtypes.items():
-            arr = np.array(getattr(self, name), dtype=dtype, copy=True)
-            arr.setflags(write=False)
-            object.__setattr__(self, name, arr)
-        k = len(self.classes)
-        if self.confusion.shape != (k, k):
-            raise ValueError(f"confusion must be [{k}, {k}] for {k} classes, got {self.confusion.shape}")
-        for name in ("precision", "recall", "f1", "support"):
-            if getattr(self, name).shape != (k,):
-                raise ValueError(f"{name} must have one entry per class ({k}), got shape {getattr(self, name).shape}")
-
-    def to_dict(self) -> dict:
-        """Plain-Python (JSON-serialisable) view: built-in floats/ints, lists, per-class dict."""
-        per_class = {
-            c: {
-                "precision": float(self.precision[i]),
-                "recall": float(self.recall[i]),
-                "f1": float(self.f1[i]),
-                "support": int(self.support[i]),
-            }
-            for i, c in enumerate(self.classes)
-        }
-        return {
-            "classes": list(self.classes),
-            "n": int(self.n),
-            "accuracy": float(self.accuracy),
-            "balanced_accuracy": float(self.balanced_accuracy),
-            "log_loss": float(self.log_loss),
-            "ece": float(self.ece),
-            "per_class": per_class,
-            "confusion": self.confusion.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Evaluation":
-        """The inverse of `to_dict` (how a saved model's metrics load back)."""
-        classes = tuple(d["classes"])
-        per = [d["per_class"][c] for c in classes]
-        return cls(
-            classes=classes, accuracy=float(d["accuracy"]), balanced_accuracy=float(d["balanced_accuracy"]),
-            log_loss=float(d["log_loss"]), ece=float(d["ece"]), confusion=np.asarray(d["confusion"], np.int64),
-            precision=[p["precision"] for p in per], recall=[p["recall"] for p in per], f1=[p["f1"] for p in per],
-            support=[p["support"] for p in per], n=int(d["n"]),
-        )
 
 
 def evaluate(y_true: npt.ArrayLike, proba: npt.ArrayLike, classes: Sequence[str]) -> Evaluation:

@@ -20,76 +20,11 @@ scikit-learn, whose import alone cost ~1.5 s of a ~3 s warm multi-label train).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 
-MIN_POSITIVES = 5  # validation positives below which a label's threshold is not tuned (0.5)
+from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, LabelScores, MultiLabelEvaluation
+
 SHRINK_POSITIVES = 100  # the support at which a chosen threshold moves half-way from 0.5 (see above)
-DEFAULT_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class LabelScores:
-    name: str
-    precision: float
-    recall: float
-    f1: float
-    ap: float | None  # None: no positive among the images scored
-    support: int  # positives among the images scored
-    threshold: float
-
-
-@dataclass(frozen=True)
-class MultiLabelEvaluation:
-    """A multi-label model's figures on a set of images: what `headstart.json`, the summary and `evaluate` show."""
-
-    n: int
-    map: float
-    micro_f1: float
-    macro_f1: float
-    subset_accuracy: float
-    hamming_loss: float
-    per_label: tuple[LabelScores, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "per_label"},
-                "per_label": [asdict(s) for s in self.per_label]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultiLabelEvaluation":
-        per = tuple(LabelScores(str(s["name"]), float(s["precision"]), float(s["recall"]), float(s["f1"]),
-                                None if s.get("ap") is None else float(s["ap"]), int(s["support"]),
-                                float(s["threshold"])) for s in d.get("per_label") or [])
-        return cls(int(d["n"]), float(d["map"]), float(d["micro_f1"]), float(d["macro_f1"]),
-                   float(d["subset_accuracy"]), float(d["hamming_loss"]), per)
-
-
-@dataclass(frozen=True)
-class MultiLabelReport:
-    """A multi-label run's figures: validation (which chose the thresholds, so it flatters) and test, and the
-    labels whose thresholds stayed at 0.5 for want of validation positives."""
-
-    val: MultiLabelEvaluation | None = None
-    test: MultiLabelEvaluation | None = None
-    untuned: tuple[str, ...] = ()  # labels left at DEFAULT_THRESHOLD
-    min_positives: int = MIN_POSITIVES
-    threshold_override: float | None = None  # a threshold the user fixed for every label
-    images: dict[str, int] = field(default_factory=dict)  # readable images per split
-
-    def to_dict(self) -> dict:
-        return {"val": self.val.to_dict() if self.val else None, "test": self.test.to_dict() if self.test else None,
-                "untuned": list(self.untuned), "min_positives": self.min_positives,
-                "threshold_override": self.threshold_override, "images": dict(self.images)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultiLabelReport":
-        over = d.get("threshold_override")
-        return cls(MultiLabelEvaluation.from_dict(d["val"]) if d.get("val") else None,
-                   MultiLabelEvaluation.from_dict(d["test"]) if d.get("test") else None,
-                   tuple(str(n) for n in d.get("untuned") or ()), int(d.get("min_positives", MIN_POSITIVES)),
-                   None if over is None else float(over),
-                   {str(k): int(v) for k, v in (d.get("images") or {}).items()})
 
 
 def decide(proba: np.ndarray, thresholds: np.ndarray | tuple[float, ...]) -> np.ndarray:

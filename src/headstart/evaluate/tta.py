@@ -8,15 +8,14 @@ a second `evaluate --tta` costs no extraction. torch-free, like predicting.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from headstart.cache.features import CachedFeatures, FeatureCache
-from headstart.evaluate.metrics import Evaluation
 from headstart.paths import store_path
 from headstart.progress import Progress
+from headstart.records import TTAEvaluation
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.vision.preprocess import load_views
 
@@ -25,23 +24,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FlippedFeatureCache", "TTAEvaluation", "averaged", "flipped_features"]
 
 FLIP_VIEW = "hflip"  # added to the cache key of mirrored images' features
-
-
-@dataclass(frozen=True, eq=False)
-class TTAEvaluation:
-    """The same images scored as they are (`plain`) and with their mirror image averaged in (`tta`)."""
-
-    plain: Evaluation
-    tta: Evaluation
-
-    @property
-    def accuracy_gain(self) -> float:
-        return self.tta.accuracy - self.plain.accuracy
-
-    @property
-    def log_loss_gain(self) -> float:
-        """How much lower the log loss is with TTA (positive: better)."""
-        return self.plain.log_loss - self.tta.log_loss
 
 
 def averaged(proba: np.ndarray, flipped: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from headstart.numeric import sigmoid, softmax
 
 CHUNK_ROWS = 8192  # feature rows handled at once wherever the features may be memory-mapped
 
@@ -50,18 +51,6 @@ def dense_logits(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> 
         if n < len(layers) - 1:
             x = np.maximum(x, 0)
     return x
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature if temperature != 1.0 else logits
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow warnings for large negative logits."""
-    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float32)))).astype(np.float32)
 
 
 def head_proba(cfg: HeadConfig, state: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import numpy as np
 
 from headstart.heads.config import CHUNK_ROWS, HeadConfig, dense_logits
 
-
 # A feature (nearly) constant over the training photos got a std of ~1e-6: on elpv's grayscale solar cells 30 of
 # lite0's 1,904 pooled features are zero on every training photo. A validation or new photo on which one of them
 # is not zero was then standardised to values in the thousands, and its logits with them: the head's validation

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from headstart.backbones.registry import BackboneSpec
@@ -26,12 +26,36 @@ ENGINES = ("fp32", "int8")  # what the `engine` setting's `auto` chooses between
 # `--engine int8` asks for it anywhere, `--engine fp32` keeps float32.
 
 
-def resolve_engine(setting: str) -> str:
-    """The engine an `engine` setting means on this machine: `auto` is int8 where the CPU runs it clearly faster
-    (`int8_is_fast`), else float32."""
-    if setting == "auto":
-        return "int8" if int8_is_fast() else "fp32"
-    return setting
+@dataclass(frozen=True)
+class EngineChoice:
+    """What a command's engine is, decided once (`resolve_engine`): the device it runs on and the CPU engine the
+    `engine` setting means here. `kind`, the part of the feature cache's key that names what computes the
+    features, is read from the cache folder each time it is asked, as the first int8 run's calibration or a
+    failed export changes it within a command. The engine itself is opened only when features are missing."""
+
+    device: str  # "cpu", "cuda", "cuda:1": picked, never "auto"
+    name: str  # "fp32" or "int8": what runs on the CPU
+    export: Path  # the float ONNX export the CPU engines are made from
+
+    @property
+    def kind(self) -> str:
+        """`runtime.engines.ONNX_CPU`, an int8 kind or a torch kind, known without opening the engine: a cached
+        export means ONNX Runtime, a remembered failed one float32 torch; before the first export ONNX Runtime
+        (the engine says so itself if the export then fails)."""
+        if self.device != "cpu":
+            return torch_kind(self.device)
+        if not self.export.exists() and known_failure(self.export) is not None:
+            return torch_kind("cpu")
+        if self.name == "int8":
+            return quantize.expected_kind(self.export)
+        return ONNX_CPU
+
+
+def resolve_engine(frozen: FrozenBackbone, device: str, setting: str) -> EngineChoice:
+    """The engine `frozen` runs on `device` for an `engine` setting: `auto` is int8 where the CPU runs it clearly
+    faster (`int8_is_fast`), else float32. Called once per command: `with_engine` keeps it on the backbone."""
+    name = ("int8" if int8_is_fast() else "fp32") if setting == "auto" else setting
+    return EngineChoice(pick_device(device), name, onnx_path_for(frozen.spec, frozen.weights_id))
 
 
 @dataclass(frozen=True)
@@ -43,17 +67,27 @@ class FrozenBackbone:
     weights_id: str
     weights_prefix: str = ""  # key prefix inside the weights file (a saved model stores "backbone.")
     engine_name: str = "fp32"  # on the CPU: "fp32" (float ONNX Runtime) or "int8" (`runtime.quantize`)
+    choice: EngineChoice | None = field(default=None, compare=False, repr=False)  # `with_engine`'s, for one command
 
     @classmethod
     def pretrained(cls, spec: BackboneSpec, weights: Path | None = None) -> "FrozenBackbone":
         weights = Path(weights) if weights else pretrained_weights_path(spec)
         return cls(spec, weights, weights_fingerprint(weights))
 
-    def with_engine(self, setting: str, photos: tuple[Path, ...] = ()) -> "FrozenBackbone":
-        """This backbone run by the engine `setting` names (`resolve_engine`). `photos` is no longer used: int8
-        calibrates on a fixed reference set (`quantize.reference_batches`), whatever photos a run has; callers
-        that still pass their training photos are not wrong."""
-        return replace(self, engine_name=resolve_engine(setting))
+    def with_engine(self, setting: str, photos: tuple[Path, ...] = (), device: str = "auto") -> "FrozenBackbone":
+        """This backbone run on `device` by the engine `setting` names: the command's one `resolve_engine`, kept
+        for every later `engine` and `engine_kind`. `photos` is no longer used: int8 calibrates on a fixed
+        reference set (`quantize.reference_batches`) whatever photos a run has; callers that pass their training
+        photos are not wrong."""
+        choice = resolve_engine(replace(self, choice=None), device, setting)
+        return replace(self, engine_name=choice.name, choice=choice)
+
+    def _choice(self, device: str) -> EngineChoice:
+        """The command's engine choice for `device` ("auto": the one `with_engine` made); resolved afresh only
+        for another device, or for a backbone that was never given one."""
+        if self.choice is not None and device in ("auto", self.choice.device):
+            return self.choice
+        return resolve_engine(self, device, self.engine_name)
 
     def build_torch(self):
         """The feature network as torch: the backbone with its multi-scale pooling."""
@@ -64,7 +98,7 @@ class FrozenBackbone:
     def engine(self, device: str = "auto") -> Engine:
         """ONNX Runtime on the CPU (the export made once and cached; float32 torch when the export fails), torch
         elsewhere. Its `kind` is what `engine_kind` foretells."""
-        device = pick_device(device)
+        device = self._choice(device).device
         if device != "cpu":
             return TorchEngine(self.build_torch(), device)
         path = onnx_path_for(self.spec, self.weights_id)
@@ -122,18 +156,8 @@ class FrozenBackbone:
         return sorted(found, key=lambda p: -p.stat().st_mtime)[:2]
 
     def engine_kind(self, device: str = "auto") -> str:
-        """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it: a
-        cached export means ONNX Runtime, a remembered failed one float32 torch. Before the first export it is
-        ONNX Runtime; `engine`'s result says so if the export then fails."""
-        device = pick_device(device)
-        if device != "cpu":
-            return torch_kind(device)
-        path = onnx_path_for(self.spec, self.weights_id)
-        if not path.exists() and known_failure(path) is not None:
-            return torch_kind("cpu")
-        if self.engine_name == "int8":
-            return quantize.expected_kind(path)
-        return ONNX_CPU
+        """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it."""
+        return self._choice(device).kind
 
     def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:
         """What this backbone's features depend on: the architecture, the weights' content, the preprocessing

@@ -40,8 +40,8 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec
 from headstart.errors import ArtifactError
-from headstart.paths import disk_space, ordinary_mode
 from headstart.heads.config import HeadConfig
+from headstart.paths import disk_space, ordinary_mode
 from headstart.records import DistributedRun, FitReport
 from headstart.vision.preprocess import PreprocessConfig
 

@@ -34,7 +34,7 @@ def int8_engine(record: artifact.ModelRecord, model_dir: Path) -> Engine | None:
     """The cached int8 engine a model trained with the int8 engine computes its features with; None where this
     cache cannot give it (no calibration and no photos to make one): the caller exports float32 and says so."""
     frozen = FrozenBackbone(record.backbone, Path(model_dir) / artifact.WEIGHTS_FILE, record.backbone_weights_id,
-                            weights_prefix="backbone.").with_engine("int8")
+                            weights_prefix="backbone.").with_engine("int8", device="cpu")
     engine = frozen.engine("cpu")
     if not str(getattr(engine, "kind", "")).startswith(INT8_PREFIX):
         return None
@@ -59,7 +59,8 @@ def compose(graphs: tuple[Path, ...], views: tuple[View, ...], pre: PreprocessCo
     normalise, backbone, pooled features concatenated, standardise, linear layers with ReLU between, softmax of
     the logits over the temperature."""
     import onnx
-    from onnx import TensorProto, compose as onnx_compose, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx import compose as onnx_compose
 
     nodes, inits, inputs, feats = [], [], [], []
     consts = {"inv255": np.array(1.0 / 255.0, np.float32), "mean": np.asarray(pre.mean, np.float32),

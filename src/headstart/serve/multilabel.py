@@ -11,8 +11,8 @@ import numpy as np
 
 from headstart.data.multilabel import read_multilabel
 from headstart.errors import DataError
-from headstart.evaluate.multilabel import MultiLabelEvaluation, decide, evaluate_multilabel
-from headstart.evaluate.report_multilabel import MultiLabelScored
+from headstart.evaluate.multilabel import decide, evaluate_multilabel
+from headstart.records import MultiLabelEvaluation, MultiLabelScored
 from headstart.serve.predictor import AlignedOutputs, Prediction
 
 

@@ -21,15 +21,16 @@ from PIL import Image
 from headstart.cache.pipeline import decoded_batches, default_workers
 from headstart.data.imageio import decoded_rgb, is_decoded, load_rgb
 from headstart.errors import ArtifactError, DataError
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.evaluate.metrics import evaluate
 from headstart.paths import file_sha256
 from headstart.progress import NoProgress, Progress
+from headstart.records import Evaluation
 from headstart.runtime.device import cpu_threads
 from headstart.serve.predictor import AlignedOutputs
 from headstart.vision.preprocess import PreprocessConfig, resize_and_crop
 
 if TYPE_CHECKING:
-    from headstart.evaluate.tta import TTAEvaluation
+    from headstart.records import TTAEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ class OnnxPredictor(AlignedOutputs):
                      ) -> tuple["TTAEvaluation", list[tuple[Path, str]]]:
         """`evaluate`, and again with each image's mirror image averaged in: the graph's uint8 NHWC inputs are
         mirrored along their width, in the same decoded batch."""
-        from headstart.evaluate.tta import TTAEvaluation, averaged
+        from headstart.evaluate.tta import averaged
+        from headstart.records import TTAEvaluation
 
         y, proba, flipped, skipped = self._scored(folder, seed, progress, mirrored=True)
         return TTAEvaluation(evaluate(y, proba, self.classes),

@@ -17,17 +17,19 @@ from PIL import Image
 
 from headstart.cache.dataset import dataset_features
 from headstart.cache.pipeline import extract
+from headstart.data.dataset import Dataset
 from headstart.data.imageio import is_decoded
 from headstart.data.inputs import InputImage, expand_inputs
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.scan import scan_folder
 from headstart.errors import DataError
-from headstart.evaluate.metrics import Evaluation, evaluate
+from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import NoProgress, Progress
+from headstart.records import Evaluation
 from headstart.runtime.frozen import FrozenBackbone
 
 if TYPE_CHECKING:
-    from headstart.evaluate.tta import TTAEvaluation
+    from headstart.records import TTAEvaluation
 
 HEAD_BATCH_ROWS = 512  # images gathered before the head runs while predicting
 _USE_TABLE = "use predict_table for one row per input, unreadable ones included"
@@ -178,7 +180,8 @@ class Predictor(AlignedOutputs):
     def evaluate_tta(self, folder: str | Path, seed: int = 0, progress: Progress | None = None
                      ) -> tuple[TTAEvaluation, list[tuple[Path, str]]]:
         """`evaluate`, and again with each image's mirror image averaged in (`evaluate.tta`)."""
-        from headstart.evaluate.tta import TTAEvaluation, averaged, flipped_features
+        from headstart.evaluate.tta import averaged, flipped_features
+        from headstart.records import TTAEvaluation
 
         progress = progress or NoProgress()
         dataset, to_model = self._labelled(folder, seed)

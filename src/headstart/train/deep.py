@@ -24,9 +24,9 @@ from headstart.cache.dataset import DatasetFeatures, path_features
 from headstart.data.imageio import load_rgb
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
+from headstart.records import FinetuneConfig, TrainConfig
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
-from headstart.train.config import FinetuneConfig, TrainConfig
 from headstart.vision.preprocess import eval_transform
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def whole_view_start(frozen: FrozenBackbone, feats: DatasetFeatures, train_cfg: 
     # float32: with int8 a new input size is calibrated in this run, and ONNX Runtime's calibrator kept so much
     # that elpv's run peaked at 3.2 GiB (1.8 GiB where the calibration was already cached). The tuned backbone
     # that follows runs in float32 anyway.
-    whole = replace(frozen, spec=replace(frozen.spec, preprocess=pre), engine_name="fp32")
+    whole = replace(frozen, spec=replace(frozen.spec, preprocess=pre)).with_engine("fp32", device=device)  # its own
     got = path_features(feats.paths, feats.labels, feats.splits, whole, device, progress, "features of the whole photo")
     batch = np.stack([eval_transform(load_rgb(p), pre) for p in got.paths[:16]])  # cached or not: a timed batch
     engine = whole.engine(device)

@@ -29,10 +29,9 @@ from headstart.cache.boundary import read_view, release, stores_pixels
 from headstart.errors import CheckpointError, FinetuneError
 from headstart.heads.module import Head
 from headstart.progress import NoProgress, Progress
-from headstart.records import History
+from headstart.records import FinetuneConfig, History
 from headstart.runtime import distributed
 from headstart.train import checkpoint
-from headstart.train.config import FinetuneConfig
 from headstart.train.head_step import class_weights
 from headstart.train.loop import BestTracker, warmup_cosine
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +24,9 @@ from headstart.errors import ConfigError
 from headstart.heads.config import CHUNK_ROWS, HeadConfig
 from headstart.heads.params import HeadParams
 from headstart.progress import NoProgress, Progress
-from headstart.records import HeadCandidate, History
+from headstart.records import HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.device import cpu_threads, one_blas_thread
-from headstart.train.config import TrainConfig
 from headstart.train.head_step import AdamW, bce_loss, class_weights, positive_weights, train_step
 from headstart.train.loop import BestTracker, Plateau, warmup_cosine
 
@@ -230,6 +230,7 @@ class _Shadow:
         self.best_so_far = 0  # the candidate's best epoch so far (epochs before it can no longer be chosen)
         self.epochs: int | None = None  # the candidate's best epoch + 1 once it has finished; 0: it diverged
         self.states: dict[int, dict[str, np.ndarray]] = {}
+        self.finished = threading.Event()  # set when the candidate is done, `epochs` known (or not: it failed)
 
     def watch(self, epoch: int, head: HeadParams, history: History) -> bool:  # the candidate's after_epoch
         self.best_so_far = max(self.best_so_far, history.best_epoch)
@@ -251,6 +252,9 @@ class _Shadow:
                       after_epoch=self.after_epoch)
         except _Diverged:
             return None
+        # On a loaded machine the refit can run all its epochs before its candidate has chosen one: it waits for
+        # the count (the candidates were queued first, so each is running or done and this ends).
+        self.finished.wait()
         if not self.epochs or self.epochs - 1 not in self.states:
             return None
         head.load_state_dict(self.states[self.epochs - 1])
@@ -258,14 +262,18 @@ class _Shadow:
 
 
 def _candidate(shadow: _Shadow | None, *args) -> tuple[HeadParams, History, tuple[float, ...]] | _Diverged:
-    """One candidate's fit, telling its shadow how it went."""
+    """One candidate's fit, telling its shadow how it went (whatever happens: the shadow waits to hear)."""
     try:
-        out = _fit_head(*args, after_epoch=shadow.watch if shadow else None)
-    except _Diverged as diverged:
-        out = diverged
-    if shadow is not None:
-        shadow.epochs = 0 if isinstance(out, _Diverged) else out[1].best_epoch + 1
-    return out
+        try:
+            out = _fit_head(*args, after_epoch=shadow.watch if shadow else None)
+        except _Diverged as diverged:
+            out = diverged
+        if shadow is not None:
+            shadow.epochs = 0 if isinstance(out, _Diverged) else out[1].best_epoch + 1
+        return out
+    finally:
+        if shadow is not None:
+            shadow.finished.set()
 
 
 def _fit_candidates(candidates, x_train, y_train, x_val, y_val, progress: Progress, x_full=None,

@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,13 +28,13 @@ from headstart.backbones.registry import resolve
 from headstart.cache.dataset import path_features
 from headstart.data.multilabel import MultiLabelData, read_multilabel
 from headstart.errors import ConfigError
-from headstart.evaluate.multilabel import (DEFAULT_THRESHOLD, MIN_POSITIVES, MultiLabelReport, choose_thresholds,
-                                           evaluate_multilabel)
+from headstart.evaluate.multilabel import choose_thresholds, evaluate_multilabel
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.progress import Progress
-from headstart.records import Decision, DistributedRun, FitReport
+from headstart.records import DEFAULT_THRESHOLD, MIN_POSITIVES, Decision, DistributedRun, FitReport, MultiLabelReport
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
+from headstart.settings import Settings
 from headstart.train import policy
 from headstart.train.pipeline import Fitted, sized_for_paths, train_config
 
@@ -51,23 +50,23 @@ LABEL_SMOOTHING = 0.0
 POSITIVE_WEIGHTS = True
 
 
-def check_settings(s: Any) -> None:
+def check_settings(s: Settings) -> None:
     """What a multi-label run cannot do yet, refused before any work."""
     if s.strategy == "finetune":
         raise ConfigError("--strategy finetune is not available for multi-label models yet; train the head "
                           "(--strategy head, the default)")
 
 
-def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
-    """Train a multi-label model on a manifest with settings `s` (`options.Settings`, already checked)."""
+def fit_multilabel(s: Settings, data: str | Path, progress: Progress) -> Fitted:
+    """Train a multi-label model on a manifest with settings `s` (`settings.Settings`, already checked)."""
     check_settings(s)
     distributed.start(s.device)
     t0 = time.perf_counter()
     ml = read_multilabel(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
     train_paths = [p for p, split in zip(ml.paths, ml.splits) if split == "train"]
     spec = sized_for_paths(resolve(s.backbone), train_paths, s.native_view)
-    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(s.engine,
-                                                                                                tuple(train_paths))
+    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
+        s.engine, tuple(train_paths), s.device)
     t1 = time.perf_counter()
     feats = path_features(list(ml.paths), np.arange(len(ml.paths)), ml.splits, frozen, s.device, progress,
                           "extracting features")
@@ -115,7 +114,7 @@ def fit_multilabel(s: Any, data: str | Path, progress: Progress) -> Fitted:
                                                    {k: len(y) for k, (_, y) in part.items() if len(y)}))
     validation = None
     if len(y_va):  # per-image results of the validation head, for the report `train` writes
-        from headstart.evaluate.report_multilabel import MultiLabelScored
+        from headstart.records import MultiLabelScored
 
         val_paths = [p for p, split in zip(feats.paths, feats.splits) if split == "val"]
         validation = MultiLabelScored(val_paths, y_va, head_proba(head_cfg, fitted.state, x_va))

@@ -19,18 +19,29 @@ import numpy as np
 from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
 from headstart.data import groups
-from headstart.data.scan import Dataset, scan_folder, typical_short_side
+from headstart.data.dataset import Dataset
+from headstart.data.scan import scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
-from headstart.evaluate.metrics import Evaluation, evaluate
 from headstart.evaluate.calibration import MIN_CALIBRATION
+from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_logits_numpy, head_proba
 from headstart.progress import NoProgress, Progress
-from headstart.records import Decision, DistributedRun, FitReport, RefitReport, Stage2Report
+from headstart.records import (
+    Decision,
+    DistributedRun,
+    Evaluation,
+    FinetuneConfig,
+    FitReport,
+    RefitReport,
+    Scored,
+    Stage2Report,
+    TrainConfig,
+)
 from headstart.runtime import distributed
 from headstart.runtime.device import pick_device
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.train import policy
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.settings import Settings
+from headstart.train import deep, policy
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +57,16 @@ class Fitted:
     report: FitReport
     epoch_lrs: tuple[float, ...] = ()  # the head's plateau rate per epoch, for a refit to replay
     refit_state: dict[str, np.ndarray] | None = None  # the head refitted on train + val beside stage 1, if it was
-    validation: Any = None  # evaluate.report.Scored: the kept model on the validation split, for train's report
+    validation: Scored | None = None  # the kept model on the validation split, for train's report
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
         return evaluate(labels, head_proba(self.head_config, self.head_state, feats), self.classes) if len(labels) \
             else None
 
 
-def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
+def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_dir: Path | None, resume: bool) -> Fitted:
     """Train on a class-folder set or manifest (or a Dataset already made of them) with settings `s`
-    (`options.Settings`, already checked)."""
+    (`settings.Settings`, already checked)."""
     distributed.start(s.device)  # under torchrun: joins the other ranks (after every check that needs no one)
     t0 = time.perf_counter()
     dataset = data if isinstance(data, Dataset) else scan_folder(data, val_split=s.val_split,
@@ -64,7 +75,7 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
     # "auto" starts as "head" does: its stage 2, when the head is weak, chooses its own view (`train.deep`).
     spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy == "finetune")
     frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
-        s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"))
+        s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"), s.device)
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     dataset, grouping = groups.regroup(dataset, feats.paths, feats.features, feats.splits, feats.labels)
@@ -93,7 +104,7 @@ def fit(s: Any, data: str | Path | Dataset, progress: Progress, checkpoint_dir: 
     return refit_and_cross_validate(s, with_temperature(kept, feats, stage1.frozen, s.device), feats, progress)
 
 
-def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, progress: Progress) -> Fitted:
+def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures, progress: Progress) -> Fitted:
     """When the kept model is the stage-1 head: with `s.cv` folds, its k-fold accuracy at the settings validation
     chose (`crossval.cross_validate_settings`, on train + validation); with `s.refit`, the shipped head refitted
     on train + validation with those settings for the chosen epoch count (`fit_head.refit_full`), its temperature
@@ -101,7 +112,7 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     validation figures those of the head validation chose. Both run side by side (they share nothing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from headstart.evaluate.crossval import cross_validate_settings
+    from headstart.train.crossval import cross_validate_settings
     from headstart.train.fit_head import refit_full
 
     report = fitted.report
@@ -128,7 +139,7 @@ def refit_and_cross_validate(s: Any, fitted: Fitted, feats: DatasetFeatures, pro
     return replace(out, report=replace(report, test_metrics=test, decision=replace(report.decision, refitted=len(y))))
 
 
-def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
+def fit_stage1(s: Settings, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetFeatures, progress: Progress,
                power: float = 0.0) -> Fitted:
     """The head on the frozen backbone's cached features: each candidate `policy.head_candidates` names, the one
     with the lowest validation loss kept; the loss weighted by inverse class frequency to `power` (0: not)."""
@@ -154,7 +165,7 @@ def fit_stage1(s: Any, dataset: Dataset, frozen: FrozenBackbone, feats: DatasetF
                                        test_metrics=out.evaluate(*feats.part("test"))))
 
 
-def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
+def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
                resume: bool, t_start: float | None = None) -> Fitted:
     """Fine-tune the backbone from a head (stage 1's; with "auto", one fitted at the whole view `train.deep`
     chooses), refit a head on the tuned features, and keep whichever model `policy` prefers."""
@@ -205,10 +216,9 @@ def fit_stage2(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progres
     return replace(kept, report=report)
 
 
-def _deep_start(s: Any, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
+def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
     """`train.deep`'s start for a weak head: the whole view, its head, the orientation test, and the settings
     that fit what is left of `s.time_limit`; with a line saying what was chosen and why."""
-    from headstart.train import deep
 
     balanced = stage1.report.decision.balanced
     power = stage1.report.train_config.balance_power if balanced else 0.0
@@ -245,7 +255,6 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
         rows = np.flatnonzero(feats.splits != "train")
         feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
                               device, NoProgress(), "features of the fine-tuned backbone")
-    from headstart.evaluate.report import Scored
 
     x_va, y_va = feats.part("val")
     logits = head_logits_numpy(fitted.head_state, fitted.head_config, x_va)
@@ -261,7 +270,7 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
     return replace(out, report=replace(fitted.report, calibration=cal, test_metrics=test or fitted.report.test_metrics))
 
 
-def train_config(s: Any, power: float | None = None) -> TrainConfig:
+def train_config(s: Settings, power: float | None = None) -> TrainConfig:
     """The head's settings; `power`: the class weighting `policy.balance_classes` chose (None: `s.balance` as
     given, "auto" counting as off)."""
     power = (1.0 if s.balance is True else 0.0) if power is None else power
@@ -270,7 +279,7 @@ def train_config(s: Any, power: float | None = None) -> TrainConfig:
                        seed=s.seed)
 
 
-def finetune_config(s: Any, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
+def finetune_config(s: Settings, at_photos_size: bool, power: float = 0.0) -> FinetuneConfig:
     return FinetuneConfig(
         unfreeze=policy.unfreeze_stages(s.unfreeze, at_photos_size), epochs=s.finetune_epochs, views=s.views,
         augment=s.augment, lr=s.finetune_lr, train_bn=s.train_bn, seed=s.seed, batch_size=min(32, s.batch_size),
@@ -301,7 +310,7 @@ def sized_for_paths(spec: BackboneSpec, train_paths: list[Path], native_view: bo
     return replace(spec, preprocess=pre)
 
 
-def _val_proba(start: Any) -> tuple[np.ndarray, np.ndarray]:
+def _val_proba(start: deep.Start) -> tuple[np.ndarray, np.ndarray]:
     """`train.deep.Start`'s head on its validation features: (probabilities, labels)."""
     x, y = start.feats.part("val")
     return head_proba(start.head_cfg, start.head_state, x), y

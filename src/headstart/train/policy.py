@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from headstart.evaluate.metrics import Evaluation
 from headstart.heads.config import HeadConfig
-from headstart.train.config import TrainConfig
+from headstart.records import Evaluation, TrainConfig
 from headstart.vision.preprocess import VIEW_MULTIPLE, PreprocessConfig
 
 # hidden="auto" also tries one hidden layer this wide, with this dropout, from this many training images: on

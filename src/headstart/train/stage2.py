@@ -18,10 +18,9 @@ from headstart.cache.features import content_key
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
-from headstart.records import HeadCandidate, History
+from headstart.records import FinetuneConfig, HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.train.config import FinetuneConfig, TrainConfig
 
 if TYPE_CHECKING:
     from headstart.train.finetune import StoredViews
@@ -151,4 +150,5 @@ def _save_backbone(frozen: FrozenBackbone, state: dict) -> FrozenBackbone:
 
     target = cache_root() / "weights" / f"{frozen.spec.timm_name}-finetuned.safetensors"
     path, digest = save_state_dict(state, target, content_named=True)
-    return FrozenBackbone(frozen.spec, path, digest[:16])
+    device = frozen.choice.device if frozen.choice else "auto"
+    return FrozenBackbone(frozen.spec, path, digest[:16]).with_engine("fp32", device=device)  # a new backbone

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data.check import sized_spec
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.dataset import Dataset
+from headstart.data.scan import scan_folder
 from headstart.errors import ConfigError, DataError
-from headstart.evaluate.crossval import FOLDS, CrossValidation, cross_validate
+from headstart.evaluate.crossval import FOLDS
 from headstart.progress import NoProgress, Progress
+from headstart.records import CrossValidation
+from headstart.tasks.check import sized_spec
+from headstart.train.crossval import cross_validate
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def compare_one(dataset: Dataset, name: str, weights: Path | None, device: str, 
 
     # The engine as `train` resolves it, so that the features it cached are found and --pick trains on the same.
     frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights).with_engine(
-        engine, tuple(dataset.paths("train")))
+        engine, tuple(dataset.paths("train")), device)
     feats = dataset_features(dataset, frozen, device, progress, task=f"extracting features ({name})")
     extracted = len(feats.paths) - feats.cached
     rows = np.flatnonzero(feats.splits != "test")

@@ -8,11 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headstart.evaluate.calibration import Calibration
-from headstart.evaluate.crossval import CrossValidation
-from headstart.evaluate.metrics import Evaluation
-from headstart.evaluate.multilabel import MultiLabelReport
-from headstart.train.config import FinetuneConfig, TrainConfig
+from headstart.records.configs import FinetuneConfig, TrainConfig
+from headstart.records.scores import Calibration, CrossValidation, Evaluation, MultiLabelReport, TTAEvaluation
 
 
 @dataclass
@@ -43,7 +40,7 @@ class EvaluationResult:
 
     metrics: Evaluation
     skipped: tuple[tuple[Path, str], ...] = ()
-    tta: Any = None
+    tta: TTAEvaluation | None = None
 
 
 @dataclass(frozen=True)

@@ -9,99 +9,39 @@ them into `report_page.html`. torch is imported only when a heat map is made.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from headstart.api import ImageClassifier
+from headstart.cache.dataset import dataset_features
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
-from headstart.evaluate.calibration import (
-    MIN_CALIBRATION,
-    Calibration,
-    calibrate,
-    measured,
-    scaled_proba,
-)
-from headstart.evaluate.crossval import wilson_interval
-from headstart.evaluate.metrics import Evaluation, evaluate
-from headstart.evaluate.report_html import GALLERY, MAX_THUMBS, render_html
+from headstart.evaluate.calibration import MIN_CALIBRATION, calibrate, measured
+from headstart.evaluate.gradcam import HeatMap
+from headstart.evaluate.gradcam import heat_maps as grad_cam
+from headstart.evaluate.labels import LabelIssue, find_label_errors
+from headstart.evaluate.metrics import evaluate
+from headstart.heads.config import head_logits_numpy
+from headstart.paths import atomic_write_bytes
 from headstart.progress import NoProgress, Progress
-from headstart.records import History
+from headstart.records import Calibration, Evaluation, Scored
+from headstart.tasks.check import Finding, check_folder
+from headstart.tasks.report_html import GALLERY, Report, Score, render_html
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Report", "Score", "Scored", "build_report", "render_html", "score_folder", "write_report"]
 
-# The other engineers' modules, used when they are part of the build: (module, function, section title).
-LABELS_MODULE = ("headstart.evaluate.labels", "find_label_errors", "Likely label errors")
-CHECK_MODULE = ("headstart.data.check", "check_folder", "Data check")
 STORED = "the model's own, fitted on its validation split at training"
 
 
-@dataclass(frozen=True, eq=False)
-class Scored:
-    """The model's logits for every readable image of a labelled folder, with true labels in the model's order."""
-
-    folder: Path
-    paths: list[Path]
-    labels: np.ndarray
-    logits: np.ndarray
-    features: np.ndarray
-    skipped: list[tuple[Path, str]]
-    temperature: float = 1.0  # the model's: `proba` is what it predicts
-
-    @property
-    def proba(self) -> np.ndarray:
-        return scaled_proba(self.logits, self.temperature)
-
-    @property
-    def losses(self) -> np.ndarray:
-        return -np.log(np.clip(self.proba[np.arange(len(self.labels)), self.labels], 1e-12, 1.0))
-
-
-@dataclass(frozen=True)
-class Score:
-    name: str
-    source: str  # which images
-    n: int
-    accuracy: float
-    chose: str  # what these images decided during training ("nothing" for a held-out set)
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        lo, hi = wilson_interval(round(self.accuracy * self.n), self.n)
-        return max(0.0, lo), min(1.0, hi)
-
-
-@dataclass(frozen=True, eq=False)
-class Report:
-    title: str
-    summary: list[tuple[str, str]]
-    scores: list[Score]
-    evaluation: Evaluation | None
-    evaluated_on: str
-    scored: Scored | None
-    calibration: Calibration | None
-    heat: list[Any]  # gradcam.HeatMap
-    history: History
-    stage2: History | None
-    extra: list[tuple[str, list[Any]]] = field(default_factory=list)  # (title, records) from optional modules
-    left_out: list[str] = field(default_factory=list)  # sections not drawn, and why
-    max_thumbs: int = MAX_THUMBS
-
-
-def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None, split: str | None = None) -> Scored:
+def score_folder(clf: ImageClassifier, folder: str | Path, progress: Progress | None = None, split: str | None = None) -> Scored:
     """The model's logits on every image of a class-folder set (features from the cache where they are). With
     `split` ("val", "test"), only that split of the *training* folder, carved as `train` carved it (the model's
     fractions and seed): what `train` reports on right after fitting."""
-    from headstart.cache.dataset import dataset_features
-    from headstart.heads.config import head_logits_numpy
-
     if split is None:
         dataset = scan_folder(folder, val_split=0.0, seed=clf.seed)
     else:
@@ -118,7 +58,7 @@ def score_folder(clf: Any, folder: str | Path, progress: Progress | None = None,
                   list(dataset.skipped) + list(feats.failures), clf.head_config_.temperature)
 
 
-def _summary(clf: Any, model_dir: Path) -> list[tuple[str, str]]:
+def _summary(clf: ImageClassifier, model_dir: Path) -> list[tuple[str, str]]:
     rep, d = clf.report_, clf.decision_
     counts = ", ".join(f"{split} {sum(per.values())}" for split, per in rep.counts.items()) or "not recorded"
     per_class = "; ".join(f"{c}: " + ", ".join(f"{s} {per.get(c, 0)}" for s, per in rep.counts.items())
@@ -149,7 +89,7 @@ def _temperature_line(cal: Calibration | None) -> str:
             "softmax(logits / T), labels unchanged")
 
 
-def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None, split: str | None) -> list[Score]:
+def _scores(clf: ImageClassifier, scored: Scored | None, ev: Evaluation | None, split: str | None) -> list[Score]:
     d, out = clf.decision_, []
     chose = "the head, its stopping epoch" + (" and the strategy" if d.strategy != "head" or d.stage2 else "")
     if clf.val_metrics_ is not None:
@@ -164,38 +104,17 @@ def _scores(clf: Any, scored: Scored | None, ev: Evaluation | None, split: str |
     return out
 
 
-def _optional(spec: tuple[str, str, str]) -> Any:
-    """Another module's function when the build has it; else a line saying why its section is left out. A
-    feature check, not a try/except: an error inside the module is a bug and keeps its traceback."""
-    module_name, function, title = spec
-    if importlib.util.find_spec(module_name) is None:
-        return f"{title}: left out, {module_name} is not part of this build"
-    module = importlib.import_module(module_name)
-    if not hasattr(module, function):
-        return f"{title}: left out, {module_name} has no {function}()"
-    return getattr(module, function)
-
-
-def _extra(clf: Any, scored: Scored, left_out: list[str], split: str | None) -> list[tuple[str, list[Any]]]:
+def _extra(clf: ImageClassifier, scored: Scored, split: str | None
+           ) -> list[tuple[str, Sequence[LabelIssue] | Sequence[Finding]]]:
     """Likely label errors among this folder's images (out-of-fold on its features) and the data check's
-    findings about the folder, from the other modules when they are there."""
-    out = []
-    find = _optional(LABELS_MODULE)
-    if isinstance(find, str):
-        left_out.append(find)
-    else:
-        out.append((LABELS_MODULE[2], find(scored.features, scored.labels, scored.paths, clf.classes_, seed=clf.seed)))
-    check = _optional(CHECK_MODULE)
-    if isinstance(check, str):
-        left_out.append(check)
-    else:  # features are not looked at here: the label errors above come from this folder's own
-        out.append((CHECK_MODULE[2], list(check(scored.folder, val_split=clf.val_split if split else 0.0,
-                                                        test_split=clf.test_split if split else 0.0,
-                                                        backbone=None).findings)))
-    return out
+    findings about the folder (features are not looked at there: the label errors come from this folder's own)."""
+    issues = find_label_errors(scored.features, scored.labels, scored.paths, clf.classes_, seed=clf.seed)
+    report = check_folder(scored.folder, val_split=clf.val_split if split else 0.0,
+                          test_split=clf.test_split if split else 0.0, backbone=None)
+    return [("Likely label errors", issues), ("Data check", list(report.findings))]
 
 
-def build_report(clf: Any, model_dir: str | Path, data: str | Path | None = None, heat_maps: bool = True,
+def build_report(clf: ImageClassifier, model_dir: str | Path, data: str | Path | None = None, heat_maps: bool = True,
                  progress: Progress | None = None, split: str | None = None) -> Report:
     """Everything the page shows. With `data` (a labelled folder), per-image results: the confusion matrix's
     images, the top-loss gallery with Grad-CAM, calibration; without it, what the training run recorded."""
@@ -217,25 +136,22 @@ def build_report(clf: Any, model_dir: str | Path, data: str | Path | None = None
         cal = calibrate(scored.logits, scored.labels, folds=2, seed=clf.seed)
     elif scored is not None:
         left_out.append(f"Calibration: fewer than {MIN_CALIBRATION} images")
-    heat: list[Any] = []
+    heat: list[HeatMap] = []
     if scored is not None and heat_maps:
-        from headstart.evaluate.gradcam import heat_maps as grad_cam
-
         top = np.argsort(-scored.losses, kind="stable")[:GALLERY]
-        heat = grad_cam(clf, [scored.paths[i] for i in top], [int(scored.proba[i].argmax()) for i in top])
+        heat = grad_cam(clf.frozen_, clf.head_config_, clf.head_state_, [scored.paths[i] for i in top],
+                        [int(scored.proba[i].argmax()) for i in top])
     elif scored is not None:
         left_out.append("Heat maps: turned off (--no-heatmaps)")
-    extra = _extra(clf, scored, left_out, split) if scored is not None else []
+    extra = _extra(clf, scored, split) if scored is not None else []
     stage2 = clf.decision_.stage2.history if clf.decision_.stage2 else None
     return Report(model_dir.name, _summary(clf, model_dir), _scores(clf, scored, ev, split), ev, on, scored, cal, heat,
                   clf.history_, stage2, extra, left_out)
 
 
-def write_report(clf: Any, model_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
+def write_report(clf: ImageClassifier, model_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
                  heat_maps: bool = True, progress: Progress | None = None, split: str | None = None) -> Path:
     """Build and write the report (atomically: a failed run leaves any previous report whole); its path."""
-    from headstart.paths import atomic_write_bytes
-
     report = build_report(clf, model_dir, data, heat_maps, progress, split)
     path = Path(out) if out is not None else Path(model_dir) / "report.html"
     atomic_write_bytes(path, render_html(report, clf.frozen_.spec.preprocess).encode("utf-8"))

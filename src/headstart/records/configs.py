@@ -1,6 +1,8 @@
 """How the head and the backbone are trained: the settings records, torch-free, so that they are checked before
 torch is loaded and saved with the model. Defaults and rules of the settings a user sets come from `options`;
-the rest (label smoothing, the rate floor, warmup) are fixed by measurement and documented here."""
+the rest (label smoothing, the rate floor, warmup) are fixed by measurement and documented here. `train.configs`
+derives both from a run's `Settings`, in one place.
+"""
 
 from __future__ import annotations
 

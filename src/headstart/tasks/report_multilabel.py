@@ -8,14 +8,15 @@ scored highest over its threshold, the positives it scored lowest under it) as t
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from headstart.evaluate.multilabel import MultiLabelEvaluation, _pr_points, decide
-from headstart.evaluate.report_html import _table, _thumb
+from headstart.api import ImageClassifier
+from headstart.evaluate.multilabel import _pr_points, decide
 from headstart.evaluate.svg_plot import Line, Panel, chart_uri
+from headstart.records import MultiLabelEvaluation, MultiLabelScored
+from headstart.tasks.report_html import _table, _thumb
 
 MISTAKES_PER_LABEL = 3  # of each kind: confident false positives, confident misses
 CURVES_PER_ROW = 3
@@ -25,15 +26,6 @@ table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #dde1e7;
 td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f5f8}.muted{color:#5d6673}
 .mistakes{display:flex;flex-wrap:wrap;gap:10px;margin:4px 0 14px}.mistakes figure{margin:0;width:110px;font-size:12px}
 .mistakes img{display:block;width:96px;height:96px;object-fit:cover}img.curves{max-width:100%}"""
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: arrays
-class MultiLabelScored:
-    """Per-image results of a multi-label model on a labelled set: paths, 0/1 targets and probabilities."""
-
-    paths: list[Path]
-    targets: np.ndarray  # [n, labels]
-    proba: np.ndarray  # [n, labels]
 
 
 def render(title: str, evaluated_on: str, summary: list[tuple[str, str]], ev: MultiLabelEvaluation,
@@ -95,7 +87,7 @@ def _figure(scored: MultiLabelScored, i: int, j: int, kind: str) -> str:
             f"{html.escape(scored.paths[i].name)}</figcaption></figure>")
 
 
-def write_report(clf, model_dir: str | Path, scored: MultiLabelScored, evaluated_on: str,
+def write_report(clf: ImageClassifier, model_dir: str | Path, scored: MultiLabelScored, evaluated_on: str,
                  out: str | Path | None = None) -> Path:
     """Write the page (default MODEL/report.html) atomically for the fitted or loaded multi-label `clf`."""
     from headstart.evaluate.multilabel import evaluate_multilabel

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
+from headstart.api import ImageClassifier
 from headstart.evaluate.calibration import MIN_CALIBRATION
 from headstart.evaluate.metrics import evaluate
-from headstart.evaluate.report import Report, _scores, _summary, render_html
+from headstart.tasks.report import Report, _scores, _summary, render_html
 
 __all__ = ["TRAIN_THUMBS", "build_train_report", "write_train_report"]
 
@@ -23,7 +23,7 @@ __all__ = ["TRAIN_THUMBS", "build_train_report", "write_train_report"]
 TRAIN_THUMBS = 150
 
 
-def build_train_report(clf: Any, model_dir: str | Path, data: str | Path) -> Report:
+def build_train_report(clf: ImageClassifier, model_dir: str | Path, data: str | Path) -> Report:
     """The page's records from a classifier just fitted (`clf.validation_` set by `fit`): per-image results on
     its validation split when it has one, else what the run recorded."""
     model_dir = Path(model_dir)
@@ -47,7 +47,7 @@ def build_train_report(clf: Any, model_dir: str | Path, data: str | Path) -> Rep
                   cal if scored is not None else None, [], clf.history_, stage2, [], left_out, TRAIN_THUMBS)
 
 
-def write_train_report(clf: Any, model_dir: str | Path, data: str | Path) -> Path:
+def write_train_report(clf: ImageClassifier, model_dir: str | Path, data: str | Path) -> Path:
     """Write MODEL/report.html atomically (a previous report stays whole if this fails); its path."""
     from headstart.paths import atomic_write_bytes
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from headstart.data.dataset import Dataset
 from headstart.data.imageio import IMAGE_FORMATS, ImageDecodeError, is_image_path, load_rgb
-from headstart.data.scan import Dataset, scan_folder
+from headstart.data.scan import scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, wei
         # The engine resolved as `train` resolves it: `auto` is int8 on a VNNI CPU, whose features are cached
         # apart from float32's (check once looked for float32's after an int8 train and found none).
         frozen = FrozenBackbone.pretrained(sized_spec(backbone, dataset), weights).with_engine(
-            engine, tuple(dataset.paths("train")))
+            engine, tuple(dataset.paths("train")), device)
     except WeightsError as exc:
         if deep:
             raise

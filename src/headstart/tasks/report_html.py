@@ -11,20 +11,23 @@ import html
 import io
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from headstart.evaluate.calibration import Calibration, reliability_bins, scaled_proba
-from headstart.evaluate.metrics import Evaluation
+from headstart.evaluate.calibration import reliability_bins, scaled_proba
+from headstart.evaluate.crossval import wilson_interval
+from headstart.evaluate.gradcam import HeatMap, overlay
+from headstart.evaluate.labels import LabelIssue
 from headstart.evaluate.svg_plot import Line, Panel, chart_uri
-from headstart.records import History
+from headstart.records import Calibration, Evaluation, History, Scored
+from headstart.tasks.check import Finding
 from headstart.text import shown
-
-if TYPE_CHECKING:
-    from headstart.evaluate.report import Report, Scored
+from headstart.vision.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,37 @@ PAGE = Path(__file__).with_name("report_page.html")
 MAX_THUMBS = 600  # images beyond this are listed by name only: 600 thumbnails are ~1.5 MB of page
 THUMB_PX = 96
 GALLERY = 8  # top-loss images shown, each with its heat map (a second of CPU each)
+
+
+@dataclass(frozen=True)
+class Score:
+    name: str
+    source: str  # which images
+    n: int
+    accuracy: float
+    chose: str  # what these images decided during training ("nothing" for a held-out set)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        lo, hi = wilson_interval(round(self.accuracy * self.n), self.n)
+        return max(0.0, lo), min(1.0, hi)
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    title: str
+    summary: list[tuple[str, str]]
+    scores: list[Score]
+    evaluation: Evaluation | None
+    evaluated_on: str
+    scored: Scored | None
+    calibration: Calibration | None
+    heat: list[HeatMap]
+    history: History
+    stage2: History | None
+    extra: list[tuple[str, Sequence[LabelIssue] | Sequence[Finding]]] = field(default_factory=list)  # (title, rows)
+    left_out: list[str] = field(default_factory=list)  # sections not drawn, and why
+    max_thumbs: int = MAX_THUMBS
 
 
 def _curves_uri(stages: list[tuple[str, History]]) -> str:
@@ -60,7 +94,7 @@ def _reliability_uri(scored: Scored, cal: Calibration) -> str:
     return chart_uri([panel], width=330, height=300)
 
 
-def _jpeg_uri(img: Any, px: int) -> str:
+def _jpeg_uri(img: Image.Image, px: int) -> str:
     img = img.copy()
     img.thumbnail((px, px))
     buf = io.BytesIO()
@@ -96,8 +130,8 @@ def _images_data(report: Report) -> dict:
     return {"classes": classes, "images": images, "cells": cells}
 
 
-def _table(head: list[str], rows: list[list[Any]], attrs: str = "") -> str:
-    def cell(v: Any, tag: str) -> str:
+def _table(head: list[str], rows: Sequence[Sequence[object]], attrs: str = "") -> str:
+    def cell(v: object, tag: str) -> str:
         num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
         text = f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
         cls = ' class="num"' if num else ""
@@ -124,9 +158,7 @@ def _confusion_html(ev: Evaluation, clickable: bool) -> str:
             f'<p class="note">{hint}</p><p id="cell-caption" class="note"></p><div id="cell-list"></div>')
 
 
-def _gallery_html(report: Report, cfg: Any) -> str:
-    from headstart.evaluate.gradcam import overlay
-
+def _gallery_html(report: Report, cfg: PreprocessConfig) -> str:
     s, cards = report.scored, []
     by_path = {h.path: h for h in report.heat}
     classes = report.evaluation.classes
@@ -146,10 +178,10 @@ def _gallery_html(report: Report, cfg: Any) -> str:
     return f'<p class="note">{note}</p><div class="gallery" id="gallery">{"".join(cards)}</div>'
 
 
-def _records_html(records: list[Any]) -> str:
+def _records_html(records: Sequence[LabelIssue] | Sequence[Finding]) -> str:
     if not records:
         return "<p>Nothing found.</p>"
-    def shown(v: Any) -> Any:
+    def shown(v: object) -> object:
         if isinstance(v, Path):
             return v.name
         if isinstance(v, tuple) and v and all(isinstance(p, Path) for p in v):
@@ -160,7 +192,7 @@ def _records_html(records: list[Any]) -> str:
     return _table(names, [[shown(getattr(r, n)) for n in names] for r in records])
 
 
-def _sections(report: Report, cfg: Any) -> list[str]:
+def _sections(report: Report, cfg: PreprocessConfig) -> list[str]:
     out = ["<h2>Summary</h2>" + _table(["", ""], [list(r) for r in report.summary])]
     if report.scores:
         rows = [[s.name, s.source, s.n, f"{s.accuracy:.1%}", f"{s.interval[0]:.1%} to {s.interval[1]:.1%}", s.chose]
@@ -196,7 +228,7 @@ def _sections(report: Report, cfg: Any) -> list[str]:
     return out
 
 
-def render_html(report: Report, cfg: Any) -> str:
+def render_html(report: Report, cfg: PreprocessConfig) -> str:
     """The page as one string. `cfg` is the backbone's PreprocessConfig (the heat maps are drawn on its crop)."""
     data = json.dumps(_images_data(report), separators=(",", ":")).replace("</", "<\\/")  # cannot close the tag
     # Names from the file system may not be valid UTF-8 (`text.shown`): the page shows their bad bytes as \xNN.
