@@ -79,8 +79,10 @@ def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     dataset, grouping = groups.regroup(dataset, feats.paths, feats.features, feats.splits, feats.labels)
-    if grouping.moved:  # the same features, their rows in the new splits (read back from the cache)
-        feats = dataset_features(dataset, frozen, s.device, NoProgress())
+    if grouping.moved:  # the same features, their rows in the new splits (read back from the cache); the run's
+        # own count of features taken from the cache is the first read's
+        feats = replace(dataset_features(dataset, frozen, s.device, NoProgress()), cached=feats.cached,
+                        failures=feats.failures)
     groups.log_grouping(grouping)
     t2 = time.perf_counter()
     power = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
