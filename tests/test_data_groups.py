@@ -62,10 +62,14 @@ def test_groups_stay_on_one_side_and_each_class_keeps_its_validation_share():
     assert grouping.groups == 52 and grouping.photos == 257 and grouping.moved > 0
 
 
-def test_a_class_keeps_training_photos_whatever_its_group():
+def test_a_class_keeps_training_and_validation_photos_whatever_its_groups():
     splits, labels = np.array(["val", "train", "train", "train"]), np.array([0, 0, 1, 1])
     new, _ = groups.keep_together(splits, labels, np.array([0, 0, 2, 3]))
     assert (new[labels == 0] == "train").any()
+    # one group of six photos, one of them in validation: all to train would leave the class unjudged
+    splits, labels = np.array(["val"] + ["train"] * 5 + ["val", "train"]), np.array([0] * 6 + [1, 1])
+    new, _ = groups.keep_together(splits, labels, np.array([0] * 6 + [6, 7]))
+    assert list(new) == list(splits)
 
 
 def _manifest(tmp_path: Path, split_column: bool = False) -> Path:

@@ -141,9 +141,9 @@ def keep_together(splits: np.ndarray, labels: np.ndarray, groups: np.ndarray) ->
             side = "val" if room > 0 and len(rows) <= max(room, 1) + len(rows) // 2 else "train"
             room -= len(rows) if side == "val" else 0
             out[rows] = side
-    for label in by_class:  # a class left without training photos could not be learned
-        rows = pool[labels[pool] == label]
-        if not (out[rows] == "train").any():
+    for label in by_class:  # a class left without training photos could not be learned, nor one without
+        rows = pool[labels[pool] == label]  # validation photos judged: its split stays as it was
+        if not (out[rows] == "train").any() or ((splits[rows] == "val").any() and not (out[rows] == "val").any()):
             out[rows] = splits[rows]
     sizes = [len(rows) for rows in members.values() if len(rows) > 1]
     return out, Grouping(len(sizes), sum(sizes), int((out != splits).sum()))
