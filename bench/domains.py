@@ -8,7 +8,7 @@ recall, train seconds and peak RSS of
 
 Sets: elpv, hymenoptera, flowers, and `grouped`: hymenoptera/train with each photo also stored at two other
 brightness levels and two JPEG qualities (`VARIANTS`, a part shot under several lights), held out on
-hymenoptera/val, whose photos' groups are never seen in training; its "own validation" column must stay within
+hymenoptera/val made the same way, whose groups are never seen in training; its "own validation" column must stay within
 5 points of the held-out figures (issue 26's honest validation).
 
     .venv/bin/python bench/domains.py [--sets elpv,hymenoptera,flowers,grouped] [--runs defaults,head-only,recipe]
@@ -57,7 +57,8 @@ def held_out(name: str, work: Path) -> tuple[Path, Path]:
     if name == "hymenoptera":
         return DATA / "hymenoptera" / "train", DATA / "hymenoptera" / "val"
     if name == "grouped":
-        return grouped(DATA / "hymenoptera" / "train", work / "grouped"), DATA / "hymenoptera" / "val"
+        return grouped(DATA / "hymenoptera" / "train", work / "grouped"), \
+            grouped(DATA / "hymenoptera" / "val", work / "grouped-val")
     target = work / name
     if not (target / "train").exists():
         split80(DATA / name, target)
@@ -65,7 +66,7 @@ def held_out(name: str, work: Path) -> tuple[Path, Path]:
 
 
 # Each photo and four copies, as a part shot under several lights: darker, brighter, and re-encoded at two JPEG
-# qualities. The held-out photos (hymenoptera/val) belong to no group seen in training.
+# qualities. The held-out photos (hymenoptera/val and their copies) belong to no group seen in training.
 VARIANTS = (("dark", 0.75, 90), ("bright", 1.3, 90), ("q40", 1.0, 40), ("q70", 1.0, 70))
 
 
@@ -94,6 +95,8 @@ def run_headstart(train: Path, val: Path, flags: list[str], work: Path, env: dic
     model = cache / "model"
     wall, cpu, rss = measured(HS + ["train", str(train), "--out", str(model), "--no-report", *flags], env)
     out = subprocess.run([sys.executable, "-c", SCORE, str(model), str(val)], env=env, capture_output=True, text=True)
+    if out.returncode or not out.stdout.strip():
+        sys.exit(f"scoring {model} on {val} failed: {out.stderr.strip().splitlines()[-1:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {**result, "seconds": wall, "cpu_s": cpu, "rss_mib": rss}
 
