@@ -42,9 +42,14 @@ INT8_PREFIX = "onnxruntime-cpu-int8"
 CALIBRATION_IMAGES = 64  # views of the reference photos the ranges are measured on
 
 
+# Names the calibration set in the ranges' file name: a cache whose ranges were measured on a run's photos (before
+# the fixed set) measures them again, once, instead of keeping its history.
+REFERENCE_SET = "ref1"
+
+
 def calibration_path(fp32: Path) -> Path:
     """Where the ranges of the float graph `fp32` are kept (one calibration per exported backbone)."""
-    return fp32.with_name(f"{fp32.stem}-int8-calibration.json")
+    return fp32.with_name(f"{fp32.stem}-int8-calibration-{REFERENCE_SET}.json")
 
 
 def means_path(calibration: Path) -> Path:
