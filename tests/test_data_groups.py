@@ -112,3 +112,8 @@ def test_training_says_how_many_groups_it_kept_together(tmp_path, tiny_weights, 
     clf.fit(_manifest(tmp_path))
     assert "groups of 24 photos (from the manifest's group column) kept on one side" in clf.decision_.groups
     assert clf.decision_.to_dict()["groups"] == clf.decision_.groups
+    # the split it validated on can be carved again (a report on the training folder's validation split)
+    again = groups.apply_moves(scan_folder(_manifest(tmp_path / "again"), val_split=0.2, seed=clf.seed),
+                               tuple((p.replace(str(tmp_path), str(tmp_path / "again")), s)
+                                     for p, s in clf.decision_.moved))
+    assert clf.decision_.moved and sum(s.split == "val" for s in again.samples) == clf.val_metrics_.n

@@ -53,6 +53,7 @@ class Grouping:
     photos: int = 0
     moved: int = 0
     source: str = ""  # "manifest" (the user's group column) or "features" (near-duplicates)
+    to: tuple[tuple[str, str], ...] = ()  # (photo, its new split) for each photo moved: `apply_moves` replays them
 
 
 def near_duplicate_groups(features: np.ndarray, labels: np.ndarray | None = None, threshold: float = GROUP_COSINE,
@@ -175,10 +176,19 @@ def regroup(dataset: Dataset, paths: list[Path], features: np.ndarray, splits: n
     grouping = replace(grouping, source=how)
     if not grouping.moved:
         return dataset, grouping
-    split_of = {p: str(sp) for p, sp in zip(paths, new)}
-    samples = [replace(s, split=split_of.get(s.path, s.split)) for s in dataset.samples]
+    grouping = replace(grouping, to=tuple((str(p), str(b)) for p, a, b in zip(paths, splits, new) if a != b))
+    return apply_moves(dataset, grouping.to), grouping
+
+
+def apply_moves(dataset: Dataset, moved: tuple[tuple[str, str], ...]) -> Dataset:
+    """`dataset` with the photos a training run's groups moved (`Decision.moved`) in their new splits: the split
+    that run validated on, carved again (a report on the training folder's validation split needs it)."""
+    if not moved:
+        return dataset
+    split_of = dict(moved)
+    samples = [replace(s, split=split_of.get(str(s.path), s.split)) for s in dataset.samples]
     samples.sort(key=lambda s: (s.split, s.label, s.path))  # as `Dataset` orders them
-    return replace(dataset, samples=tuple(samples)), grouping
+    return replace(dataset, samples=tuple(samples))
 
 
 def describe(grouping: Grouping) -> str:

@@ -90,7 +90,7 @@ def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
                      decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0,
-                                      groups=groups.describe(grouping)))
+                                      groups=groups.describe(grouping), moved=grouping.to))
     stage1 = replace(stage1, report=report)
 
     head_acc = report.val_metrics.accuracy if report.val_metrics else None
