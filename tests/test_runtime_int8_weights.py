@@ -72,7 +72,11 @@ def test_the_top_resolution_stays_float(tiny_graph: Path) -> None:
 
 
 def _calibrated(graph: Path, photos: list[Path], tmp: Path) -> tuple[Path, list[np.ndarray]]:
-    batches = quantize._calibration_batches(tuple(photos), resolve(TINY_BACKBONE).preprocess)
+    from headstart.vision.preprocess import load_views
+
+    pre = resolve(TINY_BACKBONE).preprocess
+    views = [load_views(p, pre)[0] for p in photos[:64]]
+    batches = [np.stack(views[i:i + 16]) for i in range(0, len(views), 16)]
     return quantize.calibrate(graph, batches, tmp / "calibration.json"), batches
 
 

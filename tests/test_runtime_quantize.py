@@ -1,5 +1,5 @@
-"""The int8 engine (runtime.quantize) and the `engine` setting, on the tiny backbone: calibration on the run's own
-photos once per backbone, features close to float32's and cached apart from them, `auto`'s choice and its
+"""The int8 engine (runtime.quantize) and the `engine` setting, on the tiny backbone: calibration on a fixed
+reference set once per backbone, whatever the cache saw before, features close to float32's and cached apart from them, `auto`'s choice and its
 float32 fallback, a saved model predicting with the engine it was trained with, and the CLI end to end."""
 
 from __future__ import annotations
@@ -86,19 +86,34 @@ def test_auto_is_int8_only_where_the_cpu_runs_it_clearly_faster(monkeypatch, tmp
     assert device.int8_is_fast(tmp_path / "missing") is False  # an unknown CPU: float32
 
 
-def test_too_few_photos_or_a_broken_quantizer_fall_back_to_fp32(tiny_cache, tiny_weights, image_folder,
-                                                                monkeypatch) -> None:
-    none = _backbone(tiny_weights, "int8", ())
-    assert none.engine_kind("cpu") == ONNX_CPU and none.engine("cpu").kind == ONNX_CPU
-    few = _backbone(tiny_weights, "int8", _photos(image_folder)[:quantize.MIN_CALIBRATION_IMAGES - 1])
-    assert few.engine("cpu").kind == ONNX_CPU
-    assert not quantize.calibration_path(onnx_path_for(few.spec, few.weights_id)).exists()
-
+def test_a_broken_quantizer_falls_back_to_fp32(tiny_cache, tiny_weights, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("quantizer exploded")
 
     monkeypatch.setattr(quantize, "quantize", broken)
-    assert _backbone(tiny_weights, "int8", _photos(image_folder)).engine("cpu").kind == ONNX_CPU
+    assert _backbone(tiny_weights, "int8").engine("cpu").kind == ONNX_CPU
+
+
+def test_the_calibration_does_not_depend_on_what_the_cache_saw_first(tiny_onnx, tiny_weights, tmp_path,
+                                                                      monkeypatch) -> None:
+    """Issue 26: the ranges were measured on the photos of the first int8 run in a cache, so the same command gave
+    another model in another cache. Now two caches whose first int8 runs had different photos (or none: a saved
+    model predicting) hold the same ranges, the same int8 graph and give the same features to the bit."""
+    from helpers_models import seed_tiny_export
+
+    a = make_image_folder(tmp_path / "a", ("x", "y"), per_class=10, size=(64, 48), seed=1)
+    b = make_image_folder(tmp_path / "b", ("u",), per_class=12, size=(40, 80), seed=2)
+    kinds, feats = [], []
+    for name, photos in (("one", _photos(a)), ("two", _photos(b)), ("three", ())):
+        monkeypatch.setenv("HEADSTART_CACHE", str(seed_tiny_export(tiny_onnx, tmp_path / f"cache-{name}")))
+        backbone = _backbone(tiny_weights, "int8", photos)
+        kinds.append(backbone.engine("cpu").kind)
+        feats.append(_features(backbone, _photos(a)[:6]))
+    assert kinds[0].startswith(quantize.INT8_PREFIX + "-") and len(set(kinds)) == 1
+    assert np.array_equal(feats[0], feats[1]) and np.array_equal(feats[0], feats[2])
+    assert len(quantize.reference_photos()) == quantize.CALIBRATION_IMAGES
+    # a cache calibrated on a run's photos before the fixed set is calibrated again rather than trusted
+    assert quantize.REFERENCE_SET in quantize.calibration_path(Path("/c/onnx/lite0.onnx")).name
 
 
 def test_a_damaged_int8_graph_is_quantized_again(tiny_cache, tiny_weights, image_folder) -> None:

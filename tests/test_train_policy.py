@@ -76,10 +76,21 @@ def test_whole_view_keeps_the_whole_photo_at_up_to_256_px():
     assert policy.whole_view(cfg, 0).input_size == 256  # no readable size: the recipe's
 
 
-def test_the_time_limit_sets_the_epochs():
-    assert policy.epochs_in_budget(300, 40, 12) == 7 and policy.epochs_in_budget(3000, 40, 12) == 12
-    assert policy.epochs_in_budget(10, 40, 12) == 1  # one epoch even when none fits: the head alone was weak
+def test_the_data_plans_the_epochs_and_the_time_limit_only_caps_them():
+    # issue 26: epochs fitted to a timed step moved with the machine's load, and the model with them
+    assert policy.deep_epochs(1474) == 10 and policy.deep_epochs(100) == policy.DEEP_EPOCHS
+    assert policy.deep_epochs(100_000) == policy.DEEP_MIN_EPOCHS
     assert policy.finetune_budget(480, 100, 1000, 0.05) == pytest.approx(480 - 100 - 60 - policy.DEEP_RESERVE_S)
+
+
+def test_an_epoch_starts_only_when_it_ends_before_the_deadline():
+    import time
+
+    from headstart.train.finetune import out_of_time
+
+    now = time.perf_counter()
+    assert not out_of_time(None, 30.0) and not out_of_time(now + 5, 0.0)  # no limit; no epoch measured yet
+    assert out_of_time(now + 20, 30.0) and not out_of_time(now + 60, 30.0)
 
 
 def test_unfreeze_auto_is_every_stage_at_the_photos_size_else_two():

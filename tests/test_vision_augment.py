@@ -82,3 +82,18 @@ def test_flips_keep_lines_level_and_turns_stand_them_up(level, upright):
             seen_rows.add("top" if dark_rows.mean() < 32 else "bottom")
     assert seen_rows == {"top", "bottom"}  # flipped top to bottom as well as left to right
     assert stood_up is upright  # 90-degree turns only with "turns"
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_flips_show_about_what_the_eval_view_shows(photo, monkeypatch, crop_pct):
+    """Issue 26: with the standard view (a centre crop) the flips views took 90-100 % of the whole photo, a wider
+    field at a smaller scale than the network was scored on, and every elpv epoch validated below the start."""
+    from headstart.vision import augment
+
+    seen = []
+    real = augment._resized_crop_box
+    monkeypatch.setattr(augment, "_resized_crop_box",
+                        lambda *a, **k: seen.append(k["scale"]) or real(*a, **k))
+    augmented_view(photo, PreprocessConfig(input_size=64, crop_pct=crop_pct), "flips", seed=1)
+    share = crop_pct ** 2
+    assert seen == [(pytest.approx(0.9 * share), pytest.approx(share))]

@@ -153,6 +153,8 @@ def train_summary(
         power = clf.report_.train_config.balance_power
         rows.append(("class weights", f"inverse class frequency ^ {power:g} (" + ("the classes are skewed" if
                      power < 1 else "--balance") + "); balanced accuracy chose between models"))
+    if decision.groups:  # photos in near-identical groups would have scored copies of their training photos
+        rows.append(("groups", decision.groups))
     rows += _honest_rows(clf)
     rows += _weak_rows(clf)
     rows.append(("calibration", _calibration_line(clf)))

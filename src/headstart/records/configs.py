@@ -63,8 +63,8 @@ class FinetuneConfig:
     # class weighing the same), so that a rare class counts as much as a common one (`policy.balance_classes`).
     balance: bool = False
     balance_power: float = 1.0  # the training loss's class weights to this power (`TrainConfig.balance_power`)
-    # Seconds the store and the epochs may take together; 0: no limit. With a limit the epochs are the ones
-    # that fit (at most `epochs`), planned from a timed training step (`finetune.fit_epochs`).
+    # Seconds the store and the epochs may take together; 0: no limit. A cap only: no epoch starts that would
+    # end after it (`finetune.out_of_time`); the epochs are planned from the data, not from the clock.
     time_budget_s: float = 0.0
     seed: int = _D["seed"]
     device: str = "cpu"

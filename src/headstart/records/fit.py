@@ -147,6 +147,8 @@ class Decision:
     refitted: int = 0  # images (train + val) the shipped head was refitted on after validation chose it; 0: not
     balanced: bool = False  # the loss weighted by inverse class frequency (`--balance`, or auto on skewed classes)
     plan: str = ""  # what deep fine-tuning chose (view, stages, epochs in the time limit, augmentation) and why
+    groups: str = ""  # the near-duplicate groups kept on one side of the split (`data.groups.describe`); "": none
+    moved: tuple[tuple[str, str], ...] = ()  # (photo, its split) for each photo the groups moved, to carve it again
 
     @property
     def kept_head_candidates(self) -> tuple[HeadCandidate, ...]:
@@ -160,7 +162,8 @@ class Decision:
                 "native_input": self.native_input, "head_val_accuracy": self.head_val_accuracy,
                 "head_candidates": [c.to_dict() for c in self.head_candidates],
                 "stage2": self.stage2.to_dict() if self.stage2 else None, "refitted": self.refitted,
-                "balanced": self.balanced, "plan": self.plan}
+                "balanced": self.balanced, "plan": self.plan, "groups": self.groups,
+                "moved": [list(m) for m in self.moved]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Decision":
@@ -169,7 +172,9 @@ class Decision:
                    int(d.get("native_size", 0)), int(d.get("native_input", 0)), None if acc is None else float(acc),
                    tuple(HeadCandidate.from_dict(c) for c in d.get("head_candidates", [])),
                    Stage2Report.from_dict(d["stage2"]) if d.get("stage2") else None, int(d.get("refitted", 0)),
-                   bool(d.get("balanced", False)), str(d.get("plan", "")))  # both absent from older models
+                   bool(d.get("balanced", False)), str(d.get("plan", "")),
+                   str(d.get("groups", "")),
+                   tuple((str(p), str(sp)) for p, sp in d.get("moved", [])))  # the last four absent from older models
 
 
 @dataclass(frozen=True)

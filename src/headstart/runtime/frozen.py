@@ -36,7 +36,6 @@ class EngineChoice:
     device: str  # "cpu", "cuda", "cuda:1": picked, never "auto"
     name: str  # "fp32" or "int8": what runs on the CPU
     export: Path  # the float ONNX export the CPU engines are made from
-    can_calibrate: bool = False  # photos were given to measure int8 ranges on, if this cache has none
 
     @property
     def kind(self) -> str:
@@ -48,7 +47,7 @@ class EngineChoice:
         if not self.export.exists() and known_failure(self.export) is not None:
             return torch_kind("cpu")
         if self.name == "int8":
-            return quantize.expected_kind(self.export, self.can_calibrate)
+            return quantize.expected_kind(self.export)
         return ONNX_CPU
 
 
@@ -56,8 +55,7 @@ def resolve_engine(frozen: FrozenBackbone, device: str, setting: str) -> EngineC
     """The engine `frozen` runs on `device` for an `engine` setting: `auto` is int8 where the CPU runs it clearly
     faster (`int8_is_fast`), else float32. Called once per command: `with_engine` keeps it on the backbone."""
     name = ("int8" if int8_is_fast() else "fp32") if setting == "auto" else setting
-    return EngineChoice(pick_device(device), name, onnx_path_for(frozen.spec, frozen.weights_id),
-                        bool(frozen.calibration_photos))
+    return EngineChoice(pick_device(device), name, onnx_path_for(frozen.spec, frozen.weights_id))
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,6 @@ class FrozenBackbone:
     weights_id: str
     weights_prefix: str = ""  # key prefix inside the weights file (a saved model stores "backbone.")
     engine_name: str = "fp32"  # on the CPU: "fp32" (float ONNX Runtime) or "int8" (`runtime.quantize`)
-    # Photos to calibrate int8 on when this backbone has no calibration yet (a training run's own).
-    calibration_photos: tuple[Path, ...] = field(default=(), compare=False, repr=False)
     choice: EngineChoice | None = field(default=None, compare=False, repr=False)  # `with_engine`'s, for one command
 
     @classmethod
@@ -79,11 +75,12 @@ class FrozenBackbone:
         return cls(spec, weights, weights_fingerprint(weights))
 
     def with_engine(self, setting: str, photos: tuple[Path, ...] = (), device: str = "auto") -> "FrozenBackbone":
-        """This backbone run on `device` by the engine `setting` names, calibrated on `photos` if need be: the
-        command's one `resolve_engine`, kept for every later `engine` and `engine_kind`."""
-        with_photos = replace(self, calibration_photos=tuple(photos), choice=None)
-        choice = resolve_engine(with_photos, device, setting)
-        return replace(with_photos, engine_name=choice.name, choice=choice)
+        """This backbone run on `device` by the engine `setting` names: the command's one `resolve_engine`, kept
+        for every later `engine` and `engine_kind`. `photos` is no longer used: int8 calibrates on a fixed
+        reference set (`quantize.reference_batches`) whatever photos a run has; callers that pass their training
+        photos are not wrong."""
+        choice = resolve_engine(replace(self, choice=None), device, setting)
+        return replace(self, engine_name=choice.name, choice=choice)
 
     def _choice(self, device: str) -> EngineChoice:
         """The command's engine choice for `device` ("auto": the one `with_engine` made); resolved afresh only
@@ -130,8 +127,7 @@ class FrozenBackbone:
     def _int8_engine(self, path: Path, twins: tuple[Path, ...]) -> Engine | None:
         """The int8 engine of the float export at `path`; None (float32 then) when it cannot be made."""
         try:
-            return quantize.int8_engine(path, twins[0] if twins else None, self.spec.preprocess,
-                                        self.calibration_photos)
+            return quantize.int8_engine(path, twins[0] if twins else None, self.spec.preprocess)
         except UserError:
             raise  # a full disk is the user's to fix, whichever engine
         except Exception as exc:  # onnxruntime's quantizer raises its own types, or Exception itself

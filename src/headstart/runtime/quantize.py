@@ -4,11 +4,13 @@ per-channel weights re-quantized to full 8 bits that AVX2 cannot saturate, biase
 rounding (`int8_weights`), uint8 activations, the convolutions at the top resolution (the stem and the first
 blocks) left in float32.
 
-One calibration per exported backbone (architecture, weights, input size), measured on the training photos of
-the first run that asks for int8 and reused by later runs: calibrating and quantizing cost ~14 s of CPU for
-Lite0 (bench/engine.py), a third of what int8 saves on a 3,500-photo set, so per-set calibration would eat the
-gain; the ranges of photos of one set served another within the accuracy bench's margin (hymenoptera's ranges
-and means, flowers' features: median relative error 0.067 against float32, 0.058 with flowers' own).
+One calibration per exported backbone (architecture, weights, input size), measured on a fixed reference set
+(`reference_batches`: crops of the two photos scikit-learn ships) and reused by every later run: calibrating
+and quantizing cost ~14 s of CPU for Lite0 (bench/engine.py), a third of what int8 saves on a 3,500-photo set,
+so per-set calibration would eat the gain. It used to be measured on the training photos of the first int8 run
+in a cache, so a run's features (and elpv's balanced accuracy: 0.431 in one cache, 0.567 in another) depended on
+what that cache had seen before (issue 26); the ranges of one set's photos served another within the accuracy
+bench's margin, and a fixed set does the same without the history.
 
 The calibration is two small JSON files beside the export: the ranges (ONNX Runtime's calibration cache) and the
 float graph's mean input of each convolution (for the bias correction). The quantized graph is a pure function
@@ -26,24 +28,28 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from headstart.data.imageio import ImageDecodeError
 from headstart.paths import atomic_path
 from headstart.runtime import int8_weights
-from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, ViewsEngine
+from headstart.runtime.engines import Engine, OnnxEngine, ViewsEngine
 from headstart.runtime.export import open_cached
-from headstart.vision.preprocess import PreprocessConfig, load_views
+from headstart.vision.preprocess import PreprocessConfig, eval_transform
 
 log = logging.getLogger(__name__)
 
 INT8_PREFIX = "onnxruntime-cpu-int8"
-CALIBRATION_IMAGES = 64  # photos the ranges are measured on, spread over the training set
-MIN_CALIBRATION_IMAGES = 8  # fewer readable photos than this calibrate nothing: the run stays float32
+CALIBRATION_IMAGES = 64  # views of the reference photos the ranges are measured on
+
+
+# Names the calibration set in the ranges' file name: a cache whose ranges were measured on a run's photos (before
+# the fixed set) measures them again, once, instead of keeping its history.
+REFERENCE_SET = "ref1"
 
 
 def calibration_path(fp32: Path) -> Path:
     """Where the ranges of the float graph `fp32` are kept (one calibration per exported backbone)."""
-    return fp32.with_name(f"{fp32.stem}-int8-calibration.json")
+    return fp32.with_name(f"{fp32.stem}-int8-calibration-{REFERENCE_SET}.json")
 
 
 def means_path(calibration: Path) -> Path:
@@ -75,33 +81,24 @@ def quantized_path(fp32: Path, calibration: Path) -> Path:
     return fp32.with_name(f"{fp32.stem}-int8-{calibration_digest(calibration)}.onnx")
 
 
-def expected_kind(fp32: Path, can_calibrate: bool) -> str:
-    """The kind `int8_engine` will give, known without making it: int8 with the cached ranges; int8 with ranges
-    still to be measured (a kind no cache holds: the features cache re-keys once the engine names them); or
-    float32 when there are neither ranges nor photos to measure them on."""
+def expected_kind(fp32: Path) -> str:
+    """The kind `int8_engine` will give, known without making it: int8 with the cached ranges, or with ranges
+    still to be measured (a kind no cache holds: the features cache re-keys once the engine names them)."""
     calibration = calibration_path(fp32)
-    if _calibrated(calibration):
-        return int8_kind(calibration)
-    return INT8_PREFIX if can_calibrate else ONNX_CPU
+    return int8_kind(calibration) if _calibrated(calibration) else INT8_PREFIX
 
 
-def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig, photos: tuple[Path, ...]) -> Engine | None:
+def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig) -> Engine:
     """The int8 engine of the exported float graph `fp32` (and of its any-size twin when `pre` has a native
-    view): calibrated on `photos` when this backbone has no ranges yet, quantized once per ranges. Both graphs
-    are quantized at once, whichever this run needs, as the float export makes both at once: the twin took ~2 s
-    of the first cold train on small photos after a standard-size one had quantized the fixed graph alone. None
-    when there are no ranges and too few readable photos to measure them."""
+    view): calibrated on `reference_batches` when this backbone has no ranges yet, quantized once per ranges.
+    Both graphs are quantized at once, whichever this run needs, as the float export makes both at once: the twin
+    took ~2 s of the first cold train on small photos after a standard-size one had quantized the fixed graph
+    alone. Whatever the cache has seen, the same graph gives the same ranges, so the same int8 graph."""
     calibration = calibration_path(fp32)
     if not _calibrated(calibration):
-        batches = _calibration_batches(photos, pre)
-        if batches is None:  # a saved int8 model on a machine whose cache lacks the ranges: the nearest engine
-            log.warning("%s: no int8 calibration in this cache and %s; extracting in float32 instead", fp32.name,
-                        f"fewer than {MIN_CALIBRATION_IMAGES} readable photos to make one" if photos else
-                        "no training photos to make one")
-            return None
-        log.info("calibrating int8 on %d photos (once per backbone; kept in %s)", sum(map(len, batches)),
-                 calibration.parent)
-        calibrate(fp32, batches, calibration)
+        log.info("calibrating int8 on %d views of a fixed reference set (once per backbone; kept in %s)",
+                 CALIBRATION_IMAGES, calibration.parent)
+        calibrate(fp32, reference_batches(pre), calibration)
     kind = int8_kind(calibration)
     fixed = quantized_path(fp32, calibration)
     # The twin is the fixed graph with symbolic sizes (or one traced at a native size, by the same exporter from
@@ -122,17 +119,28 @@ def int8_engine(fp32: Path, any_size: Path | None, pre: PreprocessConfig, photos
     return open_cached(fixed, open_engine, make, (twin,) if twin is not None else ())
 
 
-def _calibration_batches(photos: tuple[Path, ...], pre: PreprocessConfig, batch: int = 16) -> list[np.ndarray] | None:
-    """Standard views of up to CALIBRATION_IMAGES photos spread evenly over `photos`, in batches."""
-    step = max(1, len(photos) // CALIBRATION_IMAGES)
+def reference_photos() -> list[Image.Image]:
+    """`CALIBRATION_IMAGES` fixed views for calibration, the same on every machine: crops at four scales over
+    the two photos scikit-learn ships (a Chinese temple and a flower, 640 x 427), flipped or not, every fourth
+    in grayscale (grayscale sets such as elpv's solar cells must fall inside the ranges too)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in load_sample_images().images]
     views = []
-    for path in photos[::step][:CALIBRATION_IMAGES]:
-        try:
-            views.append(load_views(path, pre)[0])
-        except (ImageDecodeError, OSError):
-            continue
-    if len(views) < MIN_CALIBRATION_IMAGES:
-        return None
+    for i in range(CALIBRATION_IMAGES):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        side = int(min(w, h) * (1.0, 0.75, 0.5, 0.35)[(i // 2) % 4])
+        x, y = (w - side) * ((i * 37) % 11) // 10, (h - side) * ((i * 53) % 7) // 6  # spread over the photo
+        view = img.crop((x, y, x + side, y + side))
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if (i // 8) % 2 else view
+        views.append(view.convert("L").convert("RGB") if i % 4 == 3 else view)
+    return views
+
+
+def reference_batches(pre: PreprocessConfig, batch: int = 16) -> list[np.ndarray]:
+    """The standard views of `reference_photos` as `pre` preprocesses them, in batches."""
+    views = [eval_transform(photo, pre) for photo in reference_photos()]
     return [np.stack(views[i:i + batch]) for i in range(0, len(views), batch)]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from headstart.api import ImageClassifier
 from headstart.cache.dataset import dataset_features
+from headstart.data import groups
 from headstart.data.scan import scan_folder
 from headstart.errors import DataError
 from headstart.evaluate.calibration import MIN_CALIBRATION, calibrate, measured
@@ -46,6 +47,7 @@ def score_folder(clf: ImageClassifier, folder: str | Path, progress: Progress | 
         dataset = scan_folder(folder, val_split=0.0, seed=clf.seed)
     else:
         whole = scan_folder(folder, val_split=clf.val_split, test_split=clf.test_split, seed=clf.seed)
+        whole = groups.apply_moves(whole, clf.decision_.moved)  # as training's near-duplicate groups left it
         dataset = dataclasses.replace(whole, samples=whole.subset(split))
     unknown = [c for c in dataset.classes if c not in clf.classes_]
     if unknown:

@@ -7,8 +7,8 @@ hand to inspection-like photos, each part decided by measurement on the run's ow
   transposed) about as well as upright, that symmetry carries no label and fine-tuning augments with it.
 - **Imbalance**: the loss weighted by inverse class frequency when the classes are skewed, and epochs judged by
   the class-balanced validation loss (`FinetuneConfig.balance`).
-- **Deeper and longer, within a time limit**: the stages trained and the epochs run are what fit the seconds
-  left of `--time-limit` (`finetune.fit_epochs` measures a training step before planning the schedule).
+- **Deeper and longer, within a time limit**: the epochs are planned from the number of photos
+  (`policy.deep_epochs`); `--time-limit` only caps them (no epoch starts that would end after it).
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ def _score(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean(proba.argmax(1) == y))
 
 
-def deep_config(base: FinetuneConfig, augment: str, budget_s: float) -> FinetuneConfig:
-    """Stage 2's settings for a weak head: `policy.DEEP_UNFREEZE` stages for up to `policy.DEEP_EPOCHS`, the
-    epochs that fit `budget_s` (`finetune.fit_epochs`), with the augmentation orientation allows (`base`
-    carries the class weighting)."""
-    return replace(base, unfreeze=policy.DEEP_UNFREEZE, epochs=policy.DEEP_EPOCHS, views=policy.DEEP_VIEWS,
-                   augment=augment, time_budget_s=max(1.0, budget_s))
+def deep_config(base: FinetuneConfig, augment: str, budget_s: float, n_train: int) -> FinetuneConfig:
+    """Stage 2's settings for a weak head: `policy.DEEP_UNFREEZE` stages for the epochs `policy.deep_epochs`
+    plans for `n_train` photos (fewer when validation stops improving, or when `budget_s` runs out first), with
+    the augmentation orientation allows (`base` carries the class weighting)."""
+    epochs = policy.deep_epochs(n_train)
+    return replace(base, unfreeze=policy.DEEP_UNFREEZE, epochs=epochs, views=policy.DEEP_VIEWS, augment=augment,
+                   time_budget_s=max(1.0, budget_s))

@@ -18,6 +18,7 @@ import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
 from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
+from headstart.data import groups
 from headstart.data.dataset import Dataset
 from headstart.data.scan import scan_folder, typical_short_side
 from headstart.errors import DataError, FinetuneError
@@ -77,12 +78,19 @@ def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_
         s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"), s.device)
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
+    dataset, grouping = groups.regroup(dataset, feats.paths, feats.features, feats.splits, feats.labels)
+    if grouping.moved:  # the same features, their rows in the new splits (read back from the cache); the run's
+        # own count of features taken from the cache is the first read's
+        feats = replace(dataset_features(dataset, frozen, s.device, NoProgress()), cached=feats.cached,
+                        failures=feats.failures)
+    groups.log_grouping(grouping)
     t2 = time.perf_counter()
     power = policy.balance_classes(s.balance, feats.counts(dataset.classes).get("train", {}))
     stage1 = fit_stage1(s, dataset, frozen, feats, progress, power)
     resized = spec.preprocess.input_size != standard.preprocess.input_size
     report = replace(stage1.report, timings={"scan_s": t1 - t0, "features_s": t2 - t1, "train_s": time.perf_counter() - t2},
-                     decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0))
+                     decision=replace(stage1.report.decision, native_input=spec.preprocess.input_size if resized else 0,
+                                      groups=groups.describe(grouping), moved=grouping.to))
     stage1 = replace(stage1, report=report)
 
     head_acc = report.val_metrics.accuracy if report.val_metrics else None
@@ -230,9 +238,9 @@ def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: P
     augment, why = deep.orientation_augment(start, s.device) if s.augment == "light" else (s.augment, "")
     budget = policy.finetune_budget(s.time_limit, time.perf_counter() - t_start, len(feats.paths),
                                     start.seconds_per_image)
-    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget)
-    plan = (f"{view}, top {cfg.unfreeze} stages trained for "
-            f"the epochs that fit {budget:.0f} s of --time-limit {s.time_limit:g} s, augment {cfg.augment}"
+    cfg = deep.deep_config(finetune_config(s, False, power), augment, budget, len(train_paths))
+    plan = (f"{view}, top {cfg.unfreeze} stages trained for {cfg.epochs} epochs "
+            f"(within {budget:.0f} s of --time-limit {s.time_limit:g} s), augment {cfg.augment}"
             + (f" ({why})" if why else "")
             + (f", classes weighted by inverse frequency ^ {power:g}" if balanced else ""))
     log.info("auto: %s", plan)

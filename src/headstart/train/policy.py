@@ -170,11 +170,13 @@ def keep_finetuned(strategy: str, head: Evaluation, tuned: Evaluation, balanced:
 # --- deep fine-tuning, when the head alone is weak (`train.deep`) ---------------------------------------------
 
 WHOLE_VIEW_SIDE = 256  # the whole photo at up to this size: the issue's reference recipe (a thin crack fades at 224)
-# The top stage and the final conv: what a CPU affords in minutes. Measured at 256 px on the shared 2-core machine
-# (ms per image, forward + backward): top 1 ~20, top 2 ~90, top 3 ~150, every stage ~400; an epoch of elpv's
-# 1,475 training photos costs ~30 s with the top stage, ~130 s with two, ~10 min with all.
+# The top stages and the final conv: what a CPU affords in minutes. Measured on the shared 2-core machine, fp32
+# torch, channels_last, ms per image forward + backward at 224 / 256 px: top 1 ~3 / 3, top 2 ~9 / 12, top 3 ~16 /
+# 20, every stage ~50 / 58 (an epoch of elpv's 1,474 training photos: ~5, ~15, ~25, ~80 s at 224 px, unloaded).
 DEEP_UNFREEZE = 1
-DEEP_EPOCHS = 12  # at most; the time limit usually sets fewer (`finetune.fit_epochs`)
+DEEP_EPOCHS = 12  # at most (`deep_epochs`); the time limit only caps them (`finetune.out_of_time`)
+DEEP_MIN_EPOCHS = 4
+DEEP_IMAGES_SEEN = 15000  # photos seen over the run: elpv's 1,474 training photos -> 10 epochs
 DEEP_VIEWS = 2  # stored augmented views per photo; epochs cycle through them
 DEEP_RESERVE_S = 20.0  # kept back from the time limit for the temperature, saving and the report
 
@@ -193,9 +195,11 @@ def finetune_budget(time_limit: float, elapsed: float, images: int, seconds_per_
     return time_limit - elapsed - 1.2 * images * seconds_per_image - DEEP_RESERVE_S
 
 
-def epochs_in_budget(budget_s: float, epoch_s: float, most: int) -> int:
-    """How many epochs of `epoch_s` seconds fit `budget_s`: at least one, at most `most`."""
-    return max(1, min(most, int(budget_s / max(epoch_s, 1e-6))))
+def deep_epochs(n_train: int) -> int:
+    """The epochs deep fine-tuning plans for `n_train` training photos: about `DEEP_IMAGES_SEEN` photos seen in
+    all, at least `DEEP_MIN_EPOCHS`, at most `DEEP_EPOCHS`. From the data, not the clock, so the same command on
+    the same photos trains the same model on any machine that finishes within the time limit."""
+    return max(DEEP_MIN_EPOCHS, min(DEEP_EPOCHS, round(DEEP_IMAGES_SEEN / max(n_train, 1))))
 
 
 # --- small photos --------------------------------------------------------------------------------------------

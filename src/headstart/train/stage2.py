@@ -54,7 +54,7 @@ def run_finetune(
     net = frozen.build_torch()
     boundary = boundary_for(net, cfg.unfreeze)
     store = BoundaryStore(dict(
-        weights=frozen.weights_id, boundary=boundary, views=cfg.views, augment=cfg.augment, seed=cfg.seed,
+        weights=frozen.weights_id, boundary=boundary, views=cfg.views, augment=_augment_key(cfg.augment), seed=cfg.seed,
         pre=pre.to_dict(), train=[content_key(p).hex() for p in train_paths],
         val=[content_key(p).hex() for p in val_paths],
     ))
@@ -116,6 +116,13 @@ def refit_head(
     state = fitted.state
     return Refit(fitted.head.cfg, state, (head_proba(fitted.head.cfg, state, x_va), y_va), got.part("test"),
                  fitted.candidates)
+
+
+def _augment_key(level: str) -> str:
+    """The augmentation as the store's key names it: flips and turns with their recipe's version."""
+    from headstart.vision.augment import TURNED_RECIPE
+
+    return f"{level}-{TURNED_RECIPE}" if level in ("flips", "turns") and TURNED_RECIPE > 1 else level
 
 
 def _std_floored(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
