@@ -12,18 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.cache.features import CachedFeatures, FeatureCache
-from headstart.paths import store_path
+from headstart.cache.features import CachedFeatures
+from headstart.cache.oriented import oriented_features
 from headstart.progress import Progress
 from headstart.records import TTAEvaluation
 from headstart.runtime.frozen import FrozenBackbone
-from headstart.vision.preprocess import load_views
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlippedFeatureCache", "TTAEvaluation", "averaged", "flipped_features"]
-
-FLIP_VIEW = "hflip"  # added to the cache key of mirrored images' features
+__all__ = ["TTAEvaluation", "averaged", "flipped_features"]
 
 
 def averaged(proba: np.ndarray, flipped: np.ndarray) -> np.ndarray:
@@ -31,29 +28,6 @@ def averaged(proba: np.ndarray, flipped: np.ndarray) -> np.ndarray:
     return (np.asarray(proba, np.float64) + np.asarray(flipped, np.float64)) / 2.0
 
 
-def _mirrored(views: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    # CHW arrays: the last axis is the width. The centre crop is symmetric, so mirroring the crop is cropping the
-    # mirrored photo (to within one pixel where the margins are odd).
-    return tuple(np.ascontiguousarray(v[..., ::-1]) for v in views)
-
-
-class FlippedFeatureCache(FeatureCache):
-    """`FeatureCache` of the mirrored images: its own folder (the key names the view), its own extraction."""
-
-    def _key_by(self, engine_kind: str) -> None:
-        self.engine_kind = engine_kind
-        parts = {**self.backbone.feature_key_parts(engine_kind), "view": FLIP_VIEW}
-        self.dir = store_path("features", parts, root=self.root)
-
-    def _views_of(self):
-        cfg = self.backbone.spec.preprocess
-        return lambda path: _mirrored(load_views(path, cfg))
-
-
 def flipped_features(paths: list[Path], frozen: FrozenBackbone, device: str, progress: Progress) -> CachedFeatures:
     """The mirrored images' features of `paths` (cached, or extracted now and cached)."""
-    progress.start("features of the mirrored images", len(paths))
-    cache = FlippedFeatureCache(frozen, engine_kind=frozen.engine_kind(device))
-    got = cache.features_for(paths, lambda: frozen.engine(device), progress.advance)
-    progress.finish()
-    return got
+    return oriented_features(paths, frozen, "hflip", device, progress, "features of the mirrored images")

@@ -12,7 +12,16 @@ from headstart.errors import UserError
 from headstart.paths import disk_full_error, short_of_room, store_key
 from headstart.runtime import quantize
 from headstart.runtime.device import int8_is_fast, pick_device
-from headstart.runtime.engines import ONNX_CPU, Engine, OnnxEngine, TorchEngine, ViewsEngine, any_size_path, torch_kind
+from headstart.runtime.engines import (
+    ONNX_CPU,
+    Engine,
+    OnnxEngine,
+    OrientedEngine,
+    TorchEngine,
+    ViewsEngine,
+    any_size_path,
+    torch_kind,
+)
 from headstart.runtime.export import export_onnx, known_failure, onnx_path_for, open_cached, remember_failure
 
 log = logging.getLogger(__name__)
@@ -97,7 +106,10 @@ class FrozenBackbone:
 
     def engine(self, device: str = "auto") -> Engine:
         """ONNX Runtime on the CPU (the export made once and cached; float32 torch when the export fails), torch
-        elsewhere. Its `kind` is what `engine_kind` foretells."""
+        elsewhere. Its `kind` is what `engine_kind` foretells. With `orientations` > 1 in the preprocessing, the
+        features are averaged over each batch's orientations (`OrientedEngine`)."""
+        if self.spec.preprocess.orientations > 1:
+            return OrientedEngine(self.upright().engine(device))
         device = self._choice(device).device
         if device != "cpu":
             return TorchEngine(self.build_torch(), device)
@@ -110,6 +122,14 @@ class FrozenBackbone:
         if self.engine_name == "int8" and not exported and not isinstance(fp32, TorchEngine):
             return self._int8_engine(path, twins) or fp32  # exported just now
         return fp32
+
+    def upright(self) -> "FrozenBackbone":
+        """This backbone seeing each photo once, as it stands (its engine choice kept)."""
+        return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=1)))
+
+    def oriented(self) -> "FrozenBackbone":
+        """This backbone averaging each photo's features over its eight orientations."""
+        return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=8)))
 
     def _fp32_engine(self, path: Path, twins: tuple[Path, ...], device: str) -> Engine:
         if self.spec.preprocess.native_size:

@@ -124,6 +124,10 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     model_dir = Path(model_dir)
     art = artifact.load(model_dir, with_backbone=False)
     record = art.record
+    if record.backbone.preprocess.orientations > 1:  # known before any work: nothing is written
+        raise ArtifactError(f"{model_dir} averages each photo over its {record.backbone.preprocess.orientations} "
+                            "orientations, which export cannot write into one ONNX graph yet; predict and serve "
+                            "run it as it is")
     target = Path(target) if target else model_dir / EXPORT_FILE
     images, source = parity_images(record, data)
     note = ""

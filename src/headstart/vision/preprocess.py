@@ -25,7 +25,9 @@ class PreprocessConfig:
     """timm-style pretrained config: resize the short side to size/crop_pct, centre-crop size, normalise.
 
     `native_size` > 0 adds a second view of the whole image at about the photos' own resolution (see
-    `with_native_view`); the features of both views are concatenated."""
+    `with_native_view`); the features of both views are concatenated. `orientations` 8: each view's features are
+    the mean over its eight turns and mirror images (`ORIENTATIONS`), for photos whose label no turn changes
+    (`train.oriented`)."""
 
     input_size: int = 224
     crop_pct: float = 0.875
@@ -33,13 +35,18 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     native_size: int = 0
+    orientations: int = 1
 
     @property
     def resize_size(self) -> int:
         return int(math.floor(self.input_size / self.crop_pct))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Without `orientations` when it is 1: models and feature caches from before it keep their keys."""
+        d = asdict(self)
+        if self.orientations == 1:
+            del d["orientations"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -50,7 +57,25 @@ class PreprocessConfig:
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
             native_size=int(d.get("native_size", 0)),  # models saved before native views have none
+            orientations=int(d.get("orientations", 1)),
         )
+
+
+# The eight turns and mirror images of a square view (the dihedral group): (transposed, flipped upside down,
+# flipped left-right), applied in that order to the last two axes of an array.
+ORIENTATIONS = {
+    "upright": (False, False, False), "hflip": (False, False, True), "vflip": (False, True, False),
+    "rot180": (False, True, True), "transpose": (True, False, False), "rot90": (True, False, True),
+    "rot270": (True, True, False), "transverse": (True, True, True),
+}
+
+
+def oriented(arr: np.ndarray, name: str) -> np.ndarray:
+    """`arr` (..., H, W) turned or mirrored as `ORIENTATIONS[name]` says; H == W when it transposes."""
+    transposed, upside_down, mirrored = ORIENTATIONS[name]
+    out = np.swapaxes(arr, -1, -2) if transposed else arr
+    out = out[..., ::-1, :] if upside_down else out
+    return np.ascontiguousarray(out[..., ::-1] if mirrored else out)
 
 
 VIEW_MULTIPLE = 32  # the network's total stride: sizes that divide evenly through every stage
