@@ -46,6 +46,7 @@ def make_clf(tiny_weights, ft_cache):
 def test_auto_stage2_decision_is_saved(make_clf, image_folder, tiny_weights, tmp_path, monkeypatch):
     monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
     monkeypatch.setattr(policy, "AUTO_WEAK_BALANCED", 2.0)
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: False)  # the labels depend on orientation: fine-tune
     clf = make_clf(strategy="auto").fit(image_folder)
     clf.save(tmp_path / "m")
     decision = json.loads((tmp_path / "m" / "headstart.json").read_text())["fit"]["decision"]

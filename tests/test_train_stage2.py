@@ -96,6 +96,7 @@ def test_auto_keeps_the_head_when_the_backbone_cannot_be_fine_tuned(tmp_path, mo
 
     monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
     monkeypatch.setattr(policy, "AUTO_WEAK_BALANCED", 1.01)  # stage 2 would run if the backbone allowed it
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: False)  # (after the oriented head, which loses here)
     weights = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(weights))
     data = make_image_folder(tmp_path / "photos", per_class=6)

@@ -229,7 +229,12 @@ def _listed(items: Sequence[str]) -> str:
 
 def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:
     line = f"{backbone}, {pre.input_size} px" + (" (the photos' own size: they are small)" if native_input else "")
-    return line + (f" + a {pre.native_size} px native view (the photos are small)" if pre.native_size else "")
+    if pre.native_size == pre.input_size:  # the oriented stage's second view (`train.oriented.oriented_base`)
+        line += " + the whole photo, uncropped"
+    elif pre.native_size:
+        line += f" + a {pre.native_size} px native view (the photos are small)"
+    return line + (f"; each photo's features averaged over its {pre.orientations} turns and mirror images"
+                   if pre.orientations > 1 else "")
 
 
 def _head_line(cfg, candidates: Sequence[HeadCandidate] | None) -> str:

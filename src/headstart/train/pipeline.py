@@ -100,6 +100,11 @@ def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_
                                                                       head_val_accuracy=head_acc)))
     if not run and s.strategy == "auto":
         log.info("auto: keeping the head alone (%s)", reason)
+    if run and s.strategy == "auto":  # the cheaper remedy first: no backbone training
+        stage1, oriented = fit_oriented(s, stage1, feats, progress)
+        if oriented is not None:
+            kept, feats = oriented
+            return with_temperature(kept, feats, kept.frozen, s.device)
     kept = fit_stage2(s, stage1, feats, progress, checkpoint_dir, resume, t0) if run else stage1
     # The temperature is fitted on the validation logits of the head validation chose; a head fitted after this
     # point (a refit on more data) keeps it: replace(its_config, temperature=kept.head_config.temperature).
@@ -167,6 +172,38 @@ def fit_stage1(s: Settings, dataset: Dataset, frozen: FrozenBackbone, feats: Dat
                                        test_metrics=out.evaluate(*feats.part("test"))))
 
 
+def fit_oriented(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress
+                 ) -> tuple[Fitted, tuple[Fitted, DatasetFeatures] | None]:
+    """`train.oriented` for a weak head: the head trained on each photo's eight orientations, features averaged
+    over them. Returns stage 1 with what was tried in its reason, and the oriented model with its features when
+    it validates better by `policy.score` (else None: the labels depend on the orientation)."""
+    from headstart.train import oriented
+
+    t0 = time.perf_counter()
+    base = oriented.oriented_base(stage1.frozen, s.device)
+    every = oriented.all_orientations(feats, stage1.frozen, base, s.device, progress)
+    report, head = stage1.report, stage1.report.val_metrics
+    fitted, ev = oriented.fit_oriented_head(every, feats, stage1.classes, report.train_config, progress)
+    won = policy.keep_oriented(ev, head, report.decision.balanced)
+    tried = (f"tried the head on all 8 turns and mirror images of each photo, features averaged over them: "
+             f"validation accuracy {ev.accuracy:.3f}, balanced {ev.balanced_accuracy:.3f}, against the upright "
+             f"head's {head.accuracy:.3f}, {head.balanced_accuracy:.3f} ({time.perf_counter() - t0:.0f} s)")
+    log.info("auto: %s", tried)
+    stage1 = _with_decision(stage1, reason=f"{report.decision.reason}; {tried}"
+                            + ("" if won else ": the labels depend on the orientation"))
+    if not won:
+        return stage1, None
+    averaged = oriented.oriented_dataset(feats, every)
+    report = stage1.report
+    decision = replace(report.decision, kept="oriented", head_candidates=fitted.candidates)
+    report = replace(report, decision=decision, history=fitted.history, train_config=fitted.train_config,
+                     val_metrics=ev, timings={**report.timings, "oriented_s": time.perf_counter() - t0})
+    out = Fitted(stage1.classes, base.oriented(), fitted.head.cfg, fitted.state, report, fitted.epoch_lrs)
+    if s.refit:  # measured: refitting it on train + validation cost elpv 0.6 / 2.5 points held out
+        log.info("--refit: the oriented head is kept as validation chose it, not refitted")
+    return stage1, (replace(out, report=replace(report, test_metrics=out.evaluate(*averaged.part("test")))), averaged)
+
+
 def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, checkpoint_dir: Path | None,
                resume: bool, t_start: float | None = None) -> Fitted:
     """Fine-tune the backbone from a head (stage 1's; with "auto", one fitted at the whole view `train.deep`
@@ -178,6 +215,10 @@ def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Pr
     decision, balanced = stage1.report.decision, stage1.report.decision.balanced
     power = stage1.report.train_config.balance_power if balanced else 0.0
     t0 = time.perf_counter()
+    if s.strategy == "auto" and s.time_limit - (time.perf_counter() - (t_start or t0)) <= policy.DEEP_RESERVE_S:
+        log.info("auto: no time left in --time-limit %g s to fine-tune", s.time_limit)
+        return _with_decision(stage1, reason=f"{decision.reason}; no time left in --time-limit {s.time_limit:g} s "
+                                             "to fine-tune")
     if s.strategy == "auto":  # the head is weak (`policy.decide_auto`): the deep recipe, in the time limit
         frozen, head_cfg, head_state, cfg, plan = _deep_start(s, stage1, feats, progress, t_start or t0)
         stage1 = _with_decision(stage1, plan=plan)

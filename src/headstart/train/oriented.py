@@ -1,0 +1,114 @@
+"""Stage 2 of "auto" for a weak head: the head trained on every turn and mirror image of the training photos, and
+predicting from each photo's features averaged over its eight orientations.
+
+Inspection photos (solar cells, steel, tiles, X-rays) have no up: a crack turned 90 degrees is the same crack. The
+eight orientations multiply the training photos by eight for the price of extracting their features (no
+backbone training), and averaging a photo's features over them gives the head one steady view of it. On elpv
+(the acceptance split, `docs/domains.md`) this beat deep fine-tuning of the top stage in a tenth of its time, which
+never beat its own start there. It is kept only when it validates better than the upright head: a set whose
+labels depend on the orientation (digits, text, street scenes) keeps that head.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+
+from headstart.cache.dataset import DatasetFeatures
+from headstart.cache.oriented import oriented_features
+from headstart.errors import DataError
+from headstart.evaluate.metrics import evaluate
+from headstart.heads.config import HeadConfig, head_proba
+from headstart.heads.params import HeadParams
+from headstart.numeric import mean_features
+from headstart.progress import NoProgress, Progress
+from headstart.records import Evaluation, TrainConfig
+from headstart.runtime.frozen import FrozenBackbone
+from headstart.train import policy
+from headstart.train.fit_head import FittedHead, fit_best_head
+from headstart.vision.preprocess import ORIENTATIONS
+
+log = logging.getLogger(__name__)
+
+
+def oriented_base(frozen: FrozenBackbone, device: str) -> FrozenBackbone:
+    """The upright backbone the oriented stage extracts with:
+    float32 where the run's engine is int8: a weak head needs the fine distinctions int8's rounding blurs (on
+    elpv's own validation split the head on float32 features scored 0.791 accuracy / 0.639 balanced, on int8
+    features 0.767 / 0.594, docs/domains.md). The whole photo as a second view beside the centre crop did not
+    pay there: 0.790 / 0.627 held out against 0.801 / 0.643, for twice the extraction (377 s against 190 s); nor
+    did the whole photo alone at its own size (288 px), which validated 0.752 / 0.535 against the crop's 0.779 /
+    0.565."""
+    upright = frozen.upright()
+    return upright.with_engine("fp32", (), device) if upright.engine_name == "int8" else upright
+
+
+def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: FrozenBackbone, device: str,
+                     progress: Progress) -> np.ndarray:
+    """[8, rows, features]: each row's features by `base` in each orientation (`ORIENTATIONS`' order); the upright
+    ones are `feats`' own when `base` computes what `frozen` did. A photo that read once reads again; should one
+    fail now, the run stops with its name."""
+    out = []
+    for name in ORIENTATIONS:
+        if name == "upright" and (base.spec, base.engine_name) == (frozen.spec, frozen.engine_name):
+            out.append(np.asarray(feats.features, np.float32))
+            continue
+        got = oriented_features(feats.paths, base, name, device, progress, f"features, {name}")
+        if got.failures:
+            path, why = got.failures[0]
+            raise DataError(f"{path} could be read once but not again ({why}); check the disk and run again")
+        out.append(np.asarray(got.features, np.float32))
+    return np.stack(out)
+
+
+def oriented_dataset(feats: DatasetFeatures, every: np.ndarray) -> DatasetFeatures:
+    """`feats` with each row's features averaged over its orientations: what the oriented model computes."""
+    return replace(feats, features=mean_features(every))
+
+
+def fit_oriented_head(every: np.ndarray, feats: DatasetFeatures, classes: tuple[str, ...], cfg: TrainConfig,
+                      progress: Progress) -> tuple[FittedHead, Evaluation]:
+    """`policy.ORIENTED_SEEDS` hidden-layer heads (`policy.oriented_head`), each trained from its own seed on each
+    orientation of the training rows as a photo of its own and stopped on the validation rows' averaged features,
+    two at a time (one core each); merged into one head whose logits are their mean (`merge_heads`), with its
+    validation scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    train, val = feats.splits == "train", feats.splits == "val"
+    x_train = every[:, train].reshape(-1, every.shape[2])
+    y_train = np.tile(feats.labels[train], every.shape[0])
+    x_val, y_val = mean_features(every[:, val]), feats.labels[val]
+    head_cfg, head_train = policy.oriented_head(HeadConfig(every.shape[2], len(classes)), cfg)
+    seeds = [replace(head_train, seed=head_train.seed + k) for k in range(policy.ORIENTED_SEEDS)]
+    bars = [progress] + [NoProgress()] * (len(seeds) - 1)  # one bar for the lot
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fitted = list(pool.map(lambda c, bar: fit_best_head([(head_cfg, c)], x_train, y_train, x_val, y_val, bar),
+                               seeds, bars))
+    merged_cfg, merged = merge_heads(head_cfg, [f.state for f in fitted])
+    first = fitted[0]
+    out = replace(first, head=_params(merged_cfg, merged), candidates=tuple(c for f in fitted for c in f.candidates))
+    return out, evaluate(y_val, head_proba(merged_cfg, merged, x_val), classes)
+
+
+def merge_heads(cfg: HeadConfig, states: list[dict[str, np.ndarray]]) -> tuple[HeadConfig, dict[str, np.ndarray]]:
+    """Heads of one hidden layer, standardised alike, as one head whose logits are the mean of theirs: their hidden
+    units side by side, each one's output weights divided by their number. Exact: a ReLU unit feeds only its own
+    head's output."""
+    if len(cfg.hidden) != 1 or any(not np.array_equal(st["mean"], states[0]["mean"]) or
+                                   not np.array_equal(st["std"], states[0]["std"]) for st in states):
+        raise ValueError("only heads of one hidden layer, standardised alike, merge")
+    k = len(states)
+    merged = {"mean": states[0]["mean"], "std": states[0]["std"],
+              "layers.1.weight": np.concatenate([st["layers.1.weight"] for st in states]),
+              "layers.1.bias": np.concatenate([st["layers.1.bias"] for st in states]),
+              "layers.4.weight": (np.concatenate([st["layers.4.weight"] for st in states], axis=1) / k
+                                  ).astype(np.float32),
+              "layers.4.bias": (np.mean([st["layers.4.bias"] for st in states], axis=0)).astype(np.float32)}
+    return replace(cfg, hidden=(cfg.hidden[0] * k,)), merged
+
+
+def _params(cfg: HeadConfig, state: dict[str, np.ndarray]) -> HeadParams:
+    return HeadParams(cfg, state["mean"], state["std"], [state["layers.1.weight"], state["layers.4.weight"]],
+                      [state["layers.1.bias"], state["layers.4.bias"]], training=False)

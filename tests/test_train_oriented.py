@@ -1,0 +1,135 @@
+"""Oriented training (`train.oriented`, issue 26): the eight orientations are the dihedral group, the oriented
+engine averages over them (so it cannot tell a photo from its turns), the setting travels with the preprocessing
+(absent when off: older keys unchanged), and "auto" with a weak head keeps an oriented model only when it validates
+better; once kept, the saved model predicts from the very features training scored its validation on; its seeds' heads
+merge into one whose logits are their mean."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from helpers_models import TINY_BACKBONE
+from headstart.numeric import mean_features
+from headstart.runtime.engines import OrientedEngine
+from headstart.train import policy
+from headstart.vision.preprocess import ORIENTATIONS, PreprocessConfig, oriented
+
+
+def test_the_eight_orientations_are_the_turns_and_mirror_images_of_a_square() -> None:
+    a = np.random.default_rng(0).normal(size=(2, 3, 5, 5))
+    expected = {np.rot90(m, k, axes=(-2, -1)).tobytes() for k in range(4) for m in (a, a[..., ::-1])}
+    got = {name: oriented(a, name) for name in ORIENTATIONS}
+    assert {g.tobytes() for g in got.values()} == expected and len(got) == 8
+    assert np.array_equal(got["hflip"], a[..., ::-1]) and np.array_equal(got["upright"], a)
+    assert all(g.flags["C_CONTIGUOUS"] for g in got.values())
+
+
+class _Positional:
+    """An engine whose features depend on where things are: each row's pixels, flattened (not turn-invariant)."""
+
+    kind = "test"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return batch.reshape(len(batch), -1).astype(np.float32)
+
+
+def test_the_oriented_engine_averages_the_orientations_and_cannot_tell_a_photo_from_its_turns() -> None:
+    batch = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
+    inner = _Positional()
+    engine = OrientedEngine(inner)
+    got = engine(batch)
+    assert inner.calls == 8 and engine.kind == "test"
+    assert np.array_equal(got, mean_features(inner(oriented(batch, n)) for n in ORIENTATIONS))
+    for name in ORIENTATIONS:  # the group is closed: any turn of the photo gives the same mean
+        np.testing.assert_allclose(engine(oriented(batch, name)), got, atol=1e-6)
+    assert not np.allclose(inner(oriented(batch, "rot90")), inner(batch))  # the inner engine could tell
+
+
+def test_orientations_travel_with_the_preprocessing_and_are_absent_when_off() -> None:
+    assert "orientations" not in PreprocessConfig().to_dict()  # older models and feature caches keep their keys
+    on = PreprocessConfig(orientations=8)
+    assert on.to_dict()["orientations"] == 8 and PreprocessConfig.from_dict(on.to_dict()) == on
+    assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()).orientations == 1
+
+
+def test_keep_oriented_only_when_it_validates_better() -> None:
+    from headstart.evaluate.metrics import evaluate
+
+    y = np.array([0, 0, 0, 1])
+    good = evaluate(y, np.eye(2)[[0, 0, 0, 1]], ("a", "b"))
+    worse = evaluate(y, np.eye(2)[[0, 0, 0, 0]], ("a", "b"))
+    assert policy.keep_oriented(good, worse, balanced=True) and not policy.keep_oriented(worse, good, True)
+    assert not policy.keep_oriented(good, good, True)
+
+
+@pytest.fixture
+def weak_auto(tiny_weights, tiny_cache, monkeypatch):
+    """ImageClassifier factory whose head always counts as weak (so "auto" goes on past stage 1)."""
+    from headstart import ImageClassifier
+
+    monkeypatch.setattr(policy, "AUTO_MIN_TRAIN_IMAGES", 1)
+    monkeypatch.setattr(policy, "AUTO_WEAK_BALANCED", 2.0)
+    return functools.partial(ImageClassifier, TINY_BACKBONE, weights=tiny_weights, epochs=4, device="cpu",
+                             strategy="auto")
+
+
+def test_a_kept_oriented_model_predicts_from_the_features_its_validation_was_scored_on(weak_auto, image_folder,
+                                                                                       tmp_path, monkeypatch):
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: True)
+    clf = weak_auto().fit(image_folder)
+    d = clf.decision_
+    assert d.kept == "oriented" and d.stage2 is None and "8 turns and mirror images" in d.reason
+    clf.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "headstart.json").read_text())
+    assert saved["fit"]["decision"]["kept"] == "oriented"
+    from headstart import ImageClassifier
+
+    loaded = ImageClassifier.load(tmp_path / "m")
+    assert loaded.decision_.kept == "oriented"
+    scored = clf.validation_  # the kept model on its validation split, as training computed it
+    got = loaded.predict_proba(scored.paths)
+    np.testing.assert_array_equal(got, clf.predict_proba(scored.paths))
+    from headstart.heads.config import head_proba
+
+    expected = head_proba(loaded.head_config_, loaded.head_state_, scored.features)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_an_oriented_model_that_validates_no_better_is_not_kept(weak_auto, image_folder, monkeypatch):
+    from headstart.train import pipeline
+
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: False)
+    went_on = []
+    monkeypatch.setattr(pipeline, "fit_stage2", lambda s, stage1, *a, **k: went_on.append(stage1) or stage1)
+    clf = weak_auto().fit(image_folder)
+    assert clf.decision_.kept == "head" and clf.frozen_.spec.preprocess.orientations == 1
+    assert len(went_on) == 1  # deep fine-tuning is tried next, knowing what was tried
+    assert "the labels depend on the orientation" in went_on[0].report.decision.reason
+
+
+def test_merged_heads_give_the_mean_of_their_logits() -> None:
+    from headstart.heads.config import HeadConfig, head_logits_numpy
+    from headstart.train.oriented import merge_heads
+
+    rng = np.random.default_rng(0)
+    cfg = HeadConfig(6, 3, hidden=(4,))
+    base = {"mean": rng.normal(size=6).astype(np.float32), "std": rng.uniform(1, 2, 6).astype(np.float32)}
+    states = [{**base, "layers.1.weight": rng.normal(size=(4, 6)).astype(np.float32),
+               "layers.1.bias": rng.normal(size=4).astype(np.float32),
+               "layers.4.weight": rng.normal(size=(3, 4)).astype(np.float32),
+               "layers.4.bias": rng.normal(size=3).astype(np.float32)} for _ in range(3)]
+    merged_cfg, merged = merge_heads(cfg, states)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    expected = np.mean([head_logits_numpy(st, cfg, x) for st in states], axis=0)
+    assert merged_cfg.hidden == (12,)
+    np.testing.assert_allclose(head_logits_numpy(merged, merged_cfg, x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        merge_heads(cfg, [states[0], {**states[1], "mean": base["mean"] + 1}])
