@@ -70,6 +70,11 @@ def test_keep_oriented_only_when_it_validates_better() -> None:
     assert not policy.keep_oriented(good, good, True)
 
 
+def test_the_oriented_stage_is_skipped_when_its_features_would_not_fit_in_memory() -> None:
+    assert policy.oriented_fits(1843, 1904)  # elpv
+    assert not policy.oriented_fits(20_000, 1904)
+
+
 @pytest.fixture
 def weak_auto(tiny_weights, tiny_cache, monkeypatch):
     """ImageClassifier factory whose head always counts as weak (so "auto" goes on past stage 1)."""

@@ -179,6 +179,9 @@ def fit_oriented(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: 
     it validates better by `policy.score` (else None: the labels depend on the orientation)."""
     from headstart.train import oriented
 
+    if not policy.oriented_fits(len(feats.paths), feats.features.shape[1]):
+        why = f"{len(feats.paths)} photos' 8 orientations would not fit {policy.ORIENTED_MAX_BYTES / 1e9:g} GB"
+        return _with_decision(stage1, reason=f"{stage1.report.decision.reason}; {why}"), None
     t0 = time.perf_counter()
     base = oriented.oriented_base(stage1.frozen, s.device)
     every = oriented.all_orientations(feats, stage1.frozen, base, s.device, progress)

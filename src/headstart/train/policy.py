@@ -80,12 +80,20 @@ ORIENTED_PATIENCE = 5
 # Heads trained from this many seeds and merged (`train.oriented.merge_heads`): 4 scored 0.795 / 0.613 on elpv's
 # held-out photos against one's 0.801 / 0.643 (both within the spread of one seed's runs), for twice the time.
 ORIENTED_SEEDS = 1
+# The 8 orientations' features and the training rows made of them are held in memory, about twice 8 x photos x
+# features x 4 bytes (elpv: 0.22 GB); above this the stage is skipped, and says so.
+ORIENTED_MAX_BYTES = 1.5e9
 
 
 def oriented_head(shape: HeadConfig, cfg: TrainConfig) -> tuple[HeadConfig, TrainConfig]:
     """The head the oriented stage trains `ORIENTED_SEEDS` times (and merges), with its training config."""
     short = replace(cfg, epochs=min(cfg.epochs, ORIENTED_EPOCHS), patience=min(cfg.patience, ORIENTED_PATIENCE))
     return replace(shape, hidden=ORIENTED_HIDDEN, dropout=ORIENTED_HIDDEN_DROPOUT), short
+
+
+def oriented_fits(photos: int, features: int) -> bool:
+    """Whether the oriented stage's features of `photos` photos fit `ORIENTED_MAX_BYTES`."""
+    return 2 * 8 * photos * features * 4 <= ORIENTED_MAX_BYTES
 
 
 def keep_oriented(oriented: Evaluation, head: Evaluation, balanced: bool) -> bool:
