@@ -71,14 +71,13 @@ def head_candidates(
 # photo's features averaged over its orientations to predict) it scored 0.775 / 0.590 balanced on that validation
 # (0.819 / 0.677 on the held-out photos) over 30 epochs; at dropout 0 and weight decay 0.01, 0.759 / 0.565 (0.803
 # / 0.621). In the pipeline (its grouped split) a linear head beside it reached the higher validation loss (0.738
-# against 0.721), and 30 epochs with patience 10 scored 0.797 / 0.629 held out against 20 with patience 5's 0.801
-# / 0.643.
+# against 0.721-0.723). Held out, 20 epochs with patience 5 and 30 with patience 10 both gave 0.797 / 0.629.
 ORIENTED_HIDDEN = (256,)
 ORIENTED_HIDDEN_DROPOUT = 0.2
 ORIENTED_EPOCHS = 20
 ORIENTED_PATIENCE = 5
 # Heads trained from this many seeds and merged (`train.oriented.merge_heads`): 4 scored 0.795 / 0.613 on elpv's
-# held-out photos against one's 0.801 / 0.643 (both within the spread of one seed's runs), for twice the time.
+# held-out photos against one's 0.797 / 0.629, for twice the time.
 ORIENTED_SEEDS = 1
 # The 8 orientations' features and the training rows made of them are held in memory, about twice 8 x photos x
 # features x 4 bytes (elpv: 0.22 GB); above this the stage is skipped, and says so.
