@@ -92,6 +92,15 @@ def test_a_kept_oriented_model_predicts_from_the_features_its_validation_was_sco
     clf = weak_auto().fit(image_folder)
     d = clf.decision_
     assert d.kept == "oriented" and d.stage2 is None and "8 turns and mirror images" in d.reason
+    from rich.console import Console
+
+    from headstart.cli import render
+
+    console = Console(record=True, width=200)
+    console.print(render.train_summary(clf, image_folder, TINY_BACKBONE, tmp_path, None))
+    summary = " ".join(console.export_text().split())
+    assert "averaged over its 8 turns and mirror images" in summary and "kept oriented" in summary
+    assert "s (the oriented head, with its 8 orientations' extraction)" in summary
     clf.save(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "headstart.json").read_text())
     assert saved["fit"]["decision"]["kept"] == "oriented"
