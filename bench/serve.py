@@ -118,9 +118,9 @@ def wait_until_healthy(url: str) -> None:
             time.sleep(0.2)
 
 
-def post_photo(url: str, files: dict, stop: float, max_requests: int, lat: list[float], errors: list[int]) -> None:
-    """One normal client: POST the photo until `stop` (at most `max_requests` times), each latency into `lat`
-    and each failed or refused request counted in `errors[0]`."""
+def timed_posts(url: str, stop: float, max_requests: int, **post):
+    """POST to `url`/predict with `post` (httpx's keywords) until `stop`, at most `max_requests` times: yields each
+    (status, seconds), status 0 where the request failed."""
     import httpx
 
     with httpx.Client(timeout=30) as c:
@@ -129,11 +129,18 @@ def post_photo(url: str, files: dict, stop: float, max_requests: int, lat: list[
                 return
             t0 = time.perf_counter()
             try:
-                ok = c.post(f"{url}/predict", files=files).status_code == 200
+                status = c.post(f"{url}/predict", **post).status_code
             except httpx.HTTPError:
-                ok = False
-            lat.append(time.perf_counter() - t0)
-            errors[0] += not ok
+                status = 0
+            yield status, time.perf_counter() - t0
+
+
+def post_photo(url: str, files: dict, stop: float, max_requests: int, lat: list[float], errors: list[int]) -> None:
+    """One normal client: POST the photo until `stop` (at most `max_requests` times), each latency into `lat`
+    and each failed or refused request counted in `errors[0]`."""
+    for status, seconds in timed_posts(url, stop, max_requests, files=files):
+        lat.append(seconds)
+        errors[0] += status != 200
 
 
 def normal_clients(url: str, files: dict, stop: float, max_requests: int, lat: list[float], errors: list[int],
@@ -236,17 +243,10 @@ def mixed_load(model: Path, photo: Path, env: dict, load_s: float, max_requests:
         rss: list[float] = [rss_mib(proc.pid)]
 
         def bombs(stop: float, statuses: list[int], took: list[float]) -> None:
-            with httpx.Client(timeout=30) as c:
-                for _ in range(max_requests):
-                    if time.monotonic() > stop:
-                        return
-                    t0 = time.perf_counter()
-                    try:
-                        statuses.append(c.post(f"{url}/predict", content=bomb, headers={
-                            "content-type": "multipart/form-data; boundary=bOmB"}).status_code)
-                    except httpx.HTTPError:
-                        statuses.append(0)
-                    took.append(time.perf_counter() - t0)
+            for status, seconds in timed_posts(url, stop, max_requests, content=bomb,
+                                               headers={"content-type": "multipart/form-data; boundary=bOmB"}):
+                statuses.append(status)
+                took.append(seconds)
 
         def sample(stop: float) -> None:
             while time.monotonic() < stop + 1:
