@@ -117,3 +117,30 @@ def test_training_says_how_many_groups_it_kept_together(tmp_path, tiny_weights, 
                                tuple((p.replace(str(tmp_path), str(tmp_path / "again")), s)
                                      for p, s in clf.decision_.moved))
     assert clf.decision_.moved and sum(s.split == "val" for s in again.samples) == clf.val_metrics_.n
+
+
+def test_a_json_lines_manifests_group_key_counts_like_a_csv_column(tmp_path):
+    import json
+
+    rows = [line.split(",") for line in _manifest(tmp_path).read_text().splitlines()[1:]]
+    jsonl = tmp_path / "photos.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": p, "label": lab, "Group": g}) + "\n" for p, lab, g in rows))
+    named = groups.manifest_groups(jsonl)
+    assert len(named) == 24 and len(set(named.values())) == 6
+    assert named == groups.manifest_groups(tmp_path / "photos.csv")
+    ds = scan_folder(jsonl, val_split=0.3, seed=3)
+    paths = [s.path for s in ds.samples]
+    splits, labels = np.array([s.split for s in ds.samples]), np.array([s.label for s in ds.samples])
+    _, grouping = groups.regroup(ds, paths, np.zeros((len(paths), 4)), splits, labels)
+    assert grouping.source == "manifest" and grouping.groups == 6
+
+
+def test_cross_validation_keeps_each_group_in_one_fold_and_says_so(tmp_path, tiny_weights, tiny_cache):
+    from headstart import ImageClassifier
+    from headstart.records import CrossValidation
+    from helpers_models import TINY_BACKBONE
+
+    clf = ImageClassifier(TINY_BACKBONE, weights=tiny_weights, epochs=3, device="cpu", strategy="head", cv=3)
+    clf.fit(_manifest(tmp_path))
+    assert clf.cv_ is not None and clf.cv_.folds == 3 and clf.cv_.groups == 6
+    assert CrossValidation.from_dict(clf.cv_.to_dict()) == clf.cv_

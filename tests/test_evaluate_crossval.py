@@ -86,3 +86,34 @@ def test_cross_validating_fixed_settings_scores_each_fold_by_a_head_that_never_s
     hits = head_proba(HeadConfig(x.shape[1], 3), state, x[fold_of == 0]).argmax(1) == y[fold_of == 0]
     assert cv.fold_accuracies[0] == pytest.approx(hits.mean())
     assert CrossValidation.from_dict(cv.to_dict()) == cv
+
+
+def test_a_group_shares_one_fold_and_the_folds_stay_stratified() -> None:
+    from headstart.evaluate.crossval import kept_groups
+
+    labels = np.repeat([0, 1, 2], [40, 24, 12])
+    groups = np.arange(len(labels)) // 4  # parts of four photos of one class
+    folds = stratified_folds(labels, 5, seed=3, groups=groups)
+    assert all(len(set(folds[groups == g])) == 1 for g in np.unique(groups))
+    assert kept_groups(groups, folds) == len(np.unique(groups))
+    for cls in range(3):
+        sizes = np.bincount(folds[labels == cls], minlength=5)
+        assert sizes.max() - sizes.min() <= 4  # one group's size
+    # photos each alone: the folds are those without groups
+    assert np.array_equal(stratified_folds(labels, 5, 3, np.arange(len(labels))), stratified_folds(labels, 5, 3))
+    assert kept_groups(None, folds) == 0
+
+
+def test_grouped_folds_score_the_model_not_its_copies() -> None:
+    """Random labels, each photo stored twice: folds that split a pair score the copy (near 100 %), folds that keep
+    it together score what the features say of the label (chance)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 256)).astype(np.float32)  # as many features as photos: any labels can be learnt
+    y = rng.integers(0, 2, 60)
+    x2, y2 = np.concatenate([x, x + 0.01 * rng.normal(size=x.shape).astype(np.float32)]), np.concatenate([y, y])
+    pairs = np.concatenate([np.arange(60), np.arange(60)])
+    cfg = TrainConfig(epochs=40, seed=0, weight_decay=0.0)
+    leaky = cross_validate(x2, y2, 2, hidden=(), train_config=cfg)
+    honest = cross_validate(x2, y2, 2, hidden=(), train_config=cfg, groups=pairs)
+    assert leaky.accuracy > 0.75 and honest.accuracy < 0.65  # measured: 0.82 and 0.48
+    assert honest.groups == 60 and leaky.groups == 0

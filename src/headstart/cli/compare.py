@@ -50,7 +50,8 @@ def compare(
                                     progress=bars, engine=engine)
     render.out_console().print(results_table(results))
     chosen = best(results)
-    render.out_console().print(Text(f"best: {chosen.backbone} (5-fold accuracy {chosen.cv.accuracy:.1%})"))
+    grouped = f"; {chosen.cv.groups} groups of near-duplicates each kept in one fold" if chosen.cv.groups else ""
+    render.out_console().print(Text(f"best: {chosen.backbone} (5-fold accuracy {chosen.cv.accuracy:.1%}{grouped})"))
     if pick:
         _train(data, chosen.backbone, weights, out, val_split, seed, device, engine)
 

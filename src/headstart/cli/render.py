@@ -186,7 +186,8 @@ def _honest_rows(clf: ImageClassifier) -> list[tuple[str, str]]:
     if cv is not None:
         rows.append(("cross-validation", f"{cv.folds}-fold accuracy {_pct(cv.accuracy)}, 95% interval "
                      f"{_pct(cv.low)}-{_pct(cv.high)} (n={cv.n}, {cv.rows.replace('+', ' + ')}; at the settings "
-                     "validation chose)"))
+                     "validation chose" + (f"; {cv.groups} groups each kept in one fold" if cv.groups else "")
+                     + ")"))
     elif getattr(clf.report_, "cv_skipped", ""):
         rows.append(("cross-validation", f"not run: {clf.report_.cv_skipped}"))
     if refitted:

@@ -6,10 +6,10 @@ the model: on a grouped set the summary said 86 % balanced accuracy where held-o
 the head trains, the photos of each group are moved to the side most of them were on, and validation scores
 groups the model never saw.
 
-A group is what a manifest's `group` column says (the user knows the parts) or, else, photos whose backbone
-features are near-duplicates: centred, L2-normalised features with a cosine similarity of at least
-`GROUP_COSINE`, joined transitively up to `GROUP_MAX` photos a group, like `headstart check`'s near-duplicate findings (same measure and
-threshold: JPEG re-encodes of one hymenoptera photo scored a median 0.935 against it, brightened copies 0.986,
+A group is what a manifest's `group` column (CSV) or key (JSON Lines) says (the user knows the parts) or,
+else, photos whose backbone features are near-duplicates: centred, L2-normalised features with a cosine
+similarity of at least `GROUP_COSINE`, joined transitively up to `GROUP_MAX` photos a group, like `headstart
+check`'s near-duplicate findings (same measure and threshold: JPEG re-encodes of one hymenoptera photo scored a median 0.935 against it, brightened copies 0.986,
 no two distinct photos 0.85). Only splits headstart carved itself move: a validation folder or a manifest's
 `split` column is the user's choice, kept as given.
 """
@@ -17,6 +17,7 @@ no two distinct photos 0.85). Only splits headstart carved itself move: a valida
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections import Counter
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data.dataset import Dataset
+from headstart.records import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,22 @@ def _csv_columns(manifest: Path) -> list[dict[str, str]]:
         return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
 
 
+def _json_columns(manifest: Path) -> list[dict[str, str]]:
+    """A JSON Lines manifest's objects with lower-cased keys and text values (as `data.manifest` reads them; it
+    has checked every line by the time groups are read); [] for CSV."""
+    if manifest.suffix.lower() not in (".jsonl", ".ndjson"):
+        return []
+    with open(manifest, encoding="utf-8-sig") as f:
+        objects = [json.loads(line) for line in f if line.strip()]
+    return [{str(k).strip().lower(): "" if v is None else str(v).strip() for k, v in obj.items()}
+            for obj in objects if isinstance(obj, dict)]
+
+
 def manifest_groups(manifest: Path) -> dict[Path, str]:
-    """{resolved photo path: group} from a CSV manifest's `group` column (paths relative to the manifest's
-    folder, as `data.manifest` reads them); empty when there is no such column."""
+    """{resolved photo path: group} from a manifest's `group` column (CSV) or key (JSON Lines), paths relative to
+    the manifest's folder, as `data.manifest` reads them; empty when no row names a group."""
     out = {}
-    for row in _csv_columns(manifest):
+    for row in _csv_columns(manifest) or _json_columns(manifest):
         if row.get("path") and row.get(GROUP_COLUMN):
             out[(manifest.parent / os.path.expanduser(row["path"])).resolve()] = row[GROUP_COLUMN]
     return out
@@ -161,6 +174,13 @@ def group_ids(paths: list[Path], features: np.ndarray, labels: np.ndarray, named
     return near_duplicate_groups(features, labels), "features"
 
 
+def row_groups(source: DataSource | None, paths: list[Path], features: np.ndarray, labels: np.ndarray
+               ) -> tuple[np.ndarray, str]:
+    """`group_ids` of the rows `paths` of a dataset read from `source`: its manifest's groups, if it names any."""
+    named = manifest_groups(Path(source.path)) if source is not None and source.kind == "manifest" else {}
+    return group_ids(paths, features, labels, named)
+
+
 def regroup(dataset: Dataset, paths: list[Path], features: np.ndarray, splits: np.ndarray, labels: np.ndarray
             ) -> tuple[Dataset, Grouping]:
     """`dataset` with the groups of its carved train/val split each on one side (`keep_together`), given its
@@ -170,8 +190,7 @@ def regroup(dataset: Dataset, paths: list[Path], features: np.ndarray, splits: n
     if source is None or source.kind == "files" or user_split(source.kind, Path(source.path)) \
             or "val" not in set(splits.tolist()):
         return dataset, Grouping()
-    named = manifest_groups(Path(source.path)) if source.kind == "manifest" else {}
-    ids, how = group_ids(paths, features, labels, named)
+    ids, how = row_groups(source, paths, features, labels)
     new, grouping = keep_together(splits, labels, ids)
     grouping = replace(grouping, source=how)
     if not grouping.moved:

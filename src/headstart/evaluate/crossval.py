@@ -23,9 +23,18 @@ FOLDS = 5
 CONFIDENCE = 0.95
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
     """Each row's fold, 0..folds-1: every class dealt round-robin over the folds after a seeded shuffle, so
-    each fold holds each class's share to within one image."""
+    each fold holds each class's share to within one image. With `groups` (a group id per row, `data.groups`),
+    the rows of a group share a fold, as they share a side of the validation split (issue 26: a near-duplicate in
+    another fold scores the copy, not the model), the folds stratified as well as whole groups allow
+    (scikit-learn's `StratifiedGroupKFold`); with fewer groups than folds, or no group of two, as without."""
+    n_groups = len(np.unique(groups)) if groups is not None else 0
+    if groups is not None and folds <= n_groups < len(labels):
+        return _group_folds(labels, folds, seed, groups)
+    if groups is not None and n_groups < folds:
+        log.warning("cross-validation: %d groups of photos for %d folds; the folds do not keep groups together",
+                    n_groups, folds)
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), np.int64)
     offset = 0
@@ -35,6 +44,28 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarra
         out[rows] = (np.arange(len(rows)) + offset) % folds
         offset += len(rows)
     return out
+
+
+def _group_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray) -> np.ndarray:
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    out = np.empty(len(labels), np.int64)
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "the least populated class has fewer members than folds": as without groups
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            out[test] = fold
+    return out
+
+
+def kept_groups(groups: np.ndarray | None, fold_of: np.ndarray) -> int:
+    """How many groups of two or more rows lie whole in one fold."""
+    if groups is None:
+        return 0
+    ids, counts = np.unique(groups, return_counts=True)
+    return sum(len(np.unique(fold_of[groups == g])) == 1 for g in ids[counts > 1])
 
 
 def fold_count(labels: np.ndarray, folds: int = FOLDS) -> int:

@@ -139,18 +139,21 @@ class CrossValidation:
     high: float
 
     rows: str = "train"  # what was cross-validated: "train" (compare's folder), or "train+val" (train's)
+    groups: int = 0  # groups of two or more near-duplicates (or a manifest's groups) each kept in one fold
 
     def contains(self, accuracy: float) -> bool:
         return self.low <= accuracy <= self.high
 
     def to_dict(self) -> dict:
         return {"folds": self.folds, "n": self.n, "fold_accuracies": list(self.fold_accuracies),
-                "accuracy": self.accuracy, "low": self.low, "high": self.high, "rows": self.rows}
+                "accuracy": self.accuracy, "low": self.low, "high": self.high, "rows": self.rows,
+                **({"groups": self.groups} if self.groups else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CrossValidation":
         return cls(int(d["folds"]), int(d["n"]), tuple(float(a) for a in d.get("fold_accuracies", [])),
-                   float(d["accuracy"]), float(d["low"]), float(d["high"]), str(d.get("rows", "train")))
+                   float(d["accuracy"]), float(d["low"]), float(d["high"]), str(d.get("rows", "train")),
+                   int(d.get("groups", 0)))
 
 
 @dataclass(frozen=True)

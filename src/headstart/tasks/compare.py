@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data.dataset import Dataset
+from headstart.data.groups import row_groups
 from headstart.data.scan import scan_folder
 from headstart.errors import ConfigError, DataError
 from headstart.evaluate.crossval import FOLDS
@@ -77,7 +78,9 @@ def compare_one(dataset: Dataset, name: str, weights: Path | None, device: str, 
         raise DataError(f"{dataset.root}: {len(rows)} readable images; cross-validation needs at least 4")
     labels = feats.labels[rows]
     progress.start(f"cross-validating ({name})", None)
-    cv = cross_validate(np.asarray(feats.features[rows], np.float32), labels, len(dataset.classes), folds, seed)
+    x = np.asarray(feats.features[rows], np.float32)
+    ids = row_groups(dataset.source, [feats.paths[i] for i in rows], x, labels)[0]  # near-duplicates: one fold
+    cv = cross_validate(x, labels, len(dataset.classes), folds, seed, groups=ids)
     progress.finish()
     engine = frozen.engine(device)
     sample = [feats.paths[i] for i in np.linspace(0, len(feats.paths) - 1, min(THROUGHPUT_IMAGES,

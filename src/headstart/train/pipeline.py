@@ -135,7 +135,9 @@ def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures
         folds, skipped = policy.cv_folds(s.cv, len(y), x.shape[1], (head_cfg.hidden or (head_cfg.n_classes,))[0],
                                          epochs)
         folds, skipped = (folds, skipped) if len(y) >= 4 else (0, f"only {len(y)} images")
-        cv = cross_validate_settings(x, y, head_cfg, cfg, epochs, fitted.epoch_lrs, folds, s.seed) if folds else None
+        ids = groups.row_groups(report.source, [feats.paths[i] for i in rows], x, y)[0] if folds else None
+        cv = cross_validate_settings(x, y, head_cfg, cfg, epochs, fitted.epoch_lrs, folds, s.seed,
+                                     ids) if folds else None
         state = refit.result()[0].state_dict() if refit else fitted.refit_state if s.refit else None
     timings = {**report.timings, "refit_s": time.perf_counter() - t0}
     report = replace(report, cv=cv, cv_skipped=skipped, timings=timings)
