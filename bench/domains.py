@@ -143,8 +143,8 @@ def main() -> None:
             r = run_recipe(train, val, a.recipe_epochs, env) if run == "recipe" else \
                 run_headstart(train, val, RUNS[run], a.work, env)
             recall = ", ".join(f"{c} {v:.2f}" for c, v in r["recall"].items())
-            val = " / ".join(f"{v:.3f}" for v in r["val"]) if r.get("val") else ""
-            print(f"| {name} | {run} | {r['accuracy']:.3f} | {r['balanced']:.3f} | {val} | {recall} | "
+            own = " / ".join(f"{v:.3f}" for v in r["val"]) if r.get("val") else ""  # not `val`: the held-out photos
+            print(f"| {name} | {run} | {r['accuracy']:.3f} | {r['balanced']:.3f} | {own} | {recall} | "
                   f"{r['seconds']:.0f} | {r['cpu_s']:.0f} | {r['rss_mib']:.0f} | {describe(r.get('decision'))} |",
                   flush=True)
 
