@@ -60,7 +60,7 @@ def model_only(engine: str, photos: list[Path], repeats: int = 7) -> float:
     from headstart.vision.preprocess import load_views
 
     spec = resolve("efficientnet_lite0")
-    run = FrozenBackbone.pretrained(spec).with_engine(engine, tuple(photos)).engine("cpu")
+    run = FrozenBackbone.pretrained(spec).with_engine(engine).engine("cpu")
     batch = np.stack([load_views(p, spec.preprocess)[0] for p in photos[:32]])
     run(batch)
     times = []

@@ -24,8 +24,8 @@ def _photos(folder: Path) -> tuple[Path, ...]:
     return tuple(sorted(folder.rglob("*.jpg")))
 
 
-def _backbone(tiny_weights: Path, engine: str = "int8", photos: tuple[Path, ...] = ()) -> FrozenBackbone:
-    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights).with_engine(engine, photos)
+def _backbone(tiny_weights: Path, engine: str = "int8") -> FrozenBackbone:
+    return FrozenBackbone.pretrained(resolve(TINY_BACKBONE), tiny_weights).with_engine(engine)
 
 
 def _features(backbone: FrozenBackbone, photos: tuple[Path, ...]) -> np.ndarray:
@@ -37,7 +37,7 @@ def _features(backbone: FrozenBackbone, photos: tuple[Path, ...]) -> np.ndarray:
 
 def test_int8_engine_is_calibrated_once_and_close_to_fp32(tiny_cache, tiny_weights, image_folder) -> None:
     photos = _photos(image_folder)
-    int8 = _backbone(tiny_weights, "int8", photos)
+    int8 = _backbone(tiny_weights, "int8")
     assert int8.engine_kind("cpu") == quantize.INT8_PREFIX  # ranges still to be measured: no cache holds this kind
     engine = int8.engine("cpu")
     assert engine.kind.startswith(quantize.INT8_PREFIX + "-") and engine.kind == int8.engine_kind("cpu")
@@ -56,7 +56,7 @@ def test_int8_features_are_cached_apart_from_fp32(tiny_cache, tiny_weights, imag
     from headstart.cache.features import FeatureCache
 
     photos = list(_photos(image_folder))
-    int8, fp32 = _backbone(tiny_weights, "int8", tuple(photos)), _backbone(tiny_weights, "fp32")
+    int8, fp32 = _backbone(tiny_weights, "int8"), _backbone(tiny_weights, "fp32")
     cache8 = FeatureCache(int8, engine_kind=int8.engine_kind("cpu"))
     first = cache8.features_for(photos, lambda: int8.engine("cpu"))
     assert first.hits == 0 and cache8.engine_kind.startswith(quantize.INT8_PREFIX + "-")  # re-keyed once named
@@ -104,9 +104,11 @@ def test_the_calibration_does_not_depend_on_what_the_cache_saw_first(tiny_onnx, 
     a = make_image_folder(tmp_path / "a", ("x", "y"), per_class=10, size=(64, 48), seed=1)
     b = make_image_folder(tmp_path / "b", ("u",), per_class=12, size=(40, 80), seed=2)
     kinds, feats = [], []
-    for name, photos in (("one", _photos(a)), ("two", _photos(b)), ("three", ())):
+    for name, first in (("one", _photos(a)), ("two", _photos(b)), ("three", ())):  # what each cache's first run saw
         monkeypatch.setenv("HEADSTART_CACHE", str(seed_tiny_export(tiny_onnx, tmp_path / f"cache-{name}")))
-        backbone = _backbone(tiny_weights, "int8", photos)
+        backbone = _backbone(tiny_weights, "int8")
+        if first:
+            _features(backbone, first)
         kinds.append(backbone.engine("cpu").kind)
         feats.append(_features(backbone, _photos(a)[:6]))
     assert kinds[0].startswith(quantize.INT8_PREFIX + "-") and len(set(kinds)) == 1
@@ -117,7 +119,7 @@ def test_the_calibration_does_not_depend_on_what_the_cache_saw_first(tiny_onnx, 
 
 
 def test_a_damaged_int8_graph_is_quantized_again(tiny_cache, tiny_weights, image_folder) -> None:
-    backbone = _backbone(tiny_weights, "int8", _photos(image_folder))
+    backbone = _backbone(tiny_weights, "int8")
     kind = backbone.engine("cpu").kind
     fp32 = onnx_path_for(backbone.spec, backbone.weights_id)
     graph = quantize.quantized_path(fp32, quantize.calibration_path(fp32))
@@ -129,13 +131,13 @@ def test_a_damaged_int8_graph_is_quantized_again(tiny_cache, tiny_weights, image
 def test_ranges_without_their_means_are_calibrated_again(tiny_cache, tiny_weights, image_folder) -> None:
     # A cache from before the bias correction holds the ranges alone: the next int8 run measures both again,
     # under a kind no earlier feature shares.
-    backbone = _backbone(tiny_weights, "int8", _photos(image_folder))
+    backbone = _backbone(tiny_weights, "int8")
     kind = backbone.engine("cpu").kind
     fp32 = onnx_path_for(backbone.spec, backbone.weights_id)
     calibration = quantize.calibration_path(fp32)
     quantize.means_path(calibration).unlink()
     assert backbone.engine_kind("cpu") == quantize.INT8_PREFIX
-    again = _backbone(tiny_weights, "int8", _photos(image_folder)).engine("cpu")
+    again = _backbone(tiny_weights, "int8").engine("cpu")
     assert again.kind.startswith(quantize.INT8_PREFIX + "-") and quantize.means_path(calibration).exists()
     assert again.kind == kind  # the same photos measure the same calibration
 
@@ -145,7 +147,7 @@ def test_native_view_runs_both_int8_graphs(tiny_cache, tiny_weights, image_folde
 
     spec = resolve(TINY_BACKBONE)
     spec = replace(spec, any_input_size=True, preprocess=replace(spec.preprocess, native_size=96))
-    backbone = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8", _photos(image_folder))
+    backbone = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8")
     engine = backbone.engine("cpu")
     assert isinstance(engine, ViewsEngine) and engine.kind.startswith(quantize.INT8_PREFIX + "-")
     assert engine.any_size.kind == engine.fixed.kind == engine.kind
@@ -159,7 +161,7 @@ def test_a_standard_size_int8_run_quantizes_the_any_size_twin_too(tiny_cache, ti
     from dataclasses import replace
 
     spec = replace(resolve(TINY_BACKBONE), any_input_size=True)
-    standard = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8", _photos(image_folder))
+    standard = FrozenBackbone.pretrained(spec, tiny_weights).with_engine("int8")
     assert not isinstance(standard.engine("cpu"), ViewsEngine)
     fp32 = onnx_path_for(standard.spec, standard.weights_id)
     calibration = quantize.calibration_path(fp32)
@@ -167,7 +169,7 @@ def test_a_standard_size_int8_run_quantizes_the_any_size_twin_too(tiny_cache, ti
     assert twin.exists()
     made = twin.stat().st_mtime_ns
     native = replace(spec, preprocess=replace(spec.preprocess, native_size=96))
-    engine = FrozenBackbone.pretrained(native, tiny_weights).with_engine("int8", _photos(image_folder)).engine("cpu")
+    engine = FrozenBackbone.pretrained(native, tiny_weights).with_engine("int8").engine("cpu")
     assert isinstance(engine, ViewsEngine) and twin.stat().st_mtime_ns == made
 
 

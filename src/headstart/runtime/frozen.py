@@ -83,11 +83,10 @@ class FrozenBackbone:
         weights = Path(weights) if weights else pretrained_weights_path(spec)
         return cls(spec, weights, weights_fingerprint(weights))
 
-    def with_engine(self, setting: str, photos: tuple[Path, ...] = (), device: str = "auto") -> "FrozenBackbone":
+    def with_engine(self, setting: str, device: str = "auto") -> "FrozenBackbone":
         """This backbone run on `device` by the engine `setting` names: the command's one `resolve_engine`, kept
-        for every later `engine` and `engine_kind`. `photos` is no longer used: int8 calibrates on a fixed
-        reference set (`quantize.reference_batches`) whatever photos a run has; callers that pass their training
-        photos are not wrong."""
+        for every later `engine` and `engine_kind`. No photos of the run: int8 calibrates on a fixed reference
+        set (`quantize.reference_batches`), so a run's features do not depend on what a cache saw before."""
         choice = resolve_engine(replace(self, choice=None), device, setting)
         return replace(self, engine_name=choice.name, choice=choice)
 

@@ -308,8 +308,7 @@ def _features(dataset: Dataset, keys: Sequence[bytes | None], backbone: str, wei
     try:
         # The engine resolved as `train` resolves it: `auto` is int8 on a VNNI CPU, whose features are cached
         # apart from float32's (check once looked for float32's after an int8 train and found none).
-        frozen = FrozenBackbone.pretrained(sized_spec(backbone, dataset), weights).with_engine(
-            engine, tuple(dataset.paths("train")), device)
+        frozen = FrozenBackbone.pretrained(sized_spec(backbone, dataset), weights).with_engine(engine, device)
     except WeightsError as exc:
         if deep:
             raise

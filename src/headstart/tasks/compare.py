@@ -69,8 +69,7 @@ def compare_one(dataset: Dataset, name: str, weights: Path | None, device: str, 
     from headstart.runtime.frozen import FrozenBackbone
 
     # The engine as `train` resolves it, so that the features it cached are found and --pick trains on the same.
-    frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights).with_engine(
-        engine, tuple(dataset.paths("train")), device)
+    frozen = FrozenBackbone.pretrained(sized_spec(name, dataset), weights).with_engine(engine, device)
     feats = dataset_features(dataset, frozen, device, progress, task=f"extracting features ({name})")
     extracted = len(feats.paths) - feats.cached
     rows = np.flatnonzero(feats.splits != "test")

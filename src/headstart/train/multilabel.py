@@ -65,8 +65,7 @@ def fit_multilabel(s: Settings, data: str | Path, progress: Progress) -> Fitted:
     ml = read_multilabel(data, val_split=s.val_split, test_split=s.test_split, seed=s.seed)
     train_paths = [p for p, split in zip(ml.paths, ml.splits) if split == "train"]
     spec = sized_for_paths(resolve(s.backbone), train_paths, s.native_view)
-    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
-        s.engine, tuple(train_paths), s.device)
+    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(s.engine, s.device)
     t1 = time.perf_counter()
     feats = path_features(list(ml.paths), np.arange(len(ml.paths)), ml.splits, frozen, s.device, progress,
                           "extracting features")

@@ -42,7 +42,7 @@ def oriented_base(frozen: FrozenBackbone, device: str) -> FrozenBackbone:
     did the whole photo alone at its own size (288 px), which validated 0.752 / 0.535 against the crop's 0.779 /
     0.565."""
     upright = frozen.upright()
-    return upright.with_engine("fp32", (), device) if upright.engine_name == "int8" else upright
+    return upright.with_engine("fp32", device) if upright.engine_name == "int8" else upright
 
 
 def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: FrozenBackbone, device: str,

@@ -74,8 +74,7 @@ def fit(s: Settings, data: str | Path | Dataset, progress: Progress, checkpoint_
     standard = resolve(s.backbone)
     # "auto" starts as "head" does: its stage 2, when the head is weak, chooses its own view (`train.deep`).
     spec = sized_for_photos(standard, dataset, s.native_view, fine_tuning=s.strategy == "finetune")
-    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(
-        s.engine, tuple(sample.path for sample in dataset.samples if sample.split == "train"), s.device)
+    frozen = FrozenBackbone.pretrained(spec, Path(s.weights) if s.weights else None).with_engine(s.engine, s.device)
     t1 = time.perf_counter()
     feats = dataset_features(dataset, frozen, s.device, progress)
     dataset, grouping = groups.regroup(dataset, feats.paths, feats.features, feats.splits, feats.labels)
