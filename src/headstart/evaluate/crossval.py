@@ -33,7 +33,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0, groups: np.n
     if groups is not None and folds <= n_groups < len(labels):
         return _group_folds(labels, folds, seed, groups)
     if groups is not None and n_groups < folds:
-        log.warning("cross-validation: %d groups of photos for %d folds; the folds do not keep groups together",
+        log.info("cross-validation: %d groups of photos for %d folds; the folds do not keep groups together",
                     n_groups, folds)
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), np.int64)
