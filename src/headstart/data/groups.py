@@ -9,9 +9,9 @@ groups the model never saw.
 A group is what a manifest's `group` column (CSV) or key (JSON Lines) says (the user knows the parts) or,
 else, photos whose backbone features are near-duplicates: centred, L2-normalised features with a cosine
 similarity of at least `GROUP_COSINE`, joined transitively up to `GROUP_MAX` photos a group, like `headstart
-check`'s near-duplicate findings (same measure and threshold: JPEG re-encodes of one hymenoptera photo scored a median 0.935 against it, brightened copies 0.986,
-no two distinct photos 0.85). Only splits headstart carved itself move: a validation folder or a manifest's
-`split` column is the user's choice, kept as given.
+check`'s near-duplicate findings (same measure and threshold: JPEG re-encodes of one hymenoptera photo scored a
+median 0.935 against it, brightened copies 0.986, no two distinct photos 0.85). Only splits headstart carved
+itself move: a validation folder or a manifest's `split` column is the user's choice, kept as given.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0, groups: np.n
         return _group_folds(labels, folds, seed, groups)
     if groups is not None and n_groups < folds:
         log.info("cross-validation: %d groups of photos for %d folds; the folds do not keep groups together",
-                    n_groups, folds)
+                 n_groups, folds)
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), np.int64)
     offset = 0
