@@ -95,7 +95,7 @@ class FakeClassifier:
         self.timings_ = {"scan_s": 0.01, "features_s": 1.5, "train_s": 0.25}
         self.cached_ = 2
         self.frozen_ = types.SimpleNamespace(spec=types.SimpleNamespace(
-            name="fake", preprocess=PreprocessConfig(native_size=128)), engine_name="fp32")
+            name="fake", preprocess=PreprocessConfig(native_size=128)), engine_name="fp32", companion=None)
         self.head_config_ = HeadConfig(16, 2, (64,), 0.6)
         self.decision_ = Decision(strategy="head", kept="head", head_candidates=(
             HeadCandidate((), 0.2, 0.62), HeadCandidate((64,), 0.6, 0.56)))

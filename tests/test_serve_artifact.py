@@ -4,6 +4,7 @@ it, and loading refuses anything damaged or unsafe with a one-line ArtifactError
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import pickle
 from pathlib import Path
@@ -448,3 +449,23 @@ def test_torch_weights_of_plain_tensors_are_read_and_converted_once(tiny_weights
     again = load_file(str(converted))
     assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
     assert as_safetensors(tiny_weights) == tiny_weights
+
+
+def test_a_companion_round_trips_and_a_model_missing_its_tensors_is_refused(model_dir, tmp_path):
+    """A record naming a companion backbone keeps it whole; one whose weights lack the companion's tensors is
+    refused in one line, and a record without one loads with none (every model saved before companions)."""
+    from safetensors.numpy import load_file, save_file
+
+    art = artifact.load(model_dir, with_backbone=True)
+    assert art.record.companion is None and art.companion_state is None
+    record = replace(art.record, companion=art.record.backbone, companion_weights_id="abc")
+    both = artifact.save(artifact.Artifact(record, art.head_state, art.backbone_state,
+                                           companion_state=art.backbone_state), tmp_path / "both")
+    back = artifact.load(both, with_backbone=True)
+    assert back.record.companion == art.record.backbone and back.record.companion_weights_id == "abc"
+    assert back.companion_state.keys() == art.backbone_state.keys()
+    tensors = {k: v for k, v in load_file(str(both / WEIGHTS_FILE)).items() if not k.startswith("companion.")}
+    save_file(tensors, str(both / WEIGHTS_FILE))
+    with pytest.raises(ArtifactError, match="companion") as err:
+        artifact.load(both)
+    assert_one_line(str(err.value))

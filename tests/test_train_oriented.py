@@ -147,3 +147,76 @@ def test_merged_heads_give_the_mean_of_their_logits() -> None:
     np.testing.assert_allclose(head_logits_numpy(merged, merged_cfg, x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         merge_heads(cfg, [states[0], {**states[1], "mean": base["mean"] + 1}])
+
+
+def test_a_stacked_engine_joins_two_engines_features_and_names_their_kinds() -> None:
+    from headstart.runtime.engines import StackedEngine
+
+    batch = np.random.default_rng(2).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    first, second = _Positional(), _Positional()
+    second.kind = "other"
+    engine = StackedEngine(first, first)
+    got = engine(batch)
+    assert got.shape == (2, 96) and np.array_equal(got[:, 48:], got[:, :48]) and engine.kind == "test"
+    assert np.array_equal(StackedEngine(first, second)(batch)[:, :48], first(batch))
+    assert StackedEngine(first, second).kind == "test+other"
+
+
+def test_a_companion_keys_its_own_features_and_sees_the_first_backbones_inputs(frozen) -> None:
+    from headstart.runtime.frozen import FrozenBackbone
+
+    oriented8 = frozen.oriented()
+    paired = oriented8.with_companion(FrozenBackbone.pretrained(frozen.spec, frozen.weights))
+    assert paired.companion.spec.preprocess == frozen.spec.preprocess  # upright: the outer engine orients both
+    assert paired.cache_key() != oriented8.cache_key() and paired.alone().cache_key() == oriented8.cache_key()
+    assert paired.upright().companion == paired.companion and paired.engine_kind("cpu") == frozen.engine_kind("cpu")
+    size = frozen.spec.preprocess.input_size
+    batch = np.random.default_rng(3).normal(size=(2, 3, size, size)).astype(np.float32)
+    alone = frozen.engine("cpu")(batch)
+    both = paired.upright().engine("cpu")(batch)
+    np.testing.assert_allclose(both, np.concatenate([alone, alone], axis=1), rtol=1e-5, atol=1e-5)
+    import torch
+
+    with torch.inference_mode():
+        torch_both = paired.upright().build_torch()(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(torch_both, both, rtol=1e-3, atol=1e-4)
+
+
+def test_a_kept_model_with_a_companion_saves_both_backbones_and_predicts_as_validation_scored(
+        weak_auto, image_folder, tmp_path, monkeypatch, tiny_weights):
+    """The oriented stage with a companion (here the tiny backbone beside itself): the head reads both backbones'
+    features, the summary names both, and the saved model holds both and predicts what training scored."""
+    from rich.console import Console
+
+    from headstart import ImageClassifier
+    from headstart.cli import render
+    from headstart.errors import ArtifactError
+    from headstart.runtime.frozen import FrozenBackbone
+    from headstart.serve.export import export_model
+    from headstart.train import oriented as oriented_mod
+
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: True)
+    monkeypatch.setattr(oriented_mod, "with_companion", lambda base: base.with_companion(
+        FrozenBackbone.pretrained(base.spec, tiny_weights)))
+    clf = weak_auto().fit(image_folder)
+    assert clf.decision_.kept == "oriented" and clf.frozen_.companion is not None
+    assert f"with {TINY_BACKBONE}'s features beside {TINY_BACKBONE}'s" in clf.decision_.reason
+    console = Console(record=True, width=200)
+    console.print(render.train_summary(clf, image_folder, TINY_BACKBONE, tmp_path, None))
+    assert f"and {TINY_BACKBONE} side by side (features joined)" in " ".join(console.export_text().split())
+    clf.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "headstart.json").read_text())
+    assert saved["companion"]["name"] == TINY_BACKBONE and saved["companion"]["weights_id"]
+    loaded = ImageClassifier.load(tmp_path / "m")
+    assert loaded.frozen_.companion.weights_prefix == "companion."
+    scored = clf.validation_
+    half = scored.features.shape[1] // 2  # the companion is the same network: its half equals the first's
+    assert loaded.head_config_.in_features == 2 * half
+    np.testing.assert_allclose(scored.features[:, half:], scored.features[:, :half], rtol=1e-5, atol=1e-5)
+    got = loaded.predict_proba(scored.paths)
+    np.testing.assert_array_equal(got, clf.predict_proba(scored.paths))
+    from headstart.heads.config import head_proba
+
+    np.testing.assert_allclose(got, head_proba(loaded.head_config_, loaded.head_state_, scored.features), atol=1e-6)
+    with pytest.raises(ArtifactError, match="averages each photo|joins the features"):
+        export_model(tmp_path / "m")

@@ -289,16 +289,16 @@ class ImageClassifier:
 
         if not distributed.current().is_main:
             return Path(out_dir)
-        from safetensors.numpy import load_file
-
-        prefix = self.frozen_.weights_prefix
-        backbone = {k[len(prefix):]: v for k, v in load_file(str(self.frozen_.weights)).items()
-                    if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")}
+        companion = self.frozen_.companion
         # The engine that computed the head's features ("int8", "fp32"), not "auto": a fine-tuned backbone is float32.
         params = {**_jsonable_params(self.get_params()), "engine": self.frozen_.engine_name}
         record = artifact.ModelRecord(tuple(self.classes_), self.frozen_.spec, self.frozen_.weights_id,
-                                      self.head_config_, params, self.report_)
-        return artifact.save(artifact.Artifact(record, self.head_state_, backbone), out_dir)
+                                      self.head_config_, params, self.report_,
+                                      companion=companion.spec if companion else None,
+                                      companion_weights_id=companion.weights_id if companion else "")
+        return artifact.save(artifact.Artifact(record, self.head_state_, _backbone_tensors(self.frozen_),
+                                               companion_state=_backbone_tensors(companion) if companion else None),
+                             out_dir)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageClassifier":
@@ -307,6 +307,10 @@ class ImageClassifier:
         clf = cls(**{**{k: v for k, v in record.params.items() if k in options.OPTIONS}, "device": device})
         frozen = FrozenBackbone(record.backbone, art.weights_path, record.backbone_weights_id,
                                 weights_prefix="backbone.")
+        if record.companion is not None:
+            companion = FrozenBackbone(record.companion, art.weights_path, record.companion_weights_id,
+                                       weights_prefix="companion.")
+            frozen = dataclasses.replace(frozen, companion=companion)
         # The engine it was trained with (models saved before engines were a setting: float32); int8 finds its
         # calibration in the cache, or predicts in float32 where that cache does not hold it.
         frozen = frozen.with_engine(str(record.params.get("engine", "fp32")), device=device)
@@ -314,6 +318,15 @@ class ImageClassifier:
         clf._set_fitted(list(record.classes), frozen, record.head, art.head_state, report)
         clf._export = load_export(model_dir)
         return clf
+
+
+def _backbone_tensors(frozen: FrozenBackbone) -> dict[str, np.ndarray]:
+    """`frozen`'s own tensors as a saved model stores them: without the ImageNet classifier."""
+    from safetensors.numpy import load_file
+
+    prefix = frozen.weights_prefix
+    return {k[len(prefix):]: v for k, v in load_file(str(frozen.weights)).items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")}
 
 
 def labelled_files(data: str | Path) -> tuple[list[Path], list[str]]:

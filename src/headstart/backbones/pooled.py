@@ -68,6 +68,19 @@ class PooledFeatures(nn.Module):
         return stem + stages + [nn.ModuleList([b.conv_head, b.bn2])]
 
 
+class StackedFeatures(PooledFeatures):
+    """A backbone's pooled features and then a companion backbone's, of the same input (`FrozenBackbone.companion`):
+    the torch twin of the engines `runtime.engines.StackedEngine` joins. It is the first backbone as far as
+    Grad-CAM's taps go; it is never fine-tuned (`forward_top` is the first backbone's alone)."""
+
+    def __init__(self, backbone: nn.Module, companion: PooledFeatures) -> None:
+        super().__init__(backbone)
+        self.companion = companion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super().forward(x), self.companion(x)], dim=1)
+
+
 class FrozenBottom(nn.Module):
     """The stem and stages below the boundary as a module of their own, for export to ONNX Runtime."""
 

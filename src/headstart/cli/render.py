@@ -134,7 +134,8 @@ def train_summary(
         ("classes", f"{len(classes)}: {listed}"),
         ("images", _split_totals(clf.counts_)),
         ("skipped files", str(len(clf.skipped_))),
-        ("backbone", _backbone_line(backbone, clf.frozen_.spec.preprocess, decision.native_input)),
+        ("backbone", _backbone_line(_with_companion(backbone, clf.frozen_), clf.frozen_.spec.preprocess,
+                                    decision.native_input)),
         ("head", _head_line(clf.head_config_, _kept_head_candidates(decision))),
         (
             "features",
@@ -228,6 +229,13 @@ def _calibration_line(clf: ImageClassifier) -> str:
 
 def _listed(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _with_companion(backbone: str, frozen) -> str:
+    """The backbone's name, and its companion's when it has one (`train.oriented.with_companion`)."""
+    if frozen.companion is None:
+        return backbone
+    return f"{backbone} and {frozen.companion.spec.name} side by side (features joined)"
 
 
 def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:

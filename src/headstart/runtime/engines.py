@@ -87,6 +87,19 @@ class OrientedEngine:
         return mean_features(self.inner(oriented(batch, name)) for name in ORIENTATIONS)
 
 
+class StackedEngine:
+    """`first`'s features of each batch and then `second`'s, side by side: a backbone with a companion
+    (`FrozenBackbone.companion`). Its kind is `first`'s when both compute alike, else both kinds joined."""
+
+    def __init__(self, first: Engine, second: Engine) -> None:
+        self.first, self.second = first, second
+        kinds = [getattr(e, "kind", ONNX_CPU) for e in (first, second)]
+        self.kind = kinds[0] if kinds[0] == kinds[1] else "+".join(kinds)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.first(batch), self.second(batch)], axis=1)
+
+
 def any_size_path(fixed: Path) -> Path:
     """Where the any-size twin of a fixed-size export lives."""
     return fixed.with_name(fixed.stem + "-any.onnx")

@@ -17,6 +17,7 @@ from headstart.runtime.engines import (
     Engine,
     OnnxEngine,
     OrientedEngine,
+    StackedEngine,
     TorchEngine,
     ViewsEngine,
     any_size_path,
@@ -76,6 +77,8 @@ class FrozenBackbone:
     weights_id: str
     weights_prefix: str = ""  # key prefix inside the weights file (a saved model stores "backbone.")
     engine_name: str = "fp32"  # on the CPU: "fp32" (float ONNX Runtime) or "int8" (`runtime.quantize`)
+    # A second pretrained backbone run on the same inputs, its features after this one's (`with_companion`)
+    companion: "FrozenBackbone | None" = None
     choice: EngineChoice | None = field(default=None, compare=False, repr=False)  # `with_engine`'s, for one command
 
     @classmethod
@@ -88,7 +91,19 @@ class FrozenBackbone:
         for every later `engine` and `engine_kind`. No photos of the run: int8 calibrates on a fixed reference
         set (`quantize.reference_batches`), so a run's features do not depend on what a cache saw before."""
         choice = resolve_engine(replace(self, choice=None), device, setting)
-        return replace(self, engine_name=choice.name, choice=choice)
+        companion = self.companion.with_engine(setting, device) if self.companion else None
+        return replace(self, engine_name=choice.name, choice=choice, companion=companion)
+
+    def with_companion(self, other: "FrozenBackbone") -> "FrozenBackbone":
+        """This backbone with `other` beside it: `other` sees the inputs this one sees (this one's preprocessing,
+        upright: orientations average the two together) and its pooled features follow this one's."""
+        pre = replace(self.spec.preprocess, orientations=1)
+        companion = replace(other, spec=replace(other.spec, preprocess=pre), companion=None)
+        return replace(self, companion=companion.with_engine(self.engine_name, self._choice("auto").device))
+
+    def alone(self) -> "FrozenBackbone":
+        """This backbone without its companion."""
+        return replace(self, companion=None)
 
     def _choice(self, device: str) -> EngineChoice:
         """The command's engine choice for `device` ("auto": the one `with_engine` made); resolved afresh only
@@ -99,16 +114,23 @@ class FrozenBackbone:
 
     def build_torch(self):
         """The feature network as torch: the backbone with its multi-scale pooling."""
-        from headstart.backbones.pooled import PooledFeatures
+        from headstart.backbones.pooled import PooledFeatures, StackedFeatures
 
-        return PooledFeatures(create_model(self.spec, self.weights, prefix=self.weights_prefix)).eval()
+        model = create_model(self.spec, self.weights, prefix=self.weights_prefix)
+        if self.companion is not None:
+            return StackedFeatures(model, self.companion.build_torch()).eval()
+        return PooledFeatures(model).eval()
 
-    def engine(self, device: str = "auto") -> Engine:
+    def engine(self, device: str = "auto", spinning: bool = True) -> Engine:
         """ONNX Runtime on the CPU (the export made once and cached; float32 torch when the export fails), torch
         elsewhere. Its `kind` is what `engine_kind` foretells. With `orientations` > 1 in the preprocessing, the
-        features are averaged over each batch's orientations (`OrientedEngine`)."""
+        features are averaged over each batch's orientations (`OrientedEngine`). With a companion, its features
+        follow this backbone's (`StackedEngine`); the two float32 sessions take turns, so neither spins while idle
+        (see `ViewsEngine`)."""
         if self.spec.preprocess.orientations > 1:
             return OrientedEngine(self.upright().engine(device))
+        if self.companion is not None:
+            return StackedEngine(self.alone().engine(device, False), self.companion.engine(device, False))
         device = self._choice(device).device
         if device != "cpu":
             return TorchEngine(self.build_torch(), device)
@@ -117,7 +139,7 @@ class FrozenBackbone:
         exported = path.exists() and all(twin.exists() for twin in twins)
         if self.engine_name == "int8" and exported and (int8 := self._int8_engine(path, twins)) is not None:
             return int8
-        fp32 = self._fp32_engine(path, twins, device)
+        fp32 = self._fp32_engine(path, twins, device, spinning)
         if self.engine_name == "int8" and not exported and not isinstance(fp32, TorchEngine):
             return self._int8_engine(path, twins) or fp32  # exported just now
         return fp32
@@ -130,13 +152,13 @@ class FrozenBackbone:
         """This backbone averaging each photo's features over its eight orientations."""
         return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=8)))
 
-    def _fp32_engine(self, path: Path, twins: tuple[Path, ...], device: str) -> Engine:
+    def _fp32_engine(self, path: Path, twins: tuple[Path, ...], device: str, spinning: bool = True) -> Engine:
         if self.spec.preprocess.native_size:
             def open_engine() -> Engine:
                 return ViewsEngine(path, self.spec.preprocess.input_size)
         else:
             def open_engine() -> Engine:
-                return OnnxEngine(path)
+                return OnnxEngine(path, spinning=spinning)
         try:
             return open_cached(path, open_engine, lambda: self._export(path), twins)
         except RuntimeError as exc:  # a network the exporter cannot reproduce: slower, but right
@@ -176,7 +198,9 @@ class FrozenBackbone:
 
     def engine_kind(self, device: str = "auto") -> str:
         """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it."""
-        return self._choice(device).kind
+        kind = self._choice(device).kind
+        other = self.companion.engine_kind(device) if self.companion is not None else kind
+        return kind if other == kind else f"{kind}+{other}"  # as `StackedEngine` names it
 
     def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:
         """What this backbone's features depend on: the architecture, the weights' content, the preprocessing
@@ -184,6 +208,8 @@ class FrozenBackbone:
         Runtime's features are keyed without an engine, as they were before engines were told apart, so the
         caches already on users' disks stay valid."""
         parts = dict(timm=self.spec.timm_name, w=self.weights_id, pre=self.spec.preprocess.to_dict())
+        if self.companion is not None:
+            parts["companion"] = dict(timm=self.companion.spec.timm_name, w=self.companion.weights_id)
         if engine_kind != ONNX_CPU:
             parts["engine"] = engine_kind
         return parts

@@ -19,7 +19,9 @@ Formats of headstart.json:
   "temperature" (probabilities are softmax(logits / T)) came later within format 2: a record without one loads
   with T = 1, the softmax it was saved with; older headstarts ignore it. Multi-label heads ("multi_label": true,
   one "thresholds" entry per label, sigmoid outputs) and their metrics under "fit" -> "multilabel" came later
-  within format 2: a record without them is single-label.
+  within format 2: a record without them is single-label. A "companion" backbone (a second backbone whose features
+  follow the first's, its tensors under "companion." in the weights) came later within format 2: a record without
+  one has none.
 """
 
 from __future__ import annotations
@@ -68,14 +70,19 @@ class ModelRecord:
     fit: FitReport | None = None
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    companion: BackboneSpec | None = None  # a second backbone on the same inputs (`FrozenBackbone.companion`)
+    companion_weights_id: str = ""
 
     def to_dict(self) -> dict:
+        companion = ({"companion": {**_spec_to_dict(self.companion), "weights_id": self.companion_weights_id}}
+                     if self.companion is not None else {})
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "classes": list(self.classes),
             "backbone": {**_spec_to_dict(self.backbone), "weights_id": self.backbone_weights_id},
             "head": self.head.to_dict(), "params": self.params, "fit": self.fit.to_dict() if self.fit else None,
             "distributed": (self.fit.distributed if self.fit else DistributedRun()).to_dict(),
             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": self.versions or _versions(),
+            **companion,
         }
 
     @classmethod
@@ -89,11 +96,14 @@ class ModelRecord:
             if report and isinstance(meta.get("distributed"), dict):  # older models have none: one process
                 report = replace(report, distributed=DistributedRun.from_dict(meta["distributed"]))
             params, versions = dict(meta.get("params") or {}), dict(meta.get("versions") or {})
+            companion = meta.get("companion")
+            companion_id = str(companion["weights_id"]) if companion is not None else ""
         except _DAMAGED as exc:
             raise ArtifactError(f"{where}: damaged record ({_one_line(exc)}); re-train the model") from None
         _check_head_config(head, len(meta["classes"]), where)
         return cls(tuple(meta["classes"]), _spec_from_dict(meta["backbone"], where), weights_id, head, params, report,
-                   str(meta.get("created", "")), versions)
+                   str(meta.get("created", "")), versions,
+                   _spec_from_dict(companion, where) if companion is not None else None, companion_id)
 
 
 @dataclass(eq=False)
@@ -102,6 +112,7 @@ class Artifact:
     head_state: dict[str, np.ndarray]
     backbone_state: dict[str, np.ndarray] | None = None  # None when loaded lazily (predict reads it from disk)
     weights_path: Path | None = None  # where load found the weights (the backbone is read from there)
+    companion_state: dict[str, np.ndarray] | None = None  # the companion backbone's, as `backbone_state`
 
 
 def save(artifact: Artifact, out_dir: str | Path) -> Path:
@@ -112,6 +123,7 @@ def save(artifact: Artifact, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     tensors = {f"head.{k}": _contiguous(v) for k, v in artifact.head_state.items()}
     tensors.update({f"backbone.{k}": _contiguous(v) for k, v in (artifact.backbone_state or {}).items()})
+    tensors.update({f"companion.{k}": _contiguous(v) for k, v in (artifact.companion_state or {}).items()})
     meta = json.dumps(artifact.record.to_dict(), indent=2, default=_jsonable).encode()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +184,8 @@ def load(model_dir: str | Path, with_backbone: bool = False) -> Artifact:
     except OSError as exc:
         raise ArtifactError(f"{meta_path}: cannot read it ({exc.strerror or exc})") from None
     record = ModelRecord.from_dict(meta, meta_path)
-    head_state, backbone_state = _read_weights(weights_path, record, with_backbone)
-    return Artifact(record, head_state, backbone_state, weights_path)
+    head_state, backbone_state, companion_state = _read_weights(weights_path, record, with_backbone)
+    return Artifact(record, head_state, backbone_state, weights_path, companion_state)
 
 
 def _model_files(d: Path) -> tuple[Path, Path]:
@@ -211,13 +223,14 @@ def _fsync(path: Path) -> None:
 
 
 def _read_weights(path: Path, record: ModelRecord, with_backbone: bool
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """The head's tensors (checked against the record) and, if asked, the backbone's; every tensor is read, one
-    at a time, and must be finite, whether it is kept or not."""
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+    """The head's tensors (checked against the record) and, if asked, the backbone's and its companion's; every
+    tensor is read, one at a time, and must be finite, whether it is kept or not."""
     from safetensors import SafetensorError, safe_open
 
     head: dict[str, np.ndarray] = {}
     backbone: dict[str, np.ndarray] = {}
+    companion: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
             keys = list(f.keys())
@@ -230,12 +243,19 @@ def _read_weights(path: Path, record: ModelRecord, with_backbone: bool
                     head[key[5:]] = tensor
                 elif key.startswith("backbone.") and with_backbone:
                     backbone[key[9:]] = tensor
+                elif key.startswith("companion.") and with_backbone:
+                    companion[key[10:]] = tensor
     except (SafetensorError, OSError, ValueError, TypeError, OverflowError) as exc:
         raise ArtifactError(f"{path}: corrupt weights file ({_one_line(exc)}); re-train or restore it") from None
     if not any(k.startswith("backbone.") for k in keys):
         raise ArtifactError(f"{path}: holds no backbone tensors; the model directory is damaged")
+    if record.companion is not None and not any(k.startswith("companion.") for k in keys):
+        raise ArtifactError(f"{path}: holds no tensors of the companion backbone its record names; the model "
+                            "directory is damaged")
     _check_head_state(head, record.head, path)
-    return head, backbone if with_backbone else None
+    if not with_backbone:
+        return head, None, None
+    return head, backbone, companion if record.companion is not None else None
 
 
 def _check_head_config(head: HeadConfig, n_classes: int, where: Path) -> None:

@@ -128,6 +128,9 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
         raise ArtifactError(f"{model_dir} averages each photo over its {record.backbone.preprocess.orientations} "
                             "orientations, which export cannot write into one ONNX graph yet; predict and serve "
                             "run it as it is")
+    if record.companion is not None:
+        raise ArtifactError(f"{model_dir} joins the features of {record.backbone.name} and {record.companion.name}, "
+                            "which export cannot write into one ONNX graph yet; predict and serve run it as it is")
     target = Path(target) if target else model_dir / EXPORT_FILE
     images, source = parity_images(record, data)
     note = ""

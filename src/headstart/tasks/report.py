@@ -69,7 +69,9 @@ def _summary(clf: ImageClassifier, model_dir: Path) -> list[tuple[str, str]]:
     rows = [("model", str(model_dir)), ("classes", f"{len(clf.classes_)}: {', '.join(clf.classes_)}"),
             ("training images", counts), ("per class", per_class), ("skipped at training", str(len(rep.skipped))),
             ("backbone", f"{clf.frozen_.spec.name}, {clf.frozen_.spec.preprocess.input_size} px"
-                         + (f", native view {d.native_size} px" if d.native_size else "")),
+                         + (f", native view {d.native_size} px" if d.native_size else "")
+                         + (f", {clf.frozen_.companion.spec.name}'s features beside it" if clf.frozen_.companion
+                            else "")),
             ("head", f"hidden {list(head.hidden) or 'none (linear)'}, dropout {head.dropout}"),
             ("temperature", _temperature_line(rep.calibration)),
             ("strategy", f"asked {d.strategy}, kept {d.kept}" + (f": {d.reason}" if d.reason else ""))]

@@ -4,9 +4,11 @@ predicting from each photo's features averaged over its eight orientations.
 Inspection photos (solar cells, steel, tiles, X-rays) have no up: a crack turned 90 degrees is the same crack. The
 eight orientations multiply the training photos by eight for the price of extracting their features (no
 backbone training), and averaging a photo's features over them gives the head one steady view of it. On elpv
-(the acceptance split, `docs/domains.md`) it scored 0.801 / 0.643 balanced held out in 190 s, where deep fine-tuning of
-the top stage, which never beat its own start there, gave 0.756 / 0.592 in 300-420 s. It is kept only when it validates better than the upright head: a set whose
-labels depend on the orientation (digits, text, street scenes) keeps that head.
+(the acceptance split, `docs/domains.md`) it scored 0.801 / 0.643 balanced held out in 190 s, where deep fine-tuning
+of the top stage, which never beat its own start there, gave 0.756 / 0.592 in 300-420 s. A second, larger backbone
+beside the first (`with_companion`, `policy.COMPANIONS`) spends more on the same inputs. The stage is kept only when
+it validates better than the upright head: a set whose labels depend on the orientation (digits, text, street
+scenes) keeps that head.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def oriented_base(frozen: FrozenBackbone, device: str) -> FrozenBackbone:
     return upright.with_engine("fp32", device) if upright.engine_name == "int8" else upright
 
 
+def with_companion(base: FrozenBackbone) -> FrozenBackbone | None:
+    """`base` with the companion `policy.companion_for` names beside it, pretrained; None where it names none or
+    its weights are not on this machine."""
+    from headstart.backbones.registry import available_offline, resolve
+
+    name = policy.companion_for(base.spec.name)
+    if name is None or not available_offline(spec := resolve(name)):
+        return None
+    return base.with_companion(FrozenBackbone.pretrained(spec))
+
+
 def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: FrozenBackbone, device: str,
                      progress: Progress) -> np.ndarray:
     """[8, rows, features]: each row's features by `base` in each orientation (`ORIENTATIONS`' order); the upright
@@ -52,7 +65,8 @@ def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: Froze
     fail now, the run stops with its name."""
     out = []
     for name in ORIENTATIONS:
-        if name == "upright" and (base.spec, base.engine_name) == (frozen.spec, frozen.engine_name):
+        if name == "upright" and (base.spec, base.engine_name, base.companion) == (frozen.spec, frozen.engine_name,
+                                                                                   frozen.companion):
             out.append(np.asarray(feats.features, np.float32))
             continue
         got = oriented_features(feats.paths, base, name, device, progress, f"features, {name}")

@@ -185,11 +185,15 @@ def fit_oriented(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: 
         return _with_decision(stage1, reason=f"{stage1.report.decision.reason}; {why}"), None
     t0 = time.perf_counter()
     base = oriented.oriented_base(stage1.frozen, s.device)
+    paired = oriented.with_companion(base)
+    if paired is not None and policy.oriented_fits(len(feats.paths), 2 * feats.features.shape[1]):
+        base = paired
     every = oriented.all_orientations(feats, stage1.frozen, base, s.device, progress)
     report, head = stage1.report, stage1.report.val_metrics
     fitted, ev = oriented.fit_oriented_head(every, feats, stage1.classes, report.train_config, progress)
     won = policy.keep_oriented(ev, head, report.decision.balanced)
-    tried = (f"tried the head on all 8 turns and mirror images of each photo, features averaged over them: "
+    beside = f" with {base.companion.spec.name}'s features beside {base.spec.name}'s" if base.companion else ""
+    tried = (f"tried the head on all 8 turns and mirror images of each photo{beside}, features averaged over them: "
              f"validation accuracy {ev.accuracy:.3f}, balanced {ev.balanced_accuracy:.3f}, against the upright "
              f"head's {head.accuracy:.3f}, {head.balanced_accuracy:.3f} ({time.perf_counter() - t0:.0f} s)")
     log.info("auto: %s", tried)

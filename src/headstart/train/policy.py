@@ -95,6 +95,21 @@ def oriented_fits(photos: int, features: int) -> bool:
     return 2 * 8 * photos * features * 4 <= ORIENTED_MAX_BYTES
 
 
+# A second backbone beside the first in the oriented stage (`FrozenBackbone.with_companion`): its pooled features,
+# of the same 224 px inputs, follow the first's. Spending more where the head is weak: on elpv (grouped 5-fold
+# cross-validation of the acceptance split's training part, docs/domains.md) Lite0 alone scored 0.741 / 0.542
+# (accuracy / balanced), with Lite2 beside it 0.750 / 0.555, with Lite1 0.737 / 0.531, with both 0.757 / 0.549.
+# The acceptance run with Lite2: 0.795 / 0.648 on the held-out photos against 0.797 / 0.629, in 299 s against
+# 131-182 s. Only a registered backbone whose weights ship offline (the Lite packages) is a companion, and only
+# beside a smaller one.
+COMPANIONS = {"efficientnet_lite0": "efficientnet_lite2"}
+
+
+def companion_for(backbone: str) -> str | None:
+    """The backbone the oriented stage adds beside `backbone`, if any (`COMPANIONS`)."""
+    return COMPANIONS.get(backbone)
+
+
 def keep_oriented(oriented: Evaluation, head: Evaluation, balanced: bool) -> bool:
     """The oriented model replaces the upright head only when it validates better by `score`."""
     return score(oriented, balanced) > score(head, balanced)
