@@ -49,7 +49,8 @@ val = clf.val_metrics_
 print(json.dumps(dict(accuracy=float(np.mean([p == t for p, t in zip(pred, truth)])),
                       balanced=float(np.mean(list(recall.values()))), recall=recall,
                       val=None if val is None else [float(val.accuracy), float(val.balanced_accuracy)],
-                      decision=clf.decision_.to_dict())))
+                      decision={**clf.decision_.to_dict(),
+                                "companion": clf.frozen_.companion.spec.name if clf.frozen_.companion else None})))
 """
 
 
@@ -118,6 +119,8 @@ def describe(decision: dict | None) -> str:
     stage2 = decision.get("stage2") or {}
     epochs = len((stage2.get("history") or {}).get("val_loss", []))
     parts = [f"kept {decision['kept']}", "balanced" if decision.get("balanced") else "unweighted"]
+    if decision.get("companion"):
+        parts.append(f"{decision['companion']}'s features beside")
     if stage2:
         parts.append(f"{epochs} fine-tuning epochs")
     if decision.get("groups"):
