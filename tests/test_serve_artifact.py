@@ -72,7 +72,7 @@ def test_saved_weights_are_backbone_and_head(fitted, model_dir, tiny_weights):
 
 def test_metadata_describes_the_model(fitted, model_dir):
     meta = json.loads((model_dir / META_FILE).read_text())
-    assert meta["format"] == artifact.FORMAT and meta["format_version"] == artifact.FORMAT_VERSION
+    assert meta["format"] == artifact.FORMAT and meta["format_version"] == artifact.PLAIN_FORMAT_VERSION
     assert meta["classes"] == ["cat", "dog", "fish"]
     spec = resolve(TINY_BACKBONE)
     assert meta["backbone"]["name"] == meta["backbone"]["timm_name"] == TINY_BACKBONE
@@ -463,6 +463,9 @@ def test_a_companion_round_trips_and_a_model_missing_its_tensors_is_refused(mode
                                            companion_state=art.backbone_state), tmp_path / "both")
     back = artifact.load(both, with_backbone=True)
     assert back.record.companion == art.record.backbone and back.record.companion_weights_id == "abc"
+    # written as format 3, so a headstart that reads format 2 at most refuses it instead of mis-sizing the head
+    assert json.loads((both / META_FILE).read_text())["format_version"] == 3
+    assert json.loads((model_dir / META_FILE).read_text())["format_version"] == 2
     assert back.companion_state.keys() == art.backbone_state.keys()
     tensors = {k: v for k, v in load_file(str(both / WEIGHTS_FILE)).items() if not k.startswith("companion.")}
     save_file(tensors, str(both / WEIGHTS_FILE))

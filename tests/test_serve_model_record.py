@@ -83,7 +83,7 @@ def test_a_format_1_model_loads_with_its_run_record(image_folder, tiny_weights, 
     assert clf.test_metrics_.to_dict() == old["metrics"]["test"]
     assert clf.get_params()["strategy"] == old["params"]["strategy"]
     saved = json.loads((clf.save(tmp_path / "again") / META_FILE).read_text())
-    assert saved["format_version"] == artifact.FORMAT_VERSION == 2
+    assert saved["format_version"] == artifact.PLAIN_FORMAT_VERSION == 2 and artifact.FORMAT_VERSION == 3
     assert saved["fit"]["decision"]["stage2"]["config"] == config
 
 

@@ -19,9 +19,10 @@ Formats of headstart.json:
   "temperature" (probabilities are softmax(logits / T)) came later within format 2: a record without one loads
   with T = 1, the softmax it was saved with; older headstarts ignore it. Multi-label heads ("multi_label": true,
   one "thresholds" entry per label, sigmoid outputs) and their metrics under "fit" -> "multilabel" came later
-  within format 2: a record without them is single-label. A "companion" backbone (a second backbone whose features
-  follow the first's, its tensors under "companion." in the weights) came later within format 2: a record without
-  one has none.
+  within format 2: a record without them is single-label.
+- 3: format 2 with a "companion" backbone (a second backbone whose features follow the first's, its tensors under
+  "companion." in the weights). Written only for such models, so that an older headstart refuses them in one line
+  ("saved by a newer headstart") instead of failing on the head's width; every other model is still written as 2.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from headstart.vision.preprocess import PreprocessConfig
 log = logging.getLogger(__name__)
 
 FORMAT = "headstart-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this headstart reads
+PLAIN_FORMAT_VERSION = 2  # what a model without a companion is written as (see the module docstring)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "headstart.json"
 STAGING_DIR = ".saving"  # a save being written: ignored by load, removed by the next save
@@ -77,7 +79,8 @@ class ModelRecord:
         companion = ({"companion": {**_spec_to_dict(self.companion), "weights_id": self.companion_weights_id}}
                      if self.companion is not None else {})
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "classes": list(self.classes),
+            "format": FORMAT, "format_version": FORMAT_VERSION if companion else PLAIN_FORMAT_VERSION,
+            "classes": list(self.classes),
             "backbone": {**_spec_to_dict(self.backbone), "weights_id": self.backbone_weights_id},
             "head": self.head.to_dict(), "params": self.params, "fit": self.fit.to_dict() if self.fit else None,
             "distributed": (self.fit.distributed if self.fit else DistributedRun()).to_dict(),
