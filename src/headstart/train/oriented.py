@@ -65,8 +65,7 @@ def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: Froze
     fail now, the run stops with its name."""
     out = []
     for name in ORIENTATIONS:
-        if name == "upright" and (base.spec, base.engine_name, base.companion) == (frozen.spec, frozen.engine_name,
-                                                                                   frozen.companion):
+        if name == "upright" and base == frozen:  # the same spec, weights, engine and companion
             out.append(np.asarray(feats.features, np.float32))
             continue
         got = oriented_features(feats.paths, base, name, device, progress, f"features, {name}")

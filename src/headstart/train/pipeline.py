@@ -185,9 +185,8 @@ def fit_oriented(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: 
         return _with_decision(stage1, reason=f"{stage1.report.decision.reason}; {why}"), None
     t0 = time.perf_counter()
     base = oriented.oriented_base(stage1.frozen, s.device)
-    paired = oriented.with_companion(base)
-    if paired is not None and policy.oriented_fits(len(feats.paths), 2 * feats.features.shape[1]):
-        base = paired
+    if policy.oriented_fits(len(feats.paths), 2 * feats.features.shape[1]):  # else not worth a look at the weights
+        base = oriented.with_companion(base) or base
     every = oriented.all_orientations(feats, stage1.frozen, base, s.device, progress)
     report, head = stage1.report, stage1.report.val_metrics
     fitted, ev = oriented.fit_oriented_head(every, feats, stage1.classes, report.train_config, progress)
