@@ -280,7 +280,7 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
         "--batch-size", "8", "--hidden", "512, 256", "--dropout", "0.5", "--schedule", "plateau", "--patience", "3",
         "--balance", "--seed", "7", "--device", "cpu", "--strategy", "finetune", "--unfreeze", "all",
         "--augment", "strong", "--finetune-epochs", "3", "--finetune-lr", "0.002", "--views", "2", "--train-bn",
-        "--resume", str(tmp_path / "earlier"), "--no-native-view", "--time-limit", "10m",
+        "--resume", str(tmp_path / "earlier"), "--no-native-view", "--time-limit", "10m", "--no-refit",
     ]  # fmt: skip
     result = runner.invoke(cli.app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
@@ -329,7 +329,7 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance="auto",
         seed=0, device="auto", strategy="auto", unfreeze="auto", augment="light", finetune_epochs=3, finetune_lr=5e-4,
-        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit=False, time_limit=480.0, multi_label=False,
+        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit="auto", time_limit=480.0, multi_label=False,
         threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}

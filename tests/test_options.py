@@ -34,6 +34,7 @@ def test_the_cli_the_api_and_the_options_table_agree():
     cli["hidden"] = cli_train._parse_hidden(cli["hidden"])  # flags arrive as text
     cli["unfreeze"] = cli_train._parse_unfreeze(cli["unfreeze"])
     cli["balance"] = "auto" if cli["balance"] is None else cli["balance"]  # --balance/--no-balance
+    cli["refit"] = "auto" if cli["refit"] is None else cli["refit"]  # --refit/--no-refit
     cli["time_limit"] = cli_train._parse_seconds(cli["time_limit"], "--time-limit")
     assert cli == dict(options.DEFAULTS) == api
 

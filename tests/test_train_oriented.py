@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from helpers_models import TINY_BACKBONE
+from headstart.heads.config import head_logits_numpy
 from headstart.numeric import mean_features
 from headstart.runtime.engines import OrientedEngine
 from headstart.train import policy
@@ -100,7 +101,8 @@ def test_a_kept_oriented_model_predicts_from_the_features_its_validation_was_sco
     console.print(render.train_summary(clf, image_folder, TINY_BACKBONE, tmp_path, None))
     summary = " ".join(console.export_text().split())
     assert "averaged over its 8 turns and mirror images" in summary and "kept oriented" in summary
-    assert "s (the oriented head, with its 8 orientations' extraction)" in summary
+    assert "s (the oriented head, with its 8 orientations' extraction and its refit)" in summary
+    assert "of the head before its refit" in summary and "the shipped head was refitted on train + val" in summary
     clf.save(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "headstart.json").read_text())
     assert saved["fit"]["decision"]["kept"] == "oriented"
@@ -115,6 +117,23 @@ def test_a_kept_oriented_model_predicts_from_the_features_its_validation_was_sco
 
     expected = head_proba(loaded.head_config_, loaded.head_state_, scored.features)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    # What ships is the head refitted on train + validation, not the one validation scored.
+    assert d.refitted == sum(clf.counts_["train"].values()) + sum(clf.counts_["val"].values())
+    assert not np.allclose(head_logits_numpy(loaded.head_state_, loaded.head_config_, scored.features), scored.logits)
+    from headstart.tasks.report import build_report
+
+    report = build_report(loaded, tmp_path / "m", image_folder, heat_maps=False, split="val")
+    assert "refitted on these photos too" in report.evaluated_on
+    assert "before its refit" in report.scores[0].chose
+
+
+def test_no_refit_ships_the_oriented_head_validation_scored(weak_auto, image_folder, monkeypatch):
+    monkeypatch.setattr(policy, "keep_oriented", lambda *a: True)
+    clf = weak_auto(refit=False).fit(image_folder)
+    assert clf.decision_.kept == "oriented" and clf.decision_.refitted == 0
+    scored = clf.validation_
+    np.testing.assert_allclose(head_logits_numpy(clf.head_state_, clf.head_config_, scored.features), scored.logits,
+                               atol=1e-5)
 
 
 def test_an_oriented_model_that_validates_no_better_is_not_kept(weak_auto, image_folder, monkeypatch):

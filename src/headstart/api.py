@@ -48,7 +48,7 @@ class ImageClassifier:
         hidden: Sequence[int] | str = _D["hidden"], dropout: float = _D["dropout"], epochs: int = _D["epochs"],
         lr: float = _D["lr"], weight_decay: float = _D["weight_decay"], batch_size: int = _D["batch_size"],
         patience: int = _D["patience"], schedule: str = _D["schedule"], balance: bool | str = _D["balance"],
-        refit: bool = _D["refit"], cv: int | str = _D["cv"],
+        refit: bool | str = _D["refit"], cv: int | str = _D["cv"],
         seed: int = _D["seed"], device: str = _D["device"], strategy: str = _D["strategy"],
         unfreeze: int | str = _D["unfreeze"], augment: str = _D["augment"],
         finetune_epochs: int = _D["finetune_epochs"], finetune_lr: float = _D["finetune_lr"], views: int = _D["views"],

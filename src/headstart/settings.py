@@ -33,7 +33,7 @@ class Settings:
     patience: int = _D["patience"]
     schedule: str = _D["schedule"]
     balance: str | bool = _D["balance"]  # "auto", or on/off
-    refit: bool = _D["refit"]
+    refit: str | bool = _D["refit"]  # "auto" (the oriented head only), or on/off
     cv: str | int = _D["cv"]  # "auto", 0 (none) or the folds
     seed: int = _D["seed"]
     device: str = _D["device"]

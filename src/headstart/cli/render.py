@@ -146,7 +146,8 @@ def train_summary(
             "training",
             f"{epochs_run} epochs{' (stopped early)' if history.stopped_early else ''}, "
             f"best epoch {history.best_epoch + 1}, "
-            + (f"{timings['oriented_s']:.1f} s (the oriented head, with its 8 orientations' extraction)"
+            + (f"{timings['oriented_s']:.1f} s (the oriented head, with its 8 orientations' extraction"
+               + (" and its refit)" if clf.decision_.refitted else ")")
                if "oriented_s" in timings else f"{timings.get('train_s', 0.0):.1f} s"),
         ),
     ]

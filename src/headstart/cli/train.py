@@ -152,7 +152,7 @@ def train(
     patience: Annotated[int, flag("patience")] = D["patience"],
     schedule: Annotated[Schedule, flag("schedule")] = D["schedule"],
     balance: Annotated[bool | None, flag("balance", show_default="auto")] = None,
-    refit: Annotated[bool, flag("refit")] = D["refit"],
+    refit: Annotated[bool | None, flag("refit", show_default="auto")] = None,
     cv: Annotated[str, flag("cv", metavar="<folds|auto>")] = D["cv"],
     strategy: Annotated[Strategy, flag("strategy")] = D["strategy"],
     unfreeze: Annotated[str, flag("unfreeze", metavar="<n|all|auto>")] = D["unfreeze"],
@@ -175,6 +175,7 @@ def train(
     settings["unfreeze"] = _parse_unfreeze(unfreeze)
     settings["cv"] = _parse_count_or_auto(cv, "--cv")
     settings["balance"] = "auto" if balance is None else balance  # --balance / --no-balance, else auto
+    settings["refit"] = "auto" if refit is None else refit
     settings["time_limit"] = _parse_seconds(time_limit, "--time-limit")
     # Checked before anything slow is imported or loaded, so a bad flag fails at once.
     options.check(settings, spell=flag_name)

@@ -97,8 +97,9 @@ def _scores(clf: ImageClassifier, scored: Scored | None, ev: Evaluation | None, 
     d, out = clf.decision_, []
     chose = "the head, its stopping epoch" + (" and the strategy" if d.strategy != "head" or d.stage2 else "")
     if clf.val_metrics_ is not None:
+        before = "; of the head before its refit on train + val" if d.refitted else ""
         out.append(Score("validation", "split carved from the training folder", clf.val_metrics_.n,
-                         clf.val_metrics_.accuracy, chose + ": optimistic"))
+                         clf.val_metrics_.accuracy, chose + ": optimistic" + before))
     if clf.test_metrics_ is not None:
         out.append(Score("test", "split held out of the training folder", clf.test_metrics_.n,
                          clf.test_metrics_.accuracy, "nothing"))
@@ -130,6 +131,8 @@ def build_report(clf: ImageClassifier, model_dir: str | Path, data: str | Path |
     if scored is not None:
         ev = evaluate(scored.labels, scored.proba, clf.classes_)
         on = f"{data}{f' ({split} split)' if split else ''} (n={len(scored.labels)})"
+        if split == "val" and clf.decision_.refitted:
+            on += "; the shipped head was refitted on these photos too, so they flatter it"
     else:
         ev, on = clf.val_metrics_, "the training run's validation split (no folder given: no per-image results)"
         left_out.append("Top-loss gallery, heat maps, calibration: need a labelled folder (headstart report MODEL DATA)")

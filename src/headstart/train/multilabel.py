@@ -6,7 +6,7 @@ with binary cross-entropy per label instead of a softmax. Thresholds are chosen 
 is chosen on the probabilities it is applied to.
 
 The shipped head is refitted on train + validation (`fit_head.refit_full`: the chosen settings, for the epochs
-validation chose) whatever `--refit` says, keeping the thresholds the validation head chose: on planet_sample
+validation chose) unless `--no-refit` says not (`--refit`'s "auto" refits), keeping the thresholds the validation head chose: on planet_sample
 (10 seeded inner splits of the acceptance's training rows, before the weights and shrinkage settled) the refit
 scored mAP 0.610 against 0.594, micro F1 0.846 against 0.843, macro F1 0.489 against 0.485. The validation
 figures are the validation head's.
@@ -81,15 +81,16 @@ def fit_multilabel(s: Settings, data: str | Path, progress: Progress) -> Fitted:
     # The refit on train + val trains beside the candidates (`fit_best_head`'s shadows), not after them.
     n_full = len(y_tr) + len(y_va)  # train then val: one block of rows (`path_features`' order)
     y_full = np.concatenate([y_tr, y_va])
-    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, feats.features[:n_full] if len(y_va) else None,
-                           y_full if len(y_va) else None)
+    refit = bool(len(y_va)) and s.refit is not False  # "auto" refits: measured (the module's docstring)
+    fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, feats.features[:n_full] if refit else None,
+                           y_full if refit else None)
     state = fitted.state
     thresholds, untuned = _thresholds(s.threshold, fitted.head.cfg, state, x_va, y_va, ml.classes)
     head_cfg = replace(fitted.head.cfg, thresholds=thresholds)
     scored = {split: evaluate_multilabel(y, head_proba(head_cfg, state, x), thresholds, ml.classes) if len(y) else None
               for split, (x, y) in part.items()}
     refitted = 0
-    if len(y_va):
+    if refit:
         from headstart.train.fit_head import refit_full
 
         refitted = n_full
