@@ -123,6 +123,8 @@ def describe(decision: dict | None) -> str:
         parts.append(f"{decision['companion']}'s features beside")
     if stage2:
         parts.append(f"{epochs} fine-tuning epochs")
+    if decision.get("refitted"):
+        parts.append(f"head refitted on {decision['refitted']} photos")
     if decision.get("groups"):
         parts.append(decision["groups"].split(" (")[0] + " kept together")
     return ", ".join(parts)
