@@ -329,8 +329,8 @@ def test_train_defaults_match_constructor_contract(image_folder: Path, tmp_path:
         backbone="efficientnet_lite0", weights=None, val_split=0.2, test_split=0.0, hidden="auto", dropout=0.2,
         epochs=60, lr=1e-3, weight_decay=0.05, batch_size=64, patience=10, schedule="cosine", balance="auto",
         seed=0, device="auto", strategy="auto", unfreeze="auto", augment="light", finetune_epochs=3, finetune_lr=5e-4,
-        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit="auto", time_limit=480.0, multi_label=False,
-        threshold=None,
+        views=3, train_bn=False, native_view=True, cv="auto", engine="auto", refit="auto", time_limit=480.0,
+        multi_label=False, threshold=None,
     )  # fmt: skip
     assert clf.fit_args == {"checkpoint_dir": tmp_path / "m" / "checkpoint", "resume": False}
 

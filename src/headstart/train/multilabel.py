@@ -6,10 +6,10 @@ with binary cross-entropy per label instead of a softmax. Thresholds are chosen 
 is chosen on the probabilities it is applied to.
 
 The shipped head is refitted on train + validation (`fit_head.refit_full`: the chosen settings, for the epochs
-validation chose) unless `--no-refit` says not (`--refit`'s "auto" refits), keeping the thresholds the validation head chose: on planet_sample
-(10 seeded inner splits of the acceptance's training rows, before the weights and shrinkage settled) the refit
-scored mAP 0.610 against 0.594, micro F1 0.846 against 0.843, macro F1 0.489 against 0.485. The validation
-figures are the validation head's.
+validation chose) unless `--no-refit` says not (`--refit`'s "auto" refits), keeping the thresholds the validation
+head chose: on planet_sample (10 seeded inner splits of the acceptance's training rows, before the weights and
+shrinkage settled) the refit scored mAP 0.610 against 0.594, micro F1 0.846 against 0.843, macro F1 0.489 against
+0.485. The validation figures are the validation head's.
 
 Not (yet) for multi-label: fine-tuning (stage 2) and k-fold cross-validation; the first is refused before any
 work, the second reported as not run.

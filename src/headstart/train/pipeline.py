@@ -167,7 +167,8 @@ def fit_stage1(s: Settings, dataset: Dataset, frozen: FrozenBackbone, feats: Dat
     candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
                                         train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy == "finetune")
     # The refit trains beside the candidates when it is sure to be wanted (`fit_best_head`); else after them.
-    full = feats.features[:len(y_tr) + len(y_va)] if s.refit is True and s.strategy != "finetune" and len(y_va) else None
+    wanted = s.refit is True and s.strategy != "finetune" and len(y_va) > 0
+    full = feats.features[:len(y_tr) + len(y_va)] if wanted else None
     fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, full,
                            None if full is None else feats.labels[:len(full)])
     decision = Decision(strategy=s.strategy, native_size=frozen.spec.preprocess.native_size,
