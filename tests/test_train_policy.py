@@ -157,3 +157,8 @@ def test_head_candidates(hidden, n_train: int, has_val: bool, finetune_follows: 
     assert candidates[0][1] == cfg and candidates[0][0].dropout == 0.3
     if len(candidates) == 2:
         assert candidates[1][0].dropout == 0.6 and candidates[1][1].epochs == 20 and candidates[1][1].patience == 5
+
+
+def test_refit_auto_refits_only_the_heads_where_the_refit_measured_a_gain():
+    assert policy.refits("auto", measured_to_pay=True) and not policy.refits("auto", measured_to_pay=False)
+    assert policy.refits(True, measured_to_pay=False) and not policy.refits(False, measured_to_pay=True)

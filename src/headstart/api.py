@@ -296,9 +296,9 @@ class ImageClassifier:
                                       self.head_config_, params, self.report_,
                                       companion=companion.spec if companion else None,
                                       companion_weights_id=companion.weights_id if companion else "")
-        return artifact.save(artifact.Artifact(record, self.head_state_, _backbone_tensors(self.frozen_),
-                                               companion_state=_backbone_tensors(companion) if companion else None),
-                             out_dir)
+        backbone, *beside = _backbone_tensors(self.frozen_, *([companion] if companion else []))
+        return artifact.save(artifact.Artifact(record, self.head_state_, backbone,
+                                               companion_state=beside[0] if beside else None), out_dir)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageClassifier":
@@ -320,13 +320,20 @@ class ImageClassifier:
         return clf
 
 
-def _backbone_tensors(frozen: FrozenBackbone) -> dict[str, np.ndarray]:
-    """`frozen`'s own tensors as a saved model stores them: without the ImageNet classifier."""
+def _backbone_tensors(*backbones: FrozenBackbone) -> list[dict[str, np.ndarray]]:
+    """Each backbone's own tensors as a saved model stores them: without the ImageNet classifier. A file two of
+    them share (a loaded model's backbone and companion) is read once."""
     from safetensors.numpy import load_file
 
-    prefix = frozen.weights_prefix
-    return {k[len(prefix):]: v for k, v in load_file(str(frozen.weights)).items()
-            if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")}
+    files: dict[Path, dict[str, np.ndarray]] = {}
+    out = []
+    for frozen in backbones:
+        if frozen.weights not in files:
+            files[frozen.weights] = load_file(str(frozen.weights))
+        prefix = frozen.weights_prefix
+        out.append({k[len(prefix):]: v for k, v in files[frozen.weights].items()
+                    if k.startswith(prefix) and not k[len(prefix):].startswith("classifier.")})
+    return out
 
 
 def labelled_files(data: str | Path) -> tuple[list[Path], list[str]]:

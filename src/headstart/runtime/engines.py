@@ -87,14 +87,18 @@ class OrientedEngine:
         return mean_features(self.inner(oriented(batch, name)) for name in ORIENTATIONS)
 
 
+def joined_kind(first: str, second: str) -> str:
+    """The kind of two engines side by side: the one kind when both compute alike, else both joined."""
+    return first if first == second else f"{first}+{second}"
+
+
 class StackedEngine:
     """`first`'s features of each batch and then `second`'s, side by side: a backbone with a companion
-    (`FrozenBackbone.companion`). Its kind is `first`'s when both compute alike, else both kinds joined."""
+    (`FrozenBackbone.companion`), of the kind `joined_kind` names."""
 
     def __init__(self, first: Engine, second: Engine) -> None:
         self.first, self.second = first, second
-        kinds = [getattr(e, "kind", ONNX_CPU) for e in (first, second)]
-        self.kind = kinds[0] if kinds[0] == kinds[1] else "+".join(kinds)
+        self.kind = joined_kind(getattr(first, "kind", ONNX_CPU), getattr(second, "kind", ONNX_CPU))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.concatenate([self.first(batch), self.second(batch)], axis=1)

@@ -21,6 +21,7 @@ from headstart.runtime.engines import (
     TorchEngine,
     ViewsEngine,
     any_size_path,
+    joined_kind,
     torch_kind,
 )
 from headstart.runtime.export import export_onnx, known_failure, onnx_path_for, open_cached, remember_failure
@@ -199,8 +200,7 @@ class FrozenBackbone:
     def engine_kind(self, device: str = "auto") -> str:
         """The kind of engine `engine(device)` gives (see `runtime.engines.ONNX_CPU`), known without making it."""
         kind = self._choice(device).kind
-        other = self.companion.engine_kind(device) if self.companion is not None else kind
-        return kind if other == kind else f"{kind}+{other}"  # as `StackedEngine` names it
+        return joined_kind(kind, self.companion.engine_kind(device)) if self.companion is not None else kind
 
     def feature_key_parts(self, engine_kind: str = ONNX_CPU) -> dict:
         """What this backbone's features depend on: the architecture, the weights' content, the preprocessing

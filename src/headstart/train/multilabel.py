@@ -81,7 +81,7 @@ def fit_multilabel(s: Settings, data: str | Path, progress: Progress) -> Fitted:
     # The refit on train + val trains beside the candidates (`fit_best_head`'s shadows), not after them.
     n_full = len(y_tr) + len(y_va)  # train then val: one block of rows (`path_features`' order)
     y_full = np.concatenate([y_tr, y_va])
-    refit = bool(len(y_va)) and s.refit is not False  # "auto" refits: measured (the module's docstring)
+    refit = bool(len(y_va)) and policy.refits(s.refit, measured_to_pay=True)  # measured (the module's docstring)
     fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, feats.features[:n_full] if refit else None,
                            y_full if refit else None)
     state = fitted.state

@@ -87,18 +87,14 @@ def fit_oriented_head(every: np.ndarray, feats: DatasetFeatures, classes: tuple[
     orientation of the training rows as a photo of its own and stopped on the validation rows' averaged features,
     two at a time (one core each); merged into one head whose logits are their mean (`merge_heads`), with its
     validation scores, and the seeds' own heads (what `refit_oriented_head` repeats)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     train, val = feats.splits == "train", feats.splits == "val"
     x_train = every[:, train].reshape(-1, every.shape[2])
     y_train = np.tile(feats.labels[train], every.shape[0])
     x_val, y_val = mean_features(every[:, val]), feats.labels[val]
     head_cfg, head_train = policy.oriented_head(HeadConfig(every.shape[2], len(classes)), cfg)
     seeds = [replace(head_train, seed=head_train.seed + k) for k in range(policy.ORIENTED_SEEDS)]
-    bars = [progress] + [NoProgress()] * (len(seeds) - 1)  # one bar for the lot
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        fitted = list(pool.map(lambda c, bar: fit_best_head([(head_cfg, c)], x_train, y_train, x_val, y_val, bar),
-                               seeds, bars))
+    fitted = _two_at_a_time(lambda c, bar: fit_best_head([(head_cfg, c)], x_train, y_train, x_val, y_val, bar),
+                            seeds, progress)
     merged_cfg, merged = merge_heads(head_cfg, [f.state for f in fitted])
     first = fitted[0]
     out = replace(first, head=_params(merged_cfg, merged), candidates=tuple(c for f in fitted for c in f.candidates))
@@ -113,18 +109,24 @@ def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[
     the acceptance split's training part, each fold's head stopped on a grouped fifth of its rows, as `train`
     carves them; docs/domains.md) the refit scored 0.736 / 0.556 (accuracy / balanced) against 0.734 / 0.538, and
     on the held-out photos 0.819 / 0.659 against 0.801 / 0.637 (the mean of four seeds)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from headstart.train.fit_head import refit_full
 
     rows = feats.splits != "test"
     x = every[:, rows].reshape(-1, every.shape[2])
     y = np.tile(feats.labels[rows], every.shape[0])
-    bars = [progress] + [NoProgress()] * (len(seeds) - 1)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        heads = list(pool.map(lambda f, bar: refit_full(f.head.cfg, f.train_config, x, y, f.history.best_epoch + 1,
-                                                        f.epoch_lrs, bar)[0], seeds, bars))
+    heads = _two_at_a_time(lambda f, bar: refit_full(f.head.cfg, f.train_config, x, y, f.history.best_epoch + 1,
+                                                     f.epoch_lrs, bar)[0], seeds, progress)
     return merge_heads(seeds[0].head.cfg, [h.state_dict() for h in heads])[1]
+
+
+def _two_at_a_time(work, items, progress: Progress) -> list:
+    """`work(item, bar)` for each of `items`, two at a time (each head fit holds one BLAS thread: one core each),
+    in order; the first item's bar is `progress`, one bar for the lot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bars = [progress] + [NoProgress()] * (len(items) - 1)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(work, items, bars))
 
 
 def merge_heads(cfg: HeadConfig, states: list[dict[str, np.ndarray]]) -> tuple[HeadConfig, dict[str, np.ndarray]]:

@@ -56,7 +56,7 @@ class Fitted:
     head_state: dict[str, np.ndarray]
     report: FitReport
     epoch_lrs: tuple[float, ...] = ()  # the head's plateau rate per epoch, for a refit to replay
-    refit_state: dict[str, np.ndarray] | None = None  # the head refitted on train + val beside stage 1, if it was
+    refit_state: dict[str, np.ndarray] | None = None  # the head refitted on train + val (`shipped_refit` ships it)
     validation: Scored | None = None  # the kept model on the validation split, for train's report
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray) -> Evaluation | None:
@@ -127,9 +127,10 @@ def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures
         return fitted
     x, y = feats.features[rows[0]:rows[-1] + 1], feats.labels[rows]
     epochs, cfg, t0 = report.history.best_epoch + 1, report.train_config, time.perf_counter()
+    wanted = policy.refits(s.refit, measured_to_pay=False)
     with ThreadPoolExecutor(max_workers=1) as pool:
         refit = pool.submit(refit_full, replace(fitted.head_config, temperature=1.0), cfg, x, y, epochs,
-                            fitted.epoch_lrs, progress) if s.refit is True and fitted.refit_state is None else None
+                            fitted.epoch_lrs, progress) if wanted and fitted.refit_state is None else None
         head_cfg = fitted.head_config
         folds, skipped = policy.cv_folds(s.cv, len(y), x.shape[1], (head_cfg.hidden or (head_cfg.n_classes,))[0],
                                          epochs)
@@ -137,7 +138,7 @@ def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures
         ids = groups.row_groups(report.source, [feats.paths[i] for i in rows], x, y)[0] if folds else None
         cv = cross_validate_settings(x, y, head_cfg, cfg, epochs, fitted.epoch_lrs, folds, s.seed,
                                      ids) if folds else None
-        state = refit.result()[0].state_dict() if refit else fitted.refit_state if s.refit is True else None
+        state = refit.result()[0].state_dict() if refit else fitted.refit_state if wanted else None
     timings = {**report.timings, "refit_s": time.perf_counter() - t0}
     return shipped_refit(replace(fitted, report=replace(report, cv=cv, cv_skipped=skipped, timings=timings)), state,
                          feats)
@@ -167,7 +168,7 @@ def fit_stage1(s: Settings, dataset: Dataset, frozen: FrozenBackbone, feats: Dat
     candidates = policy.head_candidates(s.hidden, s.dropout, HeadConfig(feats.features.shape[1], len(dataset.classes)),
                                         train_cfg, len(y_tr), len(y_va) > 0, finetune_follows=s.strategy == "finetune")
     # The refit trains beside the candidates when it is sure to be wanted (`fit_best_head`); else after them.
-    wanted = s.refit is True and s.strategy != "finetune" and len(y_va) > 0
+    wanted = policy.refits(s.refit, measured_to_pay=False) and s.strategy != "finetune" and len(y_va) > 0
     full = feats.features[:len(y_tr) + len(y_va)] if wanted else None
     fitted = fit_best_head(candidates, x_tr, y_tr, x_va, y_va, progress, full,
                            None if full is None else feats.labels[:len(full)])
@@ -211,7 +212,8 @@ def fit_oriented(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: 
         return stage1, None
     averaged = oriented.oriented_dataset(feats, every)
     # Refitted on train + validation unless --no-refit: shipped after the temperature is fitted (`shipped_refit`).
-    refit = oriented.refit_oriented_head(every, feats, seeds, progress) if s.refit is not False else None
+    wanted = policy.refits(s.refit, measured_to_pay=True)
+    refit = oriented.refit_oriented_head(every, feats, seeds, progress) if wanted else None
     report = stage1.report
     decision = replace(report.decision, kept="oriented", head_candidates=fitted.candidates)
     report = replace(report, decision=decision, history=fitted.history, train_config=fitted.train_config,

@@ -109,6 +109,13 @@ def oriented_fits(photos: int, features: int) -> bool:
 COMPANIONS = {"efficientnet_lite0": "efficientnet_lite2"}
 
 
+def refits(setting: str | bool, measured_to_pay: bool) -> bool:
+    """Whether a head is refitted on train + validation: `--refit` / `--no-refit` say so; "auto" refits the heads
+    where the refit measured a gain (the oriented head, `train.oriented.refit_oriented_head`; multi-label's,
+    `train.multilabel`) and not the stage-1 head (bench/refit.py: no gain beyond noise)."""
+    return setting is True or (setting == "auto" and measured_to_pay)
+
+
 def companion_for(backbone: str) -> str | None:
     """The backbone the oriented stage adds beside `backbone`, if any (`COMPANIONS`)."""
     return COMPANIONS.get(backbone)
