@@ -113,6 +113,52 @@ def test_test_split_is_scored_with_the_fine_tuned_backbone(tiny_weights, tmp_pat
     assert clf.test_metrics_.log_loss == pytest.approx(expected.log_loss, abs=1e-4)
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_fine_tuned_model_tries_its_mirror_images_and_predicts_as_validation_chose(tiny_weights, tmp_path,
+                                                                                   monkeypatch, kept):
+    """Each photo's features averaged with its mirror image's (`train.stage2.mirrored_features`), kept only when
+    `policy.keep_mirrored` says so: the saved model, its export and the summary then do the same."""
+    monkeypatch.setattr(policy, "keep_mirrored", lambda *a: kept)
+    data = make_image_folder(tmp_path / "photos", per_class=12)
+    clf = ImageClassifier(backbone=TINY_BACKBONE, weights=tiny_weights, strategy="finetune", test_split=0.25,
+                          epochs=3, finetune_epochs=1, views=1).fit(data)
+    stage2 = clf.decision_.stage2
+    assert clf.decision_.kept == "finetune" and stage2.mirrored is kept
+    assert isinstance(stage2.mirrored_accuracy, float)
+    assert clf.frozen_.spec.preprocess.orientations == (2 if kept else 1)
+    assert clf.val_metrics_.accuracy == (stage2.mirrored_accuracy if kept else stage2.val_accuracy)
+    scored = clf.validation_  # the features the temperature and the validation figures came from
+    np.testing.assert_allclose(clf.predict_proba(scored.paths), scored.proba, atol=1e-5)
+    from headstart.data.scan import scan_folder
+
+    test = scan_folder(data, val_split=0.2, test_split=0.25, seed=0)  # the test split, scored from its pixels
+    from headstart.evaluate.metrics import evaluate
+
+    expected = evaluate(test.labels("test"), clf.predict_proba(test.paths("test")), clf.classes_)
+    assert clf.test_metrics_.log_loss == pytest.approx(expected.log_loss, abs=1e-4)
+    clf.save(tmp_path / "m")
+    loaded = ImageClassifier.load(tmp_path / "m")
+    assert loaded.decision_.stage2.mirrored is kept and loaded.frozen_.spec.preprocess.orientations == (
+        2 if kept else 1)
+    np.testing.assert_array_equal(loaded.predict_proba(scored.paths), clf.predict_proba(scored.paths))
+    from headstart.serve.export import export_model
+    from headstart.serve.onnx_predictor import OnnxPredictor
+
+    export_model(tmp_path / "m", data)  # checks itself against the model: mirrored inside the graph
+    onnx, _ = OnnxPredictor(tmp_path / "m" / "model.onnx").proba_paths(scored.paths)
+    np.testing.assert_allclose(onnx, clf.predict_proba(scored.paths), atol=1e-3)
+    from rich.console import Console
+
+    from headstart.cli import render
+
+    console = Console(record=True, width=240)
+    console.print(render.train_summary(clf, data, TINY_BACKBONE, tmp_path / "m", None))
+    summary = " ".join(console.export_text().split())
+    assert f"with each photo's mirror image averaged in {stage2.mirrored_accuracy:.3f}, " \
+           f"{'kept' if kept else 'not kept'}" in summary
+    assert ("averaged with its mirror image's" in summary) is kept
+
+
 def test_auto_head_is_linear_when_fine_tuning_follows(any_size_clf, image_folder, monkeypatch) -> None:
     from headstart.train import policy
 

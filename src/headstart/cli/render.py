@@ -245,6 +245,8 @@ def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:
         line += " + the whole photo, uncropped"
     elif pre.native_size:
         line += f" + a {pre.native_size} px native view (the photos are small)"
+    if pre.orientations == 2:  # a fine-tuned model's mirror image (`train.stage2.mirrored_features`)
+        return line + "; each photo's features averaged with its mirror image's"
     return line + (f"; each photo's features averaged over its {pre.orientations} turns and mirror images"
                    if pre.orientations > 1 else "")
 
@@ -271,7 +273,10 @@ def _decision_line(decision: Decision, timings: dict) -> str:
     if stage2 is not None:
         refitted = ", head refitted" if stage2.refit is not None and stage2.refit.kept else ""
         head = f"head {decision.head_val_accuracy:.3f}, " if decision.head_val_accuracy is not None else ""
-        line += (f" (val accuracy {head}fine-tuned{refitted} {stage2.val_accuracy:.3f}; "
+        mirror = "" if stage2.mirrored_accuracy is None else (
+            f", with each photo's mirror image averaged in {stage2.mirrored_accuracy:.3f}"
+            + (", kept" if stage2.mirrored else ", not kept"))
+        line += (f" (val accuracy {head}fine-tuned{refitted} {stage2.val_accuracy:.3f}{mirror}; "
                  f"{timings.get('finetune_s', 0.0):.0f} s)")
     if decision.reason and decision.strategy == "auto":
         line += f"; {decision.reason}"

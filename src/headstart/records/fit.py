@@ -120,15 +120,22 @@ class Stage2Report:
     history: History
     val_accuracy: float
     refit: RefitReport | None = None
+    # The kept model's validation accuracy with each photo's mirror image averaged in (None: not tried), and
+    # whether the saved model predicts so (`train.stage2.mirrored_features`); `val_accuracy` is the upright one.
+    mirrored_accuracy: float | None = None
+    mirrored: bool = False
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "history": self.history.to_dict(), "val_accuracy": self.val_accuracy,
-                "refit": self.refit.to_dict() if self.refit else None}
+                "refit": self.refit.to_dict() if self.refit else None, "mirrored_accuracy": self.mirrored_accuracy,
+                "mirrored": self.mirrored}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stage2Report":
+        mirrored = d.get("mirrored_accuracy")  # models saved before the mirror was tried have neither
         return cls(FinetuneConfig.from_dict(d["config"]), History.from_dict(d["history"]), float(d["val_accuracy"]),
-                   RefitReport.from_dict(d["refit"]) if d.get("refit") else None)
+                   RefitReport.from_dict(d["refit"]) if d.get("refit") else None,
+                   None if mirrored is None else float(mirrored), bool(d.get("mirrored", False)))
 
 
 @dataclass(frozen=True)

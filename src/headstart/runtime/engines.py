@@ -76,15 +76,16 @@ class TorchEngine:
 
 
 class OrientedEngine:
-    """`inner`'s features of each batch averaged over its eight orientations (`vision.preprocess.ORIENTATIONS`):
-    what a model trained on oriented features (`train.oriented`) sees, 8x the work of `inner`."""
+    """`inner`'s features of each batch averaged over its first `n` orientations (`vision.preprocess.ORIENTATIONS`):
+    all eight, what a model trained on oriented features (`train.oriented`) sees; two, the photo and its mirror
+    image (a fine-tuned model, `train.stage2.mirrored_features`). n times the work of `inner`."""
 
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
+    def __init__(self, inner: Engine, n: int = 8) -> None:
+        self.inner, self.names = inner, tuple(ORIENTATIONS)[:n]
         self.kind = getattr(inner, "kind", ONNX_CPU)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return mean_features(self.inner(oriented(batch, name)) for name in ORIENTATIONS)
+        return mean_features(self.inner(oriented(batch, name)) for name in self.names)
 
 
 def joined_kind(first: str, second: str) -> str:

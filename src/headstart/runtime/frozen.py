@@ -129,7 +129,7 @@ class FrozenBackbone:
         follow this backbone's (`StackedEngine`); the two float32 sessions take turns, so neither spins while idle
         (see `ViewsEngine`)."""
         if self.spec.preprocess.orientations > 1:
-            return OrientedEngine(self.upright().engine(device))
+            return OrientedEngine(self.upright().engine(device), self.spec.preprocess.orientations)
         if self.companion is not None:
             return StackedEngine(self.alone().engine(device, False), self.companion.engine(device, False))
         device = self._choice(device).device
@@ -149,9 +149,10 @@ class FrozenBackbone:
         """This backbone seeing each photo once, as it stands (its engine choice kept)."""
         return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=1)))
 
-    def oriented(self) -> "FrozenBackbone":
-        """This backbone averaging each photo's features over its eight orientations."""
-        return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=8)))
+    def oriented(self, n: int = 8) -> "FrozenBackbone":
+        """This backbone averaging each photo's features over its first `n` orientations (`ORIENTATIONS`): all
+        eight turns and mirror images, or (2) the photo and its mirror image."""
+        return replace(self, spec=replace(self.spec, preprocess=replace(self.spec.preprocess, orientations=n)))
 
     def _fp32_engine(self, path: Path, twins: tuple[Path, ...], device: str, spinning: bool = True) -> Engine:
         if self.spec.preprocess.native_size:

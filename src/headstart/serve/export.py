@@ -30,11 +30,12 @@ from headstart.data.imageio import ImageDecodeError, load_rgb
 from headstart.data.scan import scan_folder
 from headstart.errors import ArtifactError, ConfigError, DataError
 from headstart.heads.config import HeadConfig, head_proba
+from headstart.numeric import mean_features
 from headstart.paths import atomic_path, file_sha256
 from headstart.runtime.engines import Engine
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_KEY, OnnxPredictor, View
-from headstart.vision.preprocess import PreprocessConfig, normalize, resize_and_crop
+from headstart.vision.preprocess import ORIENTATIONS, PreprocessConfig, normalize, oriented, resize_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class ExportReport:
 
 
 class _Classifier(nn.Module):
-    """uint8 NHWC views -> probabilities: normalise, pooled features per view (concatenated), head, softmax of the
-    logits over the head's stored temperature (what `heads.config.head_proba` computes)."""
+    """uint8 NHWC views -> probabilities: normalise, pooled features per view (each averaged over the view's
+    orientations where the model has several, `runtime.engines.OrientedEngine`; the views concatenated), head,
+    softmax of the logits over the head's stored temperature (what `heads.config.head_proba` computes)."""
 
     def __init__(self, features: PooledFeatures, head: nn.Module, cfg: PreprocessConfig,
                  temperature: float = 1.0, multi_label: bool = False) -> None:
@@ -93,11 +95,14 @@ class _Classifier(nn.Module):
         self.multi_label = multi_label  # each label's sigmoid instead of the softmax (`heads.config.head_proba`)
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.orientations = tuple(ORIENTATIONS.values())[:cfg.orientations]
 
     def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         # The same float32 operations, in the same order, as vision.preprocess.normalize.
         x = (pixels.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - self.mean) / self.std
-        return self.features(x)
+        if len(self.orientations) == 1:
+            return self.features(x)
+        return torch.stack([self.features(_oriented(x, *how)) for how in self.orientations]).mean(0)
 
     def forward(self, pixels: torch.Tensor, native: torch.Tensor | None = None) -> torch.Tensor:
         feats = self._pooled(pixels)
@@ -107,6 +112,13 @@ class _Classifier(nn.Module):
         if self.multi_label:
             return torch.sigmoid(logits)
         return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, 1)
+
+
+def _oriented(x: torch.Tensor, transposed: bool, upside_down: bool, mirrored: bool) -> torch.Tensor:
+    """`vision.preprocess.oriented` in torch, for the graph: NCHW turned or mirrored."""
+    x = x.transpose(2, 3) if transposed else x
+    x = torch.flip(x, [2]) if upside_down else x
+    return torch.flip(x, [3]) if mirrored else x
 
 
 def views_of(cfg: PreprocessConfig) -> tuple[View, ...]:
@@ -124,10 +136,11 @@ def export_model(model_dir: str | Path, data: str | Path | None = None, target: 
     model_dir = Path(model_dir)
     art = artifact.load(model_dir, with_backbone=False)
     record = art.record
-    if record.backbone.preprocess.orientations > 1:  # known before any work: nothing is written
-        raise ArtifactError(f"{model_dir} averages each photo over its {record.backbone.preprocess.orientations} "
-                            "orientations, which export cannot write into one ONNX graph yet; predict and serve "
-                            "run it as it is")
+    pre = record.backbone.preprocess
+    if pre.orientations > 1 and (pre.native_size or record.params.get("engine") == "int8"):  # nothing is written
+        raise ArtifactError(f"{model_dir} averages each photo over its {pre.orientations} orientations "
+                            f"{'beside a native view' if pre.native_size else 'on int8 features'}, which export "
+                            "cannot write into one ONNX graph yet; predict and serve run it as it is")
     if record.companion is not None:
         raise ArtifactError(f"{model_dir} joins the features of {record.backbone.name} and {record.companion.name}, "
                             "which export cannot write into one ONNX graph yet; predict and serve run it as it is")
@@ -313,10 +326,14 @@ def check_parity(path: Path, features: PooledFeatures, art: artifact.Artifact, i
     cfg = art.record.backbone.preprocess
     onnx_proba = OnnxPredictor(path).proba_images(images)
     views = [cfg] + ([replace(cfg, input_size=cfg.native_size, crop_pct=1.0)] if cfg.native_size else [])
+
+    def pooled(batch: np.ndarray) -> np.ndarray:  # averaged over the orientations as `OrientedEngine` averages
+        return mean_features(features(torch.from_numpy(oriented(batch, name))).numpy()
+                             for name in tuple(ORIENTATIONS)[:cfg.orientations])
+
     with torch.no_grad():
-        feats = np.concatenate([
-            features(torch.from_numpy(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))).numpy()
-            for v in views], 1)
+        feats = np.concatenate([pooled(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))
+                                for v in views], 1)
     return compared(onnx_proba, head_proba(art.record.head, art.head_state, feats), len(images), source,
                     art.record.head)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from headstart.backbones.registry import BackboneSpec, resolve
-from headstart.cache.dataset import DatasetFeatures, dataset_features, path_features
+from headstart.cache.dataset import DatasetFeatures, dataset_features
 from headstart.data import groups
 from headstart.data.dataset import Dataset
 from headstart.data.scan import scan_folder, typical_short_side
@@ -271,10 +271,41 @@ def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Pr
         return _with_decision(stage1, stage2=stage2, timings=timings)
     log.info("kept the fine-tuned model (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
     kept = Fitted(stage1.classes, result.frozen, head_cfg, head_state, stage1.report)
-    test = kept.evaluate(*refit.test) if len(refit.test[1]) else None  # stage 1's test features predate the tuning
+    kept, tuned, stage2 = _mirrored(s, kept, tuned, stage2, feats, balanced, progress)
+    test = kept.evaluate(*kept_test(kept, feats, refit.test, s.device))  # stage 1's test features predate the tuning
+    timings = {**stage1.report.timings, "finetune_s": time.perf_counter() - t0}
     report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
                      decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
     return replace(kept, report=report)
+
+
+def _mirrored(s: Settings, kept: Fitted, tuned: Evaluation, stage2: Stage2Report, feats: DatasetFeatures,
+              balanced: bool, progress: Progress) -> tuple[Fitted, Evaluation, Stage2Report]:
+    """The fine-tuned model predicting from each photo's features averaged with its mirror image's, when that
+    validates better (`policy.keep_mirrored`); its validation figures, and stage 2's report saying what was tried."""
+    from headstart.train.stage2 import mirrored_features
+
+    rows = np.flatnonzero(feats.splits == "val")
+    got = mirrored_features(kept.frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
+                            s.device, progress)
+    mirrored = kept.evaluate(*got.part("val"))
+    keep = policy.keep_mirrored(mirrored, tuned, balanced)
+    log.info("the fine-tuned model with each photo's mirror image averaged in: val accuracy %.4f against %.4f%s",
+             mirrored.accuracy, tuned.accuracy, ", kept" if keep else "")
+    stage2 = replace(stage2, mirrored_accuracy=mirrored.accuracy, mirrored=keep)
+    return (replace(kept, frozen=kept.frozen.oriented(2)), mirrored, stage2) if keep else (kept, tuned, stage2)
+
+
+def kept_test(kept: Fitted, feats: DatasetFeatures, upright: tuple[np.ndarray, np.ndarray], device: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's features and labels as the fine-tuned `kept` predicts them (`upright`: the refit's)."""
+    from headstart.train.stage2 import kept_features
+
+    if kept.frozen.spec.preprocess.orientations == 1 or not len(upright[1]):
+        return upright
+    rows = np.flatnonzero(feats.splits == "test")
+    return kept_features(kept.frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
+                         device).part("test")
 
 
 def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):
@@ -313,9 +344,11 @@ def with_temperature(fitted: Fitted, feats: DatasetFeatures, stage1_frozen: Froz
     from headstart.evaluate.calibration import stored_temperature
 
     if fitted.frozen is not stage1_frozen:
+        from headstart.train.stage2 import kept_features
+
         rows = np.flatnonzero(feats.splits != "train")
-        feats = path_features([feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], fitted.frozen,
-                              device, NoProgress(), "features of the fine-tuned backbone")
+        feats = kept_features(fitted.frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
+                              device)
 
     x_va, y_va = feats.part("val")
     logits = head_logits_numpy(fitted.head_state, fitted.head_config, x_va)

@@ -227,6 +227,12 @@ def keep_finetuned(strategy: str, head: Evaluation, tuned: Evaluation, balanced:
     return score(tuned, balanced) > score(head, balanced)
 
 
+def keep_mirrored(mirrored: Evaluation, upright: Evaluation, balanced: bool = False) -> bool:
+    """A fine-tuned model predicts from each photo's features averaged with its mirror image's only when that
+    validates better by `score` (`train.stage2.mirrored_features`): twice the work of every prediction."""
+    return score(mirrored, balanced) > score(upright, balanced)
+
+
 # --- deep fine-tuning, when the head alone is weak (`train.deep`) ---------------------------------------------
 
 WHOLE_VIEW_SIDE = 256  # the whole photo at up to this size: the issue's reference recipe (a thin crack fades at 224)

@@ -25,9 +25,9 @@ class PreprocessConfig:
     """timm-style pretrained config: resize the short side to size/crop_pct, centre-crop size, normalise.
 
     `native_size` > 0 adds a second view of the whole image at about the photos' own resolution (see
-    `with_native_view`); the features of both views are concatenated. `orientations` 8: each view's features are
-    the mean over its eight turns and mirror images (`ORIENTATIONS`), for photos whose label no turn changes
-    (`train.oriented`)."""
+    `with_native_view`); the features of both views are concatenated. `orientations` n > 1: each view's features are
+    the mean over the first n of `ORIENTATIONS`: all eight turns and mirror images, for photos whose label no turn
+    changes (`train.oriented`); two, the view and its mirror image (a fine-tuned model, `train.stage2`)."""
 
     input_size: int = 224
     crop_pct: float = 0.875
