@@ -226,7 +226,7 @@ def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Pr
                resume: bool, t_start: float | None = None) -> Fitted:
     """Fine-tune the backbone from a head (stage 1's; with "auto", one fitted at the whole view `train.deep`
     chooses), refit a head on the tuned features, and keep whichever model `policy` prefers."""
-    from headstart.train.stage2 import refit_head, run_finetune
+    from headstart.train.stage2 import kept_test, refit_head, run_finetune, try_mirror
 
     if not (feats.splits == "val").any():
         raise DataError("fine-tuning needs a validation split for early stopping; use --val-split 0.2")
@@ -271,41 +271,18 @@ def fit_stage2(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Pr
         return _with_decision(stage1, stage2=stage2, timings=timings)
     log.info("kept the fine-tuned model (head val %.4f, fine-tuned val %.4f)", head_eval.accuracy, tuned.accuracy)
     kept = Fitted(stage1.classes, result.frozen, head_cfg, head_state, stage1.report)
-    kept, tuned, stage2 = _mirrored(s, kept, tuned, stage2, feats, balanced, progress)
-    test = kept.evaluate(*kept_test(kept, feats, refit.test, s.device))  # stage 1's test features predate the tuning
-    timings = {**stage1.report.timings, "finetune_s": time.perf_counter() - t0}
-    report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
-                     decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
-    return replace(kept, report=report)
-
-
-def _mirrored(s: Settings, kept: Fitted, tuned: Evaluation, stage2: Stage2Report, feats: DatasetFeatures,
-              balanced: bool, progress: Progress) -> tuple[Fitted, Evaluation, Stage2Report]:
-    """The fine-tuned model predicting from each photo's features averaged with its mirror image's, when that
-    validates better (`policy.keep_mirrored`); its validation figures, and stage 2's report saying what was tried."""
-    from headstart.train.stage2 import mirrored_features
-
-    rows = np.flatnonzero(feats.splits == "val")
-    got = mirrored_features(kept.frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
-                            s.device, progress)
-    mirrored = kept.evaluate(*got.part("val"))
+    mirrored = try_mirror(result.frozen, head_cfg, head_state, stage1.classes, feats, s.device, progress)
     keep = policy.keep_mirrored(mirrored, tuned, balanced)
     log.info("the fine-tuned model with each photo's mirror image averaged in: val accuracy %.4f against %.4f%s",
              mirrored.accuracy, tuned.accuracy, ", kept" if keep else "")
     stage2 = replace(stage2, mirrored_accuracy=mirrored.accuracy, mirrored=keep)
-    return (replace(kept, frozen=kept.frozen.oriented(2)), mirrored, stage2) if keep else (kept, tuned, stage2)
-
-
-def kept_test(kept: Fitted, feats: DatasetFeatures, upright: tuple[np.ndarray, np.ndarray], device: str
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The test split's features and labels as the fine-tuned `kept` predicts them (`upright`: the refit's)."""
-    from headstart.train.stage2 import kept_features
-
-    if kept.frozen.spec.preprocess.orientations == 1 or not len(upright[1]):
-        return upright
-    rows = np.flatnonzero(feats.splits == "test")
-    return kept_features(kept.frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
-                         device).part("test")
+    kept, tuned = (replace(kept, frozen=kept.frozen.oriented(2)), mirrored) if keep else (kept, tuned)
+    # stage 1's test features predate the tuning: the refit's, or the mirrored ones
+    test = kept.evaluate(*kept_test(kept.frozen, feats, refit.test, s.device))
+    timings = {**stage1.report.timings, "finetune_s": time.perf_counter() - t0}
+    report = replace(stage1.report, val_metrics=tuned, test_metrics=test, timings=timings,
+                     decision=replace(stage1.report.decision, kept="finetune", stage2=stage2))
+    return replace(kept, report=report)
 
 
 def _deep_start(s: Settings, stage1: Fitted, feats: DatasetFeatures, progress: Progress, t_start: float):

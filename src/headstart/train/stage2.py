@@ -17,11 +17,12 @@ from headstart.cache.dataset import DatasetFeatures, distributed_features, path_
 from headstart.cache.features import content_key
 from headstart.cache.oriented import OrientedFeatureCache
 from headstart.errors import DataError
+from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.numeric import mean_features
 from headstart.paths import cache_root
 from headstart.progress import NoProgress, Progress
-from headstart.records import FinetuneConfig, HeadCandidate, History, TrainConfig
+from headstart.records import Evaluation, FinetuneConfig, HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.frozen import FrozenBackbone
 
@@ -129,6 +130,28 @@ def kept_features(frozen: FrozenBackbone, paths: list[Path], labels: np.ndarray,
         return mirrored_features(frozen.upright(), paths, labels, splits, device, progress)
     return path_features(paths, labels, splits, frozen, device, progress or NoProgress(),
                          "features of the fine-tuned backbone")
+
+
+def try_mirror(frozen: FrozenBackbone, head_cfg: HeadConfig, head_state: dict[str, np.ndarray],
+               classes: tuple[str, ...], feats: DatasetFeatures, device: str, progress: Progress | None = None
+               ) -> Evaluation:
+    """The fine-tuned model (`frozen`, the head) on the validation photos of `feats`, each photo's features
+    averaged with its mirror image's (`mirrored_features`): what `policy.keep_mirrored` weighs."""
+    rows = np.flatnonzero(feats.splits == "val")
+    got = mirrored_features(frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows], device,
+                            progress)
+    x, y = got.part("val")
+    return evaluate(y, head_proba(head_cfg, head_state, x), classes)
+
+
+def kept_test(frozen: FrozenBackbone, feats: DatasetFeatures, upright: tuple[np.ndarray, np.ndarray], device: str
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's features and labels as the fine-tuned `frozen` predicts them (`upright`: the refit's)."""
+    if frozen.spec.preprocess.orientations == 1 or not len(upright[1]):
+        return upright
+    rows = np.flatnonzero(feats.splits == "test")
+    return kept_features(frozen, [feats.paths[i] for i in rows], feats.labels[rows], feats.splits[rows],
+                         device).part("test")
 
 
 def mirrored_features(frozen: FrozenBackbone, paths: list[Path], labels: np.ndarray, splits: np.ndarray, device: str,
