@@ -162,6 +162,39 @@ def test_an_oriented_model_that_validates_no_better_is_not_kept(weak_auto, image
     assert "the labels depend on the orientation" in went_on[0].report.decision.reason
 
 
+def test_both_workers_keep_one_blas_thread_until_both_are_done() -> None:
+    """BLAS's thread count is the process's: a fit that finishes first must not hand its sibling two threads
+    (its products would then sum in another order, and a rerun would not repeat them to the bit)."""
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from headstart.progress import NoProgress
+    from headstart.runtime.device import one_blas_thread
+    from headstart.train.oriented import _two_at_a_time
+
+    def blas() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    first_in = threading.Event()
+
+    def fit(item: int, bar) -> set[int]:  # each fit pins itself, as `fit_best_head` and `refit_full` do
+        if item == 1:
+            first_in.wait(5)
+        with one_blas_thread():
+            if item == 0:
+                first_in.set()
+                time.sleep(0.05)
+                return blas()
+            time.sleep(0.3)  # the first has finished and left its pin by now
+            return blas()
+
+    with threadpool_limits(2, user_api="blas"):
+        assert _two_at_a_time(fit, [0, 1], NoProgress()) == [{1}, {1}]
+        assert blas() == {2}  # the caller's count, back
+
+
 def test_merged_heads_give_the_mean_of_their_logits() -> None:
     from headstart.heads.config import HeadConfig, head_logits_numpy
     from headstart.train.oriented import merge_heads

@@ -16,7 +16,7 @@ import numpy as np
 from headstart.evaluate.crossval import FOLDS, fold_count, kept_groups, stratified_folds, summarise
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.records import CrossValidation, TrainConfig
-from headstart.runtime.device import cpu_threads
+from headstart.runtime.device import cpu_threads, one_blas_thread
 from headstart.train import policy
 from headstart.train.fit_head import fit_best_head, fresh_head, refit_full
 
@@ -88,7 +88,7 @@ def cross_validate_settings(features: np.ndarray, labels: np.ndarray, head_cfg: 
         return head_proba(untempered, state, np.asarray(features[test], np.float32)).argmax(1) == labels[test]
 
     hits = np.zeros(len(labels), bool)
-    with ThreadPoolExecutor(max_workers=min(k, cpu_threads())) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=min(k, cpu_threads())) as pool:  # the process's count
         for fold, fold_hits in enumerate(pool.map(one, range(k))):
             hits[fold_of == fold] = fold_hits
     return replace(summarise(hits, fold_of), rows="train+val", groups=kept_groups(groups, fold_of))

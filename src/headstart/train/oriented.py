@@ -121,11 +121,19 @@ def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[
 
 def _two_at_a_time(work, items, progress: Progress) -> list:
     """`work(item, bar)` for each of `items`, two at a time (each head fit holds one BLAS thread: one core each),
-    in order; the first item's bar is `progress`, one bar for the lot."""
+    in order; the first item's bar is `progress`, one bar for the lot.
+
+    BLAS's thread count is the process's, not a thread's: pinned here, around both workers. Pinned only inside
+    each fit, the first to finish restored the count while the other still trained, and that one's later
+    products could run on two threads: an elpv run in a warm cache stored a temperature that differed from the
+    cold run's in the eighth digit (0.849308764 against 0.849308755), their shipped heads bit for bit the same.
+    Pinned here, a cold run and its warm rerun wrote the same model to the bit, temperature included."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from headstart.runtime.device import one_blas_thread
+
     bars = [progress] + [NoProgress()] * (len(items) - 1)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(work, items, bars))
 
 

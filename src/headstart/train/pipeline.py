@@ -118,6 +118,7 @@ def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures
     validation figures those of the head validation chose. Both run side by side (they share nothing)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from headstart.runtime.device import one_blas_thread
     from headstart.train.crossval import cross_validate_settings
     from headstart.train.fit_head import refit_full
 
@@ -128,7 +129,7 @@ def refit_and_cross_validate(s: Settings, fitted: Fitted, feats: DatasetFeatures
     x, y = feats.features[rows[0]:rows[-1] + 1], feats.labels[rows]
     epochs, cfg, t0 = report.history.best_epoch + 1, report.train_config, time.perf_counter()
     wanted = policy.refits(s.refit, measured_to_pay=False)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=1) as pool:  # BLAS's count is the process's
         refit = pool.submit(refit_full, replace(fitted.head_config, temperature=1.0), cfg, x, y, epochs,
                             fitted.epoch_lrs, progress) if wanted and fitted.refit_state is None else None
         head_cfg = fitted.head_config
