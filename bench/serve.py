@@ -52,7 +52,8 @@ def trained(data: Path, out: Path, env: dict) -> Path:
 
 def exports(model: Path, train: Path, val: Path) -> dict:
     """float and int8 exports of `model` side by side (float.onnx, int8.onnx), int8 written whatever its drop."""
-    from headstart.serve.export import INT8_MAX_DROP, export_model, quantize_int8
+    from headstart.serve.export import export_model
+    from headstart.serve.export_quantize import INT8_MAX_DROP, quantize_int8
 
     t0 = time.perf_counter()
     report = export_model(model, train)

@@ -187,7 +187,7 @@ def test_stale_export_is_ignored(exported, tmp_path: Path) -> None:
 def test_int8_is_kept_only_within_the_tolerance(exported, tmp_path: Path, monkeypatch, max_drop, accepted) -> None:
     import onnx
 
-    from headstart.serve.export import quantize_int8
+    from headstart.serve.export_quantize import quantize_int8
     from headstart.serve.onnx_predictor import load_export
 
     model, photos, cache = exported

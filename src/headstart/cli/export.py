@@ -31,7 +31,7 @@ def export(
         raise ConfigError("--quantize int8 calibrates on the training photos: pass --data FOLDER (the folder the "
                           "model was trained on)")
     from headstart.serve import artifact
-    from headstart.serve.export import quantize_int8
+    from headstart.serve.export_quantize import quantize_int8
 
     if quantize and artifact.load(model, with_backbone=False).record.head.multi_label:
         raise ConfigError("--quantize int8 is not available for multi-label models yet (its check is single-label "
