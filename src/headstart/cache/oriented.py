@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from headstart.cache.dataset import distributed_features
 from headstart.cache.features import CachedFeatures, FeatureCache
+from headstart.errors import DataError
 from headstart.paths import store_path
 from headstart.progress import Progress
 from headstart.runtime.frozen import FrozenBackbone
@@ -35,9 +39,18 @@ class OrientedFeatureCache(FeatureCache):
 
 def oriented_features(paths: list[Path], frozen: FrozenBackbone, orientation: str, device: str,
                       progress: Progress, task: str) -> CachedFeatures:
-    """The features of `paths` turned or mirrored as `orientation` names (cached, or extracted now and cached)."""
-    progress.start(task, len(paths))
+    """The features of `paths` turned or mirrored as `orientation` names (cached, or extracted now and cached);
+    under torchrun each rank extracts its share (`distributed_features`)."""
     cache = OrientedFeatureCache(frozen, orientation, engine_kind=frozen.engine_kind(device))
-    got = cache.features_for(paths, lambda: frozen.engine(device), progress.advance)
-    progress.finish()
-    return got
+    return distributed_features(cache, paths, lambda: frozen.engine(device), progress, task)
+
+
+def reread_features(paths: list[Path], frozen: FrozenBackbone, orientation: str, device: str, progress: Progress,
+                    task: str) -> np.ndarray:
+    """`oriented_features` of photos that were all read once already (their upright features are in hand): the
+    float32 rows in order; should one fail now, the run stops with its name."""
+    got = oriented_features(paths, frozen, orientation, device, progress, task)
+    if got.failures:
+        path, why = got.failures[0]
+        raise DataError(f"{path} could be read once but not again ({why}); check the disk and run again")
+    return np.asarray(got.features, np.float32)

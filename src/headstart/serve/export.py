@@ -30,12 +30,11 @@ from headstart.data.imageio import ImageDecodeError, load_rgb
 from headstart.data.scan import scan_folder
 from headstart.errors import ArtifactError
 from headstart.heads.config import HeadConfig, head_proba
-from headstart.numeric import mean_features
 from headstart.paths import atomic_path, file_sha256
-from headstart.runtime.engines import Engine
+from headstart.runtime.engines import Engine, OrientedEngine
 from headstart.serve import artifact
 from headstart.serve.onnx_predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_KEY, OnnxPredictor, View
-from headstart.vision.preprocess import ORIENTATIONS, PreprocessConfig, normalize, oriented, resize_and_crop
+from headstart.vision.preprocess import ORIENTATIONS, PreprocessConfig, normalize, resize_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +323,8 @@ def check_parity(path: Path, features: PooledFeatures, art: artifact.Artifact, i
     cfg = art.record.backbone.preprocess
     onnx_proba = OnnxPredictor(path).proba_images(images)
     views = [cfg] + ([replace(cfg, input_size=cfg.native_size, crop_pct=1.0)] if cfg.native_size else [])
-
-    def pooled(batch: np.ndarray) -> np.ndarray:  # averaged over the orientations as `OrientedEngine` averages
-        return mean_features(features(torch.from_numpy(oriented(batch, name))).numpy()
-                             for name in tuple(ORIENTATIONS)[:cfg.orientations])
-
+    # each view's features averaged over the model's orientations, by the engine that averages them when predicting
+    pooled = OrientedEngine(lambda batch: features(torch.from_numpy(batch)).numpy(), cfg.orientations)
     with torch.no_grad():
         feats = np.concatenate([pooled(np.stack([normalize(resize_and_crop(im, v), v) for im in images]))
                                 for v in views], 1)

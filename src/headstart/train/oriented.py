@@ -19,8 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from headstart.cache.dataset import DatasetFeatures
-from headstart.cache.oriented import oriented_features
-from headstart.errors import DataError
+from headstart.cache.oriented import reread_features
 from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.heads.params import HeadParams
@@ -68,11 +67,7 @@ def all_orientations(feats: DatasetFeatures, frozen: FrozenBackbone, base: Froze
         if name == "upright" and base == frozen:  # the same spec, weights, engine and companion
             out.append(np.asarray(feats.features, np.float32))
             continue
-        got = oriented_features(feats.paths, base, name, device, progress, f"features, {name}")
-        if got.failures:
-            path, why = got.failures[0]
-            raise DataError(f"{path} could be read once but not again ({why}); check the disk and run again")
-        out.append(np.asarray(got.features, np.float32))
+        out.append(reread_features(feats.paths, base, name, device, progress, f"features, {name}"))
     return np.stack(out)
 
 

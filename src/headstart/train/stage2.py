@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from headstart.cache.boundary import BoundaryStore, bottom_engine
-from headstart.cache.dataset import DatasetFeatures, distributed_features, path_features
+from headstart.cache.dataset import DatasetFeatures, path_features
 from headstart.cache.features import content_key
-from headstart.cache.oriented import OrientedFeatureCache
-from headstart.errors import DataError
+from headstart.cache.oriented import reread_features
 from headstart.evaluate.metrics import evaluate
 from headstart.heads.config import HeadConfig, head_proba
 from headstart.numeric import mean_features
@@ -164,15 +163,10 @@ def mirrored_features(frozen: FrozenBackbone, paths: list[Path], labels: np.ndar
     0.8249 on the run's own validation split (docs/domains.md). The frozen ImageNet backbone's head, trained on
     upright features, did not gain from its mirror images (`evaluate --tta`: 0.7651 against 0.7674 held out), so
     only a fine-tuned model tries it."""
-    progress = progress or NoProgress()
     upright = path_features(paths, labels, splits, frozen, device, NoProgress(), "features of the fine-tuned backbone")
-    cache = OrientedFeatureCache(frozen, "hflip", engine_kind=frozen.engine_kind(device))
-    mirror = distributed_features(cache, upright.paths, lambda: frozen.engine(device), progress,
-                                  "features of the mirror images")
-    if mirror.failures:
-        path, why = mirror.failures[0]
-        raise DataError(f"{path} could be read once but not again ({why}); check the disk and run again")
-    return DatasetFeatures(upright.paths, mean_features([upright.features, mirror.features]), upright.labels,
+    mirror = reread_features(upright.paths, frozen, "hflip", device, progress or NoProgress(),
+                             "features of the mirror images")
+    return DatasetFeatures(upright.paths, mean_features([upright.features, mirror]), upright.labels,
                            upright.splits, upright.failures, upright.cached)
 
 
