@@ -303,6 +303,17 @@ def test_train_maps_flags_saves_and_summarises(image_folder: Path, tmp_path: Pat
     assert "skipped: " in result.stderr and "notes0.txt: not an image" in result.stderr
 
 
+def test_train_summary_names_the_oriented_heads_and_the_regression_averaged_in() -> None:
+    from headstart.cli import render as cli_render
+
+    seeds = (HeadCandidate((256,), 0.2, 0.713), HeadCandidate((256,), 0.2, 0.708))
+    assert cli_render._averaged_head_line(seeds + (HeadCandidate((), 0.0, 0.74),)) == (
+        "2 heads of hidden 256, dropout 0.2 (val loss 0.713, 0.708), their logits averaged, then averaged with a "
+        "logistic regression's (val loss 0.740)")
+    assert cli_render._averaged_head_line(seeds) == (  # a model saved before the regression
+        "2 heads of hidden 256, dropout 0.2 (val loss 0.713, 0.708), their logits averaged")
+
+
 def test_train_summary_says_a_fine_tuned_model_runs_at_the_photos_size_with_a_refitted_head() -> None:
     from headstart.cli import render as cli_render
 

@@ -215,6 +215,51 @@ def test_merged_heads_give_the_mean_of_their_logits() -> None:
         merge_heads(cfg, [states[0], {**states[1], "mean": base["mean"] + 1}])
 
 
+def test_a_linear_model_rides_in_the_head_as_half_its_logits() -> None:
+    from headstart.heads.config import HeadConfig, head_logits_numpy
+    from headstart.train.oriented import with_linear
+
+    rng = np.random.default_rng(1)
+    cfg = HeadConfig(6, 3, hidden=(4,))
+    state = {"mean": rng.normal(size=6).astype(np.float32), "std": rng.uniform(1, 2, 6).astype(np.float32),
+             "layers.1.weight": rng.normal(size=(4, 6)).astype(np.float32),
+             "layers.1.bias": rng.normal(size=4).astype(np.float32),
+             "layers.4.weight": rng.normal(size=(3, 4)).astype(np.float32),
+             "layers.4.bias": rng.normal(size=3).astype(np.float32)}
+    coef, bias = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    merged_cfg, merged = with_linear(cfg, state, (coef, bias))
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    linear = ((x - state["mean"]) / state["std"]) @ coef.T + bias
+    assert merged_cfg.hidden == (10,)
+    np.testing.assert_allclose(head_logits_numpy(merged, merged_cfg, x),
+                               (head_logits_numpy(state, cfg, x) + linear) / 2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_the_linear_model_is_scikit_learns_logistic_regression_on_the_heads_inputs(n_classes) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from headstart.records import TrainConfig
+    from headstart.train.oriented import fit_linear
+
+    rng = np.random.default_rng(2)
+    counts = np.array([36, 9, 16][:n_classes])
+    y = np.repeat(np.arange(n_classes), counts)
+    x = (rng.normal(size=(len(y), 5)) + y[:, None]).astype(np.float32)
+    head = {"mean": x.mean(0) + 1, "std": x.std(0) * 2}  # the head standardises otherwise: rows of 8 orientations
+    cfg = TrainConfig(balance=True, balance_power=0.5)
+    coef, bias = fit_linear(x, y, head, n_classes + 1, cfg)  # the last class is absent
+    ours = ((x - head["mean"]) / head["std"]) @ coef.T + bias
+    z = (x - x.mean(0)) / x.std(0)
+    weights = {k: (counts.max() / counts[k]) ** 0.5 for k in range(n_classes)}  # the largest class weighs 1
+    theirs = LogisticRegression(C=policy.ORIENTED_LINEAR_C, max_iter=1000, class_weight=weights).fit(z, y)
+    theirs = theirs.predict_proba(z)
+    proba = np.exp(ours - ours.max(1, keepdims=True))
+    proba /= proba.sum(1, keepdims=True)
+    np.testing.assert_allclose(proba[:, :n_classes], theirs, atol=1e-3)
+    assert (ours.argmax(1) < n_classes).all() and proba[:, n_classes].max() < 1e-4
+
+
 def test_a_stacked_engine_joins_two_engines_features_and_names_their_kinds() -> None:
     from headstart.runtime.engines import StackedEngine
 

@@ -136,7 +136,8 @@ def train_summary(
         ("skipped files", str(len(clf.skipped_))),
         ("backbone", _backbone_line(_with_companion(backbone, clf.frozen_), clf.frozen_.spec.preprocess,
                                     decision.native_input)),
-        ("head", _head_line(clf.head_config_, _kept_head_candidates(decision))),
+        ("head", _averaged_head_line(decision.head_candidates) if decision.kept == "oriented"
+         else _head_line(clf.head_config_, _kept_head_candidates(decision))),
         (
             "features",
             f"{total - clf.cached_} extracted, {clf.cached_} from cache, {timings.get('features_s', 0.0):.1f} s; "
@@ -260,6 +261,20 @@ def _head_line(cfg, candidates: Sequence[HeadCandidate] | None) -> str:
         line += " (lowest val loss of " + ", ".join(
             f"{name(c.hidden, c.dropout)}: {c.val_loss:.3f}" for c in candidates) + ")"
     return line
+
+
+def _averaged_head_line(candidates: Sequence[HeadCandidate]) -> str:
+    """The oriented stage's head: its seeds' heads and (since 2026-12) a logistic regression, saved as one head whose
+    logits are their mean (`train.oriented.merge_heads`, `with_linear`)."""
+    nets = [c for c in candidates if c.hidden]
+    linear = [c for c in candidates if not c.hidden]
+    if not nets:
+        return "linear"
+    line = (f"{len(nets)} heads of hidden {'-'.join(map(str, nets[0].hidden))}, dropout {nets[0].dropout:g} "
+            f"(val loss {', '.join(f'{c.val_loss:.3f}' for c in nets)})")
+    line += ", their logits averaged"
+    return line + (f", then averaged with a logistic regression's (val loss {linear[0].val_loss:.3f})" if linear
+                   else "")
 
 
 def _kept_head_candidates(decision: Decision) -> tuple[HeadCandidate, ...] | None:

@@ -25,7 +25,7 @@ from headstart.heads.config import HeadConfig, head_proba
 from headstart.heads.params import HeadParams
 from headstart.numeric import mean_features
 from headstart.progress import NoProgress, Progress
-from headstart.records import Evaluation, TrainConfig
+from headstart.records import Evaluation, HeadCandidate, TrainConfig
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
 from headstart.train.fit_head import FittedHead, fit_best_head
@@ -80,8 +80,9 @@ def fit_oriented_head(every: np.ndarray, feats: DatasetFeatures, classes: tuple[
                       progress: Progress) -> tuple[FittedHead, Evaluation, tuple[FittedHead, ...]]:
     """`policy.ORIENTED_SEEDS` hidden-layer heads (`policy.oriented_head`), each trained from its own seed on each
     orientation of the training rows as a photo of its own and stopped on the validation rows' averaged features,
-    two at a time (one core each); merged into one head whose logits are their mean (`merge_heads`), with its
-    validation scores, and the seeds' own heads (what `refit_oriented_head` repeats)."""
+    two at a time (one core each); merged into one head whose logits are their mean (`merge_heads`), then half and
+    half with a logistic regression's (`fit_linear`, `with_linear`), with its validation scores, and the seeds'
+    own heads (what `refit_oriented_head` repeats)."""
     train, val = feats.splits == "train", feats.splits == "val"
     x_train = every[:, train].reshape(-1, every.shape[2])
     y_train = np.tile(feats.labels[train], every.shape[0])
@@ -91,16 +92,80 @@ def fit_oriented_head(every: np.ndarray, feats: DatasetFeatures, classes: tuple[
     fitted = _two_at_a_time(lambda c, bar: fit_best_head([(head_cfg, c)], x_train, y_train, x_val, y_val, bar),
                             seeds, progress)
     merged_cfg, merged = merge_heads(head_cfg, [f.state for f in fitted])
-    first = fitted[0]
-    out = replace(first, head=_params(merged_cfg, merged), candidates=tuple(c for f in fitted for c in f.candidates))
+    linear = fit_linear(mean_features(every[:, train]), feats.labels[train], merged, len(classes), cfg)
+    linear_loss = _log_loss(linear, merged, x_val, y_val)
+    merged_cfg, merged = with_linear(merged_cfg, merged, linear)
+    candidates = tuple(c for f in fitted for c in f.candidates) + (HeadCandidate((), 0.0, linear_loss),)
+    out = replace(fitted[0], head=_params(merged_cfg, merged), candidates=candidates)
     return out, evaluate(y_val, head_proba(merged_cfg, merged, x_val), classes), tuple(fitted)
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, head: dict[str, np.ndarray], n_classes: int, cfg: TrainConfig
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(weights [classes, features], biases [classes]) on `head`'s standardised inputs of scikit-learn's logistic
+    regression (L2, `policy.ORIENTED_LINEAR_C`) fitted on rows `x` standardised by their own mean and std (as its
+    `StandardScaler` would), classes weighted as the heads' loss weighs them relative to the largest class. Its
+    coefficients are then rewritten for the head's standardisation: the same function of x. A class absent from
+    `y` gets zero weights and a bias 10 under the lowest: the regression never picks it."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from headstart.heads.params import floored_std
+    from headstart.runtime.device import one_blas_thread
+    from headstart.train.head_step import class_weights
+
+    mean, std = x.mean(axis=0), floored_std(x.std(axis=0))
+    weight = class_weights(y, n_classes, cfg.balance_power)[y] if cfg.balance else np.ones(len(y))
+    # One BLAS thread, as the heads: the same products in the same order whatever the machine's load, and
+    # OpenBLAS's spinning threads slow a fit many times over while another process holds a core.
+    with one_blas_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # an unconverged fit is still a fit
+        fit = LogisticRegression(C=policy.ORIENTED_LINEAR_C, max_iter=1000).fit(
+            (x - mean) / std, y, weight / weight.min())
+    own, own_bias = np.zeros((n_classes, x.shape[1])), np.zeros(n_classes)
+    known = fit.classes_
+    if len(known) == 2:  # scikit-learn's binary model: one logit for the second class against the first
+        own[known] = np.concatenate([-fit.coef_, fit.coef_]) / 2
+        own_bias[known] = np.concatenate([-fit.intercept_, fit.intercept_]) / 2
+    else:
+        own[known], own_bias[known] = fit.coef_, fit.intercept_
+    # w . (x - mean) / std, written as w' . (x - head mean) / head std + b'
+    coef = own * (head["std"] / std)
+    bias = own_bias + own @ ((head["mean"] - mean) / std)
+    bias[np.setdiff1d(np.arange(n_classes), known)] = bias[known].min() - 10.0
+    return coef.astype(np.float32), bias.astype(np.float32)
+
+
+def with_linear(cfg: HeadConfig, state: dict[str, np.ndarray], linear: tuple[np.ndarray, np.ndarray]
+                ) -> tuple[HeadConfig, dict[str, np.ndarray]]:
+    """A head of one hidden layer and a linear model on its standardised inputs as one head whose logits are the
+    mean of the two. Exact: the linear logits z ride through 2 x classes more hidden units as relu(z) - relu(-z),
+    so the saved model, `predict`, `serve` and `export` stay those of one head."""
+    coef, bias = linear
+    eye = np.eye(len(bias), dtype=np.float32)
+    merged = {**state,
+              "layers.1.weight": np.concatenate([state["layers.1.weight"], coef, -coef]).astype(np.float32),
+              "layers.1.bias": np.concatenate([state["layers.1.bias"], bias, -bias]).astype(np.float32),
+              "layers.4.weight": np.concatenate([state["layers.4.weight"], eye, -eye], axis=1) / np.float32(2),
+              "layers.4.bias": state["layers.4.bias"] / np.float32(2)}
+    return replace(cfg, hidden=(cfg.hidden[0] + 2 * len(bias),)), merged
+
+
+def _log_loss(linear: tuple[np.ndarray, np.ndarray], head: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+              ) -> float:
+    """The linear model's own validation loss (cross-entropy, as the heads' is), for the summary."""
+    logits = ((x - head["mean"]) / head["std"]) @ linear[0].T + linear[1]
+    logits = logits - logits.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]))
 
 
 def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[FittedHead, ...],
                         progress: Progress) -> dict[str, np.ndarray]:
     """The seeds' heads trained again, each from its own seed, on every orientation of the training *and*
-    validation rows for the epochs validation chose (`fit_head.refit_full`), two at a time, and merged as
-    `fit_oriented_head` merges them. A weak head is short of photos: on elpv (grouped 5-fold cross-validation of
+    validation rows for the epochs validation chose (`fit_head.refit_full`), two at a time, and merged with a
+    logistic regression of those rows as `fit_oriented_head` merges them. A weak head is short of photos: on elpv (grouped 5-fold cross-validation of
     the acceptance split's training part, each fold's head stopped on a grouped fifth of its rows, as `train`
     carves them; docs/domains.md) the refit scored 0.736 / 0.556 (accuracy / balanced) against 0.734 / 0.538, and
     on the held-out photos 0.819 / 0.659 against 0.801 / 0.637 (the mean of four seeds)."""
@@ -111,7 +176,10 @@ def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[
     y = np.tile(feats.labels[rows], every.shape[0])
     heads = _two_at_a_time(lambda f, bar: refit_full(f.head.cfg, f.train_config, x, y, f.history.best_epoch + 1,
                                                      f.epoch_lrs, bar)[0], seeds, progress)
-    return merge_heads(seeds[0].head.cfg, [h.state_dict() for h in heads])[1]
+    cfg, merged = merge_heads(seeds[0].head.cfg, [h.state_dict() for h in heads])
+    n_classes = cfg.n_classes
+    linear = fit_linear(mean_features(every[:, rows]), feats.labels[rows], merged, n_classes, seeds[0].train_config)
+    return with_linear(cfg, merged, linear)[1]
 
 
 def _two_at_a_time(work, items, progress: Progress) -> list:

@@ -83,6 +83,14 @@ ORIENTED_PATIENCE = 5
 # 0.734 / 0.538. (Before the refit, 4 seeds scored 0.795 / 0.613 on the held-out photos against one's 0.797 /
 # 0.629, for twice the time.)
 ORIENTED_SEEDS = 2
+# A logistic regression (scikit-learn's, L2 at this C, on the heads' standardised inputs: each training photo's
+# features averaged over its orientations, classes weighted as the heads' loss) whose logits are averaged half and
+# half with the seeds' (`train.oriented.with_linear`): a linear model and a hidden layer err on different photos.
+# Grouped 5-fold cross-validation of elpv's acceptance training part (docs/domains.md, eighth pass): the seeds
+# alone 0.746 / 0.560 (accuracy / balanced), with the regression 0.763 / 0.562 (at C 0.003, 0.757 / 0.557; at
+# 0.03, 0.763 / 0.554). The regression alone scored 0.761 / 0.545; a torch linear head trained as the seeds are
+# added nothing (0.742 / 0.559).
+ORIENTED_LINEAR_C = 0.01
 # The 8 orientations' features and the training rows made of them are held in memory, about twice 8 x photos x
 # features x 4 bytes (elpv: 0.22 GB); above this the stage is skipped, and says so.
 ORIENTED_MAX_BYTES = 1.5e9
