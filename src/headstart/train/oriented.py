@@ -167,8 +167,9 @@ def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[
     validation rows for the epochs validation chose (`fit_head.refit_full`), two at a time, and merged with a
     logistic regression of those rows as `fit_oriented_head` merges them. A weak head is short of photos: on
     elpv (grouped 5-fold cross-validation of the acceptance split's training part, each fold's head stopped on a
-    grouped fifth of its rows, as `train` carves them; docs/domains.md) the refit scored 0.736 / 0.556 (accuracy / balanced) against 0.734 / 0.538, and
-    on the held-out photos 0.819 / 0.659 against 0.801 / 0.637 (the mean of four seeds)."""
+    grouped fifth of its rows, as `train` carves them; docs/domains.md) the refit scored 0.736 / 0.556 (accuracy /
+    balanced) against 0.734 / 0.538, and on the held-out photos 0.819 / 0.659 against 0.801 / 0.637 (the mean of
+    four seeds)."""
     from headstart.train.fit_head import refit_full
 
     rows = feats.splits != "test"
