@@ -16,6 +16,7 @@ from headstart.train import fit_head as train
 from headstart.heads.config import HeadConfig, head_logits_numpy, softmax
 from headstart.heads.params import HeadParams
 from headstart.records import TrainConfig
+from headstart.train.head_step import cross_entropy
 from headstart.train.fit_head import class_weights, fit_head
 
 
@@ -29,7 +30,7 @@ def _blas_threads() -> set[int]:
 
 
 def val_loss_of(head: HeadParams, x: np.ndarray, y: np.ndarray) -> float:
-    return train._cross_entropy(head.logits(head.standardize(x)), y)
+    return cross_entropy(head.logits(head.standardize(x)), y)
 
 
 def test_head_learns_separable_features():

@@ -27,7 +27,7 @@ from headstart.progress import NoProgress, Progress
 from headstart.records import HeadCandidate, History, TrainConfig
 from headstart.runtime import distributed
 from headstart.runtime.device import cpu_threads, one_blas_thread
-from headstart.train.head_step import AdamW, bce_loss, class_weights, positive_weights, train_step
+from headstart.train.head_step import AdamW, bce_loss, class_weights, cross_entropy, positive_weights, train_step
 from headstart.train.loop import BestTracker, Plateau, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged head's logits: reported just below
             logits = np.concatenate([head.logits(val_rows(slice(i, i + CHUNK_ROWS)))
                                      for i in range(0, len(yv), CHUNK_ROWS)])
-            val_loss = distributed.same(bce_loss(logits, yv) if multi else _cross_entropy(logits, yv))[0]
+            val_loss = distributed.same(bce_loss(logits, yv) if multi else cross_entropy(logits, yv))[0]
         history.val_loss.append(val_loss)
         # multi-label: the fraction of (image, label) pairs right at 0.5, one minus the Hamming loss
         history.val_accuracy.append(float(((logits > 0) == yv).mean() if multi else (logits.argmax(1) == yv).mean()))
@@ -143,14 +143,6 @@ def _fit_head(head_cfg, cfg, x_train, y_train, x_val, y_val, progress, head, sto
     log.info("head trained: best epoch %d of %d", history.best_epoch + 1, len(history.train_loss))
     head.training = False
     return head, history, tuple(lrs)
-
-
-def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    """torch's `F.cross_entropy(logits, y)`: the mean negative log-softmax of the labels, in float64."""
-    z = logits.astype(np.float64)
-    z -= z.max(1, keepdims=True)
-    logp = z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))
-    return float(-logp.mean())
 
 
 class _AdvanceOnly:

@@ -90,6 +90,15 @@ def _bce(z: np.ndarray, y: np.ndarray, pos_weight: np.ndarray | None, smoothing:
     return float(loss.mean()), dz.astype(np.float32)
 
 
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """torch's `F.cross_entropy(logits, y)`: the mean negative log-softmax of the labels, in float64: a head's
+    validation loss."""
+    z = logits.astype(np.float64)
+    z -= z.max(1, keepdims=True)
+    logp = z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))
+    return float(-logp.mean())
+
+
 def bce_loss(logits: np.ndarray, y: np.ndarray) -> float:
     """torch's `binary_cross_entropy_with_logits(logits, y)`, in float64: a multi-label head's validation loss."""
     z = logits.astype(np.float64)

@@ -29,6 +29,7 @@ from headstart.records import Evaluation, HeadCandidate, TrainConfig
 from headstart.runtime.frozen import FrozenBackbone
 from headstart.train import policy
 from headstart.train.fit_head import FittedHead, fit_best_head
+from headstart.train.head_step import cross_entropy
 from headstart.vision.preprocess import ORIENTATIONS
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def fit_oriented_head(every: np.ndarray, feats: DatasetFeatures, classes: tuple[
                             seeds, progress)
     merged_cfg, merged = merge_heads(head_cfg, [f.state for f in fitted])
     linear = fit_linear(mean_features(every[:, train]), feats.labels[train], merged, len(classes), cfg)
-    linear_loss = _log_loss(linear, merged, x_val, y_val)
+    linear_loss = cross_entropy(((x_val - merged["mean"]) / merged["std"]) @ linear[0].T + linear[1], y_val)
     merged_cfg, merged = with_linear(merged_cfg, merged, linear)
     candidates = tuple(c for f in fitted for c in f.candidates) + (HeadCandidate((), 0.0, linear_loss),)
     out = replace(fitted[0], head=_params(merged_cfg, merged), candidates=candidates)
@@ -151,14 +152,6 @@ def with_linear(cfg: HeadConfig, state: dict[str, np.ndarray], linear: tuple[np.
               "layers.4.weight": np.concatenate([state["layers.4.weight"], eye, -eye], axis=1) / np.float32(2),
               "layers.4.bias": state["layers.4.bias"] / np.float32(2)}
     return replace(cfg, hidden=(cfg.hidden[0] + 2 * len(bias),)), merged
-
-
-def _log_loss(linear: tuple[np.ndarray, np.ndarray], head: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-              ) -> float:
-    """The linear model's own validation loss (cross-entropy, as the heads' is), for the summary."""
-    logits = ((x - head["mean"]) / head["std"]) @ linear[0].T + linear[1]
-    logits = logits - logits.max(axis=1, keepdims=True)
-    return float(np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]))
 
 
 def refit_oriented_head(every: np.ndarray, feats: DatasetFeatures, seeds: tuple[FittedHead, ...],
