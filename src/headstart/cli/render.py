@@ -252,14 +252,15 @@ def _backbone_line(backbone: str, pre, native_input: int = 0) -> str:
                    if pre.orientations > 1 else "")
 
 
-def _head_line(cfg, candidates: Sequence[HeadCandidate] | None) -> str:
-    def name(hidden, dropout) -> str:
-        return f"hidden {'-'.join(map(str, hidden))}, dropout {dropout:g}" if hidden else f"linear, dropout {dropout:g}"
+def _head_name(hidden: Sequence[int], dropout: float) -> str:
+    return f"hidden {'-'.join(map(str, hidden))}, dropout {dropout:g}" if hidden else f"linear, dropout {dropout:g}"
 
-    line = name(cfg.hidden, cfg.dropout)
+
+def _head_line(cfg, candidates: Sequence[HeadCandidate] | None) -> str:
+    line = _head_name(cfg.hidden, cfg.dropout)
     if candidates:
         line += " (lowest val loss of " + ", ".join(
-            f"{name(c.hidden, c.dropout)}: {c.val_loss:.3f}" for c in candidates) + ")"
+            f"{_head_name(c.hidden, c.dropout)}: {c.val_loss:.3f}" for c in candidates) + ")"
     return line
 
 
@@ -270,9 +271,8 @@ def _averaged_head_line(candidates: Sequence[HeadCandidate]) -> str:
     linear = [c for c in candidates if not c.hidden]
     if not nets:
         return "linear"
-    line = (f"{len(nets)} heads of hidden {'-'.join(map(str, nets[0].hidden))}, dropout {nets[0].dropout:g} "
-            f"(val loss {', '.join(f'{c.val_loss:.3f}' for c in nets)})")
-    line += ", their logits averaged"
+    line = (f"{len(nets)} heads of {_head_name(nets[0].hidden, nets[0].dropout)} "
+            f"(val loss {', '.join(f'{c.val_loss:.3f}' for c in nets)}), their logits averaged")
     return line + (f", then averaged with a logistic regression's (val loss {linear[0].val_loss:.3f})" if linear
                    else "")
 
